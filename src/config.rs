@@ -1,0 +1,400 @@
+//! Configuration: TOML file + environment, validated once at start.
+//!
+//! Owns every default. A bad config fails with the file, the key and the
+//! reason; nothing downstream re-validates.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::glob::Glob;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub database: DatabaseConfig,
+    pub auth: AuthConfig,
+    pub catalog: CatalogConfig,
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub max_body_bytes: usize,
+    pub admin_token: Option<String>,
+    /// How long a SIGTERM waits for in-flight requests before cutting them
+    /// (their usage is still recorded).
+    pub drain_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    pub url: String,
+    /// Rows per insert transaction.
+    pub batch_size: usize,
+    /// Longest a usage row waits in memory before it is written.
+    pub flush_interval_ms: u64,
+    /// Rows that may wait for the writer; past it rows are dropped (and
+    /// counted), never the request blocked.
+    pub queue_capacity: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMode {
+    Passthrough,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnpricedPolicy {
+    Allow,
+    Reject,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CatalogConfig {
+    pub path: Option<PathBuf>,
+    pub finetune_multiple: f64,
+    pub unpriced: UnpricedPolicy,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub base_url: String,
+    #[serde(default)]
+    pub api_key: Option<String>,
+    #[serde(default = "default_models")]
+    pub models: Vec<Glob>,
+    #[serde(default = "default_true")]
+    pub inject_stream_usage: bool,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_ms: u64,
+}
+
+fn default_models() -> Vec<Glob> {
+    vec![Glob::new("*")]
+}
+fn default_true() -> bool {
+    true
+}
+fn default_connect_timeout() -> u64 {
+    5_000
+}
+fn default_timeout() -> u64 {
+    600_000
+}
+fn default_idle_timeout() -> u64 {
+    120_000
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            max_body_bytes: 10 * 1024 * 1024,
+            admin_token: None,
+            drain_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://tollgate.db".into(),
+            batch_size: 512,
+            flush_interval_ms: 100,
+            queue_capacity: 65_536,
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::Passthrough,
+        }
+    }
+}
+
+impl Default for CatalogConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            finetune_multiple: 6.0,
+            unpriced: UnpricedPolicy::Allow,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::default(),
+            database: DatabaseConfig::default(),
+            auth: AuthConfig::default(),
+            catalog: CatalogConfig::default(),
+            upstreams: Vec::new(),
+        }
+    }
+}
+
+impl UpstreamConfig {
+    pub fn openai_default() -> Self {
+        Self {
+            name: "openai".into(),
+            base_url: "https://api.openai.com/v1".into(),
+            api_key: std::env::var("OPENAI_API_KEY")
+                .ok()
+                .filter(|k| !k.is_empty()),
+            models: default_models(),
+            inject_stream_usage: true,
+            connect_timeout_ms: default_connect_timeout(),
+            timeout_ms: default_timeout(),
+            idle_timeout_ms: default_idle_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {reason}")]
+    Read { file: String, reason: String },
+    #[error("{file}: invalid TOML: {reason}")]
+    Syntax { file: String, reason: String },
+    #[error("{file}: key `{key}`: {reason}")]
+    Key {
+        file: String,
+        key: String,
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Finds the config file (`--config`, `TOLLGATE_CONFIG`, `./tollgate.toml`,
+    /// else built-in defaults), then applies the environment overrides.
+    pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+        let env_path = std::env::var_os("TOLLGATE_CONFIG").map(PathBuf::from);
+        let path = explicit.map(Path::to_path_buf).or(env_path).or_else(|| {
+            let local = PathBuf::from("tollgate.toml");
+            local.exists().then_some(local)
+        });
+        let mut config = match &path {
+            Some(path) => {
+                let file = path.display().to_string();
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+                    file: file.clone(),
+                    reason: e.to_string(),
+                })?;
+                Config::parse(&text, &file)?
+            }
+            None => Config::default(),
+        };
+        config.apply_env();
+        let origin = path
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "<defaults>".into());
+        config.validate(&origin)?;
+        Ok(config)
+    }
+
+    /// Parses TOML text, replacing `${VAR}` in every string from the environment.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let mut value: toml::Value = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            file: file.into(),
+            reason: e.message().to_string(),
+        })?;
+        substitute_env(&mut value);
+        let config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError::Key {
+                file: file.into(),
+                key,
+                reason: e.into_inner().to_string(),
+            }
+        })?;
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    fn apply_env(&mut self) {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        if let Some(listen) = var("TOLLGATE_LISTEN") {
+            self.server.listen = listen;
+        }
+        if let Some(url) = var("TOLLGATE_DATABASE_URL") {
+            self.database.url = url;
+        }
+        if let Some(token) = var("TOLLGATE_ADMIN_TOKEN") {
+            self.server.admin_token = Some(token);
+        }
+    }
+
+    fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let bad = |key: &str, reason: String| ConfigError::Key {
+            file: file.into(),
+            key: key.into(),
+            reason,
+        };
+        if let Err(e) = self.server.listen.parse::<SocketAddr>() {
+            return Err(bad(
+                "server.listen",
+                format!("`{}` is not host:port ({e})", self.server.listen),
+            ));
+        }
+        if self.server.max_body_bytes == 0 {
+            return Err(bad("server.max_body_bytes", "must be > 0".into()));
+        }
+        if !self.database.url.starts_with("sqlite:") {
+            return Err(bad(
+                "database.url",
+                format!(
+                    "`{}`: only sqlite:// URLs are supported by this build",
+                    self.database.url
+                ),
+            ));
+        }
+        if self.database.batch_size == 0 || self.database.queue_capacity == 0 {
+            return Err(bad(
+                "database",
+                "batch_size and queue_capacity must be > 0".into(),
+            ));
+        }
+        let m = self.catalog.finetune_multiple;
+        if !(m.is_finite() && m > 0.0) {
+            return Err(bad(
+                "catalog.finetune_multiple",
+                format!("{m} is not a positive number"),
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, u) in self.upstreams.iter().enumerate() {
+            let key = |k: &str| format!("upstreams[{i}].{k}");
+            if u.name.is_empty() {
+                return Err(bad(&key("name"), "must not be empty".into()));
+            }
+            if !names.insert(u.name.as_str()) {
+                return Err(bad(
+                    &key("name"),
+                    format!("duplicate upstream `{}`", u.name),
+                ));
+            }
+            match reqwest::Url::parse(&u.base_url) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") => {}
+                _ => {
+                    return Err(bad(
+                        &key("base_url"),
+                        format!("`{}` is not an http(s) URL", u.base_url),
+                    ))
+                }
+            }
+            if u.timeout_ms == 0 || u.idle_timeout_ms == 0 || u.connect_timeout_ms == 0 {
+                return Err(bad(&key("timeout_ms"), "timeouts must be > 0".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Upstreams in routing order; the built-in OpenAI one when none are configured.
+    pub fn effective_upstreams(&self) -> Vec<UpstreamConfig> {
+        if self.upstreams.is_empty() {
+            vec![UpstreamConfig::openai_default()]
+        } else {
+            self.upstreams.clone()
+        }
+    }
+}
+
+/// Replaces `${VAR}` in every string value; an unset variable becomes "".
+fn substitute_env(value: &mut toml::Value) {
+    match value {
+        toml::Value::String(s) if s.contains("${") => *s = expand(s),
+        toml::Value::Array(items) => items.iter_mut().for_each(substitute_env),
+        toml::Value::Table(table) => table.iter_mut().for_each(|(_, v)| substitute_env(v)),
+        _ => {}
+    }
+}
+
+fn expand(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        match after.find('}') {
+            Some(end) => {
+                out.push_str(&std::env::var(&after[..end]).unwrap_or_default());
+                rest = &after[end + 1..];
+            }
+            None => {
+                out.push_str(&rest[start..]);
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n", "t.toml")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("t.toml"), "{err}");
+        assert!(err.contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let err = Config::parse("[server]\nmax_body_bytes = \"big\"\n", "t.toml")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("server.max_body_bytes"), "{err}");
+    }
+
+    #[test]
+    fn env_vars_are_expanded_and_unset_ones_are_empty() {
+        std::env::set_var("TOLLGATE_TEST_EXPAND", "sk-123");
+        assert_eq!(expand("Bearer ${TOLLGATE_TEST_EXPAND}!"), "Bearer sk-123!");
+        assert_eq!(expand("${TOLLGATE_TEST_SURELY_UNSET}"), "");
+        assert_eq!(expand("${unterminated"), "${unterminated");
+    }
+
+    #[test]
+    fn bad_upstream_url_is_rejected() {
+        let err = Config::parse(
+            "[[upstreams]]\nname = \"x\"\nbase_url = \"ftp://nope\"\n",
+            "t.toml",
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(err.contains("upstreams[0].base_url"), "{err}");
+    }
+}

@@ -1,0 +1,138 @@
+//! The one error type of the HTTP surface. Each variant knows its status, its
+//! OpenAI-shaped JSON body and a low-cardinality label; nothing else builds
+//! error JSON.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+        code: &'static str,
+    },
+    #[error("Request body is larger than the limit of {limit} bytes.")]
+    BodyTooLarge { limit: usize },
+    #[error(
+        "The model `{model}` has no price in tollgate's catalog and unpriced models are rejected."
+    )]
+    UnpricedModel { model: String },
+    #[error("No upstream is configured for the model `{model}`.")]
+    NoUpstream { model: String },
+    #[error("Unknown upstream `{name}` in x-tollgate-upstream.")]
+    UnknownUpstream { name: String },
+    #[error("The upstream `{upstream}` could not be reached: {reason}")]
+    UpstreamUnreachable { upstream: String, reason: String },
+    #[error("The upstream `{upstream}` sent a response tollgate could not read: {reason}")]
+    UpstreamBadResponse { upstream: String, reason: String },
+    #[error("The upstream `{upstream}` did not answer within {timeout_ms} ms.")]
+    UpstreamTimeout { upstream: String, timeout_ms: u64 },
+    #[error("Not found: {path}")]
+    NotFound { path: String },
+    #[error("Internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn invalid(message: impl Into<String>, param: Option<&str>) -> ApiError {
+        ApiError::InvalidRequest {
+            message: message.into(),
+            param: param.map(str::to_string),
+            code: "invalid_request",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidRequest { .. }
+            | ApiError::UnpricedModel { .. }
+            | ApiError::NoUpstream { .. }
+            | ApiError::UnknownUpstream { .. } => StatusCode::BAD_REQUEST,
+            ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UpstreamUnreachable { .. } | ApiError::UpstreamBadResponse { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            ApiError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// OpenAI's `error.type`.
+    fn kind(&self) -> &'static str {
+        match self {
+            ApiError::UpstreamUnreachable { .. }
+            | ApiError::UpstreamBadResponse { .. }
+            | ApiError::UpstreamTimeout { .. } => "upstream_error",
+            ApiError::Internal(_) => "server_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// OpenAI's `error.code`, also the metric label for tollgate's own errors.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidRequest { code, .. } => code,
+            ApiError::BodyTooLarge { .. } => "request_too_large",
+            ApiError::UnpricedModel { .. } => "model_not_priced",
+            ApiError::NoUpstream { .. } => "model_not_found",
+            ApiError::UnknownUpstream { .. } => "unknown_upstream",
+            ApiError::UpstreamUnreachable { .. } => "upstream_unreachable",
+            ApiError::UpstreamBadResponse { .. } => "upstream_bad_response",
+            ApiError::UpstreamTimeout { .. } => "upstream_timeout",
+            ApiError::NotFound { .. } => "not_found",
+            ApiError::Internal(_) => "internal_error",
+        }
+    }
+
+    fn param(&self) -> Option<&str> {
+        match self {
+            ApiError::InvalidRequest { param, .. } => param.as_deref(),
+            ApiError::UnpricedModel { .. } | ApiError::NoUpstream { .. } => Some("model"),
+            _ => None,
+        }
+    }
+
+    pub fn body(&self) -> serde_json::Value {
+        json!({"error": {
+            "message": self.to_string(),
+            "type": self.kind(),
+            "code": self.code(),
+            "param": self.param(),
+        }})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = self.body().to_string();
+        let mut response = (self.status(), body).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_have_openai_shape() {
+        let e = ApiError::BodyTooLarge { limit: 10 };
+        assert_eq!(e.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let body = e.body();
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["code"], "request_too_large");
+        assert!(body["error"]["param"].is_null());
+        assert!(body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("10 bytes"));
+    }
+}

@@ -1,0 +1,16 @@
+//! tollgate: an OpenAI-compatible cost-tracking reverse proxy.
+//!
+//! The data path, top to bottom: `server` (router) -> `proxy` (team, body,
+//! upstream, forward, tee) -> `usage` (tokens) -> `pricing` (nano-USD) ->
+//! `proxy::settle` (metrics + usage row) -> `store` (batched writer).
+
+pub mod app;
+pub mod config;
+pub mod error;
+pub mod glob;
+pub mod metrics;
+pub mod pricing;
+pub mod proxy;
+pub mod server;
+pub mod store;
+pub mod usage;

@@ -1,0 +1,314 @@
+//! The Prometheus registry and every metric tollgate exports, defined in one
+//! place (SPEC section 7). Money counters are kept as integer nano-USD and
+//! only converted to USD when scraped, so no sum is ever taken in floating point.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{LabelPair, Metric, MetricFamily, MetricType};
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::pricing::{Catalog, NanoUsd};
+
+/// A counter of USD whose value is an exact integer sum of nano-USD.
+pub struct MoneyCounter {
+    desc: Desc,
+    label_names: Vec<&'static str>,
+    values: Mutex<HashMap<Vec<String>, u64>>,
+}
+
+impl MoneyCounter {
+    fn new(name: &str, help: &str, label_names: &[&'static str]) -> prometheus::Result<Self> {
+        let desc = Desc::new(
+            name.to_string(),
+            help.to_string(),
+            label_names.iter().map(|s| s.to_string()).collect(),
+            HashMap::new(),
+        )?;
+        Ok(MoneyCounter {
+            desc,
+            label_names: label_names.to_vec(),
+            values: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn add(&self, labels: &[&str], amount: NanoUsd) {
+        let key: Vec<String> = labels.iter().map(|s| s.to_string()).collect();
+        if let Ok(mut values) = self.values.lock() {
+            let v = values.entry(key).or_insert(0);
+            *v = v.saturating_add(amount.0);
+        }
+    }
+
+    /// The exact total for one label set, in nano-USD.
+    pub fn get(&self, labels: &[&str]) -> NanoUsd {
+        let key: Vec<String> = labels.iter().map(|s| s.to_string()).collect();
+        NanoUsd(
+            self.values
+                .lock()
+                .ok()
+                .and_then(|v| v.get(&key).copied())
+                .unwrap_or(0),
+        )
+    }
+}
+
+impl Collector for MoneyCounter {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let mut family = MetricFamily::default();
+        family.set_name(self.desc.fq_name.clone());
+        family.set_help(self.desc.help.clone());
+        family.set_field_type(MetricType::COUNTER);
+        let values = match self.values.lock() {
+            Ok(v) => v.clone(),
+            Err(_) => HashMap::new(),
+        };
+        let mut metrics: Vec<Metric> = values
+            .into_iter()
+            .map(|(labels, nano)| {
+                let mut m = Metric::default();
+                let pairs = self
+                    .label_names
+                    .iter()
+                    .zip(labels)
+                    .map(|(name, value)| {
+                        let mut p = LabelPair::default();
+                        p.set_name(name.to_string());
+                        p.set_value(value);
+                        p
+                    })
+                    .collect();
+                m.set_label(pairs);
+                let mut c = prometheus::proto::Counter::default();
+                c.set_value(NanoUsd(nano).as_usd_f64());
+                m.set_counter(c);
+                m
+            })
+            .collect();
+        metrics.sort_by(|a, b| {
+            let key = |m: &Metric| {
+                m.get_label()
+                    .iter()
+                    .map(|l| l.value().to_string())
+                    .collect::<Vec<_>>()
+            };
+            key(a).cmp(&key(b))
+        });
+        family.set_metric(metrics);
+        vec![family]
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub tokens: IntCounterVec,
+    pub cost: Arc<MoneyCounter>,
+    pub request_duration: HistogramVec,
+    pub time_to_first_byte: HistogramVec,
+    pub overhead: HistogramVec,
+    pub model_price: GaugeVec,
+    pub finetune_multiple: GaugeVec,
+    pub finetune_premium: Arc<MoneyCounter>,
+    pub unpriced: IntCounterVec,
+    pub queue_depth: IntGauge,
+    pub records_dropped: IntCounter,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+const OVERHEAD_BUCKETS: &[f64] = &[
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1,
+];
+
+impl Metrics {
+    pub fn new() -> prometheus::Result<Metrics> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "tollgate_requests_total",
+                "Proxied requests by outcome status.",
+            ),
+            &["team", "model", "endpoint", "status"],
+        )?;
+        let tokens = IntCounterVec::new(
+            Opts::new(
+                "tollgate_tokens_total",
+                "Tokens metered, by kind (prompt, completion, cached).",
+            ),
+            &["team", "model", "kind"],
+        )?;
+        let cost = Arc::new(MoneyCounter::new(
+            "tollgate_cost_usd_total",
+            "Cost of proxied requests in USD (exact sum of nano-USD).",
+            &["team", "model"],
+        )?);
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "tollgate_request_duration_seconds",
+                "Total request latency.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["model", "endpoint"],
+        )?;
+        let time_to_first_byte = HistogramVec::new(
+            HistogramOpts::new(
+                "tollgate_time_to_first_byte_seconds",
+                "Time from request arrival to the first response body byte.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["model"],
+        )?;
+        let overhead = HistogramVec::new(
+            HistogramOpts::new(
+                "tollgate_overhead_seconds",
+                "Time spent inside tollgate: latency minus time waiting on the upstream.",
+            )
+            .buckets(OVERHEAD_BUCKETS.to_vec()),
+            &["endpoint"],
+        )?;
+        let model_price = GaugeVec::new(
+            Opts::new(
+                "tollgate_model_price_usd_per_token",
+                "Catalog price per token.",
+            ),
+            &["model", "kind"],
+        )?;
+        let finetune_multiple = GaugeVec::new(
+            Opts::new(
+                "tollgate_finetune_cost_multiple",
+                "Fine-tuned model price divided by its base model's price.",
+            ),
+            &["model", "base_model", "kind"],
+        )?;
+        let finetune_premium = Arc::new(MoneyCounter::new(
+            "tollgate_finetune_premium_usd_total",
+            "What fine-tuned requests cost beyond the same tokens on the base model, in USD.",
+            &["team", "model", "base_model"],
+        )?);
+        let unpriced = IntCounterVec::new(
+            Opts::new(
+                "tollgate_unpriced_requests_total",
+                "Requests for models the catalog has no price for.",
+            ),
+            &["model"],
+        )?;
+        let queue_depth = IntGauge::new(
+            "tollgate_usage_write_queue_depth",
+            "Usage records waiting for the background writer.",
+        )?;
+        let records_dropped = IntCounter::new(
+            "tollgate_usage_records_dropped_total",
+            "Usage records dropped because the writer queue was full or the database failed.",
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(tokens.clone()))?;
+        registry.register(Box::new(ArcCollector(cost.clone())))?;
+        registry.register(Box::new(request_duration.clone()))?;
+        registry.register(Box::new(time_to_first_byte.clone()))?;
+        registry.register(Box::new(overhead.clone()))?;
+        registry.register(Box::new(model_price.clone()))?;
+        registry.register(Box::new(finetune_multiple.clone()))?;
+        registry.register(Box::new(ArcCollector(finetune_premium.clone())))?;
+        registry.register(Box::new(unpriced.clone()))?;
+        registry.register(Box::new(queue_depth.clone()))?;
+        registry.register(Box::new(records_dropped.clone()))?;
+        Ok(Metrics {
+            registry,
+            requests,
+            tokens,
+            cost,
+            request_duration,
+            time_to_first_byte,
+            overhead,
+            model_price,
+            finetune_multiple,
+            finetune_premium,
+            unpriced,
+            queue_depth,
+            records_dropped,
+        })
+    }
+
+    /// Exports every catalog price and every fine-tuned row's multiple over its base.
+    pub fn publish_catalog(&self, catalog: &Catalog) {
+        for (model, price) in catalog.rows() {
+            self.model_price
+                .with_label_values(&[model, "input"])
+                .set(price.input.usd_per_token());
+            self.model_price
+                .with_label_values(&[model, "output"])
+                .set(price.output.usd_per_token());
+        }
+        for (model, base, ft, base_price) in catalog.finetune_pairs() {
+            self.set_finetune_multiple(model, &base, ft, &base_price);
+        }
+    }
+
+    pub fn set_finetune_multiple(
+        &self,
+        model: &str,
+        base_model: &str,
+        ft: &crate::pricing::ModelPrice,
+        base: &crate::pricing::ModelPrice,
+    ) {
+        for (kind, f, b) in [
+            ("input", ft.input, base.input),
+            ("output", ft.output, base.output),
+        ] {
+            if b.0 > 0 {
+                self.finetune_multiple
+                    .with_label_values(&[model, base_model, kind])
+                    .set(f.0 as f64 / b.0 as f64);
+            }
+        }
+    }
+
+    pub fn render(&self) -> Result<String, String> {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .map_err(|e| e.to_string())?;
+        String::from_utf8(buf).map_err(|e| e.to_string())
+    }
+}
+
+struct ArcCollector(Arc<MoneyCounter>);
+
+impl Collector for ArcCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0.desc()
+    }
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.0.collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn money_counter_sums_exactly_and_renders_usd() {
+        let m = Metrics::new().unwrap_or_else(|e| panic!("{e}"));
+        for _ in 0..10 {
+            m.cost.add(&["t", "gpt-4o"], NanoUsd(100_000_000)); // $0.1 ten times
+        }
+        assert_eq!(m.cost.get(&["t", "gpt-4o"]), NanoUsd(1_000_000_000));
+        let text = m.render().unwrap_or_default();
+        assert!(
+            text.contains("tollgate_cost_usd_total{team=\"t\",model=\"gpt-4o\"} 1\n"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,456 @@
+//! Forwarding: upstream selection, the request on its way up, the response on
+//! its way back (buffered only when a cost header must precede it, teed when
+//! it streams), and the hand-off to settlement.
+//!
+//! Never awaits the database and never parses more of a body than it needs.
+
+pub mod request;
+pub mod settle;
+pub mod stream;
+pub mod upstream;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use http_body_util::{BodyExt, Limited};
+
+use crate::app::AppState;
+use crate::config::UnpricedPolicy;
+use crate::error::ApiError;
+use crate::usage::sse::SseMeter;
+use crate::usage::{upstream::usage_from_body, Endpoint, TokenSource, Usage};
+use request::RequestMeta;
+use settle::{settle, RequestCtx};
+use stream::{MeteredStream, StreamSettlement};
+use upstream::Upstream;
+
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-tollgate-request-id");
+pub const COST_USD: HeaderName = HeaderName::from_static("x-tollgate-cost-usd");
+const TEAM_HEADER: &str = "x-tollgate-team";
+const UPSTREAM_HEADER: &str = "x-tollgate-upstream";
+
+/// Headers that belong to one hop, or that tollgate sets itself.
+fn is_hop_header(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "trailers"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+    )
+}
+
+/// Entry point for every `/v1/*` request.
+pub async fn handle(state: Arc<AppState>, req: http::Request<Body>) -> Response {
+    let request_id = state.request_ids.next();
+    let endpoint = Endpoint::from_path(req.uri().path());
+    let team = match team_of(req.headers()) {
+        Ok(team) => team,
+        Err(e) => return with_request_id(e.into_response(), &request_id),
+    };
+    let mut ctx = RequestCtx::new(request_id.clone(), endpoint, team);
+    let result = if endpoint.is_metered() && req.method() == Method::POST {
+        metered(&state, &mut ctx, req).await
+    } else {
+        unmetered(&state, &mut ctx, req).await
+    };
+    let response = match result {
+        Ok(Forwarded::Done(response)) => response,
+        Ok(Forwarded::Stream(pending)) => pending.into_response(state, ctx),
+        Err(e) => {
+            settle(
+                &state,
+                &ctx,
+                e.status().as_u16(),
+                Usage::NONE,
+                ctx.started.elapsed(),
+            );
+            e.into_response()
+        }
+    };
+    with_request_id(response, &request_id)
+}
+
+/// How a forwarded request continues once the upstream has answered.
+enum Forwarded {
+    /// Settled; the response is complete.
+    Done(Response),
+    /// A stream to tee; settled when it ends.
+    Stream(PendingStream),
+}
+
+struct PendingStream {
+    response: reqwest::Response,
+    status: StatusCode,
+    headers: HeaderMap,
+    strip_usage_chunk: bool,
+    request_body: Bytes,
+    overhead: Duration,
+    idle_timeout: Duration,
+}
+
+impl PendingStream {
+    fn into_response(self, state: Arc<AppState>, ctx: RequestCtx) -> Response {
+        let meter = SseMeter::new(ctx.endpoint, self.strip_usage_chunk);
+        let settlement = StreamSettlement {
+            state,
+            ctx,
+            request_body: self.request_body,
+            overhead: self.overhead,
+        };
+        let stream = MeteredStream::new(
+            Box::pin(self.response.bytes_stream()),
+            meter,
+            self.idle_timeout,
+            settlement,
+        );
+        build_response(self.status, self.headers, Body::from_stream(stream))
+    }
+}
+
+fn with_request_id(mut response: Response, id: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(id) {
+        response.headers_mut().insert(REQUEST_ID, v);
+    }
+    response
+}
+
+/// Passthrough auth: the team named by `x-tollgate-team`, else `default`.
+fn team_of(headers: &HeaderMap) -> Result<String, ApiError> {
+    let Some(value) = headers.get(TEAM_HEADER) else {
+        return Ok("default".into());
+    };
+    let team = value.to_str().unwrap_or("");
+    let valid = !team.is_empty()
+        && team.len() <= 64
+        && team
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if valid {
+        Ok(team.to_string())
+    } else {
+        Err(ApiError::invalid(
+            "x-tollgate-team must be 1-64 characters of letters, digits, '-', '_' or '.'",
+            None,
+        ))
+    }
+}
+
+fn pick_upstream<'a>(
+    state: &'a AppState,
+    headers: &HeaderMap,
+    model: Option<&str>,
+) -> Result<&'a Upstream, ApiError> {
+    if let Some(name) = headers.get(UPSTREAM_HEADER) {
+        let name = name.to_str().unwrap_or("");
+        return state
+            .upstreams
+            .by_name(name)
+            .ok_or_else(|| ApiError::UnknownUpstream {
+                name: name.to_string(),
+            });
+    }
+    match model {
+        Some(model) => state
+            .upstreams
+            .for_model(model)
+            .ok_or_else(|| ApiError::NoUpstream {
+                model: model.to_string(),
+            }),
+        None => state
+            .upstreams
+            .default_upstream()
+            .ok_or_else(|| ApiError::Internal("no upstream configured".into())),
+    }
+}
+
+/// Client headers as they go upstream: hop-by-hop and tollgate's own removed,
+/// compression off (tollgate must read the body), the upstream's key added
+/// when the client sent none.
+fn upstream_headers(client: &HeaderMap, upstream: &Upstream) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(client.len() + 1);
+    for (name, value) in client {
+        if is_hop_header(name)
+            || name == header::ACCEPT_ENCODING
+            || name.as_str().starts_with("x-tollgate-")
+        {
+            continue;
+        }
+        headers.append(name.clone(), value.clone());
+    }
+    if !headers.contains_key(header::AUTHORIZATION) {
+        if let Some(auth) = &upstream.authorization {
+            headers.insert(header::AUTHORIZATION, auth.clone());
+        }
+    }
+    headers
+}
+
+fn client_headers(upstream: &HeaderMap) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(upstream.len() + 2);
+    for (name, value) in upstream {
+        if !is_hop_header(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    headers
+}
+
+async fn send(
+    upstream: &Upstream,
+    request: reqwest::Request,
+) -> Result<reqwest::Response, ApiError> {
+    match tokio::time::timeout(upstream.timeout, upstream.client.execute(request)).await {
+        Err(_) => Err(ApiError::UpstreamTimeout {
+            upstream: upstream.name.clone(),
+            timeout_ms: upstream.timeout.as_millis() as u64,
+        }),
+        Ok(Err(e)) if e.is_timeout() => Err(ApiError::UpstreamTimeout {
+            upstream: upstream.name.clone(),
+            timeout_ms: upstream.timeout.as_millis() as u64,
+        }),
+        Ok(Err(e)) => Err(ApiError::UpstreamUnreachable {
+            upstream: upstream.name.clone(),
+            reason: error_chain(&e),
+        }),
+        Ok(Ok(response)) => Ok(response),
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Reads a whole upstream body, failing past the idle timeout.
+async fn read_body(upstream: &Upstream, response: reqwest::Response) -> Result<Bytes, ApiError> {
+    match tokio::time::timeout(upstream.idle_timeout, response.bytes()).await {
+        Err(_) => Err(ApiError::UpstreamTimeout {
+            upstream: upstream.name.clone(),
+            timeout_ms: upstream.idle_timeout.as_millis() as u64,
+        }),
+        Ok(Err(e)) => Err(ApiError::UpstreamBadResponse {
+            upstream: upstream.name.clone(),
+            reason: error_chain(&e),
+        }),
+        Ok(Ok(bytes)) => Ok(bytes),
+    }
+}
+
+async fn read_client_body(
+    state: &AppState,
+    body: Body,
+    headers: &HeaderMap,
+) -> Result<Bytes, ApiError> {
+    let limit = state.config.server.max_body_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::BodyTooLarge { limit });
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(ApiError::BodyTooLarge { limit })
+        }
+        Err(e) => Err(ApiError::invalid(
+            format!("Could not read the request body: {e}"),
+            None,
+        )),
+    }
+}
+
+/// Chat, completions, embeddings, responses: read the model, forward, meter.
+async fn metered(
+    state: &Arc<AppState>,
+    ctx: &mut RequestCtx,
+    req: http::Request<Body>,
+) -> Result<Forwarded, ApiError> {
+    let (parts, body) = req.into_parts();
+    let body = read_client_body(state, body, &parts.headers).await?;
+    let meta = RequestMeta::parse(&body)?;
+    ctx.model = meta.model().to_string();
+    ctx.stream = meta.is_stream();
+    ctx.end_user = meta.user.as_ref().map(|u| u.chars().take(256).collect());
+    let resolved = state.catalog.resolve(&ctx.model);
+    let unpriced = resolved.price.is_none();
+    ctx.resolved = Some(resolved);
+    if unpriced && state.config.catalog.unpriced == UnpricedPolicy::Reject {
+        return Err(ApiError::UnpricedModel {
+            model: ctx.model.clone(),
+        });
+    }
+    let upstream = pick_upstream(state, &parts.headers, Some(&ctx.model))?;
+    ctx.upstream = upstream.name.clone();
+
+    // Ask for stream usage on the client's behalf, and hide it again later.
+    let inject = ctx.stream
+        && ctx.endpoint.accepts_stream_options()
+        && upstream.inject_stream_usage
+        && !meta.client_wants_stream_usage();
+    let upstream_body = if inject {
+        request::with_stream_usage(&body, &meta)?
+    } else {
+        body.clone()
+    };
+
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let url = reqwest::Url::parse(&upstream.url_for(path))
+        .map_err(|e| ApiError::Internal(format!("upstream url: {e}")))?;
+    let mut request = reqwest::Request::new(reqwest::Method::POST, url);
+    *request.headers_mut() = upstream_headers(&parts.headers, upstream);
+    *request.body_mut() = Some(upstream_body.into());
+
+    let sent_at = Instant::now();
+    let pre_send = sent_at - ctx.started;
+    let response = send(upstream, request).await?;
+    let status = response.status();
+    let headers = client_headers(response.headers());
+
+    if !status.is_success() {
+        // Upstream errors reach the client unchanged, status and body.
+        let bytes = read_body(upstream, response).await?;
+        let overhead = pre_send;
+        settle(state, ctx, status.as_u16(), Usage::NONE, overhead);
+        return Ok(Forwarded::Done(build_response(
+            status,
+            headers,
+            Body::from(bytes),
+        )));
+    }
+
+    let is_sse = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if is_sse {
+        return Ok(Forwarded::Stream(PendingStream {
+            response,
+            status,
+            headers,
+            strip_usage_chunk: inject,
+            request_body: body,
+            overhead: pre_send,
+            idle_timeout: upstream.idle_timeout,
+        }));
+    }
+
+    let bytes = read_body(upstream, response).await?;
+    let upstream_wait = sent_at.elapsed();
+    let usage = match usage_from_body(&bytes) {
+        Ok(Some(usage)) => usage,
+        Ok(None) => estimate_non_stream(ctx, &body, &bytes).await,
+        Err(e) => {
+            return Err(ApiError::UpstreamBadResponse {
+                upstream: upstream.name.clone(),
+                reason: format!("body is not JSON: {e}"),
+            })
+        }
+    };
+    let overhead = ctx.started.elapsed().saturating_sub(upstream_wait);
+    let cost = settle(state, ctx, status.as_u16(), usage, overhead);
+    state
+        .metrics
+        .time_to_first_byte
+        .with_label_values(&[&ctx.model])
+        .observe(ctx.started.elapsed().as_secs_f64());
+    let mut response = build_response(status, headers, Body::from(bytes));
+    if let Ok(v) = HeaderValue::from_str(&cost.to_string()) {
+        response.headers_mut().insert(COST_USD, v);
+    }
+    Ok(Forwarded::Done(response))
+}
+
+/// Tokens for a response that reported none, counted off the reactor threads.
+async fn estimate_non_stream(ctx: &RequestCtx, request: &Bytes, response: &Bytes) -> Usage {
+    let encoding = ctx
+        .resolved
+        .as_ref()
+        .map_or(crate::usage::Encoding::O200kBase, |r| r.encoding());
+    let endpoint = ctx.endpoint;
+    let (request, response) = (request.clone(), response.clone());
+    let ctx_model = ctx.model.clone();
+    let task = tokio::task::spawn_blocking(move || {
+        let texts = serde_json::from_slice::<serde_json::Value>(&response)
+            .map(|v| crate::usage::estimate::response_texts(endpoint, &v))
+            .unwrap_or_default();
+        let prompt = serde_json::from_slice::<serde_json::Value>(&request)
+            .map(|v| crate::usage::estimate::prompt_tokens(endpoint, encoding, &v))
+            .unwrap_or(0);
+        Usage {
+            prompt_tokens: prompt,
+            completion_tokens: crate::usage::estimate::completion_tokens(encoding, &texts),
+            cached_tokens: 0,
+            source: TokenSource::Estimated,
+        }
+    });
+    match task.await {
+        Ok(usage) => usage,
+        Err(e) => {
+            tracing::error!(error = %e, model = %ctx_model, "token estimate failed");
+            Usage {
+                source: TokenSource::Estimated,
+                ..Usage::NONE
+            }
+        }
+    }
+}
+
+/// `/v1/models` and every other `/v1/*`: forwarded as they are, streamed both
+/// ways, counted as a request without tokens.
+async fn unmetered(
+    state: &Arc<AppState>,
+    ctx: &mut RequestCtx,
+    req: http::Request<Body>,
+) -> Result<Forwarded, ApiError> {
+    let (parts, body) = req.into_parts();
+    let upstream = pick_upstream(state, &parts.headers, None)?;
+    ctx.upstream = upstream.name.clone();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let url = reqwest::Url::parse(&upstream.url_for(path))
+        .map_err(|e| ApiError::Internal(format!("upstream url: {e}")))?;
+    let mut request = reqwest::Request::new(parts.method.clone(), url);
+    *request.headers_mut() = upstream_headers(&parts.headers, upstream);
+    if parts.method != Method::GET && parts.method != Method::HEAD {
+        *request.body_mut() = Some(reqwest::Body::wrap_stream(body.into_data_stream()));
+    }
+    let pre_send = ctx.started.elapsed();
+    let response = send(upstream, request).await?;
+    let status = response.status();
+    let headers = client_headers(response.headers());
+    settle(state, ctx, status.as_u16(), Usage::NONE, pre_send);
+    Ok(Forwarded::Done(build_response(
+        status,
+        headers,
+        Body::from_stream(response.bytes_stream()),
+    )))
+}
+
+fn build_response(status: StatusCode, headers: HeaderMap, body: Body) -> Response {
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    response
+}

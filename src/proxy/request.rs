@@ -1,0 +1,184 @@
+//! What tollgate reads from a request body, and the one change it may make
+//! to it (asking the upstream for stream usage). The body is re-serialised
+//! only when it must change and cannot be spliced.
+
+use bytes::{Bytes, BytesMut};
+use serde::Deserialize;
+
+use crate::error::ApiError;
+
+/// The fields tollgate needs; everything else is forwarded untouched.
+#[derive(Debug, Deserialize)]
+pub struct RequestMeta {
+    pub model: Option<String>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub n: Option<u32>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    pub max_output_tokens: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: Option<bool>,
+}
+
+impl RequestMeta {
+    /// Parses and type-checks the body; errors name the offending field.
+    pub fn parse(body: &[u8]) -> Result<RequestMeta, ApiError> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Err(ApiError::invalid(
+                "The request body is empty; expected a JSON object.",
+                None,
+            ));
+        }
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let meta: RequestMeta = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if inner.is_data() && path != "." {
+                ApiError::invalid(format!("Invalid type for `{path}`: {inner}"), Some(&path))
+            } else {
+                ApiError::invalid(
+                    format!("We could not parse the JSON body of your request: {inner}"),
+                    None,
+                )
+            }
+        })?;
+        de.end().map_err(|e| {
+            ApiError::invalid(
+                format!("We could not parse the JSON body of your request: {e}"),
+                None,
+            )
+        })?;
+        match &meta.model {
+            Some(m) if !m.is_empty() => {}
+            _ => {
+                return Err(ApiError::invalid(
+                    "you must provide a model parameter",
+                    Some("model"),
+                ))
+            }
+        }
+        if meta.n == Some(0) {
+            return Err(ApiError::invalid("`n` must be at least 1", Some("n")));
+        }
+        Ok(meta)
+    }
+
+    pub fn model(&self) -> &str {
+        self.model.as_deref().unwrap_or("")
+    }
+
+    pub fn is_stream(&self) -> bool {
+        self.stream == Some(true)
+    }
+
+    pub fn client_wants_stream_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false)
+    }
+}
+
+/// The body with `stream_options.include_usage = true`. Spliced in without
+/// re-serialising when the client sent no `stream_options`.
+pub fn with_stream_usage(body: &Bytes, meta: &RequestMeta) -> Result<Bytes, ApiError> {
+    if meta.stream_options.is_none() {
+        if let Some(open) = body.iter().position(|b| !b.is_ascii_whitespace()) {
+            if body[open] == b'{' {
+                const FIELD: &[u8] = br#""stream_options":{"include_usage":true},"#;
+                let mut out = BytesMut::with_capacity(body.len() + FIELD.len());
+                out.extend_from_slice(&body[..=open]);
+                out.extend_from_slice(FIELD);
+                out.extend_from_slice(&body[open + 1..]);
+                return Ok(out.freeze());
+            }
+        }
+    }
+    let mut value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(format!("We could not parse the JSON body: {e}"), None))?;
+    if let Some(obj) = value.as_object_mut() {
+        let options = obj
+            .entry("stream_options")
+            .or_insert_with(|| serde_json::json!({}));
+        if !options.is_object() {
+            *options = serde_json::json!({});
+        }
+        if let Some(o) = options.as_object_mut() {
+            o.insert("include_usage".into(), serde_json::Value::Bool(true));
+        }
+    }
+    serde_json::to_vec(&value)
+        .map(Bytes::from)
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err_of(body: &[u8]) -> serde_json::Value {
+        match RequestMeta::parse(body) {
+            Ok(_) => serde_json::Value::Null,
+            Err(e) => e.body(),
+        }
+    }
+
+    #[test]
+    fn wrong_types_name_the_field() {
+        let e = err_of(br#"{"model":"gpt-4o","stream":"yes"}"#);
+        assert_eq!(e["error"]["param"], "stream");
+        let e = err_of(br#"{"model":42}"#);
+        assert_eq!(e["error"]["param"], "model");
+        let e = err_of(br#"{"messages":[]}"#);
+        assert_eq!(e["error"]["param"], "model");
+    }
+
+    #[test]
+    fn malformed_json_and_bad_utf8_are_invalid_requests() {
+        for body in [
+            &b"{\"model\":"[..],
+            b"[1,2]",
+            b"",
+            b"{\"model\":\"\xff\xfe\"}",
+            b"{} trailing",
+        ] {
+            let e = err_of(body);
+            assert_eq!(e["error"]["type"], "invalid_request_error", "{body:?}");
+        }
+    }
+
+    #[test]
+    fn stream_usage_is_spliced_when_absent() {
+        let body = Bytes::from_static(br#"  {"model":"m","stream":true,"x":{"y":1}}"#);
+        let meta = RequestMeta::parse(&body).unwrap_or_else(|e| panic!("{e}"));
+        let out = with_stream_usage(&body, &meta).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["x"]["y"], 1);
+    }
+
+    #[test]
+    fn stream_usage_is_set_inside_existing_options() {
+        let body = Bytes::from_static(
+            br#"{"model":"m","stream":true,"stream_options":{"include_usage":false,"other":1}}"#,
+        );
+        let meta = RequestMeta::parse(&body).unwrap_or_else(|e| panic!("{e}"));
+        let out = with_stream_usage(&body, &meta).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["stream_options"]["other"], 1);
+    }
+}

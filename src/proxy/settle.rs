@@ -1,0 +1,119 @@
+//! The end of every proxied request: price the usage, update the metrics,
+//! hand the usage row to the writer. Called exactly once per attributed
+//! request, whichever way it ended.
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+
+use crate::app::AppState;
+use crate::pricing::{NanoUsd, Resolved};
+use crate::store::UsageRecord;
+use crate::usage::{Endpoint, Usage};
+
+/// Who asked for what: everything the usage row needs besides the outcome.
+pub struct RequestCtx {
+    pub request_id: String,
+    pub started: Instant,
+    pub created_at: DateTime<Utc>,
+    pub team: String,
+    pub key_id: Option<String>,
+    pub endpoint: Endpoint,
+    pub model: String,
+    pub resolved: Option<Resolved>,
+    pub upstream: String,
+    pub stream: bool,
+    pub end_user: Option<String>,
+}
+
+impl RequestCtx {
+    pub fn new(request_id: String, endpoint: Endpoint, team: String) -> RequestCtx {
+        RequestCtx {
+            request_id,
+            started: Instant::now(),
+            created_at: Utc::now(),
+            team,
+            key_id: None,
+            endpoint,
+            model: String::new(),
+            resolved: None,
+            upstream: String::new(),
+            stream: false,
+            end_user: None,
+        }
+    }
+}
+
+/// Prices `usage`, records metrics and the usage row; returns the cost.
+pub fn settle(
+    state: &AppState,
+    ctx: &RequestCtx,
+    status: u16,
+    usage: Usage,
+    overhead: Duration,
+) -> NanoUsd {
+    let m = &state.metrics;
+    let team = ctx.team.as_str();
+    let model = ctx.model.as_str();
+    let price = ctx.resolved.as_ref().and_then(|r| r.price.as_ref());
+    let cost = price.map_or(NanoUsd(0), |p| p.cost(&usage));
+
+    let status_label = status.to_string();
+    m.requests
+        .with_label_values(&[team, model, ctx.endpoint.label(), &status_label])
+        .inc();
+    for (kind, n) in [
+        ("prompt", usage.prompt_tokens),
+        ("completion", usage.completion_tokens),
+        ("cached", usage.cached_tokens),
+    ] {
+        if n > 0 {
+            m.tokens.with_label_values(&[team, model, kind]).inc_by(n);
+        }
+    }
+    if let Some(resolved) = &ctx.resolved {
+        if cost.0 > 0 || price.is_some() {
+            m.cost.add(&[team, model], cost);
+        }
+        if price.is_none() && ctx.endpoint.is_metered() {
+            m.unpriced.with_label_values(&[model]).inc();
+        }
+        if let (true, Some(ft), Some(base)) = (resolved.finetuned, price, &resolved.base_price) {
+            let premium = NanoUsd(cost.0.saturating_sub(base.cost(&usage).0));
+            m.finetune_premium
+                .add(&[team, model, &resolved.base_model], premium);
+            m.set_finetune_multiple(model, &resolved.base_model, ft, base);
+        }
+    }
+    let latency = ctx.started.elapsed();
+    m.request_duration
+        .with_label_values(&[model, ctx.endpoint.label()])
+        .observe(latency.as_secs_f64());
+    m.overhead
+        .with_label_values(&[ctx.endpoint.label()])
+        .observe(overhead.min(latency).as_secs_f64());
+
+    state.usage.record(UsageRecord {
+        created_at: ctx.created_at,
+        request_id: ctx.request_id.clone(),
+        team: ctx.team.clone(),
+        key_id: ctx.key_id.clone(),
+        model: ctx.model.clone(),
+        base_model: ctx
+            .resolved
+            .as_ref()
+            .map_or_else(|| ctx.model.clone(), |r| r.base_model.clone()),
+        upstream: ctx.upstream.clone(),
+        endpoint: ctx.endpoint.label(),
+        stream: ctx.stream,
+        status,
+        prompt_tokens: usage.prompt_tokens,
+        completion_tokens: usage.completion_tokens,
+        cached_tokens: usage.cached_tokens,
+        cost_nano_usd: cost.0,
+        token_source: usage.source.label(),
+        latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
+        end_user: ctx.end_user.clone(),
+    });
+    cost
+}

@@ -1,0 +1,184 @@
+//! The streaming tee: each upstream chunk goes to the client as soon as it
+//! arrives (minus the usage-only chunk tollgate asked for itself), while the
+//! SSE meter watches the same bytes. Whichever way the stream ends — done,
+//! upstream cut, idle timeout, or the client going away (Drop) — usage is
+//! settled exactly once.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::stream::{BoxStream, Stream};
+use tokio::time::Sleep;
+
+use super::settle::{settle, RequestCtx};
+use crate::app::AppState;
+use crate::usage::sse::{SseMeter, StreamSummary};
+use crate::usage::{estimate, TokenSource, Usage};
+
+/// nginx's "client closed request": the status recorded for a disconnect.
+pub const STATUS_CLIENT_CLOSED: u16 = 499;
+
+/// Everything needed to settle the stream once it ends.
+pub struct StreamSettlement {
+    pub state: Arc<AppState>,
+    pub ctx: RequestCtx,
+    /// The client's request body, for a prompt estimate if usage never comes.
+    pub request_body: Bytes,
+    /// Time spent in tollgate before the stream started.
+    pub overhead: Duration,
+}
+
+impl StreamSettlement {
+    fn finish(self, status: u16, summary: StreamSummary, meter_time: Duration) {
+        let overhead = self.overhead + meter_time;
+        if let Some(usage) = summary.usage {
+            settle(&self.state, &self.ctx, status, usage, overhead);
+            return;
+        }
+        // No usage from the upstream (it omits it, or the stream ended before
+        // the usage chunk): count what was sent and what was generated.
+        let estimate = move || {
+            let usage = estimated_usage(&self.ctx, &self.request_body, &summary.texts);
+            settle(&self.state, &self.ctx, status, usage, overhead);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn_blocking(estimate);
+            }
+            Err(_) => estimate(),
+        }
+    }
+}
+
+pub fn estimated_usage(ctx: &RequestCtx, request_body: &[u8], texts: &[String]) -> Usage {
+    let encoding = ctx
+        .resolved
+        .as_ref()
+        .map_or(crate::usage::Encoding::O200kBase, |r| r.encoding());
+    let prompt = serde_json::from_slice::<serde_json::Value>(request_body)
+        .map(|v| estimate::prompt_tokens(ctx.endpoint, encoding, &v))
+        .unwrap_or(0);
+    Usage {
+        prompt_tokens: prompt,
+        completion_tokens: estimate::completion_tokens(encoding, texts),
+        cached_tokens: 0,
+        source: TokenSource::Estimated,
+    }
+}
+
+pub struct MeteredStream {
+    upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+    meter: SseMeter,
+    idle_timeout: Duration,
+    idle: Pin<Box<Sleep>>,
+    settlement: Option<StreamSettlement>,
+    meter_time: Duration,
+    first_byte_sent: bool,
+    ended: bool,
+}
+
+impl MeteredStream {
+    pub fn new(
+        upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+        meter: SseMeter,
+        idle_timeout: Duration,
+        settlement: StreamSettlement,
+    ) -> MeteredStream {
+        MeteredStream {
+            upstream,
+            meter,
+            idle_timeout,
+            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            settlement: Some(settlement),
+            meter_time: Duration::ZERO,
+            first_byte_sent: false,
+            ended: false,
+        }
+    }
+
+    fn end(&mut self, status: u16) {
+        self.ended = true;
+        if let Some(settlement) = self.settlement.take() {
+            let summary = self.meter.summary();
+            settlement.finish(status, summary, self.meter_time);
+        }
+    }
+
+    fn first_byte(&mut self) {
+        if !self.first_byte_sent {
+            self.first_byte_sent = true;
+            if let Some(s) = &self.settlement {
+                s.state
+                    .metrics
+                    .time_to_first_byte
+                    .with_label_values(&[&s.ctx.model])
+                    .observe(s.ctx.started.elapsed().as_secs_f64());
+            }
+        }
+    }
+}
+
+impl Stream for MeteredStream {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        loop {
+            match this.upstream.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    let t = Instant::now();
+                    let deadline = tokio::time::Instant::now() + this.idle_timeout;
+                    this.idle.as_mut().reset(deadline);
+                    let out = this.meter.push(chunk);
+                    this.meter_time += t.elapsed();
+                    if out.is_empty() {
+                        continue;
+                    }
+                    this.first_byte();
+                    return Poll::Ready(Some(Ok(out)));
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::warn!(error = %e, "upstream stream broke");
+                    this.end(502);
+                    return Poll::Ready(Some(Err(std::io::Error::other("upstream stream broke"))));
+                }
+                Poll::Ready(None) => {
+                    let tail = this.meter.take_pending();
+                    this.end(200);
+                    if tail.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Ok(tail)));
+                }
+                Poll::Pending => {
+                    if this.idle.as_mut().poll(cx).is_ready() {
+                        tracing::warn!("upstream stream idle past idle_timeout_ms");
+                        this.end(504);
+                        return Poll::Ready(Some(Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "upstream stream idle timeout",
+                        ))));
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for MeteredStream {
+    /// The client went away mid-stream: bill what was generated so far.
+    fn drop(&mut self) {
+        if self.settlement.is_some() {
+            self.end(STATUS_CLIENT_CLOSED);
+        }
+    }
+}
+
+use std::future::Future as _;

@@ -1,0 +1,201 @@
+//! The HTTP surface: router, health and metrics endpoints, graceful shutdown.
+//!
+//! Layer order, outermost first (each request passes them top to bottom):
+//! 1. axum's router: `/healthz`, `/readyz`, `/metrics` answer directly and
+//!    need no key; every `/v1/*` path goes to the proxy; anything else is an
+//!    OpenAI-shaped 404.
+//! 2. `proxy::handle`: request id -> team attribution -> body limit and
+//!    parse -> upstream choice -> forward -> tee/price -> settle.
+//!
+//! Shutdown (SIGTERM/SIGINT): stop accepting, let in-flight requests finish
+//! for up to `server.drain_timeout_ms` (streams cut after that are still
+//! billed), then drain the usage writer and exit 0.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::Router;
+
+use crate::app::{AppState, RequestIds};
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::pricing::Catalog;
+use crate::proxy;
+use crate::proxy::upstream::Upstreams;
+use crate::store::{Store, UsageWriter};
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1", any(proxy_route))
+        .route("/v1/{*rest}", any(proxy_route))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+async fn proxy_route(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    proxy::handle(state, req).await
+}
+
+async fn healthz() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        r#"{"status":"ok"}"#,
+    )
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
+        Ok(Ok(())) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            r#"{"status":"ready"}"#,
+        )
+            .into_response(),
+        Ok(Err(e)) => not_ready(&e.to_string()),
+        Err(_) => not_ready("database did not answer within 2 s"),
+    }
+}
+
+fn not_ready(reason: &str) -> Response {
+    let body = serde_json::json!({"status": "unavailable", "reason": reason}).to_string();
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    state.metrics.queue_depth.set(state.usage.depth() as i64);
+    match state.metrics.render() {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => ApiError::Internal(e).into_response(),
+    }
+}
+
+async fn not_found(req: Request) -> Response {
+    ApiError::NotFound {
+        path: req.uri().path().to_string(),
+    }
+    .into_response()
+}
+
+/// Loads the catalog the config names (or the bundled one).
+pub fn load_catalog(config: &Config) -> anyhow::Result<Catalog> {
+    let multiple = config.catalog.finetune_multiple;
+    match &config.catalog.path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("catalog {}: {e}", path.display()))?;
+            Catalog::parse(&text, multiple)
+                .map_err(|e| anyhow::anyhow!("catalog {}: {e}", path.display()))
+        }
+        None => Catalog::bundled(multiple).map_err(|e| anyhow::anyhow!("bundled catalog: {e}")),
+    }
+}
+
+/// Runs the proxy until SIGTERM/SIGINT, then drains and flushes.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let catalog = Arc::new(load_catalog(&config)?);
+    let metrics = Arc::new(Metrics::new()?);
+    metrics.publish_catalog(&catalog);
+    let upstreams = Upstreams::build(&config.effective_upstreams()).map_err(anyhow::Error::msg)?;
+    let store = Store::open(&config.database.url).await?;
+    let (usage, writer) = UsageWriter::spawn(
+        store.clone(),
+        metrics.clone(),
+        config.database.batch_size,
+        Duration::from_millis(config.database.flush_interval_ms),
+        config.database.queue_capacity,
+    );
+    // Warm the tokenizers off the reactor so the first estimate is not slow.
+    tokio::task::spawn_blocking(|| {
+        crate::usage::Encoding::O200kBase.count("warm");
+        crate::usage::Encoding::Cl100kBase.count("warm");
+    });
+
+    let addr: SocketAddr = config.server.listen.parse()?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let local = listener.local_addr()?;
+    let drain = Duration::from_millis(config.server.drain_timeout_ms);
+    let state = Arc::new(AppState {
+        config,
+        catalog,
+        metrics,
+        upstreams,
+        usage,
+        store: store.clone(),
+        request_ids: RequestIds::new(),
+    });
+    let app = router(state.clone());
+    drop(state);
+    // Printed on stderr for people and scripts (tests read the port from it).
+    eprintln!("tollgate listening on {local}");
+    tracing::info!(%local, "tollgate listening");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let mut stop_rx2 = stop_rx.clone();
+    tokio::select! {
+        r = server => r?,
+        _ = async {
+            let _ = stop_rx2.wait_for(|s| *s).await;
+            tokio::time::sleep(drain).await;
+        } => tracing::warn!("drain timeout: cutting in-flight requests"),
+    }
+    drop(stop_rx);
+    // Every sink is gone once the server and its connections are: the
+    // writer drains the queue and ends.
+    if tokio::time::timeout(Duration::from_secs(60), writer)
+        .await
+        .is_err()
+    {
+        tracing::error!("usage writer did not finish within 60 s");
+    }
+    store.close().await;
+    eprintln!("tollgate stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received: draining");
+}

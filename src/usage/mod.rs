@@ -1,0 +1,211 @@
+//! Token usage: read from the upstream's JSON or SSE, or estimated with
+//! tiktoken when the upstream gives none.
+//!
+//! Never blocks the async runtime: estimates over large inputs run on the
+//! blocking pool (see `proxy`), and the SSE meter works on bounded buffers.
+
+pub mod estimate;
+pub mod sse;
+pub mod upstream;
+
+use serde::Deserialize;
+
+/// Which endpoint a request went to; decides how its usage is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+    Responses,
+    Models,
+    Other,
+}
+
+impl Endpoint {
+    /// From the path below `/v1`.
+    pub fn from_path(path: &str) -> Endpoint {
+        match path.trim_end_matches('/') {
+            "/v1/chat/completions" => Endpoint::ChatCompletions,
+            "/v1/completions" => Endpoint::Completions,
+            "/v1/embeddings" => Endpoint::Embeddings,
+            "/v1/responses" => Endpoint::Responses,
+            "/v1/models" => Endpoint::Models,
+            _ => Endpoint::Other,
+        }
+    }
+
+    /// The `endpoint` column and metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat.completions",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+            Endpoint::Responses => "responses",
+            Endpoint::Models => "models",
+            Endpoint::Other => "other",
+        }
+    }
+
+    /// Endpoints whose request body is JSON with a `model` and whose
+    /// response carries token usage.
+    pub fn is_metered(self) -> bool {
+        matches!(
+            self,
+            Endpoint::ChatCompletions
+                | Endpoint::Completions
+                | Endpoint::Embeddings
+                | Endpoint::Responses
+        )
+    }
+
+    /// Endpoints that accept `stream_options.include_usage`.
+    pub fn accepts_stream_options(self) -> bool {
+        matches!(self, Endpoint::ChatCompletions | Endpoint::Completions)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenSource {
+    Upstream,
+    Estimated,
+}
+
+impl TokenSource {
+    pub fn label(self) -> &'static str {
+        match self {
+            TokenSource::Upstream => "upstream",
+            TokenSource::Estimated => "estimated",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Prompt tokens served from the prompt cache (a subset of `prompt_tokens`).
+    pub cached_tokens: u64,
+    pub source: TokenSource,
+}
+
+impl Usage {
+    pub const NONE: Usage = Usage {
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        cached_tokens: 0,
+        source: TokenSource::Upstream,
+    };
+}
+
+/// The `usage` object of chat, completions, embeddings and responses bodies
+/// (the responses API says input/output where the others say prompt/completion).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct UsageJson {
+    #[serde(default, alias = "input_tokens")]
+    pub prompt_tokens: Option<u64>,
+    #[serde(default, alias = "output_tokens")]
+    pub completion_tokens: Option<u64>,
+    #[serde(default, alias = "input_tokens_details")]
+    pub prompt_tokens_details: Option<TokenDetails>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct TokenDetails {
+    #[serde(default)]
+    pub cached_tokens: Option<u64>,
+}
+
+impl UsageJson {
+    /// `None` unless the object actually reports prompt tokens.
+    pub fn to_usage(&self) -> Option<Usage> {
+        let prompt = self.prompt_tokens?;
+        Some(Usage {
+            prompt_tokens: prompt,
+            completion_tokens: self.completion_tokens.unwrap_or(0),
+            cached_tokens: self
+                .prompt_tokens_details
+                .as_ref()
+                .and_then(|d| d.cached_tokens)
+                .unwrap_or(0),
+            source: TokenSource::Upstream,
+        })
+    }
+}
+
+/// The tiktoken encodings OpenAI's current models use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    O200kBase,
+    Cl100kBase,
+}
+
+impl Encoding {
+    pub fn from_name(name: &str) -> Option<Encoding> {
+        match name {
+            "o200k_base" => Some(Encoding::O200kBase),
+            "cl100k_base" => Some(Encoding::Cl100kBase),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Encoding::O200kBase => "o200k_base",
+            Encoding::Cl100kBase => "cl100k_base",
+        }
+    }
+
+    /// The encoding for a model the catalog does not name one for.
+    pub fn for_model(model: &str) -> Encoding {
+        let cl100k = ["gpt-4-", "gpt-3.5", "text-embedding", "gpt-35"];
+        if model == "gpt-4" || cl100k.iter().any(|p| model.starts_with(p)) {
+            Encoding::Cl100kBase
+        } else {
+            Encoding::O200kBase
+        }
+    }
+
+    /// Loading an encoding takes ~100 ms the first time; `serve` warms both
+    /// on the blocking pool at start.
+    pub fn bpe(self) -> &'static tiktoken_rs::CoreBPE {
+        match self {
+            Encoding::O200kBase => tiktoken_rs::o200k_base_singleton(),
+            Encoding::Cl100kBase => tiktoken_rs::cl100k_base_singleton(),
+        }
+    }
+
+    pub fn count(self, text: &str) -> u64 {
+        if text.is_empty() {
+            return 0;
+        }
+        self.bpe().encode_ordinary(text).len() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodings_follow_model_families() {
+        assert_eq!(Encoding::for_model("gpt-4o"), Encoding::O200kBase);
+        assert_eq!(Encoding::for_model("o3-mini"), Encoding::O200kBase);
+        assert_eq!(Encoding::for_model("gpt-4"), Encoding::Cl100kBase);
+        assert_eq!(Encoding::for_model("gpt-4-turbo"), Encoding::Cl100kBase);
+        assert_eq!(Encoding::for_model("gpt-4.1"), Encoding::O200kBase);
+        assert_eq!(
+            Encoding::for_model("text-embedding-3-small"),
+            Encoding::Cl100kBase
+        );
+    }
+
+    #[test]
+    fn endpoints_from_paths() {
+        assert_eq!(
+            Endpoint::from_path("/v1/chat/completions"),
+            Endpoint::ChatCompletions
+        );
+        assert_eq!(Endpoint::from_path("/v1/embeddings/"), Endpoint::Embeddings);
+        assert_eq!(Endpoint::from_path("/v1/files"), Endpoint::Other);
+    }
+}
