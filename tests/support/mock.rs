@@ -1,0 +1,381 @@
+//! A mock OpenAI upstream of our own, on a random loopback port. It speaks
+//! OpenAI's JSON and SSE and does what each request's `x-mock-*` headers ask
+//! (tollgate forwards unknown headers untouched):
+//!
+//! - `x-mock-status: N`          answer N with an OpenAI error body
+//! - `x-mock-delay-ms: N`        wait before the response headers
+//! - `x-mock-usage: omit`        no usage anywhere (JSON or stream)
+//! - `x-mock-prompt-tokens`, `x-mock-completion-tokens`, `x-mock-cached-tokens`
+//!                               the usage to report (default 10 / 5 / 0)
+//! - `x-mock-content: TEXT`      the reply text (default "Hello from the mock")
+//! - `x-mock-chunk-delay-ms: N`  pause between stream chunks
+//! - `x-mock-cut-after: N`       break the connection after N content chunks
+//! - `x-mock-gate: 1`            after the first chunk, wait for `open_gate()`
+//! - `x-mock-garbage: 1`         200 with a body that is not JSON
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::Router;
+use serde_json::{json, Value};
+
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Recorded {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    }
+}
+
+pub struct MockState {
+    pub requests: Mutex<Vec<Recorded>>,
+    gate: tokio::sync::Semaphore,
+}
+
+impl Default for MockState {
+    fn default() -> Self {
+        MockState {
+            requests: Mutex::new(Vec::new()),
+            gate: tokio::sync::Semaphore::new(0),
+        }
+    }
+}
+
+pub struct MockUpstream {
+    pub addr: SocketAddr,
+    pub state: Arc<MockState>,
+}
+
+impl MockUpstream {
+    pub async fn start() -> MockUpstream {
+        let state = Arc::new(MockState::default());
+        let app = Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .route("/v1/completions", post(completions))
+            .route("/v1/embeddings", post(embeddings))
+            .route("/v1/responses", post(responses))
+            .route("/v1/models", get(models))
+            .route("/v1/{*rest}", any(echo))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("mock bind: {e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        MockUpstream { addr, state }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state
+            .requests
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn request_count(&self) -> usize {
+        self.state.requests.lock().map(|r| r.len()).unwrap_or(0)
+    }
+
+    pub fn last(&self) -> Recorded {
+        self.requests()
+            .pop()
+            .unwrap_or_else(|| panic!("the mock received no request"))
+    }
+
+    /// Lets every gated stream go on past its first chunk.
+    pub fn open_gate(&self) {
+        self.state.gate.add_permits(1_000);
+    }
+}
+
+struct Behaviour {
+    status: Option<u16>,
+    delay: Duration,
+    omit_usage: bool,
+    prompt: u64,
+    completion: u64,
+    cached: u64,
+    content: String,
+    chunk_delay: Duration,
+    cut_after: Option<usize>,
+    gate: bool,
+    garbage: bool,
+}
+
+impl Behaviour {
+    fn from(headers: &HeaderMap) -> Behaviour {
+        let get = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let num =
+            |name: &str, default: u64| get(name).and_then(|v| v.parse().ok()).unwrap_or(default);
+        Behaviour {
+            status: get("x-mock-status").and_then(|v| v.parse().ok()),
+            delay: Duration::from_millis(num("x-mock-delay-ms", 0)),
+            omit_usage: get("x-mock-usage").as_deref() == Some("omit"),
+            prompt: num("x-mock-prompt-tokens", 10),
+            completion: num("x-mock-completion-tokens", 5),
+            cached: num("x-mock-cached-tokens", 0),
+            content: get("x-mock-content").unwrap_or_else(|| "Hello from the mock".into()),
+            chunk_delay: Duration::from_millis(num("x-mock-chunk-delay-ms", 0)),
+            cut_after: get("x-mock-cut-after").and_then(|v| v.parse().ok()),
+            gate: get("x-mock-gate").is_some(),
+            garbage: get("x-mock-garbage").is_some(),
+        }
+    }
+
+    fn usage(&self) -> Value {
+        json!({
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": self.prompt + self.completion,
+            "prompt_tokens_details": {"cached_tokens": self.cached},
+        })
+    }
+}
+
+async fn record(state: &MockState, req: Request) -> (Recorded, Behaviour) {
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    let rec = Recorded {
+        method: parts.method.to_string(),
+        path: parts
+            .uri
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
+        headers: parts.headers.clone(),
+        body,
+    };
+    if let Ok(mut r) = state.requests.lock() {
+        r.push(rec.clone());
+    }
+    let behaviour = Behaviour::from(&parts.headers);
+    tokio::time::sleep(behaviour.delay).await;
+    (rec, behaviour)
+}
+
+fn early_answer(b: &Behaviour) -> Option<Response> {
+    if let Some(status) = b.status {
+        let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = json!({"error": {"message": format!("mock failure {status}"), "type": "server_error", "code": "mock", "param": null}});
+        return Some(
+            (
+                code,
+                [("content-type", "application/json")],
+                body.to_string(),
+            )
+                .into_response(),
+        );
+    }
+    if b.garbage {
+        return Some(
+            (
+                [("content-type", "application/json")],
+                "<html>definitely not json",
+            )
+                .into_response(),
+        );
+    }
+    None
+}
+
+fn json_response(value: Value) -> Response {
+    ([("content-type", "application/json")], value.to_string()).into_response()
+}
+
+async fn chat(State(state): State<Arc<MockState>>, req: Request) -> Response {
+    let (rec, b) = record(&state, req).await;
+    if let Some(r) = early_answer(&b) {
+        return r;
+    }
+    let body = rec.json();
+    let n = body["n"].as_u64().unwrap_or(1) as usize;
+    if body["stream"] == json!(true) {
+        let wants_usage = body["stream_options"]["include_usage"] == json!(true) && !b.omit_usage;
+        return stream(state, b, n, wants_usage, |i, piece| {
+            json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": "mock",
+                   "choices": [{"index": i, "delta": {"content": piece}, "finish_reason": null}]})
+        });
+    }
+    let choices: Vec<Value> = (0..n)
+        .map(|i| json!({"index": i, "message": {"role": "assistant", "content": b.content}, "finish_reason": "stop"}))
+        .collect();
+    let mut out = json!({"id": "chatcmpl-mock", "object": "chat.completion", "created": 1, "model": body["model"], "choices": choices});
+    if !b.omit_usage {
+        out["usage"] = b.usage();
+    }
+    json_response(out)
+}
+
+async fn completions(State(state): State<Arc<MockState>>, req: Request) -> Response {
+    let (rec, b) = record(&state, req).await;
+    if let Some(r) = early_answer(&b) {
+        return r;
+    }
+    let body = rec.json();
+    let n = body["n"].as_u64().unwrap_or(1) as usize;
+    if body["stream"] == json!(true) {
+        let wants_usage = body["stream_options"]["include_usage"] == json!(true) && !b.omit_usage;
+        return stream(
+            state,
+            b,
+            n,
+            wants_usage,
+            |i, piece| json!({"id": "cmpl-mock", "object": "text_completion", "choices": [{"index": i, "text": piece}]}),
+        );
+    }
+    let choices: Vec<Value> = (0..n)
+        .map(|i| json!({"index": i, "text": b.content}))
+        .collect();
+    let mut out = json!({"id": "cmpl-mock", "object": "text_completion", "choices": choices});
+    if !b.omit_usage {
+        out["usage"] = b.usage();
+    }
+    json_response(out)
+}
+
+async fn embeddings(State(state): State<Arc<MockState>>, req: Request) -> Response {
+    let (_rec, b) = record(&state, req).await;
+    if let Some(r) = early_answer(&b) {
+        return r;
+    }
+    let mut out = json!({"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}], "model": "mock"});
+    if !b.omit_usage {
+        out["usage"] = json!({"prompt_tokens": b.prompt, "total_tokens": b.prompt});
+    }
+    json_response(out)
+}
+
+async fn responses(State(state): State<Arc<MockState>>, req: Request) -> Response {
+    let (rec, b) = record(&state, req).await;
+    if let Some(r) = early_answer(&b) {
+        return r;
+    }
+    let usage = json!({"input_tokens": b.prompt, "output_tokens": b.completion, "total_tokens": b.prompt + b.completion,
+                       "input_tokens_details": {"cached_tokens": b.cached}, "output_tokens_details": {"reasoning_tokens": 0}});
+    if rec.json()["stream"] == json!(true) {
+        let text = b.content.clone();
+        let omit = b.omit_usage;
+        let events = vec![
+            format!(
+                "event: response.output_text.delta\ndata: {}\n\n",
+                json!({"type": "response.output_text.delta", "delta": text})
+            ),
+            format!(
+                "event: response.completed\ndata: {}\n\n",
+                json!({"type": "response.completed",
+                "response": if omit { json!({"id": "resp"}) } else { json!({"id": "resp", "usage": usage}) }})
+            ),
+        ];
+        let stream = tokio_stream::iter(
+            events
+                .into_iter()
+                .map(|e| Ok::<_, Infallible>(Bytes::from(e))),
+        );
+        return (
+            [("content-type", "text/event-stream")],
+            Body::from_stream(stream),
+        )
+            .into_response();
+    }
+    let mut out = json!({"id": "resp-mock", "object": "response", "status": "completed",
+        "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": b.content}]}]});
+    if !b.omit_usage {
+        out["usage"] = usage;
+    }
+    json_response(out)
+}
+
+async fn models(State(state): State<Arc<MockState>>, req: Request) -> Response {
+    let (_rec, b) = record(&state, req).await;
+    if let Some(r) = early_answer(&b) {
+        return r;
+    }
+    json_response(
+        json!({"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model", "owned_by": "mock"}]}),
+    )
+}
+
+async fn echo(State(state): State<Arc<MockState>>, req: Request) -> Response {
+    let (rec, b) = record(&state, req).await;
+    if let Some(r) = early_answer(&b) {
+        return r;
+    }
+    json_response(json!({"method": rec.method, "path": rec.path, "body_len": rec.body.len()}))
+}
+
+/// Streams the content word by word (one SSE event per word and choice),
+/// then the usage-only chunk when asked for, then `[DONE]`.
+fn stream(
+    state: Arc<MockState>,
+    b: Behaviour,
+    n: usize,
+    wants_usage: bool,
+    chunk: impl Fn(usize, &str) -> Value + Send + 'static,
+) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    tokio::spawn(async move {
+        let words: Vec<String> = b.content.split_inclusive(' ').map(str::to_string).collect();
+        let mut sent = 0usize;
+        for (w, word) in words.iter().enumerate() {
+            for i in 0..n {
+                if b.cut_after == Some(sent) {
+                    let _ = tx.send(Err(std::io::Error::other("mock cut"))).await;
+                    return;
+                }
+                let event = format!("data: {}\n\n", chunk(i, word));
+                if tx.send(Ok(Bytes::from(event))).await.is_err() {
+                    return;
+                }
+                sent += 1;
+            }
+            if w == 0 && b.gate {
+                match state.gate.acquire().await {
+                    Ok(permit) => permit.forget(),
+                    Err(_) => return,
+                }
+            }
+            tokio::time::sleep(b.chunk_delay).await;
+        }
+        if wants_usage {
+            let usage = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "choices": [], "usage": b.usage()});
+            let _ = tx.send(Ok(Bytes::from(format!("data: {usage}\n\n")))).await;
+        }
+        let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+    });
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    ([("content-type", "text/event-stream")], body).into_response()
+}

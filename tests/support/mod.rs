@@ -1,0 +1,261 @@
+//! Test support: the mock upstream and a real `tollgate serve` process on a
+//! random loopback port, with helpers to read its database and metrics.
+#![allow(dead_code)]
+
+pub mod mock;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sqlx::Row;
+
+pub use mock::MockUpstream;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+/// The config every test starts from: one upstream, the mock.
+pub fn base_config(mock: &MockUpstream, dir: &std::path::Path) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+
+[database]
+url = "sqlite://{db}"
+flush_interval_ms = 20
+
+[[upstreams]]
+name = "mock"
+base_url = "{base}"
+api_key = "sk-upstream-secret"
+timeout_ms = 5000
+idle_timeout_ms = 5000
+"#,
+        db = dir.join("tollgate.db").display(),
+        base = mock.base_url(),
+    )
+}
+
+pub struct Tollgate {
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Tollgate {
+    /// Starts tollgate against the mock with the base config plus `extra` TOML.
+    pub async fn start(mock: &MockUpstream, extra: &str) -> Tollgate {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let config = format!("{}\n{extra}\n", base_config(mock, dir.path()));
+        Tollgate::start_with_config(dir, &config).await
+    }
+
+    pub async fn start_with_config(dir: tempfile::TempDir, config: &str) -> Tollgate {
+        let path = dir.path().join("tollgate.toml");
+        std::fs::write(&path, config).unwrap_or_else(|e| panic!("write config: {e}"));
+        let mut child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&path)
+            .current_dir(dir.path())
+            .env("TOLLGATE_LOG", "warn")
+            .env_remove("TOLLGATE_LISTEN")
+            .env_remove("TOLLGATE_DATABASE_URL")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn tollgate: {e}"));
+        let stderr = child.stderr.take().unwrap_or_else(|| panic!("no stderr"));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("tollgate listening on ") {
+                    let _ = tx.send(addr.trim().to_string());
+                }
+                if let Ok(mut l) = log2.lock() {
+                    l.push(line);
+                }
+            }
+        });
+        let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_else(|| {
+                panic!(
+                    "tollgate did not start: {:?}",
+                    log.lock().map(|l| l.clone())
+                )
+            });
+        Tollgate {
+            addr: addr.parse().unwrap_or_else(|e| panic!("addr {addr}: {e}")),
+            dir,
+            child,
+            log,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("tollgate.db")
+    }
+
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    pub async fn db(&self) -> sqlx::SqlitePool {
+        sqlx::SqlitePool::connect(&format!("sqlite://{}", self.db_path().display()))
+            .await
+            .unwrap_or_else(|e| panic!("open db: {e}"))
+    }
+
+    /// Waits until the usage table holds `n` rows, then returns them (oldest first).
+    pub async fn wait_rows(&self, n: usize) -> Vec<UsageRow> {
+        let pool = self.db().await;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let rows = fetch_rows(&pool).await;
+            if rows.len() >= n || Instant::now() > deadline {
+                pool.close().await;
+                assert_eq!(
+                    rows.len(),
+                    n,
+                    "usage rows: {:#?}",
+                    &rows[..rows.len().min(5)]
+                );
+                return rows;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.url("/metrics"))
+            .await
+            .unwrap_or_else(|e| panic!("metrics: {e}"))
+            .text()
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the process to exit; returns its exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return status.code(),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => return None,
+            }
+        }
+    }
+}
+
+impl Drop for Tollgate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageRow {
+    pub request_id: String,
+    pub team: String,
+    pub key_id: Option<String>,
+    pub model: String,
+    pub base_model: String,
+    pub upstream: String,
+    pub endpoint: String,
+    pub stream: bool,
+    pub status: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cached_tokens: i64,
+    pub cost_nano_usd: i64,
+    pub token_source: String,
+    pub latency_ms: i64,
+    pub end_user: Option<String>,
+    pub created_at: String,
+}
+
+async fn fetch_rows(pool: &sqlx::SqlitePool) -> Vec<UsageRow> {
+    let rows = match sqlx::query("SELECT * FROM usage ORDER BY id")
+        .fetch_all(pool)
+        .await
+    {
+        Ok(rows) => rows,
+        Err(_) => return Vec::new(),
+    };
+    rows.iter()
+        .map(|r| UsageRow {
+            request_id: r.get("request_id"),
+            team: r.get("team"),
+            key_id: r.get("key_id"),
+            model: r.get("model"),
+            base_model: r.get("base_model"),
+            upstream: r.get("upstream"),
+            endpoint: r.get("endpoint"),
+            stream: r.get::<i64, _>("stream") != 0,
+            status: r.get("status"),
+            prompt_tokens: r.get("prompt_tokens"),
+            completion_tokens: r.get("completion_tokens"),
+            cached_tokens: r.get("cached_tokens"),
+            cost_nano_usd: r.get("cost_nano_usd"),
+            token_source: r.get("token_source"),
+            latency_ms: r.get("latency_ms"),
+            end_user: r.get("end_user"),
+            created_at: r.get("created_at"),
+        })
+        .collect()
+}
+
+/// The value of one sample in Prometheus text output, e.g.
+/// `metric(&text, "tollgate_cost_usd_total", &[("team", "t")])`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric_name, rest) = match series.split_once('{') {
+                Some((n, r)) => (n, r.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric_name != name {
+                return None;
+            }
+            let all = labels
+                .iter()
+                .all(|(k, v)| rest.split(',').any(|pair| pair == format!("{k}=\"{v}\"")));
+            all.then(|| value.parse().ok()).flatten()
+        })
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap_or_else(|e| panic!("client: {e}"))
+}
+
+pub fn chat_body(model: &str) -> serde_json::Value {
+    serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "Say hello"}],
+    })
+}
