@@ -42,6 +42,17 @@ impl RequestMeta {
                 None,
             ));
         }
+        // serde skips unknown fields without checking their strings, so
+        // check the whole body once; invalid UTF-8 must not reach the upstream.
+        if let Err(e) = std::str::from_utf8(body) {
+            return Err(ApiError::invalid(
+                format!(
+                    "The request body is not valid UTF-8 (at byte {}).",
+                    e.valid_up_to()
+                ),
+                None,
+            ));
+        }
         let mut de = serde_json::Deserializer::from_slice(body);
         let meta: RequestMeta = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
@@ -154,6 +165,7 @@ mod tests {
             b"",
             b"{\"model\":\"\xff\xfe\"}",
             b"{} trailing",
+            b"{\"model\":\"m\",\"x\":\"\xff\"}",
         ] {
             let e = err_of(body);
             assert_eq!(e["error"]["type"], "invalid_request_error", "{body:?}");
