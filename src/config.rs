@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use crate::glob::Glob;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -142,18 +142,6 @@ impl Default for CatalogConfig {
             path: None,
             finetune_multiple: 6.0,
             unpriced: UnpricedPolicy::Allow,
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            server: ServerConfig::default(),
-            database: DatabaseConfig::default(),
-            auth: AuthConfig::default(),
-            catalog: CatalogConfig::default(),
-            upstreams: Vec::new(),
         }
     }
 }

@@ -5,8 +5,8 @@
 //! - `x-mock-status: N`          answer N with an OpenAI error body
 //! - `x-mock-delay-ms: N`        wait before the response headers
 //! - `x-mock-usage: omit`        no usage anywhere (JSON or stream)
-//! - `x-mock-prompt-tokens`, `x-mock-completion-tokens`, `x-mock-cached-tokens`
-//!                               the usage to report (default 10 / 5 / 0)
+//! - `x-mock-prompt-tokens`, `x-mock-completion-tokens`, `x-mock-cached-tokens`:
+//!   the usage to report (default 10 / 5 / 0)
 //! - `x-mock-content: TEXT`      the reply text (default "Hello from the mock")
 //! - `x-mock-chunk-delay-ms: N`  pause between stream chunks
 //! - `x-mock-cut-after: N`       break the connection after N content chunks
