@@ -375,6 +375,14 @@ mod tests {
     }
 
     #[test]
+    fn example_config_parses() {
+        let text = include_str!("../config/tollgate.example.toml");
+        let config = Config::parse(text, "tollgate.example.toml").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.upstreams.len(), 1);
+        assert_eq!(config.catalog.finetune_multiple, 6.0);
+    }
+
+    #[test]
     fn bad_upstream_url_is_rejected() {
         let err = Config::parse(
             "[[upstreams]]\nname = \"x\"\nbase_url = \"ftp://nope\"\n",

@@ -1,0 +1,107 @@
+//! Added latency of a non-streaming chat request through tollgate versus
+//! straight to the same mock upstream, measured side by side in one run:
+//! requests alternate between the two paths so both see the same machine.
+//!
+//!     cargo build --release && cargo run --release --example added_latency -- 1000
+//!
+//! Prints medians and p99s of both paths and their difference.
+
+#[path = "../tests/support/mock.rs"]
+#[allow(dead_code)]
+mod mock;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let n: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1000);
+    let mock = mock::MockUpstream::start().await;
+    let dir = tempfile::tempdir()?;
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[database]\nurl = \"sqlite://{}\"\n[[upstreams]]\nname = \"mock\"\nbase_url = \"{}\"\n",
+        dir.path().join("bench.db").display(),
+        mock.base_url()
+    );
+    let config_path = dir.path().join("tollgate.toml");
+    std::fs::write(&config_path, config)?;
+    let bin = std::env::var("TOLLGATE_BIN").unwrap_or_else(|_| "target/release/tollgate".into());
+    let mut child = Command::new(&bin)
+        .args(["serve", "--config"])
+        .arg(&config_path)
+        .env("TOLLGATE_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().ok_or("no stderr")?;
+    let mut lines = BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = lines.next().ok_or("tollgate exited")??;
+        if let Some(a) = line.strip_prefix("tollgate listening on ") {
+            break a.trim().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(4)
+        .build()?;
+    let body = serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}]});
+    let direct_url = format!("{}/chat/completions", mock.base_url());
+    let proxy_url = format!("http://{addr}/v1/chat/completions");
+    let send = |url: String| {
+        let (client, body) = (client.clone(), body.clone());
+        async move {
+            let t = Instant::now();
+            let r = client.post(url).json(&body).send().await?;
+            let status = r.status();
+            r.bytes().await?;
+            if !status.is_success() {
+                return Err(format!("status {status}").into());
+            }
+            Ok::<_, Box<dyn std::error::Error>>(t.elapsed())
+        }
+    };
+    // Warm up both paths (connection pools, tokenizer, SQLite).
+    for _ in 0..100 {
+        send(direct_url.clone()).await?;
+        send(proxy_url.clone()).await?;
+    }
+    let (mut direct, mut proxied) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for _ in 0..n {
+        direct.push(send(direct_url.clone()).await?);
+        proxied.push(send(proxy_url.clone()).await?);
+    }
+    direct.sort();
+    proxied.sort();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    println!("requests per path: {n} (sequential, alternating)");
+    println!(
+        "direct   p50 {:8.1} us  p99 {:8.1} us",
+        us(percentile(&direct, 0.5)),
+        us(percentile(&direct, 0.99))
+    );
+    println!(
+        "tollgate p50 {:8.1} us  p99 {:8.1} us",
+        us(percentile(&proxied, 0.5)),
+        us(percentile(&proxied, 0.99))
+    );
+    println!(
+        "added    p50 {:8.1} us  p99 {:8.1} us",
+        us(percentile(&proxied, 0.5)) - us(percentile(&direct, 0.5)),
+        us(percentile(&proxied, 0.99)) - us(percentile(&direct, 0.99))
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    Ok(())
+}

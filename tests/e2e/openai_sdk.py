@@ -1,0 +1,120 @@
+"""Drives tollgate with the official `openai` Python SDK, unchanged, pointed at it
+via base_url. Run by tests/sdk_python.rs with TOLLGATE_BASE_URL set; the
+upstream behind tollgate is the project's mock (x-mock-* headers steer it)."""
+
+import asyncio
+import os
+import sys
+
+import openai
+
+BASE = os.environ["TOLLGATE_BASE_URL"]
+passed = 0
+failed = 0
+
+
+def check(name, fn):
+    global passed, failed
+    try:
+        fn()
+        passed += 1
+        print(f"ok {name}")
+    except Exception as e:  # noqa: BLE001 - report every failure, then exit non-zero
+        failed += 1
+        print(f"FAIL {name}: {type(e).__name__}: {e}")
+
+
+client = openai.OpenAI(base_url=BASE, api_key="sk-client-key", max_retries=0)
+MESSAGES = [{"role": "user", "content": "Say hello"}]
+
+
+def chat_non_stream():
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini",
+        messages=MESSAGES,
+        extra_headers={"x-mock-prompt-tokens": "1000", "x-mock-completion-tokens": "500"},
+    )
+    assert raw.headers["x-tollgate-cost-usd"] == "0.000450000", raw.headers
+    assert raw.headers["x-tollgate-request-id"].startswith("req_")
+    completion = raw.parse()
+    assert completion.choices[0].message.content == "Hello from the mock"
+    assert completion.usage.prompt_tokens == 1000
+
+
+def chat_stream_hides_usage():
+    chunks = list(client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Hello from the mock", text
+    assert all(c.usage is None for c in chunks), "usage chunk leaked"
+
+
+def chat_stream_with_usage():
+    chunks = list(
+        client.chat.completions.create(
+            model="gpt-4o", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == 10
+    assert chunks[-1].choices == []
+
+
+def embeddings():
+    raw = client.embeddings.with_raw_response.create(
+        model="text-embedding-3-small", input="hello", extra_headers={"x-mock-prompt-tokens": "50000"}
+    )
+    assert raw.headers["x-tollgate-cost-usd"] == "0.001000000", raw.headers
+    assert len(raw.parse().data[0].embedding) == 3
+
+
+def upstream_rate_limit_is_the_sdk_exception():
+    try:
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES, extra_headers={"x-mock-status": "429"})
+    except openai.RateLimitError as e:
+        assert e.status_code == 429
+        return
+    raise AssertionError("no RateLimitError")
+
+
+def bad_request_is_the_sdk_exception():
+    try:
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES, n="two")  # type: ignore[arg-type]
+    except openai.BadRequestError as e:
+        assert e.status_code == 400
+        assert e.body["param"] == "n", e.body
+        return
+    raise AssertionError("no BadRequestError")
+
+
+def models_list():
+    ids = [m.id for m in client.models.list()]
+    assert ids == ["gpt-4o-mini"], ids
+
+
+def async_stream():
+    async def run():
+        aclient = openai.AsyncOpenAI(base_url=BASE, api_key="sk-client-key", max_retries=0)
+        stream = await aclient.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
+        text = ""
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+        await aclient.close()
+        return text
+
+    assert asyncio.run(run()) == "Hello from the mock"
+
+
+for name, fn in [
+    ("chat_non_stream", chat_non_stream),
+    ("chat_stream_hides_usage", chat_stream_hides_usage),
+    ("chat_stream_with_usage", chat_stream_with_usage),
+    ("embeddings", embeddings),
+    ("upstream_rate_limit_is_the_sdk_exception", upstream_rate_limit_is_the_sdk_exception),
+    ("bad_request_is_the_sdk_exception", bad_request_is_the_sdk_exception),
+    ("models_list", models_list),
+    ("async_stream", async_stream),
+]:
+    check(name, fn)
+
+print(f"openai {openai.__version__}: {passed} passed, {failed} failed")
+sys.exit(1 if failed else 0)
