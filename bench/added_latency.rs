@@ -7,7 +7,6 @@
 //! Prints medians and p99s of both paths and their difference.
 
 #[path = "../tests/support/mock.rs"]
-#[allow(dead_code)]
 mod mock;
 
 use std::io::{BufRead, BufReader};
