@@ -47,13 +47,17 @@ pub struct DatabaseConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AuthMode {
+    /// Clients send `Bearer tg-...`; the key names the team.
+    VirtualKeys,
+    /// Clients send their provider key; the team comes from `x-tollgate-team`.
     Passthrough,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
-    pub mode: AuthMode,
+    /// Unset: `virtual-keys` when the database holds keys at start, else `passthrough`.
+    pub mode: Option<AuthMode>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -124,14 +128,6 @@ impl Default for DatabaseConfig {
             batch_size: 512,
             flush_interval_ms: 100,
             queue_capacity: 65_536,
-        }
-    }
-}
-
-impl Default for AuthConfig {
-    fn default() -> Self {
-        Self {
-            mode: AuthMode::Passthrough,
         }
     }
 }

@@ -14,6 +14,16 @@ pub enum ApiError {
         param: Option<String>,
         code: &'static str,
     },
+    #[error("Incorrect API key provided. Send `Authorization: Bearer tg-...` with a tollgate key that has not been revoked.")]
+    Unauthorized,
+    #[error("This key may not use the model `{model}`.")]
+    ModelNotAllowed { model: String },
+    #[error("Team `{team}` has not enough budget left for this request: it may cost up to ${needed} and ${remaining} remains in the current period.")]
+    BudgetExceeded {
+        team: String,
+        needed: crate::pricing::NanoUsd,
+        remaining: crate::pricing::NanoUsd,
+    },
     #[error("Request body is larger than the limit of {limit} bytes.")]
     BodyTooLarge { limit: usize },
     #[error(
@@ -52,6 +62,9 @@ impl ApiError {
             | ApiError::NoUpstream { .. }
             | ApiError::UnknownUpstream { .. } => StatusCode::BAD_REQUEST,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
+            ApiError::BudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::UpstreamUnreachable { .. } | ApiError::UpstreamBadResponse { .. } => {
                 StatusCode::BAD_GATEWAY
             }
@@ -68,6 +81,9 @@ impl ApiError {
             | ApiError::UpstreamBadResponse { .. }
             | ApiError::UpstreamTimeout { .. } => "upstream_error",
             ApiError::Internal(_) => "server_error",
+            ApiError::Unauthorized => "invalid_request_error",
+            ApiError::ModelNotAllowed { .. } => "permission_error",
+            ApiError::BudgetExceeded { .. } => "insufficient_quota",
             _ => "invalid_request_error",
         }
     }
@@ -77,6 +93,9 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest { code, .. } => code,
             ApiError::BodyTooLarge { .. } => "request_too_large",
+            ApiError::Unauthorized => "invalid_api_key",
+            ApiError::ModelNotAllowed { .. } => "model_not_allowed",
+            ApiError::BudgetExceeded { .. } => "budget_exceeded",
             ApiError::UnpricedModel { .. } => "model_not_priced",
             ApiError::NoUpstream { .. } => "model_not_found",
             ApiError::UnknownUpstream { .. } => "unknown_upstream",
@@ -91,7 +110,9 @@ impl ApiError {
     fn param(&self) -> Option<&str> {
         match self {
             ApiError::InvalidRequest { param, .. } => param.as_deref(),
-            ApiError::UnpricedModel { .. } | ApiError::NoUpstream { .. } => Some("model"),
+            ApiError::UnpricedModel { .. }
+            | ApiError::NoUpstream { .. }
+            | ApiError::ModelNotAllowed { .. } => Some("model"),
             _ => None,
         }
     }

@@ -5,9 +5,12 @@
 //! `proxy::settle` (metrics + usage row) -> `store` (batched writer).
 
 pub mod app;
+pub mod auth;
+pub mod budget;
 pub mod config;
 pub mod error;
 pub mod glob;
+pub mod manage;
 pub mod metrics;
 pub mod pricing;
 pub mod proxy;

@@ -5,8 +5,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use tollgate::budget::Period;
 use tollgate::config::Config;
-use tollgate::pricing::{litellm, Catalog};
+use tollgate::manage;
+use tollgate::pricing::{litellm, Catalog, NanoUsd};
+use tollgate::store::{ReportBy, Store};
 
 #[derive(Parser)]
 #[command(
@@ -33,13 +36,98 @@ enum Command {
         #[command(subcommand)]
         command: CatalogCommand,
     },
+    /// Manage teams and their budgets.
+    Teams {
+        #[command(subcommand)]
+        command: TeamsCommand,
+    },
+    /// Manage virtual API keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Usage and cost from the database.
+    Report {
+        #[arg(long, value_enum, default_value = "team")]
+        by: ReportBy,
+        /// 24h, 7d, 30m, or a date (2026-11-01).
+        #[arg(long, default_value = "30d")]
+        since: String,
+        #[arg(long, value_enum, default_value = "table")]
+        format: ReportFormat,
+    },
+}
+
+#[derive(Subcommand)]
+enum TeamsCommand {
+    /// Create a team, optionally with a budget.
+    Create {
+        name: String,
+        #[arg(long)]
+        budget_usd: Option<String>,
+        #[arg(long, value_enum)]
+        period: Option<Period>,
+        /// Cap on output tokens per request, enforced on the way up.
+        #[arg(long)]
+        max_output_tokens: Option<u64>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: OutputFormat,
+    },
+    /// List teams with their budgets.
+    List {
+        #[arg(long, value_enum, default_value = "table")]
+        format: OutputFormat,
+    },
+    /// Set (or with no --budget-usd, clear) a team's budget.
+    SetBudget {
+        name: String,
+        #[arg(long)]
+        budget_usd: Option<String>,
+        #[arg(long, value_enum)]
+        period: Option<Period>,
+        /// 0 clears the cap.
+        #[arg(long)]
+        max_output_tokens: Option<u64>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: OutputFormat,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key; it is printed once, alone on the first line of stdout.
+    Create {
+        #[arg(long)]
+        team: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Comma-separated model globs the key may use (default: all).
+        #[arg(long, value_delimiter = ',')]
+        models: Vec<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: OutputFormat,
+    },
+    /// List keys (never their secrets).
+    List {
+        #[arg(long, value_enum, default_value = "table")]
+        format: OutputFormat,
+    },
+    /// Revoke a key by id; running servers refuse it within a second.
+    Revoke { id: String },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ReportFormat {
+    Table,
+    Json,
+    Csv,
 }
 
 #[derive(Subcommand)]
 enum CatalogCommand {
     /// Print the catalog in use (prices in USD per million tokens).
     Show {
-        #[arg(long, default_value = "table")]
+        #[arg(long, value_enum, default_value = "table")]
         format: OutputFormat,
     },
     /// Validate a catalog file (default: the one in use).
@@ -103,7 +191,196 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Catalog { command } => catalog(command, &config),
+        Command::Teams { command } => runtime()?.block_on(teams(command, &config)),
+        Command::Keys { command } => runtime()?.block_on(keys(command, &config)),
+        Command::Report { by, since, format } => {
+            runtime()?.block_on(report(by, &since, format, &config))
+        }
     }
+}
+
+async fn open_store(config: &Config) -> anyhow::Result<Store> {
+    Ok(Store::open(&config.database.url).await?)
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!("{value}");
+}
+
+async fn teams(command: TeamsCommand, config: &Config) -> anyhow::Result<ExitCode> {
+    let store = open_store(config).await?;
+    match command {
+        TeamsCommand::Create {
+            name,
+            budget_usd,
+            period,
+            max_output_tokens,
+            format,
+        } => {
+            manage::valid_team_name(&name)?;
+            let budget = manage::budget_from(budget_usd.as_deref(), period)?;
+            let team = store.create_team(&name, budget, max_output_tokens).await?;
+            match format {
+                OutputFormat::Json => print_json(&manage::team_json(&team, None)),
+                OutputFormat::Table => println!("created team {}", team.name),
+            }
+        }
+        TeamsCommand::List { format } => {
+            let teams = store.teams().await?;
+            let spent = |t: &tollgate::store::TeamRow| {
+                let store = store.clone();
+                let t = t.clone();
+                async move {
+                    match t.budget {
+                        Some(b) => {
+                            let spent = store
+                                .spend_since(&t.name, b.period.start(chrono::Utc::now()))
+                                .await?;
+                            anyhow::Ok(Some(tollgate::budget::BudgetStatus {
+                                limit: b.limit,
+                                spent: NanoUsd(spent),
+                                reserved: NanoUsd(0),
+                                remaining: NanoUsd(b.limit.0.saturating_sub(spent)),
+                            }))
+                        }
+                        None => Ok(None),
+                    }
+                }
+            };
+            let mut rows = Vec::new();
+            for t in &teams {
+                rows.push((t, spent(t).await?));
+            }
+            match format {
+                OutputFormat::Json => print_json(&serde_json::Value::Array(
+                    rows.iter().map(|(t, s)| manage::team_json(t, *s)).collect(),
+                )),
+                OutputFormat::Table => {
+                    println!(
+                        "{:<24} {:>16} {:<8} {:>16} {:>12}",
+                        "team", "budget_usd", "period", "spent_usd", "max_output"
+                    );
+                    for (t, s) in rows {
+                        println!(
+                            "{:<24} {:>16} {:<8} {:>16} {:>12}",
+                            t.name,
+                            t.budget.map_or("-".into(), |b| b.limit.to_string()),
+                            t.budget.map_or("-", |b| b.period.as_str()),
+                            s.map_or("-".into(), |s| s.spent.to_string()),
+                            t.max_output_tokens.map_or("-".into(), |m| m.to_string()),
+                        );
+                    }
+                }
+            }
+        }
+        TeamsCommand::SetBudget {
+            name,
+            budget_usd,
+            period,
+            max_output_tokens,
+            format,
+        } => {
+            let budget = manage::budget_from(budget_usd.as_deref(), period)?;
+            let cap = max_output_tokens.map(|m| (m > 0).then_some(m));
+            let team = store.set_budget(&name, budget, cap).await?;
+            match format {
+                OutputFormat::Json => print_json(&manage::team_json(&team, None)),
+                OutputFormat::Table => println!(
+                    "team {}: budget {}",
+                    team.name,
+                    team.budget.map_or("none".into(), |b| format!(
+                        "${} {}",
+                        b.limit,
+                        b.period.as_str()
+                    ))
+                ),
+            }
+        }
+    }
+    store.close().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn keys(command: KeysCommand, config: &Config) -> anyhow::Result<ExitCode> {
+    let store = open_store(config).await?;
+    match command {
+        KeysCommand::Create {
+            team,
+            name,
+            models,
+            format,
+        } => {
+            let (row, secret) = manage::create_key(&store, &team, name, models).await?;
+            match format {
+                OutputFormat::Json => {
+                    print_json(&serde_json::json!({"id": row.id, "key": secret, "team": row.team}))
+                }
+                OutputFormat::Table => {
+                    println!("{secret}");
+                    eprintln!(
+                        "key {} for team {} (shown once; store it now)",
+                        row.id, row.team
+                    );
+                }
+            }
+        }
+        KeysCommand::List { format } => {
+            let keys = store.keys().await?;
+            match format {
+                OutputFormat::Json => print_json(&serde_json::Value::Array(
+                    keys.iter().map(manage::key_json).collect(),
+                )),
+                OutputFormat::Table => {
+                    println!(
+                        "{:<22} {:<20} {:<14} {:<24} {:<10}",
+                        "id", "team", "prefix", "models", "status"
+                    );
+                    for k in keys {
+                        println!(
+                            "{:<22} {:<20} {:<14} {:<24} {:<10}",
+                            k.id,
+                            k.team,
+                            k.prefix,
+                            if k.models.is_empty() {
+                                "*".to_string()
+                            } else {
+                                k.models.join(",")
+                            },
+                            if k.revoked_at.is_some() {
+                                "revoked"
+                            } else {
+                                "active"
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        KeysCommand::Revoke { id } => {
+            store.revoke_key(&id).await?;
+            println!("revoked {id}");
+        }
+    }
+    store.close().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn report(
+    by: ReportBy,
+    since: &str,
+    format: ReportFormat,
+    config: &Config,
+) -> anyhow::Result<ExitCode> {
+    let since = manage::parse_since(since, chrono::Utc::now())?;
+    let store = open_store(config).await?;
+    let rows = store.report(by, since).await?;
+    match format {
+        ReportFormat::Json => print_json(&manage::report_json(by, &rows)),
+        ReportFormat::Csv => print!("{}", manage::report_text(&rows, true)),
+        ReportFormat::Table => print!("{}", manage::report_text(&rows, false)),
+    }
+    store.close().await;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn catalog(command: CatalogCommand, config: &Config) -> anyhow::Result<ExitCode> {

@@ -120,6 +120,10 @@ pub struct Metrics {
     pub finetune_premium: Arc<MoneyCounter>,
     pub unpriced: IntCounterVec,
     pub queue_depth: IntGauge,
+    pub budget_limit: GaugeVec,
+    pub budget_spent: GaugeVec,
+    pub budget_remaining: GaugeVec,
+    pub budget_rejections: IntCounterVec,
     pub records_dropped: IntCounter,
 }
 
@@ -211,6 +215,30 @@ impl Metrics {
             "tollgate_usage_records_dropped_total",
             "Usage records dropped because the writer queue was full or the database failed.",
         )?;
+        let budget_gauge = |name: &str, help: &str| GaugeVec::new(Opts::new(name, help), &["team"]);
+        let budget_limit = budget_gauge(
+            "tollgate_budget_limit_usd",
+            "Team budget for the current period.",
+        )?;
+        let budget_spent = budget_gauge(
+            "tollgate_budget_spent_usd",
+            "Team spend recorded in the current period.",
+        )?;
+        let budget_remaining = budget_gauge(
+            "tollgate_budget_remaining_usd",
+            "Team budget left: limit - spent - reserved by in-flight requests.",
+        )?;
+        let budget_rejections = IntCounterVec::new(
+            Opts::new(
+                "tollgate_budget_rejections_total",
+                "Requests refused because the team budget could not cover them.",
+            ),
+            &["team"],
+        )?;
+        registry.register(Box::new(budget_limit.clone()))?;
+        registry.register(Box::new(budget_spent.clone()))?;
+        registry.register(Box::new(budget_remaining.clone()))?;
+        registry.register(Box::new(budget_rejections.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(tokens.clone()))?;
         registry.register(Box::new(ArcCollector(cost.clone())))?;
@@ -236,6 +264,10 @@ impl Metrics {
             finetune_premium,
             unpriced,
             queue_depth,
+            budget_limit,
+            budget_spent,
+            budget_remaining,
+            budget_rejections,
             records_dropped,
         })
     }
@@ -271,6 +303,28 @@ impl Metrics {
                     .with_label_values(&[model, base_model, kind])
                     .set(f.0 as f64 / b.0 as f64);
             }
+        }
+    }
+
+    /// Budget gauges from the ledger, set at scrape time.
+    pub fn publish_budgets(&self, budgets: &[(String, crate::budget::BudgetStatus)]) {
+        for g in [
+            &self.budget_limit,
+            &self.budget_spent,
+            &self.budget_remaining,
+        ] {
+            g.reset();
+        }
+        for (team, s) in budgets {
+            self.budget_limit
+                .with_label_values(&[team])
+                .set(s.limit.as_usd_f64());
+            self.budget_spent
+                .with_label_values(&[team])
+                .set(s.spent.as_usd_f64());
+            self.budget_remaining
+                .with_label_values(&[team])
+                .set(s.remaining.as_usd_f64());
         }
     }
 

@@ -19,7 +19,7 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use http_body_util::{BodyExt, Limited};
 
 use crate::app::AppState;
-use crate::config::UnpricedPolicy;
+use crate::config::{AuthMode, UnpricedPolicy};
 use crate::error::ApiError;
 use crate::usage::sse::SseMeter;
 use crate::usage::{upstream::usage_from_body, Endpoint, TokenSource, Usage};
@@ -30,6 +30,7 @@ use upstream::Upstream;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-tollgate-request-id");
 pub const COST_USD: HeaderName = HeaderName::from_static("x-tollgate-cost-usd");
+pub const BUDGET_REMAINING: HeaderName = HeaderName::from_static("x-tollgate-budget-remaining-usd");
 const TEAM_HEADER: &str = "x-tollgate-team";
 const UPSTREAM_HEADER: &str = "x-tollgate-upstream";
 
@@ -55,11 +56,13 @@ fn is_hop_header(name: &HeaderName) -> bool {
 pub async fn handle(state: Arc<AppState>, req: http::Request<Body>) -> Response {
     let request_id = state.request_ids.next();
     let endpoint = Endpoint::from_path(req.uri().path());
-    let team = match team_of(req.headers()) {
-        Ok(team) => team,
+    let (team, key) = match authenticate(&state, req.headers()) {
+        Ok(who) => who,
         Err(e) => return with_request_id(e.into_response(), &request_id),
     };
     let mut ctx = RequestCtx::new(request_id.clone(), endpoint, team);
+    ctx.key = key;
+    let team = ctx.team.clone();
     let result = if endpoint.is_metered() && req.method() == Method::POST {
         metered(&state, &mut ctx, req).await
     } else {
@@ -67,19 +70,39 @@ pub async fn handle(state: Arc<AppState>, req: http::Request<Body>) -> Response 
     };
     let response = match result {
         Ok(Forwarded::Done(response)) => response,
-        Ok(Forwarded::Stream(pending)) => pending.into_response(state, ctx),
+        Ok(Forwarded::Stream(pending)) => pending.into_response(state.clone(), ctx),
         Err(e) => {
-            settle(
-                &state,
-                &ctx,
-                e.status().as_u16(),
-                Usage::NONE,
-                ctx.started.elapsed(),
-            );
+            let overhead = ctx.started.elapsed();
+            settle(&state, &mut ctx, e.status().as_u16(), Usage::NONE, overhead);
             e.into_response()
         }
     };
-    with_request_id(response, &request_id)
+    let mut response = with_request_id(response, &request_id);
+    if let Some(status) = state.ledger.status(&team) {
+        if let Ok(v) = HeaderValue::from_str(&status.remaining.to_string()) {
+            response.headers_mut().insert(BUDGET_REMAINING, v);
+        }
+    }
+    response
+}
+
+/// Who is asking: the team (and key) a request is attributed to.
+fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<(String, Option<crate::auth::KeyEntry>), ApiError> {
+    match state.auth_mode {
+        AuthMode::Passthrough => Ok((team_of(headers)?, None)),
+        AuthMode::VirtualKeys => {
+            let secret = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(crate::auth::bearer)
+                .ok_or(ApiError::Unauthorized)?;
+            let key = state.directory.key(secret).ok_or(ApiError::Unauthorized)?;
+            Ok((key.team.clone(), Some(key)))
+        }
+    }
 }
 
 /// How a forwarded request continues once the upstream has answered.
@@ -178,12 +201,14 @@ fn pick_upstream<'a>(
 /// Client headers as they go upstream: hop-by-hop and tollgate's own removed,
 /// compression off (tollgate must read the body), the upstream's key added
 /// when the client sent none.
-fn upstream_headers(client: &HeaderMap, upstream: &Upstream) -> HeaderMap {
+fn upstream_headers(client: &HeaderMap, upstream: &Upstream, mode: AuthMode) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(client.len() + 1);
     for (name, value) in client {
         if is_hop_header(name)
             || name == header::ACCEPT_ENCODING
             || name.as_str().starts_with("x-tollgate-")
+            // A tollgate key never leaves tollgate.
+            || (mode == AuthMode::VirtualKeys && name == header::AUTHORIZATION)
         {
             continue;
         }
@@ -302,8 +327,25 @@ async fn metered(
             model: ctx.model.clone(),
         });
     }
+    if let Some(key) = &ctx.key {
+        if !key.allows(&ctx.model) {
+            return Err(ApiError::ModelNotAllowed {
+                model: ctx.model.clone(),
+            });
+        }
+    }
     let upstream = pick_upstream(state, &parts.headers, Some(&ctx.model))?;
     ctx.upstream = upstream.name.clone();
+
+    // The team's output cap, enforced on the way up.
+    let cap = state
+        .directory
+        .team(&ctx.team)
+        .and_then(|t| t.max_output_tokens);
+    let (body, max_output) = request::apply_output_cap(body, &meta, ctx.endpoint, cap)?;
+    if state.ledger.has_budget(&ctx.team) {
+        reserve(state, ctx, &body, &meta, max_output).await?;
+    }
 
     // Ask for stream usage on the client's behalf, and hide it again later.
     let inject = ctx.stream
@@ -320,7 +362,7 @@ async fn metered(
     let url = reqwest::Url::parse(&upstream.url_for(path))
         .map_err(|e| ApiError::Internal(format!("upstream url: {e}")))?;
     let mut request = reqwest::Request::new(reqwest::Method::POST, url);
-    *request.headers_mut() = upstream_headers(&parts.headers, upstream);
+    *request.headers_mut() = upstream_headers(&parts.headers, upstream, state.auth_mode);
     *request.body_mut() = Some(upstream_body.into());
 
     let sent_at = Instant::now();
@@ -383,6 +425,76 @@ async fn metered(
     Ok(Forwarded::Done(response))
 }
 
+/// Holds the request's worst-case cost against the team budget: prompt
+/// tokens x input + max output x n x output. A cheap bound on the prompt
+/// (its byte length) first; the exact tiktoken count only when the bound
+/// does not fit.
+async fn reserve(
+    state: &AppState,
+    ctx: &mut RequestCtx,
+    body: &Bytes,
+    meta: &RequestMeta,
+    max_output: Option<u64>,
+) -> Result<(), ApiError> {
+    let Some(resolved) = ctx.resolved.as_ref() else {
+        return Ok(());
+    };
+    let Some(price) = resolved.price.clone() else {
+        return Ok(());
+    };
+    let completion = match ctx.endpoint {
+        Endpoint::Embeddings => 0,
+        _ => max_output
+            .or(price.max_output_tokens)
+            .unwrap_or(DEFAULT_MAX_OUTPUT)
+            .saturating_mul(u64::from(meta.n.unwrap_or(1))),
+    };
+    let worst = |prompt: u64| {
+        price.cost(&Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            cached_tokens: 0,
+            source: TokenSource::Estimated,
+        })
+    };
+    // Every token covers at least one byte of its text, and the JSON around
+    // the text outweighs the per-message overheads.
+    let bound = body.len() as u64 + 16;
+    if let Ok(r) = state.ledger.reserve(&ctx.team, worst(bound)) {
+        ctx.reservation = r;
+        return Ok(());
+    }
+    let (endpoint, encoding, body2) = (ctx.endpoint, resolved.encoding(), body.clone());
+    let exact = tokio::task::spawn_blocking(move || {
+        serde_json::from_slice::<serde_json::Value>(&body2)
+            .map(|v| crate::usage::estimate::prompt_tokens(endpoint, encoding, &v))
+            .unwrap_or(bound)
+    })
+    .await
+    .unwrap_or(bound);
+    match state.ledger.reserve(&ctx.team, worst(exact)) {
+        Ok(r) => {
+            ctx.reservation = r;
+            Ok(())
+        }
+        Err(over) => {
+            state
+                .metrics
+                .budget_rejections
+                .with_label_values(&[&ctx.team])
+                .inc();
+            Err(ApiError::BudgetExceeded {
+                team: ctx.team.clone(),
+                needed: over.needed,
+                remaining: over.remaining,
+            })
+        }
+    }
+}
+
+/// Max output assumed for a model the catalog gives no limit for.
+const DEFAULT_MAX_OUTPUT: u64 = 4096;
+
 /// Tokens for a response that reported none, counted off the reactor threads.
 async fn estimate_non_stream(ctx: &RequestCtx, request: &Bytes, response: &Bytes) -> Usage {
     let encoding = ctx
@@ -432,7 +544,7 @@ async fn unmetered(
     let url = reqwest::Url::parse(&upstream.url_for(path))
         .map_err(|e| ApiError::Internal(format!("upstream url: {e}")))?;
     let mut request = reqwest::Request::new(parts.method.clone(), url);
-    *request.headers_mut() = upstream_headers(&parts.headers, upstream);
+    *request.headers_mut() = upstream_headers(&parts.headers, upstream, state.auth_mode);
     if parts.method != Method::GET && parts.method != Method::HEAD {
         *request.body_mut() = Some(reqwest::Body::wrap_stream(body.into_data_stream()));
     }

@@ -6,6 +6,7 @@ use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 
 use crate::error::ApiError;
+use crate::usage::Endpoint;
 
 /// The fields tollgate needs; everything else is forwarded untouched.
 #[derive(Debug, Deserialize)]
@@ -103,6 +104,46 @@ impl RequestMeta {
     }
 }
 
+/// The request's own output limit, by endpoint.
+fn requested_max_output(meta: &RequestMeta, endpoint: Endpoint) -> (Option<u64>, &'static str) {
+    match endpoint {
+        Endpoint::ChatCompletions => match (meta.max_completion_tokens, meta.max_tokens) {
+            (Some(m), _) => (Some(m), "max_completion_tokens"),
+            (None, Some(m)) => (Some(m), "max_tokens"),
+            (None, None) => (None, "max_completion_tokens"),
+        },
+        Endpoint::Completions => (meta.max_tokens, "max_tokens"),
+        Endpoint::Responses => (meta.max_output_tokens, "max_output_tokens"),
+        _ => (None, ""),
+    }
+}
+
+/// Enforces a team's output cap by setting or clamping the endpoint's
+/// output-limit field. Returns the body to send and the effective limit.
+pub fn apply_output_cap(
+    body: Bytes,
+    meta: &RequestMeta,
+    endpoint: Endpoint,
+    cap: Option<u64>,
+) -> Result<(Bytes, Option<u64>), ApiError> {
+    let (requested, field) = requested_max_output(meta, endpoint);
+    let Some(cap) = cap.filter(|_| !field.is_empty()) else {
+        return Ok((body, requested));
+    };
+    if requested.is_some_and(|r| r <= cap) {
+        return Ok((body, requested));
+    }
+    let mut value: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid(format!("We could not parse the JSON body: {e}"), None))?;
+    if let Some(obj) = value.as_object_mut() {
+        obj.insert(field.to_string(), serde_json::Value::from(cap));
+    }
+    let body = serde_json::to_vec(&value)
+        .map(Bytes::from)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok((body, Some(cap)))
+}
+
 /// The body with `stream_options.include_usage = true`. Spliced in without
 /// re-serialising when the client sent no `stream_options`.
 pub fn with_stream_usage(body: &Bytes, meta: &RequestMeta) -> Result<Bytes, ApiError> {
@@ -180,6 +221,52 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert_eq!(v["x"]["y"], 1);
+    }
+
+    #[test]
+    fn output_cap_clamps_or_sets_the_limit() {
+        let cases = [
+            (
+                r#"{"model":"m","max_tokens":5000}"#,
+                Endpoint::ChatCompletions,
+                "max_tokens",
+                100,
+            ),
+            (
+                r#"{"model":"m","max_completion_tokens":50}"#,
+                Endpoint::ChatCompletions,
+                "max_completion_tokens",
+                50,
+            ),
+            (
+                r#"{"model":"m"}"#,
+                Endpoint::ChatCompletions,
+                "max_completion_tokens",
+                100,
+            ),
+            (r#"{"model":"m"}"#, Endpoint::Completions, "max_tokens", 100),
+            (
+                r#"{"model":"m","max_output_tokens":9999}"#,
+                Endpoint::Responses,
+                "max_output_tokens",
+                100,
+            ),
+        ];
+        for (raw, endpoint, field, expect) in cases {
+            let body = Bytes::from(raw);
+            let meta = RequestMeta::parse(&body).unwrap_or_else(|e| panic!("{e}"));
+            let (out, effective) = apply_output_cap(body, &meta, endpoint, Some(100))
+                .unwrap_or_else(|e| panic!("{e}"));
+            let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
+            assert_eq!(v[field], expect, "{raw}");
+            assert_eq!(effective, Some(expect), "{raw}");
+        }
+        // Under the cap: the body is not touched.
+        let body = Bytes::from_static(br#"{ "model":"m", "max_tokens": 10 }"#);
+        let meta = RequestMeta::parse(&body).unwrap_or_else(|e| panic!("{e}"));
+        let (out, _) = apply_output_cap(body.clone(), &meta, Endpoint::ChatCompletions, Some(100))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(out, body);
     }
 
     #[test]

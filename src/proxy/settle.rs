@@ -17,7 +17,10 @@ pub struct RequestCtx {
     pub started: Instant,
     pub created_at: DateTime<Utc>,
     pub team: String,
-    pub key_id: Option<String>,
+    /// The virtual key used (`virtual-keys` mode).
+    pub key: Option<crate::auth::KeyEntry>,
+    /// Budget held for this request until it settles.
+    pub reservation: Option<crate::budget::Reservation>,
     pub endpoint: Endpoint,
     pub model: String,
     pub resolved: Option<Resolved>,
@@ -33,7 +36,8 @@ impl RequestCtx {
             started: Instant::now(),
             created_at: Utc::now(),
             team,
-            key_id: None,
+            key: None,
+            reservation: None,
             endpoint,
             model: String::new(),
             resolved: None,
@@ -47,7 +51,7 @@ impl RequestCtx {
 /// Prices `usage`, records metrics and the usage row; returns the cost.
 pub fn settle(
     state: &AppState,
-    ctx: &RequestCtx,
+    ctx: &mut RequestCtx,
     status: u16,
     usage: Usage,
     overhead: Duration,
@@ -57,6 +61,9 @@ pub fn settle(
     let model = ctx.model.as_str();
     let price = ctx.resolved.as_ref().and_then(|r| r.price.as_ref());
     let cost = price.map_or(NanoUsd(0), |p| p.cost(&usage));
+    if let Some(reservation) = ctx.reservation.take() {
+        reservation.settle(cost);
+    }
 
     let status_label = status.to_string();
     m.requests
@@ -97,7 +104,7 @@ pub fn settle(
         created_at: ctx.created_at,
         request_id: ctx.request_id.clone(),
         team: ctx.team.clone(),
-        key_id: ctx.key_id.clone(),
+        key_id: ctx.key.as_ref().map(|k| k.id.clone()),
         model: ctx.model.clone(),
         base_model: ctx
             .resolved

@@ -32,17 +32,17 @@ pub struct StreamSettlement {
 }
 
 impl StreamSettlement {
-    fn finish(self, status: u16, summary: StreamSummary, meter_time: Duration) {
+    fn finish(mut self, status: u16, summary: StreamSummary, meter_time: Duration) {
         let overhead = self.overhead + meter_time;
         if let Some(usage) = summary.usage {
-            settle(&self.state, &self.ctx, status, usage, overhead);
+            settle(&self.state, &mut self.ctx, status, usage, overhead);
             return;
         }
         // No usage from the upstream (it omits it, or the stream ended before
         // the usage chunk): count what was sent and what was generated.
-        let estimate = move || {
+        let mut estimate = move || {
             let usage = estimated_usage(&self.ctx, &self.request_body, &summary.texts);
-            settle(&self.state, &self.ctx, status, usage, overhead);
+            settle(&self.state, &mut self.ctx, status, usage, overhead);
         };
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {

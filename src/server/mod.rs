@@ -2,14 +2,18 @@
 //!
 //! Layer order, outermost first (each request passes them top to bottom):
 //! 1. axum's router: `/healthz`, `/readyz`, `/metrics` answer directly and
-//!    need no key; every `/v1/*` path goes to the proxy; anything else is an
-//!    OpenAI-shaped 404.
-//! 2. `proxy::handle`: request id -> team attribution -> body limit and
-//!    parse -> upstream choice -> forward -> tee/price -> settle.
+//!    need no key; `/admin/*` needs the admin token (`admin`); every `/v1/*`
+//!    path goes to the proxy; anything else is an OpenAI-shaped 404.
+//! 2. `proxy::handle`: request id -> auth (virtual key or passthrough team)
+//!    -> body limit and parse -> key's model globs -> upstream choice ->
+//!    team output cap -> budget reservation -> forward -> tee/price -> settle
+//!    (budget settled, metrics, usage row).
 //!
 //! Shutdown (SIGTERM/SIGINT): stop accepting, let in-flight requests finish
 //! for up to `server.drain_timeout_ms` (streams cut after that are still
 //! billed), then drain the usage writer and exit 0.
+
+pub mod admin;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,7 +26,9 @@ use axum::routing::{any, get};
 use axum::Router;
 
 use crate::app::{AppState, RequestIds};
-use crate::config::Config;
+use crate::auth::Directory;
+use crate::budget::Ledger;
+use crate::config::{AuthMode, Config};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::pricing::Catalog;
@@ -35,6 +41,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(admin::routes())
         .route("/v1", any(proxy_route))
         .route("/v1/{*rest}", any(proxy_route))
         .fallback(not_found)
@@ -76,6 +83,7 @@ fn not_ready(reason: &str) -> Response {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     state.metrics.queue_depth.set(state.usage.depth() as i64);
+    state.metrics.publish_budgets(&state.ledger.all());
     match state.metrics.render() {
         Ok(text) => (
             [(
@@ -136,6 +144,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr()?;
     let drain = Duration::from_millis(config.server.drain_timeout_ms);
+    let auth_mode = match config.auth.mode {
+        Some(mode) => mode,
+        None if store.keys().await?.iter().any(|k| k.revoked_at.is_none()) => AuthMode::VirtualKeys,
+        None => AuthMode::Passthrough,
+    };
     let state = Arc::new(AppState {
         config,
         catalog,
@@ -144,7 +157,27 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         usage,
         store: store.clone(),
         request_ids: RequestIds::new(),
+        auth_mode,
+        directory: Directory::default(),
+        ledger: Ledger::new(),
     });
+    state.refresh().await?;
+    tracing::info!(?auth_mode, keys = state.directory.key_count(), "auth");
+    // Keys revoked and budgets changed by another process apply within 1 s.
+    let refresher = {
+        let weak = Arc::downgrade(&state);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tick.tick().await;
+                let Some(state) = weak.upgrade() else { break };
+                if let Err(e) = state.refresh().await {
+                    tracing::warn!(error = %e, "refreshing keys and budgets failed");
+                }
+            }
+        })
+    };
     let app = router(state.clone());
     drop(state);
     // Printed on stderr for people and scripts (tests read the port from it).
@@ -165,6 +198,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         } => tracing::warn!("drain timeout: cutting in-flight requests"),
     }
     drop(stop_rx);
+    refresher.abort();
     // Every sink is gone once the server and its connections are: the
     // writer drains the queue and ends.
     if tokio::time::timeout(Duration::from_secs(60), writer)

@@ -9,6 +9,8 @@ pub mod writer;
 
 use chrono::{DateTime, Utc};
 
+use crate::budget::Budget;
+
 pub use writer::{UsageSink, UsageWriter};
 
 /// One row of the `usage` table (SPEC section 6).
@@ -41,6 +43,61 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database url `{0}`: unsupported scheme (sqlite:// only)")]
     Unsupported(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    Conflict(String),
+}
+
+/// A team as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TeamRow {
+    pub name: String,
+    pub budget: Option<Budget>,
+    pub max_output_tokens: Option<u64>,
+    pub created_at: String,
+}
+
+/// A key as stored: never the secret, only its hash and first characters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyRow {
+    pub id: String,
+    pub team: String,
+    pub name: Option<String>,
+    pub hash: String,
+    pub prefix: String,
+    pub models: Vec<String>,
+    pub created_at: String,
+    pub revoked_at: Option<String>,
+}
+
+/// Grouping for reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReportBy {
+    Team,
+    Model,
+    Key,
+    Day,
+}
+
+/// One line of a usage report; money as exact nano-USD.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ReportRow {
+    pub group: String,
+    pub requests: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cached_tokens: i64,
+    pub cost_nano_usd: i64,
+}
+
+pub fn now_text() -> String {
+    Utc::now().format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+pub fn time_text(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
 }
 
 /// The database behind tollgate. Postgres joins as a second variant.
@@ -76,6 +133,71 @@ impl Store {
     pub async fn ping(&self) -> Result<(), StoreError> {
         match self {
             Store::Sqlite(s) => s.ping().await,
+        }
+    }
+
+    pub async fn create_team(
+        &self,
+        name: &str,
+        budget: Option<Budget>,
+        max_output_tokens: Option<u64>,
+    ) -> Result<TeamRow, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.create_team(name, budget, max_output_tokens).await,
+        }
+    }
+
+    pub async fn teams(&self) -> Result<Vec<TeamRow>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.teams().await,
+        }
+    }
+
+    /// Sets the budget (None clears it) and, when given, the output cap
+    /// (`Some(None)` clears it).
+    pub async fn set_budget(
+        &self,
+        name: &str,
+        budget: Option<Budget>,
+        max_output_tokens: Option<Option<u64>>,
+    ) -> Result<TeamRow, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.set_budget(name, budget, max_output_tokens).await,
+        }
+    }
+
+    pub async fn insert_key(&self, key: &KeyRow) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(s) => s.insert_key(key).await,
+        }
+    }
+
+    pub async fn keys(&self) -> Result<Vec<KeyRow>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.keys().await,
+        }
+    }
+
+    pub async fn revoke_key(&self, id: &str) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(s) => s.revoke_key(id).await,
+        }
+    }
+
+    /// A team's recorded spend since `since`, in nano-USD.
+    pub async fn spend_since(&self, team: &str, since: DateTime<Utc>) -> Result<u64, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.spend_since(team, since).await,
+        }
+    }
+
+    pub async fn report(
+        &self,
+        by: ReportBy,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<ReportRow>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.report(by, since).await,
         }
     }
 

@@ -6,7 +6,12 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
-use super::{StoreError, UsageRecord};
+use chrono::{DateTime, Utc};
+use sqlx::Row;
+
+use super::{now_text, time_text, KeyRow, ReportBy, ReportRow, StoreError, TeamRow, UsageRecord};
+use crate::budget::{Budget, Period};
+use crate::pricing::NanoUsd;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -70,6 +75,176 @@ impl SqliteStore {
         Ok(())
     }
 
+    pub async fn create_team(
+        &self,
+        name: &str,
+        budget: Option<Budget>,
+        max_output_tokens: Option<u64>,
+    ) -> Result<TeamRow, StoreError> {
+        let now = now_text();
+        let r = sqlx::query(
+            "INSERT INTO teams (name, budget_nano_usd, budget_period, max_output_tokens, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(name)
+        .bind(budget.map(|b| to_i64(b.limit.0)))
+        .bind(budget.map(|b| b.period.as_str()))
+        .bind(max_output_tokens.map(to_i64))
+        .bind(&now)
+        .bind(&now)
+        .execute(&self.pool)
+        .await;
+        match r {
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(StoreError::Conflict(format!("team `{name}`")))
+            }
+            Err(e) => Err(e.into()),
+            Ok(_) => self.team(name).await,
+        }
+    }
+
+    async fn team(&self, name: &str) -> Result<TeamRow, StoreError> {
+        let row = sqlx::query("SELECT * FROM teams WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| team_row(&r))
+            .ok_or_else(|| StoreError::NotFound(format!("team `{name}`")))
+    }
+
+    pub async fn teams(&self) -> Result<Vec<TeamRow>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM teams ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(team_row).collect())
+    }
+
+    pub async fn set_budget(
+        &self,
+        name: &str,
+        budget: Option<Budget>,
+        max_output_tokens: Option<Option<u64>>,
+    ) -> Result<TeamRow, StoreError> {
+        let current = self.team(name).await?;
+        let cap = max_output_tokens.unwrap_or(current.max_output_tokens);
+        sqlx::query(
+            "UPDATE teams SET budget_nano_usd = ?, budget_period = ?, max_output_tokens = ?, updated_at = ? WHERE name = ?",
+        )
+        .bind(budget.map(|b| to_i64(b.limit.0)))
+        .bind(budget.map(|b| b.period.as_str()))
+        .bind(cap.map(to_i64))
+        .bind(now_text())
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
+        self.team(name).await
+    }
+
+    pub async fn insert_key(&self, key: &KeyRow) -> Result<(), StoreError> {
+        self.team(&key.team).await?;
+        sqlx::query(
+            "INSERT INTO api_keys (id, team, name, key_hash, key_prefix, models, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&key.id)
+        .bind(&key.team)
+        .bind(&key.name)
+        .bind(&key.hash)
+        .bind(&key.prefix)
+        .bind(key.models.join(","))
+        .bind(&key.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn keys(&self) -> Result<Vec<KeyRow>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM api_keys ORDER BY created_at, id")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let models: String = r.get("models");
+                KeyRow {
+                    id: r.get("id"),
+                    team: r.get("team"),
+                    name: r.get("name"),
+                    hash: r.get("key_hash"),
+                    prefix: r.get("key_prefix"),
+                    models: models
+                        .split(',')
+                        .filter(|m| !m.is_empty())
+                        .map(str::to_string)
+                        .collect(),
+                    created_at: r.get("created_at"),
+                    revoked_at: r.get("revoked_at"),
+                }
+            })
+            .collect())
+    }
+
+    pub async fn revoke_key(&self, id: &str) -> Result<(), StoreError> {
+        let r =
+            sqlx::query("UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?")
+                .bind(now_text())
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+        if r.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("key `{id}`")));
+        }
+        Ok(())
+    }
+
+    pub async fn spend_since(&self, team: &str, since: DateTime<Utc>) -> Result<u64, StoreError> {
+        let since = if since.timestamp() <= 0 {
+            String::new()
+        } else {
+            time_text(since)
+        };
+        let total: Option<i64> = sqlx::query_scalar(
+            "SELECT SUM(cost_nano_usd) FROM usage WHERE team = ? AND created_at >= ?",
+        )
+        .bind(team)
+        .bind(since)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(total.unwrap_or(0)).unwrap_or(0))
+    }
+
+    pub async fn report(
+        &self,
+        by: ReportBy,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<ReportRow>, StoreError> {
+        let group = match by {
+            ReportBy::Team => "team",
+            ReportBy::Model => "model",
+            ReportBy::Key => "COALESCE(key_id, '-')",
+            ReportBy::Day => "substr(created_at, 1, 10)",
+        };
+        let sql = format!(
+            "SELECT {group} AS grp, COUNT(*) AS requests, SUM(prompt_tokens) AS p, SUM(completion_tokens) AS c, \
+             SUM(cached_tokens) AS ca, SUM(cost_nano_usd) AS cost FROM usage WHERE created_at >= ? \
+             GROUP BY grp ORDER BY grp"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(time_text(since))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| ReportRow {
+                group: r.get("grp"),
+                requests: r.get("requests"),
+                prompt_tokens: r.get("p"),
+                completion_tokens: r.get("c"),
+                cached_tokens: r.get("ca"),
+                cost_nano_usd: r.get("cost"),
+            })
+            .collect())
+    }
+
     pub async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
@@ -77,6 +252,25 @@ impl SqliteStore {
 
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+fn team_row(r: &sqlx::sqlite::SqliteRow) -> TeamRow {
+    let limit: Option<i64> = r.get("budget_nano_usd");
+    let period: Option<String> = r.get("budget_period");
+    let budget = match (limit, period.as_deref().and_then(Period::parse)) {
+        (Some(limit), Some(period)) => Some(Budget {
+            limit: NanoUsd(u64::try_from(limit).unwrap_or(0)),
+            period,
+        }),
+        _ => None,
+    };
+    let cap: Option<i64> = r.get("max_output_tokens");
+    TeamRow {
+        name: r.get("name"),
+        budget,
+        max_output_tokens: cap.and_then(|c| u64::try_from(c).ok()),
+        created_at: r.get("created_at"),
     }
 }
 

@@ -1,0 +1,140 @@
+//! Virtual keys and the admin token: generation, hashing, and the in-memory
+//! directory every request is checked against (refreshed from the database,
+//! so a key revoked anywhere is refused within a second).
+//!
+//! Never stores or logs a key in the clear; compares secrets in constant time.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::glob::Glob;
+
+/// A newly minted key: the secret (shown once) and what is stored.
+pub struct NewKey {
+    pub id: String,
+    pub secret: String,
+    pub hash: String,
+    pub prefix: String,
+}
+
+fn random_hex(bytes: usize) -> Result<String, String> {
+    let mut buf = vec![0u8; bytes];
+    getrandom::getrandom(&mut buf).map_err(|e| format!("no randomness: {e}"))?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// `tg-` + 256 random bits.
+pub fn generate_key() -> Result<NewKey, String> {
+    let secret = format!("tg-{}", random_hex(32)?);
+    Ok(NewKey {
+        id: format!("key_{}", random_hex(8)?),
+        hash: hash_key(&secret),
+        prefix: secret.chars().take(10).collect(),
+        secret,
+    })
+}
+
+pub fn hash_key(secret: &str) -> String {
+    Sha256::digest(secret.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Constant-time comparison of the presented bearer token with the admin token.
+pub fn admin_token_matches(configured: &str, presented: &str) -> bool {
+    let a = Sha256::digest(configured.as_bytes());
+    let b = Sha256::digest(presented.as_bytes());
+    bool::from(a.ct_eq(&b))
+}
+
+/// The bearer token of an `Authorization` header value.
+pub fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+#[derive(Debug, Clone)]
+pub struct KeyEntry {
+    pub id: String,
+    pub team: String,
+    pub models: Vec<Glob>,
+}
+
+impl KeyEntry {
+    pub fn allows(&self, model: &str) -> bool {
+        self.models.is_empty() || self.models.iter().any(|g| g.matches(model))
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TeamSettings {
+    pub max_output_tokens: Option<u64>,
+}
+
+/// Live keys by hash and team settings, swapped whole on refresh.
+#[derive(Default)]
+pub struct Directory {
+    keys: RwLock<Arc<HashMap<String, KeyEntry>>>,
+    teams: RwLock<Arc<HashMap<String, TeamSettings>>>,
+}
+
+impl Directory {
+    pub fn replace(&self, keys: HashMap<String, KeyEntry>, teams: HashMap<String, TeamSettings>) {
+        if let Ok(mut k) = self.keys.write() {
+            *k = Arc::new(keys);
+        }
+        if let Ok(mut t) = self.teams.write() {
+            *t = Arc::new(teams);
+        }
+    }
+
+    pub fn key(&self, secret: &str) -> Option<KeyEntry> {
+        let hash = hash_key(secret);
+        self.keys.read().ok()?.get(&hash).cloned()
+    }
+
+    /// Forgets a key at once (the periodic refresh would too, within a second).
+    pub fn revoke(&self, id: &str) {
+        if let Ok(mut k) = self.keys.write() {
+            let mut map = (**k).clone();
+            map.retain(|_, e| e.id != id);
+            *k = Arc::new(map);
+        }
+    }
+
+    pub fn team(&self, name: &str) -> Option<TeamSettings> {
+        self.teams.read().ok()?.get(name).cloned()
+    }
+
+    pub fn key_count(&self) -> usize {
+        self.keys.read().map(|k| k.len()).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_long_random_and_hashed() {
+        let a = generate_key().unwrap_or_else(|e| panic!("{e}"));
+        let b = generate_key().unwrap_or_else(|e| panic!("{e}"));
+        assert!(a.secret.starts_with("tg-") && a.secret.len() == 3 + 64);
+        assert_ne!(a.secret, b.secret);
+        assert_eq!(a.hash, hash_key(&a.secret));
+        assert!(!a.hash.contains(&a.secret[3..]));
+    }
+
+    #[test]
+    fn admin_token_comparison() {
+        assert!(admin_token_matches("s3cret", "s3cret"));
+        assert!(!admin_token_matches("s3cret", "s3cre"));
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer  abc "), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+    }
+}

@@ -1,0 +1,388 @@
+//! Team budgets: periods, reservations before forwarding, settlement after.
+//!
+//! Owns the in-memory ledger every request checks. The check is a mutex-held
+//! comparison of integers, never a database round trip; the ledger is loaded
+//! from the database at start (spend survives restarts) and refreshed when
+//! budgets change.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Datelike, Duration, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::pricing::NanoUsd;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Period {
+    Daily,
+    Weekly,
+    Monthly,
+    Total,
+}
+
+impl Period {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::Daily => "daily",
+            Period::Weekly => "weekly",
+            Period::Monthly => "monthly",
+            Period::Total => "total",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Period> {
+        match s {
+            "daily" => Some(Period::Daily),
+            "weekly" => Some(Period::Weekly),
+            "monthly" => Some(Period::Monthly),
+            "total" => Some(Period::Total),
+            _ => None,
+        }
+    }
+
+    /// Start of the calendar period (UTC) containing `now`; weeks start Monday.
+    pub fn start(self, now: DateTime<Utc>) -> DateTime<Utc> {
+        let midnight = |y, m, d| {
+            Utc.with_ymd_and_hms(y, m, d, 0, 0, 0)
+                .single()
+                .unwrap_or(DateTime::<Utc>::MIN_UTC)
+        };
+        let day = midnight(now.year(), now.month(), now.day());
+        match self {
+            Period::Daily => day,
+            Period::Weekly => day - Duration::days(i64::from(now.weekday().num_days_from_monday())),
+            Period::Monthly => midnight(now.year(), now.month(), 1),
+            Period::Total => DateTime::<Utc>::MIN_UTC,
+        }
+    }
+
+    /// Start of the next period after the one starting at `start`.
+    pub fn next(self, start: DateTime<Utc>) -> DateTime<Utc> {
+        match self {
+            Period::Daily => start + Duration::days(1),
+            Period::Weekly => start + Duration::days(7),
+            Period::Monthly => {
+                let (y, m) = if start.month() == 12 {
+                    (start.year() + 1, 1)
+                } else {
+                    (start.year(), start.month() + 1)
+                };
+                Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0)
+                    .single()
+                    .unwrap_or(DateTime::<Utc>::MAX_UTC)
+            }
+            Period::Total => DateTime::<Utc>::MAX_UTC,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    pub limit: NanoUsd,
+    pub period: Period,
+}
+
+/// One team's ledger for its current period.
+#[derive(Debug)]
+struct Account {
+    budget: Budget,
+    period_start: DateTime<Utc>,
+    period_end: DateTime<Utc>,
+    spent: u64,
+    reserved: u64,
+}
+
+impl Account {
+    fn roll(&mut self, now: DateTime<Utc>) {
+        if now >= self.period_end {
+            self.period_start = self.budget.period.start(now);
+            self.period_end = self.budget.period.next(self.period_start);
+            self.spent = 0;
+        }
+    }
+
+    fn remaining(&self) -> u64 {
+        self.budget
+            .limit
+            .0
+            .saturating_sub(self.spent.saturating_add(self.reserved))
+    }
+}
+
+/// A snapshot for gauges and headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BudgetStatus {
+    pub limit: NanoUsd,
+    pub spent: NanoUsd,
+    pub reserved: NanoUsd,
+    pub remaining: NanoUsd,
+}
+
+#[derive(Debug, Default)]
+pub struct Ledger {
+    accounts: Mutex<HashMap<String, Account>>,
+}
+
+/// Why a reservation was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverBudget {
+    pub needed: NanoUsd,
+    pub remaining: NanoUsd,
+}
+
+impl Ledger {
+    pub fn new() -> Arc<Ledger> {
+        Arc::new(Ledger::default())
+    }
+
+    /// Sets (or clears) a team's budget. `spent_in_period` is what the
+    /// database holds for the current period, used when the account is new
+    /// or its period changed.
+    pub fn set_budget(
+        &self,
+        team: &str,
+        budget: Option<Budget>,
+        spent_in_period: impl FnOnce(DateTime<Utc>) -> u64,
+    ) {
+        let Ok(mut accounts) = self.accounts.lock() else {
+            return;
+        };
+        let Some(budget) = budget else {
+            accounts.remove(team);
+            return;
+        };
+        let now = Utc::now();
+        match accounts.get_mut(team) {
+            Some(acc) if acc.budget.period == budget.period => acc.budget = budget,
+            _ => {
+                let start = budget.period.start(now);
+                let reserved = accounts.get(team).map_or(0, |a| a.reserved);
+                accounts.insert(
+                    team.to_string(),
+                    Account {
+                        budget,
+                        period_start: start,
+                        period_end: budget.period.next(start),
+                        spent: spent_in_period(start),
+                        reserved,
+                    },
+                );
+            }
+        }
+    }
+
+    /// True when the team's account exists for this budget's period kind and
+    /// the current period (so its spend needs no reload).
+    pub fn is_current(&self, team: &str, budget: Budget) -> bool {
+        let now = Utc::now();
+        self.accounts
+            .lock()
+            .map(|a| {
+                a.get(team)
+                    .is_some_and(|acc| acc.budget.period == budget.period && now < acc.period_end)
+            })
+            .unwrap_or(false)
+    }
+
+    pub fn has_budget(&self, team: &str) -> bool {
+        self.accounts
+            .lock()
+            .map(|a| a.contains_key(team))
+            .unwrap_or(false)
+    }
+
+    /// Period start of a team's budget, when it has one.
+    pub fn period_start(&self, team: &str) -> Option<DateTime<Utc>> {
+        self.accounts.lock().ok()?.get(team).map(|a| a.period_start)
+    }
+
+    /// Reserves `amount` for a request, or refuses when spent + reserved +
+    /// amount would pass the limit. Teams without a budget always pass.
+    pub fn reserve(
+        self: &Arc<Self>,
+        team: &str,
+        amount: NanoUsd,
+    ) -> Result<Option<Reservation>, OverBudget> {
+        let Ok(mut accounts) = self.accounts.lock() else {
+            return Ok(None);
+        };
+        let Some(acc) = accounts.get_mut(team) else {
+            return Ok(None);
+        };
+        acc.roll(Utc::now());
+        let remaining = acc.remaining();
+        if amount.0 > remaining {
+            return Err(OverBudget {
+                needed: amount,
+                remaining: NanoUsd(remaining),
+            });
+        }
+        acc.reserved += amount.0;
+        Ok(Some(Reservation {
+            ledger: self.clone(),
+            team: team.to_string(),
+            amount: amount.0,
+        }))
+    }
+
+    pub fn status(&self, team: &str) -> Option<BudgetStatus> {
+        let mut accounts = self.accounts.lock().ok()?;
+        let acc = accounts.get_mut(team)?;
+        acc.roll(Utc::now());
+        Some(BudgetStatus {
+            limit: acc.budget.limit,
+            spent: NanoUsd(acc.spent),
+            reserved: NanoUsd(acc.reserved),
+            remaining: NanoUsd(acc.remaining()),
+        })
+    }
+
+    pub fn all(&self) -> Vec<(String, BudgetStatus)> {
+        let Ok(mut accounts) = self.accounts.lock() else {
+            return Vec::new();
+        };
+        let now = Utc::now();
+        let mut out: Vec<_> = accounts
+            .iter_mut()
+            .map(|(team, acc)| {
+                acc.roll(now);
+                (
+                    team.clone(),
+                    BudgetStatus {
+                        limit: acc.budget.limit,
+                        spent: NanoUsd(acc.spent),
+                        reserved: NanoUsd(acc.reserved),
+                        remaining: NanoUsd(acc.remaining()),
+                    },
+                )
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    fn release(&self, team: &str, reserved: u64, actual: u64) {
+        if let Ok(mut accounts) = self.accounts.lock() {
+            if let Some(acc) = accounts.get_mut(team) {
+                acc.reserved = acc.reserved.saturating_sub(reserved);
+                acc.roll(Utc::now());
+                acc.spent = acc.spent.saturating_add(actual);
+            }
+        }
+    }
+}
+
+/// Money held for one in-flight request. Settling records the actual cost
+/// and frees the rest; dropping it unsettled frees it all.
+#[derive(Debug)]
+pub struct Reservation {
+    ledger: Arc<Ledger>,
+    team: String,
+    amount: u64,
+}
+
+impl Reservation {
+    pub fn amount(&self) -> NanoUsd {
+        NanoUsd(self.amount)
+    }
+
+    pub fn settle(mut self, actual: NanoUsd) {
+        if actual.0 > self.amount {
+            tracing::warn!(
+                team = %self.team,
+                reserved = self.amount,
+                actual = actual.0,
+                "actual cost exceeded the reservation"
+            );
+        }
+        self.ledger.release(&self.team, self.amount, actual.0);
+        self.amount = 0;
+        self.team.clear();
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.team.is_empty() {
+            self.ledger.release(&self.team, self.amount, 0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s)
+            .map(|d| d.with_timezone(&Utc))
+            .unwrap_or(DateTime::<Utc>::MIN_UTC)
+    }
+
+    #[test]
+    fn calendar_periods_in_utc() {
+        let now = at("2026-11-26T15:04:05Z"); // a Thursday
+        assert_eq!(Period::Daily.start(now), at("2026-11-26T00:00:00Z"));
+        assert_eq!(Period::Weekly.start(now), at("2026-11-23T00:00:00Z"));
+        assert_eq!(Period::Monthly.start(now), at("2026-11-01T00:00:00Z"));
+        assert_eq!(
+            Period::Monthly.next(at("2026-12-01T00:00:00Z")),
+            at("2027-01-01T00:00:00Z")
+        );
+        assert!(Period::Total.start(now) < at("1970-01-01T00:00:00Z"));
+    }
+
+    #[test]
+    fn reservations_never_let_spend_pass_the_limit() {
+        let ledger = Ledger::new();
+        let budget = Budget {
+            limit: NanoUsd(1000),
+            period: Period::Total,
+        };
+        ledger.set_budget("t", Some(budget), |_| 100);
+        let a = ledger.reserve("t", NanoUsd(600)).ok().flatten();
+        assert!(a.is_some());
+        assert_eq!(
+            ledger.reserve("t", NanoUsd(301)).err(),
+            Some(OverBudget {
+                needed: NanoUsd(301),
+                remaining: NanoUsd(300)
+            })
+        );
+        if let Some(a) = a {
+            a.settle(NanoUsd(200));
+        }
+        let s = ledger.status("t");
+        assert_eq!(
+            s.map(|s| (s.spent, s.reserved, s.remaining)),
+            Some((NanoUsd(300), NanoUsd(0), NanoUsd(700)))
+        );
+        // dropped unsettled: released, nothing spent
+        drop(ledger.reserve("t", NanoUsd(700)));
+        assert_eq!(ledger.status("t").map(|s| s.remaining), Some(NanoUsd(700)));
+        // no budget: always allowed, no reservation
+        assert!(matches!(
+            ledger.reserve("other", NanoUsd(u64::MAX)),
+            Ok(None)
+        ));
+    }
+
+    #[test]
+    fn period_rollover_resets_spend() {
+        let ledger = Ledger::new();
+        let budget = Budget {
+            limit: NanoUsd(1000),
+            period: Period::Daily,
+        };
+        ledger.set_budget("t", Some(budget), |_| 900);
+        if let Ok(mut accounts) = ledger.accounts.lock() {
+            if let Some(acc) = accounts.get_mut("t") {
+                acc.period_start -= Duration::days(1);
+                acc.period_end -= Duration::days(1);
+            }
+        }
+        assert_eq!(ledger.status("t").map(|s| s.spent), Some(NanoUsd(0)));
+    }
+}

@@ -1,0 +1,238 @@
+//! Teams, keys and reports as the CLI and the admin API manage them: one
+//! implementation of each operation, one JSON shape for each object.
+
+use chrono::{DateTime, Duration, NaiveDate, Utc};
+use serde_json::{json, Value};
+
+use crate::auth;
+use crate::budget::{Budget, BudgetStatus, Period};
+use crate::glob::Glob;
+use crate::pricing::money::decimal_scaled;
+use crate::pricing::NanoUsd;
+use crate::store::{now_text, KeyRow, ReportBy, ReportRow, Store, StoreError, TeamRow};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManageError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// USD as typed by a person ("12.5") to exact nano-USD.
+pub fn parse_usd(text: &str) -> Result<NanoUsd, ManageError> {
+    decimal_scaled(text, 9)
+        .ok()
+        .and_then(|v| u64::try_from(v).ok())
+        .map(NanoUsd)
+        .ok_or_else(|| ManageError::Invalid(format!("`{text}` is not a USD amount")))
+}
+
+pub fn budget_from(
+    usd: Option<&str>,
+    period: Option<Period>,
+) -> Result<Option<Budget>, ManageError> {
+    match (usd, period) {
+        (None, None) => Ok(None),
+        (None, Some(_)) => Err(ManageError::Invalid("a period needs --budget-usd".into())),
+        (Some(usd), period) => Ok(Some(Budget {
+            limit: parse_usd(usd)?,
+            period: period.unwrap_or(Period::Monthly),
+        })),
+    }
+}
+
+pub fn valid_team_name(name: &str) -> Result<(), ManageError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ManageError::Invalid(format!(
+            "team name `{name}`: use 1-64 letters, digits, '-', '_' or '.'"
+        )))
+    }
+}
+
+pub fn team_json(t: &TeamRow, status: Option<BudgetStatus>) -> Value {
+    json!({
+        "name": t.name,
+        "budget_usd": t.budget.map(|b| b.limit.to_string()),
+        "period": t.budget.map(|b| b.period.as_str()),
+        "max_output_tokens": t.max_output_tokens,
+        "spent_usd": status.map(|s| s.spent.to_string()),
+        "reserved_usd": status.map(|s| s.reserved.to_string()),
+        "remaining_usd": status.map(|s| s.remaining.to_string()),
+        "created_at": t.created_at,
+    })
+}
+
+pub fn key_json(k: &KeyRow) -> Value {
+    json!({
+        "id": k.id,
+        "team": k.team,
+        "name": k.name,
+        "prefix": k.prefix,
+        "models": k.models,
+        "created_at": k.created_at,
+        "revoked_at": k.revoked_at,
+    })
+}
+
+/// Creates a key; the secret is returned once and never stored.
+pub async fn create_key(
+    store: &Store,
+    team: &str,
+    name: Option<String>,
+    models: Vec<String>,
+) -> Result<(KeyRow, String), ManageError> {
+    for m in &models {
+        if m.is_empty() || m.contains(',') {
+            return Err(ManageError::Invalid(format!(
+                "model glob `{m}` is empty or has a comma"
+            )));
+        }
+        let _ = Glob::new(m);
+    }
+    let new = auth::generate_key().map_err(ManageError::Invalid)?;
+    let row = KeyRow {
+        id: new.id,
+        team: team.to_string(),
+        name,
+        hash: new.hash,
+        prefix: new.prefix,
+        models,
+        created_at: now_text(),
+        revoked_at: None,
+    };
+    store.insert_key(&row).await?;
+    Ok((row, new.secret))
+}
+
+/// `24h`, `7d`, `30m`, a date (`2026-11-01`) or an RFC 3339 time.
+pub fn parse_since(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, ManageError> {
+    let bad = || {
+        ManageError::Invalid(format!(
+            "--since `{text}`: use 24h, 7d, 30m, or a date like 2026-11-01"
+        ))
+    };
+    if let Some(unit) = text.chars().last().filter(|c| c.is_ascii_alphabetic()) {
+        let n: i64 = text[..text.len() - 1].parse().map_err(|_| bad())?;
+        let d = match unit {
+            'm' => Duration::minutes(n),
+            'h' => Duration::hours(n),
+            'd' => Duration::days(n),
+            'w' => Duration::weeks(n),
+            _ => return Err(bad()),
+        };
+        return Ok(now - d);
+    }
+    if let Ok(date) = NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        return date
+            .and_hms_opt(0, 0, 0)
+            .map(|t| t.and_utc())
+            .ok_or_else(bad);
+    }
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|_| bad())
+}
+
+pub fn report_json(by: ReportBy, rows: &[ReportRow]) -> Value {
+    let total: i64 = rows.iter().map(|r| r.cost_nano_usd).sum();
+    json!({
+        "by": format!("{by:?}").to_lowercase(),
+        "rows": rows.iter().map(|r| json!({
+            "group": r.group,
+            "requests": r.requests,
+            "prompt_tokens": r.prompt_tokens,
+            "completion_tokens": r.completion_tokens,
+            "cached_tokens": r.cached_tokens,
+            "cost_nano_usd": r.cost_nano_usd,
+            "cost_usd": NanoUsd(u64::try_from(r.cost_nano_usd).unwrap_or(0)).to_string(),
+        })).collect::<Vec<_>>(),
+        "total_cost_nano_usd": total,
+        "total_cost_usd": NanoUsd(u64::try_from(total).unwrap_or(0)).to_string(),
+    })
+}
+
+pub fn report_text(rows: &[ReportRow], csv: bool) -> String {
+    let mut out = String::new();
+    if csv {
+        out.push_str("group,requests,prompt_tokens,completion_tokens,cached_tokens,cost_usd\n");
+        for r in rows {
+            let cost = NanoUsd(u64::try_from(r.cost_nano_usd).unwrap_or(0));
+            let group = if r.group.contains([',', '"']) {
+                format!("\"{}\"", r.group.replace('"', "\"\""))
+            } else {
+                r.group.clone()
+            };
+            out.push_str(&format!(
+                "{group},{},{},{},{},{cost}\n",
+                r.requests, r.prompt_tokens, r.completion_tokens, r.cached_tokens
+            ));
+        }
+        return out;
+    }
+    out.push_str(&format!(
+        "{:<40} {:>9} {:>12} {:>12} {:>10} {:>16}\n",
+        "group", "requests", "prompt", "completion", "cached", "cost_usd"
+    ));
+    let mut total = 0u64;
+    for r in rows {
+        let cost = u64::try_from(r.cost_nano_usd).unwrap_or(0);
+        total += cost;
+        out.push_str(&format!(
+            "{:<40} {:>9} {:>12} {:>12} {:>10} {:>16}\n",
+            r.group,
+            r.requests,
+            r.prompt_tokens,
+            r.completion_tokens,
+            r.cached_tokens,
+            NanoUsd(cost)
+        ));
+    }
+    out.push_str(&format!(
+        "{:<40} {:>9} {:>12} {:>12} {:>10} {:>16}\n",
+        "total",
+        "",
+        "",
+        "",
+        "",
+        NanoUsd(total)
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usd_amounts_are_exact() {
+        assert_eq!(parse_usd("12.5").ok(), Some(NanoUsd(12_500_000_000)));
+        assert_eq!(parse_usd("0.000000001").ok(), Some(NanoUsd(1)));
+        assert!(parse_usd("-1").is_err());
+        assert!(parse_usd("ten").is_err());
+    }
+
+    #[test]
+    fn since_forms() {
+        let now = DateTime::parse_from_rfc3339("2026-11-24T12:00:00Z")
+            .map(|t| t.with_timezone(&Utc))
+            .unwrap_or_default();
+        assert_eq!(
+            parse_since("24h", now).ok(),
+            Some(now - Duration::hours(24))
+        );
+        assert_eq!(parse_since("7d", now).ok(), Some(now - Duration::days(7)));
+        assert_eq!(
+            parse_since("2026-11-01", now).ok().map(|t| t.to_rfc3339()),
+            Some("2026-11-01T00:00:00+00:00".to_string())
+        );
+        assert!(parse_since("yesterday", now).is_err());
+    }
+}
