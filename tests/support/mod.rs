@@ -101,6 +101,31 @@ impl Tollgate {
         }
     }
 
+    /// Runs a `tollgate` subcommand against this server's config and database.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(self.dir.path().join("tollgate.toml"))
+            .env("TOLLGATE_LOG", "warn")
+            .env_remove("TOLLGATE_DATABASE_URL")
+            .output()
+            .unwrap_or_else(|e| panic!("run tollgate {args:?}: {e}"))
+    }
+
+    /// Stops this server (SIGTERM) and starts a new one on the same config and database.
+    pub async fn restart(mut self) -> Tollgate {
+        let code = self.terminate();
+        assert_eq!(code, Some(0));
+        let config =
+            std::fs::read_to_string(self.dir.path().join("tollgate.toml")).unwrap_or_default();
+        let dir = std::mem::replace(
+            &mut self.dir,
+            tempfile::tempdir().unwrap_or_else(|e| panic!("{e}")),
+        );
+        Tollgate::start_with_config(dir, &config).await
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
