@@ -1,6 +1,8 @@
 //! Added latency of a non-streaming chat request through tollgate versus
 //! straight to the same mock upstream, measured side by side in one run:
-//! requests alternate between the two paths so both see the same machine.
+//! requests alternate between three paths so all see the same machine:
+//! direct, tollgate with a key of a team without a budget, and tollgate with
+//! a key of a budgeted team (reservation + settlement on the path).
 //!
 //!     cargo build --release && cargo run --release --example added_latency -- 1000
 //!
@@ -27,13 +29,40 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mock = mock::MockUpstream::start().await;
     let dir = tempfile::tempdir()?;
     let config = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[database]\nurl = \"sqlite://{}\"\n[[upstreams]]\nname = \"mock\"\nbase_url = \"{}\"\n",
+        "[server]\nlisten = \"127.0.0.1:0\"\n[auth]\nmode = \"virtual-keys\"\n[database]\nurl = \"sqlite://{}\"\n[[upstreams]]\nname = \"mock\"\nbase_url = \"{}\"\n",
         dir.path().join("bench.db").display(),
         mock.base_url()
     );
     let config_path = dir.path().join("tollgate.toml");
     std::fs::write(&config_path, config)?;
     let bin = std::env::var("TOLLGATE_BIN").unwrap_or_else(|_| "target/release/tollgate".into());
+    let cli = |args: &[&str]| -> Result<String, Box<dyn std::error::Error>> {
+        let out = Command::new(&bin)
+            .args(args)
+            .arg("--config")
+            .arg(&config_path)
+            .output()?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).to_string().into());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string())
+    };
+    cli(&["teams", "create", "free"])?;
+    cli(&[
+        "teams",
+        "create",
+        "budgeted",
+        "--budget-usd",
+        "1000000",
+        "--period",
+        "monthly",
+    ])?;
+    let free_key = cli(&["keys", "create", "--team", "free"])?;
+    let budget_key = cli(&["keys", "create", "--team", "budgeted"])?;
     let mut child = Command::new(&bin)
         .args(["serve", "--config"])
         .arg(&config_path)
@@ -56,11 +85,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let body = serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}]});
     let direct_url = format!("{}/chat/completions", mock.base_url());
     let proxy_url = format!("http://{addr}/v1/chat/completions");
-    let send = |url: String| {
+    let send = |url: String, key: String| {
         let (client, body) = (client.clone(), body.clone());
         async move {
             let t = Instant::now();
-            let r = client.post(url).json(&body).send().await?;
+            let r = client.post(url).bearer_auth(key).json(&body).send().await?;
             let status = r.status();
             r.bytes().await?;
             if !status.is_success() {
@@ -69,34 +98,46 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Ok::<_, Box<dyn std::error::Error>>(t.elapsed())
         }
     };
-    // Warm up both paths (connection pools, tokenizer, SQLite).
+    // Warm up every path (connection pools, key refresh, SQLite).
+    std::thread::sleep(Duration::from_millis(600));
     for _ in 0..100 {
-        send(direct_url.clone()).await?;
-        send(proxy_url.clone()).await?;
+        send(direct_url.clone(), String::new()).await?;
+        send(proxy_url.clone(), free_key.clone()).await?;
+        send(proxy_url.clone(), budget_key.clone()).await?;
     }
-    let (mut direct, mut proxied) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let mut paths = [
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    ];
     for _ in 0..n {
-        direct.push(send(direct_url.clone()).await?);
-        proxied.push(send(proxy_url.clone()).await?);
+        paths[0].push(send(direct_url.clone(), String::new()).await?);
+        paths[1].push(send(proxy_url.clone(), free_key.clone()).await?);
+        paths[2].push(send(proxy_url.clone(), budget_key.clone()).await?);
     }
-    direct.sort();
-    proxied.sort();
+    for p in paths.iter_mut() {
+        p.sort();
+    }
     let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let p50 = |p: &[Duration]| us(percentile(p, 0.5));
+    let p99 = |p: &[Duration]| us(percentile(p, 0.99));
     println!("requests per path: {n} (sequential, alternating)");
+    for (name, p) in [
+        ("direct", &paths[0]),
+        ("tollgate, no budget", &paths[1]),
+        ("tollgate, budgeted", &paths[2]),
+    ] {
+        println!("{name:<22} p50 {:8.1} us  p99 {:8.1} us", p50(p), p99(p));
+    }
     println!(
-        "direct   p50 {:8.1} us  p99 {:8.1} us",
-        us(percentile(&direct, 0.5)),
-        us(percentile(&direct, 0.99))
+        "added by tollgate      p50 {:8.1} us  p99 {:8.1} us",
+        p50(&paths[1]) - p50(&paths[0]),
+        p99(&paths[1]) - p99(&paths[0])
     );
     println!(
-        "tollgate p50 {:8.1} us  p99 {:8.1} us",
-        us(percentile(&proxied, 0.5)),
-        us(percentile(&proxied, 0.99))
-    );
-    println!(
-        "added    p50 {:8.1} us  p99 {:8.1} us",
-        us(percentile(&proxied, 0.5)) - us(percentile(&direct, 0.5)),
-        us(percentile(&proxied, 0.99)) - us(percentile(&direct, 0.99))
+        "added by budget check  p50 {:8.1} us  p99 {:8.1} us",
+        p50(&paths[2]) - p50(&paths[1]),
+        p99(&paths[2]) - p99(&paths[1])
     );
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -312,16 +312,19 @@ async fn concurrent_requests_never_overspend_the_budget() {
     let body = json!({"model": "gpt-4o", "max_tokens": 5, "messages": [{"role": "user", "content": "hello world"}]});
     let c = client();
     let mut tasks = Vec::new();
-    for _ in 0..240 {
+    for i in 0..240 {
         let (c, url, key, body) = (
             c.clone(),
             tg.url("/v1/chat/completions"),
             key.clone(),
             body.clone(),
         );
+        // Every tenth request fails upstream: its reservation must be released too.
+        let fail = if i % 10 == 0 { "500" } else { "none" };
         tasks.push(tokio::spawn(async move {
             c.post(url)
                 .bearer_auth(key)
+                .header("x-mock-status", fail)
                 .header("x-mock-prompt-tokens", "9")
                 .header("x-mock-delay-ms", "20")
                 .json(&body)
@@ -331,23 +334,23 @@ async fn concurrent_requests_never_overspend_the_budget() {
                 .unwrap_or(0)
         }));
     }
-    let mut admitted = 0;
-    let mut rejected = 0;
+    let (mut admitted, mut failed, mut rejected) = (0, 0, 0);
     for t in tasks {
         match t.await.unwrap_or(0) {
             200 => admitted += 1,
+            500 => failed += 1,
             429 => rejected += 1,
             other => panic!("unexpected status {other}"),
         }
     }
-    assert_eq!(admitted + rejected, 240);
+    assert_eq!(admitted + failed + rejected, 240);
     assert!(
         admitted > 0 && rejected > 0,
         "admitted {admitted}, rejected {rejected}"
     );
     assert_eq!(
         mock.request_count() - probes,
-        admitted,
+        admitted + failed,
         "rejected requests reached the upstream"
     );
 
@@ -373,7 +376,10 @@ async fn concurrent_requests_never_overspend_the_budget() {
         metric(&m, "tollgate_budget_rejections_total", &[("team", "tight")]),
         Some(rejected as f64)
     );
-    println!("fired 240, admitted {admitted}, rejected {rejected}, spent {spent} of {budget_nano} nano-USD");
+    println!(
+        "fired 240, admitted {} ({admitted} ok, {failed} upstream 500), rejected {rejected}, spent {spent} of {budget_nano} nano-USD",
+        admitted + failed
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
