@@ -508,15 +508,7 @@ async fn estimate_non_stream(ctx: &RequestCtx, request: &Bytes, response: &Bytes
         let texts = serde_json::from_slice::<serde_json::Value>(&response)
             .map(|v| crate::usage::estimate::response_texts(endpoint, &v))
             .unwrap_or_default();
-        let prompt = serde_json::from_slice::<serde_json::Value>(&request)
-            .map(|v| crate::usage::estimate::prompt_tokens(endpoint, encoding, &v))
-            .unwrap_or(0);
-        Usage {
-            prompt_tokens: prompt,
-            completion_tokens: crate::usage::estimate::completion_tokens(encoding, &texts),
-            cached_tokens: 0,
-            source: TokenSource::Estimated,
-        }
+        crate::usage::estimate::estimate_usage(endpoint, encoding, &request, &texts)
     });
     match task.await {
         Ok(usage) => usage,

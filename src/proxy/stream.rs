@@ -16,7 +16,7 @@ use tokio::time::Sleep;
 use super::settle::{settle, RequestCtx};
 use crate::app::AppState;
 use crate::usage::sse::{SseMeter, StreamSummary};
-use crate::usage::{estimate, TokenSource, Usage};
+use crate::usage::{estimate, Usage};
 
 /// nginx's "client closed request": the status recorded for a disconnect.
 pub const STATUS_CLIENT_CLOSED: u16 = 499;
@@ -58,15 +58,7 @@ pub fn estimated_usage(ctx: &RequestCtx, request_body: &[u8], texts: &[String]) 
         .resolved
         .as_ref()
         .map_or(crate::usage::Encoding::O200kBase, |r| r.encoding());
-    let prompt = serde_json::from_slice::<serde_json::Value>(request_body)
-        .map(|v| estimate::prompt_tokens(ctx.endpoint, encoding, &v))
-        .unwrap_or(0);
-    Usage {
-        prompt_tokens: prompt,
-        completion_tokens: estimate::completion_tokens(encoding, texts),
-        cached_tokens: 0,
-        source: TokenSource::Estimated,
-    }
+    estimate::estimate_usage(ctx.endpoint, encoding, request_body, texts)
 }
 
 pub struct MeteredStream {

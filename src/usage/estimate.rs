@@ -168,6 +168,25 @@ fn responses_prompt_tokens(enc: Encoding, request: &Value) -> u64 {
     total
 }
 
+/// The estimated usage of a request whose upstream reported none: prompt
+/// tokens from the request body, completion tokens from the generated texts.
+pub fn estimate_usage(
+    endpoint: Endpoint,
+    enc: Encoding,
+    request_body: &[u8],
+    texts: &[String],
+) -> super::Usage {
+    let prompt = serde_json::from_slice::<Value>(request_body)
+        .map(|v| prompt_tokens(endpoint, enc, &v))
+        .unwrap_or(0);
+    super::Usage {
+        prompt_tokens: prompt,
+        completion_tokens: completion_tokens(enc, texts),
+        cached_tokens: 0,
+        source: super::TokenSource::Estimated,
+    }
+}
+
 /// Completion tokens of generated texts (one per choice), counted per choice.
 pub fn completion_tokens(enc: Encoding, texts: &[String]) -> u64 {
     texts.iter().map(|t| enc.count(t)).sum()
