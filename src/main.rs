@@ -31,6 +31,12 @@ enum Command {
     Serve,
     /// Apply database migrations and exit.
     Migrate,
+    /// Exit 0 when the server of this config answers /healthz (for container health checks).
+    Healthcheck {
+        /// Base URL to check instead of the configured listen address.
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Inspect, validate or import the model catalog.
     Catalog {
         #[command(subcommand)]
@@ -189,6 +195,33 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
             eprintln!("migrations applied to {}", config.database.url);
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Healthcheck { url } => {
+            let base = url.unwrap_or_else(|| {
+                let listen = config
+                    .server
+                    .listen
+                    .replace("0.0.0.0", "127.0.0.1")
+                    .replace("[::]", "[::1]");
+                format!("http://{listen}")
+            });
+            let ok = runtime()?.block_on(async {
+                let client = reqwest::Client::builder()
+                    .timeout(std::time::Duration::from_secs(3))
+                    .build()?;
+                let resp = client
+                    .get(format!("{}/healthz", base.trim_end_matches('/')))
+                    .send()
+                    .await?;
+                anyhow::Ok(resp.status().is_success())
+            })?;
+            if ok {
+                println!("healthy");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                println!("unhealthy");
+                Ok(ExitCode::FAILURE)
+            }
         }
         Command::Catalog { command } => catalog(command, &config),
         Command::Teams { command } => runtime()?.block_on(teams(command, &config)),

@@ -103,6 +103,12 @@ async fn health_and_readiness() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(r.status(), 200);
+    // The container health check command (the Dockerfile's HEALTHCHECK).
+    let url = format!("http://{}", tg.addr);
+    let out = Command::new(BIN).args(["healthcheck", "--url", &url]).output().unwrap_or_else(|e| panic!("{e}"));
+    assert!(out.status.success());
+    let out = Command::new(BIN).args(["healthcheck", "--url", "http://127.0.0.1:9"]).output().unwrap_or_else(|e| panic!("{e}"));
+    assert!(!out.status.success());
     let m = tg.metrics().await;
     for name in [
         "tollgate_usage_write_queue_depth",
