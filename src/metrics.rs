@@ -316,6 +316,8 @@ impl Metrics {
             g.reset();
         }
         for (team, s) in budgets {
+            // Born at 0, so the first rejection is an increase alerts can see.
+            self.budget_rejections.with_label_values(&[team]).inc_by(0);
             self.budget_limit
                 .with_label_values(&[team])
                 .set(s.limit.as_usd_f64());

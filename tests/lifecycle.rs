@@ -105,9 +105,15 @@ async fn health_and_readiness() {
     assert_eq!(r.status(), 200);
     // The container health check command (the Dockerfile's HEALTHCHECK).
     let url = format!("http://{}", tg.addr);
-    let out = Command::new(BIN).args(["healthcheck", "--url", &url]).output().unwrap_or_else(|e| panic!("{e}"));
+    let out = Command::new(BIN)
+        .args(["healthcheck", "--url", &url])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(out.status.success());
-    let out = Command::new(BIN).args(["healthcheck", "--url", "http://127.0.0.1:9"]).output().unwrap_or_else(|e| panic!("{e}"));
+    let out = Command::new(BIN)
+        .args(["healthcheck", "--url", "http://127.0.0.1:9"])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(!out.status.success());
     let m = tg.metrics().await;
     for name in [
