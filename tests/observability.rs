@@ -305,7 +305,6 @@ async fn prometheus_scrapes_and_every_dashboard_and_alert_query_works() {
             .get(format!("{api}/api/v1/rules"))
             .send()
             .await
-            .map(|r| r)
             .unwrap_or_else(|e| panic!("{e}"))
             .json()
             .await
