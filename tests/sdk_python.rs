@@ -1,14 +1,15 @@
-//! End to end with the official `openai` Python SDK as the client.
-//! `.ci/run` installs it into `.venv`; `TOLLGATE_TEST_PYTHON` may name
-//! another interpreter. Skips locally (with a notice) when neither exists;
-//! in CI it must run.
+//! End to end with the official `openai` Python SDK as the client (sync and
+//! async, streaming and not, embeddings, raw responses, its exception classes).
+//! `.ci/run` installs it into `.venv`; `TOLLGATE_TEST_PYTHON` may name another
+//! interpreter. Skips locally (with a notice) when neither exists; in CI it
+//! must run.
 
 mod support;
 
 use std::path::PathBuf;
 use std::process::Command;
 
-use support::{MockUpstream, Tollgate};
+use support::{start_for_sdks, MockUpstream};
 
 fn python() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("TOLLGATE_TEST_PYTHON") {
@@ -21,23 +22,22 @@ fn python() -> Option<PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn official_python_sdk_works_unchanged() {
     let Some(python) = python() else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must provide the openai SDK venv"
-        );
-        eprintln!(
-            "skipped: no .venv with the openai SDK (run .ci/run once, or set TOLLGATE_TEST_PYTHON)"
-        );
+        assert!(std::env::var_os("CI").is_none(), "CI must provide the openai SDK venv");
+        eprintln!("skipped: no .venv with the openai SDK (run .ci/run once, or set TOLLGATE_TEST_PYTHON)");
         return;
     };
     let mock = MockUpstream::start().await;
-    let tg = Tollgate::start(&mock, "").await;
+    let (tg, keys) = start_for_sdks(&mock).await;
+    let before = tg.wait_rows(1).await.len(); // the key probe
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/openai_sdk.py");
     let base = tg.url("/v1");
     let out = tokio::task::spawn_blocking(move || {
         Command::new(python)
             .arg(script)
             .env("TOLLGATE_BASE_URL", base)
+            .env("TG_KEY", keys.key)
+            .env("TG_KEY_RESTRICTED", keys.restricted)
+            .env("TG_KEY_BROKE", keys.broke)
             .output()
     })
     .await
@@ -45,19 +45,16 @@ async fn official_python_sdk_works_unchanged() {
     .unwrap_or_else(|e| panic!("run python: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     println!("{stdout}");
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains("8 passed, 0 failed"), "{stdout}");
-    // Every SDK call left exactly one usage row (the client-side 400 included).
-    let rows = tg.wait_rows(8).await;
-    let statuses: Vec<i64> = rows.iter().map(|r| r.status).collect();
-    assert_eq!(statuses, vec![200, 200, 200, 200, 429, 400, 200, 200]);
-    // The SDK's own key was passed through untouched.
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("11 passed, 0 failed"), "{stdout}");
+    // Every attributed SDK call left exactly one usage row (the unknown key's
+    // 401 is attributed to no team and leaves none).
+    let rows = tg.wait_rows(before + 10).await;
+    let statuses: Vec<i64> = rows[before..].iter().map(|r| r.status).collect();
+    assert_eq!(statuses, vec![200, 200, 200, 200, 429, 400, 200, 200, 403, 429]);
+    // The tollgate key never went upstream; the upstream's own key did.
     assert!(mock
         .requests()
         .iter()
-        .all(|r| r.header("authorization").as_deref() == Some("Bearer sk-client-key")));
+        .all(|r| r.header("authorization").as_deref() == Some("Bearer sk-upstream-secret")));
 }

@@ -24,7 +24,7 @@ def check(name, fn):
         print(f"FAIL {name}: {type(e).__name__}: {e}")
 
 
-client = openai.OpenAI(base_url=BASE, api_key="sk-client-key", max_retries=0)
+client = openai.OpenAI(base_url=BASE, api_key=os.environ["TG_KEY"], max_retries=0)
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 
 
@@ -36,6 +36,7 @@ def chat_non_stream():
     )
     assert raw.headers["x-tollgate-cost-usd"] == "0.000450000", raw.headers
     assert raw.headers["x-tollgate-request-id"].startswith("req_")
+    assert float(raw.headers["x-tollgate-budget-remaining-usd"]) < 10
     completion = raw.parse()
     assert completion.choices[0].message.content == "Hello from the mock"
     assert completion.usage.prompt_tokens == 1000
@@ -92,7 +93,7 @@ def models_list():
 
 def async_stream():
     async def run():
-        aclient = openai.AsyncOpenAI(base_url=BASE, api_key="sk-client-key", max_retries=0)
+        aclient = openai.AsyncOpenAI(base_url=BASE, api_key=os.environ["TG_KEY"], max_retries=0)
         stream = await aclient.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
         text = ""
         async for chunk in stream:
@@ -104,6 +105,36 @@ def async_stream():
     assert asyncio.run(run()) == "Hello from the mock"
 
 
+def unknown_key_is_authentication_error():
+    bad = openai.OpenAI(base_url=BASE, api_key="tg-not-a-real-key", max_retries=0)
+    try:
+        bad.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    except openai.AuthenticationError as e:
+        assert e.status_code == 401 and e.code == "invalid_api_key", e.body
+        return
+    raise AssertionError("no AuthenticationError")
+
+
+def restricted_model_is_permission_denied():
+    restricted = openai.OpenAI(base_url=BASE, api_key=os.environ["TG_KEY_RESTRICTED"], max_retries=0)
+    try:
+        restricted.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    except openai.PermissionDeniedError as e:
+        assert e.status_code == 403 and e.code == "model_not_allowed", e.body
+        return
+    raise AssertionError("no PermissionDeniedError")
+
+
+def budget_is_rate_limit_error():
+    broke = openai.OpenAI(base_url=BASE, api_key=os.environ["TG_KEY_BROKE"], max_retries=0)
+    try:
+        broke.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    except openai.RateLimitError as e:
+        assert e.status_code == 429 and e.code == "budget_exceeded", e.body
+        return
+    raise AssertionError("no RateLimitError for the budget")
+
+
 for name, fn in [
     ("chat_non_stream", chat_non_stream),
     ("chat_stream_hides_usage", chat_stream_hides_usage),
@@ -113,6 +144,9 @@ for name, fn in [
     ("bad_request_is_the_sdk_exception", bad_request_is_the_sdk_exception),
     ("models_list", models_list),
     ("async_stream", async_stream),
+    ("unknown_key_is_authentication_error", unknown_key_is_authentication_error),
+    ("restricted_model_is_permission_denied", restricted_model_is_permission_denied),
+    ("budget_is_rate_limit_error", budget_is_rate_limit_error),
 ]:
     check(name, fn)
 

@@ -284,3 +284,47 @@ pub fn chat_body(model: &str) -> serde_json::Value {
         "messages": [{"role": "user", "content": "Say hello"}],
     })
 }
+
+/// Keys made by the CLI for the SDK end-to-end tests.
+pub struct SdkKeys {
+    /// Team `app` ($10 monthly), every model.
+    pub key: String,
+    /// Team `app`, `gpt-4o-mini*` only.
+    pub restricted: String,
+    /// Team `broke`, whose budget ($0.000001) covers no request.
+    pub broke: String,
+}
+
+/// A tollgate in `virtual-keys` mode with teams and keys for SDK clients.
+pub async fn start_for_sdks(mock: &MockUpstream) -> (Tollgate, SdkKeys) {
+    let tg = Tollgate::start(mock, "[auth]\nmode = \"virtual-keys\"\n").await;
+    let run = |args: &[&str]| {
+        let out = tg.cli(args);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().to_string()
+    };
+    run(&["teams", "create", "app", "--budget-usd", "10", "--period", "monthly"]);
+    run(&["teams", "create", "broke", "--budget-usd", "0.000001", "--period", "daily"]);
+    let keys = SdkKeys {
+        key: run(&["keys", "create", "--team", "app"]),
+        restricted: run(&["keys", "create", "--team", "app", "--models", "gpt-4o-mini*"]),
+        broke: run(&["keys", "create", "--team", "broke"]),
+    };
+    // The running server loads new keys within its 500 ms refresh.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = client()
+            .get(tg.url("/v1/models"))
+            .bearer_auth(&keys.broke)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0);
+        if r == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "keys never became valid");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (tg, keys)
+}
