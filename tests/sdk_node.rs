@@ -14,8 +14,13 @@ use support::{start_for_sdks, MockUpstream};
 async fn official_node_sdk_works_unchanged() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/node");
     if !dir.join("node_modules/openai").exists() {
-        assert!(std::env::var_os("CI").is_none(), "CI must run npm ci in tests/e2e/node");
-        eprintln!("skipped: run `npm ci --prefix tests/e2e/node` to install the openai Node package");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run npm ci in tests/e2e/node"
+        );
+        eprintln!(
+            "skipped: run `npm ci --prefix tests/e2e/node` to install the openai Node package"
+        );
         return;
     }
     let mock = MockUpstream::start().await;
@@ -36,7 +41,11 @@ async fn official_node_sdk_works_unchanged() {
     .unwrap_or_else(|e| panic!("run node: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     println!("{stdout}");
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("6 passed, 0 failed"), "{stdout}");
     let rows = tg.wait_rows(before + 5).await;
     let statuses: Vec<i64> = rows[before..].iter().map(|r| r.status).collect();

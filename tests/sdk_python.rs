@@ -22,8 +22,13 @@ fn python() -> Option<PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn official_python_sdk_works_unchanged() {
     let Some(python) = python() else {
-        assert!(std::env::var_os("CI").is_none(), "CI must provide the openai SDK venv");
-        eprintln!("skipped: no .venv with the openai SDK (run .ci/run once, or set TOLLGATE_TEST_PYTHON)");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must provide the openai SDK venv"
+        );
+        eprintln!(
+            "skipped: no .venv with the openai SDK (run .ci/run once, or set TOLLGATE_TEST_PYTHON)"
+        );
         return;
     };
     let mock = MockUpstream::start().await;
@@ -45,13 +50,20 @@ async fn official_python_sdk_works_unchanged() {
     .unwrap_or_else(|e| panic!("run python: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     println!("{stdout}");
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("11 passed, 0 failed"), "{stdout}");
     // Every attributed SDK call left exactly one usage row (the unknown key's
     // 401 is attributed to no team and leaves none).
     let rows = tg.wait_rows(before + 10).await;
     let statuses: Vec<i64> = rows[before..].iter().map(|r| r.status).collect();
-    assert_eq!(statuses, vec![200, 200, 200, 200, 429, 400, 200, 200, 403, 429]);
+    assert_eq!(
+        statuses,
+        vec![200, 200, 200, 200, 429, 400, 200, 200, 403, 429]
+    );
     // The tollgate key never went upstream; the upstream's own key did.
     assert!(mock
         .requests()

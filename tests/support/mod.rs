@@ -300,14 +300,45 @@ pub async fn start_for_sdks(mock: &MockUpstream) -> (Tollgate, SdkKeys) {
     let tg = Tollgate::start(mock, "[auth]\nmode = \"virtual-keys\"\n").await;
     let run = |args: &[&str]| {
         let out = tg.cli(args);
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().to_string()
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string()
     };
-    run(&["teams", "create", "app", "--budget-usd", "10", "--period", "monthly"]);
-    run(&["teams", "create", "broke", "--budget-usd", "0.000001", "--period", "daily"]);
+    run(&[
+        "teams",
+        "create",
+        "app",
+        "--budget-usd",
+        "10",
+        "--period",
+        "monthly",
+    ]);
+    run(&[
+        "teams",
+        "create",
+        "broke",
+        "--budget-usd",
+        "0.000001",
+        "--period",
+        "daily",
+    ]);
     let keys = SdkKeys {
         key: run(&["keys", "create", "--team", "app"]),
-        restricted: run(&["keys", "create", "--team", "app", "--models", "gpt-4o-mini*"]),
+        restricted: run(&[
+            "keys",
+            "create",
+            "--team",
+            "app",
+            "--models",
+            "gpt-4o-mini*",
+        ]),
         broke: run(&["keys", "create", "--team", "broke"]),
     };
     // The running server loads new keys within its 500 ms refresh.
