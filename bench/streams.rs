@@ -1,0 +1,83 @@
+//! Streaming load: opens N concurrent streaming chat requests and reports
+//! time to first byte, total time, and how many body frames arrived per SSE
+//! event (1.0 = every chunk forwarded on its own, never batched).
+//! `cargo run --release --example bench_streams -- URL KEY N CHUNKS DELAY_MS`
+//! Prints one JSON object.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let url = args
+        .first()
+        .cloned()
+        .ok_or("usage: URL KEY N CHUNKS DELAY_MS")?;
+    let key = args.get(1).cloned().unwrap_or_default();
+    let n: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(100);
+    let chunks: u64 = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(50);
+    let delay: u64 = args.get(4).and_then(|a| a.parse().ok()).unwrap_or(10);
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(n)
+        .timeout(Duration::from_secs(300))
+        .build()?;
+    let body = serde_json::json!({"model": "gpt-4o-mini", "stream": true, "max_tokens": 64,
+        "messages": [{"role": "user", "content": "Say hello"}]});
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (client, url, key, body) = (client.clone(), url.clone(), key.clone(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let resp = client
+                .post(url)
+                .bearer_auth(key)
+                .header("x-mock-chunks", chunks.to_string())
+                .header("x-mock-chunk-delay-ms", delay.to_string())
+                .json(&body)
+                .send()
+                .await?;
+            let mut stream = resp.bytes_stream();
+            let (mut ttfb, mut frames, mut events) = (None, 0u64, 0u64);
+            while let Some(frame) = stream.next().await {
+                let frame = frame?;
+                ttfb.get_or_insert_with(|| t.elapsed());
+                frames += 1;
+                events += frame.windows(2).filter(|w| w == b"\n\n").count() as u64;
+            }
+            Ok::<_, reqwest::Error>((ttfb.unwrap_or_default(), t.elapsed(), frames, events))
+        }));
+    }
+    let (mut ttfb, mut total, mut frames, mut events, mut errors) =
+        (Vec::new(), Vec::new(), 0, 0, 0);
+    for t in tasks {
+        match t.await {
+            Ok(Ok((a, b, f, e))) => {
+                ttfb.push(a.as_secs_f64() * 1e3);
+                total.push(b.as_secs_f64() * 1e3);
+                frames += f;
+                events += e;
+            }
+            _ => errors += 1,
+        }
+    }
+    ttfb.sort_by(f64::total_cmp);
+    total.sort_by(f64::total_cmp);
+    let out = serde_json::json!({
+        "streams": n, "errors": errors, "wall_ms": started.elapsed().as_secs_f64() * 1e3,
+        "ttfb_p50_ms": pct(&ttfb, 0.5), "ttfb_p99_ms": pct(&ttfb, 0.99),
+        "total_p50_ms": pct(&total, 0.5), "total_p99_ms": pct(&total, 0.99),
+        "frames_per_event": if events > 0 { frames as f64 / events as f64 } else { f64::NAN },
+    });
+    println!("{out}");
+    Ok(())
+}
