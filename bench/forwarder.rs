@@ -2,6 +2,10 @@
 //! the same HTTP stack as tollgate (axum + a pooled reqwest client), bodies
 //! streamed both ways. `cargo run --release --example bench_forwarder -- LISTEN UPSTREAM`.
 
+/// The same allocator as tollgate, so the comparison measures accounting, not malloc.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;

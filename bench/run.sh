@@ -105,6 +105,7 @@ oha_run big_omit "$C" "$WORK/big.json" -n 400 -c 8 -H "x-mock-usage: omit"
 oha_run big_direct "$A" "$WORK/big.json" -n 400 -c 8
 echo "== streams: 64 concurrent, 50 chunks 10 ms apart"
 for p in A B C; do "$BIN/examples/bench_streams" "${!p}" "$KEY" 64 50 10 > "$WORK/stream_$p.json"; done
+sleep 1   # let the writer flush the last rows before counting them
 curl -s "http://127.0.0.1:$TG/metrics" > "$WORK/metrics_after.txt"
 sqlite3_count=$("$BIN/tollgate" report --by team --since 1h --format json --config "$WORK/tg/tollgate.toml")
 echo "$sqlite3_count" > "$WORK/report.json"

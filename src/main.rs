@@ -5,6 +5,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// glibc malloc's arena locks showed up as the largest user-space cost under
+/// load (bench/RESULTS.md); mimalloc's per-thread heaps avoid them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use tollgate::budget::Period;
 use tollgate::config::Config;
 use tollgate::manage;

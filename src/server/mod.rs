@@ -132,11 +132,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         Duration::from_millis(config.database.flush_interval_ms),
         config.database.queue_capacity,
     );
-    // Warm the tokenizers off the reactor so the first estimate is not slow.
-    tokio::task::spawn_blocking(|| {
-        crate::usage::Encoding::O200kBase.count("warm");
-        crate::usage::Encoding::Cl100kBase.count("warm");
-    });
+    // The tokenizers are not loaded here: each costs tens of MB and most
+    // traffic carries upstream usage. They load on first need, off the reactor.
 
     let addr: SocketAddr = config.server.listen.parse()?;
     let listener = tokio::net::TcpListener::bind(addr)

@@ -15,8 +15,10 @@ use crate::pricing::NanoUsd;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
-/// SQLite allows 32766 bound parameters per statement; 18 per row.
-const ROWS_PER_STATEMENT: usize = 1000;
+/// Rows per INSERT. Every full chunk has the same SQL text, so sqlx reuses
+/// one prepared statement instead of preparing a new one per batch; the
+/// remainder goes row by row through another cached statement.
+const ROWS_PER_STATEMENT: usize = 64;
 
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
@@ -44,7 +46,9 @@ impl SqliteStore {
 
     pub async fn insert_usage(&self, rows: &[UsageRecord]) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let full = rows.len() - rows.len() % ROWS_PER_STATEMENT;
+        let (chunks, rest) = rows.split_at(full);
+        for chunk in chunks.chunks(ROWS_PER_STATEMENT).chain(rest.chunks(1)) {
             let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "INSERT INTO usage (created_at, request_id, team, key_id, model, base_model, \
                  upstream, endpoint, stream, status, prompt_tokens, completion_tokens, \

@@ -165,8 +165,8 @@ impl Encoding {
         }
     }
 
-    /// Loading an encoding takes ~100 ms the first time; `serve` warms both
-    /// on the blocking pool at start.
+    /// Loading an encoding takes ~100 ms and tens of MB the first time, so it
+    /// happens lazily, on the blocking pool, only when a request needs an estimate.
     pub fn bpe(self) -> &'static tiktoken_rs::CoreBPE {
         match self {
             Encoding::O200kBase => tiktoken_rs::o200k_base_singleton(),
