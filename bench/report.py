@@ -87,7 +87,7 @@ for p, r in rate.items():
 w("")
 
 st = {p: load(f"stream_{p}.json") for p in "ABC"}
-w("## Streaming: 64 concurrent streams of 50 chunks, 10 ms apart\n")
+w("## Streaming: 64 concurrent streams of 50 chunks, 10 ms apart (connection pools warmed by a first round)\n")
 w("| path | TTFB p50 | TTFB p99 | total p50 | total p99 | body frames per SSE event | errors |")
 w("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
 for p, r in st.items():
@@ -103,7 +103,11 @@ w("## 1000 concurrent streams (fresh tollgate), 50 chunks 20 ms apart\n")
 if s1000 and rss:
     w(f"- streams: {s1000['streams']}, errors: {s1000['errors']}, TTFB p50 {ms(s1000['ttfb_p50_ms'])}, "
       f"p99 {ms(s1000['ttfb_p99_ms'])}, total p99 {ms(s1000['total_p99_ms'])}")
-    w(f"- tollgate RSS idle: {rss['idle_rss_kb'] / 1024:.1f} MB; peak (VmHWM): **{rss['peak_rss_kb'] / 1024:.1f} MB**\n")
+    w(f"- tollgate RSS idle: {rss['idle_rss_kb'] / 1024:.1f} MB; peak (VmHWM): **{rss['peak_rss_kb'] / 1024:.1f} MB**")
+    if "fwd_peak_rss_kb" in rss:
+        w(f"- bare forwarder, same load: idle {rss['fwd_idle_rss_kb'] / 1024:.1f} MB, peak {rss['fwd_peak_rss_kb'] / 1024:.1f} MB "
+          "(the HTTP stack's own share: two connections and their buffers per stream)")
+    w("")
 
 bu, bo, bd = oha("big_usage"), oha("big_omit"), oha("big_direct")
 w("## Large prompts: 100 KB chat prompts, 8 connections, 400 requests\n")

@@ -118,9 +118,16 @@ wait_http "http://127.0.0.1:$TG2/healthz"
 KEY2=$("$BIN/tollgate" keys create --team bench --config "$WORK/tg2/tollgate.toml" 2>/dev/null | head -1)
 sleep 0.7
 IDLE_RSS=$(awk '/VmRSS/{print $2}' "/proc/$TG2_PID/status")
-"$BIN/examples/bench_streams" "http://127.0.0.1:$TG2/v1/chat/completions" "$KEY2" 1000 50 20 > "$WORK/streams1000.json"
+"$BIN/examples/bench_streams" "http://127.0.0.1:$TG2/v1/chat/completions" "$KEY2" 1000 50 20 cold > "$WORK/streams1000.json"
 PEAK_RSS=$(awk '/VmHWM/{print $2}' "/proc/$TG2_PID/status")
-echo "{\"idle_rss_kb\": $IDLE_RSS, \"peak_rss_kb\": $PEAK_RSS}" > "$WORK/rss.json"
+# The same load through a fresh bare forwarder: the HTTP stack's own share.
+FWD2=$(free_port)
+"$BIN/examples/bench_forwarder" "127.0.0.1:$FWD2" "http://127.0.0.1:$MOCK" >/dev/null & FWD2_PID=$!; PIDS+=("$FWD2_PID")
+wait_http "http://127.0.0.1:$FWD2/v1/chat/completions" || true
+FWD_IDLE=$(awk '/VmRSS/{print $2}' "/proc/$FWD2_PID/status")
+"$BIN/examples/bench_streams" "http://127.0.0.1:$FWD2/v1/chat/completions" "" 1000 50 20 cold > "$WORK/streams1000_fwd.json"
+FWD_PEAK=$(awk '/VmHWM/{print $2}' "/proc/$FWD2_PID/status")
+echo "{\"idle_rss_kb\": $IDLE_RSS, \"peak_rss_kb\": $PEAK_RSS, \"fwd_idle_rss_kb\": $FWD_IDLE, \"fwd_peak_rss_kb\": $FWD_PEAK}" > "$WORK/rss.json"
 
 python3 bench/report.py "$WORK" "$DUR" > bench/RESULTS.md
 echo "wrote bench/RESULTS.md (raw results in $WORK)"

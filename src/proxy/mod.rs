@@ -359,8 +359,7 @@ async fn metered(
     };
 
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let url = reqwest::Url::parse(&upstream.url_for(path))
-        .map_err(|e| ApiError::Internal(format!("upstream url: {e}")))?;
+    let url = upstream.url_for(path);
     let mut request = reqwest::Request::new(reqwest::Method::POST, url);
     *request.headers_mut() = upstream_headers(&parts.headers, upstream, state.auth_mode);
     *request.body_mut() = Some(upstream_body.into());
@@ -533,8 +532,7 @@ async fn unmetered(
     let upstream = pick_upstream(state, &parts.headers, None)?;
     ctx.upstream = upstream.name.clone();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let url = reqwest::Url::parse(&upstream.url_for(path))
-        .map_err(|e| ApiError::Internal(format!("upstream url: {e}")))?;
+    let url = upstream.url_for(path);
     let mut request = reqwest::Request::new(parts.method.clone(), url);
     *request.headers_mut() = upstream_headers(&parts.headers, upstream, state.auth_mode);
     if parts.method != Method::GET && parts.method != Method::HEAD {

@@ -10,8 +10,8 @@ use crate::glob::Glob;
 
 pub struct Upstream {
     pub name: String,
-    /// Without a trailing slash; request paths below `/v1` are appended.
-    base_url: String,
+    /// Parsed once; request paths below `/v1` are appended to its path.
+    base_url: reqwest::Url,
     /// `Bearer <api_key>`, sent when the client sends no Authorization.
     pub authorization: Option<HeaderValue>,
     models: Vec<Glob>,
@@ -43,7 +43,8 @@ impl Upstream {
         };
         Ok(Upstream {
             name: config.name.clone(),
-            base_url: config.base_url.trim_end_matches('/').to_string(),
+            base_url: reqwest::Url::parse(config.base_url.trim_end_matches('/'))
+                .map_err(|e| format!("upstreams.{}.base_url: {e}", config.name))?,
             authorization,
             models: config.models.clone(),
             inject_stream_usage: config.inject_stream_usage,
@@ -53,10 +54,19 @@ impl Upstream {
         })
     }
 
-    /// The upstream URL for a client path (`/v1/chat/completions?x=1`).
-    pub fn url_for(&self, path_and_query: &str) -> String {
+    /// The upstream URL for a client path (`/v1/chat/completions?x=1`),
+    /// without re-parsing the scheme and host on every request.
+    pub fn url_for(&self, path_and_query: &str) -> reqwest::Url {
         let rest = path_and_query.strip_prefix("/v1").unwrap_or(path_and_query);
-        format!("{}{}", self.base_url, rest)
+        let (path, query) = match rest.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (rest, None),
+        };
+        let mut url = self.base_url.clone();
+        let base_path = url.path().trim_end_matches('/').to_string();
+        url.set_path(&format!("{base_path}{path}"));
+        url.set_query(query);
+        url
     }
 }
 
@@ -85,5 +95,35 @@ impl Upstreams {
     /// Where requests without a model (`/v1/models`, files, ...) go.
     pub fn default_upstream(&self) -> Option<&Upstream> {
         self.0.first()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(base: &str) -> Upstream {
+        let mut config = UpstreamConfig::openai_default();
+        config.base_url = base.to_string();
+        Upstream::build(&config).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn client_paths_map_below_the_base_url() {
+        let u = upstream("http://127.0.0.1:9/v1/");
+        assert_eq!(
+            u.url_for("/v1/chat/completions?x=1&y=2").as_str(),
+            "http://127.0.0.1:9/v1/chat/completions?x=1&y=2"
+        );
+        let u = upstream("https://example.com/openai/v1");
+        assert_eq!(
+            u.url_for("/v1/models").as_str(),
+            "https://example.com/openai/v1/models"
+        );
+        let u = upstream("http://localhost:8000");
+        assert_eq!(
+            u.url_for("/v1/embeddings").as_str(),
+            "http://localhost:8000/embeddings"
+        );
     }
 }

@@ -198,7 +198,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     refresher.abort();
     // Every sink is gone once the server and its connections are: the
     // writer drains the queue and ends.
-    if tokio::time::timeout(Duration::from_secs(60), writer)
+    if tokio::time::timeout(Duration::from_secs(60), writer.finish())
         .await
         .is_err()
     {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
 use super::{Store, UsageRecord};
@@ -32,25 +32,43 @@ impl UsageSink {
     }
 }
 
-pub struct UsageWriter;
+/// The running writer: `finish` makes it stop waiting for fuller batches and
+/// write everything now; it ends once every `UsageSink` is dropped.
+pub struct UsageWriter {
+    stop: Arc<Notify>,
+    task: JoinHandle<()>,
+}
 
 impl UsageWriter {
-    /// Starts the writer. It ends, after writing every queued row, once every
-    /// `UsageSink` clone is dropped.
     pub fn spawn(
         store: Store,
         metrics: Arc<Metrics>,
         batch_size: usize,
         flush_interval: Duration,
         capacity: usize,
-    ) -> (UsageSink, JoinHandle<()>) {
+    ) -> (UsageSink, UsageWriter) {
         let (tx, rx) = mpsc::channel(capacity);
         let sink = UsageSink {
             tx,
             metrics: metrics.clone(),
         };
-        let handle = tokio::spawn(run(store, metrics, rx, batch_size, flush_interval));
-        (sink, handle)
+        let stop = Arc::new(Notify::new());
+        let task = tokio::spawn(run(
+            store,
+            metrics,
+            rx,
+            batch_size,
+            flush_interval,
+            stop.clone(),
+        ));
+        (sink, UsageWriter { stop, task })
+    }
+
+    /// Flushes without further waiting and returns when every row of every
+    /// (by now dropped) sink is written.
+    pub async fn finish(self) {
+        self.stop.notify_one();
+        let _ = self.task.await;
     }
 }
 
@@ -60,25 +78,32 @@ async fn run(
     mut rx: mpsc::Receiver<UsageRecord>,
     batch_size: usize,
     flush_interval: Duration,
+    stop: Arc<Notify>,
 ) {
     let mut buf: Vec<UsageRecord> = Vec::with_capacity(batch_size);
+    let mut draining = false;
     loop {
         if rx.recv_many(&mut buf, batch_size).await == 0 {
             break;
         }
-        // Gather more rows for up to one flush interval, so a busy proxy
-        // writes few large transactions instead of many small ones.
-        let deadline = tokio::time::Instant::now() + flush_interval;
+        // A partial batch waits one flush interval for more rows, so a busy
+        // proxy writes few large transactions. It sleeps rather than waking
+        // per row; a backlog (a full batch) is written at once.
         let mut closed = false;
-        while buf.len() < batch_size {
-            let room = batch_size - buf.len();
-            match tokio::time::timeout_at(deadline, rx.recv_many(&mut buf, room)).await {
-                Ok(0) => {
-                    closed = true;
-                    break;
+        if buf.len() < batch_size && !draining {
+            tokio::select! {
+                _ = tokio::time::sleep(flush_interval) => {}
+                _ = stop.notified() => draining = true,
+            }
+            while buf.len() < batch_size {
+                match rx.try_recv() {
+                    Ok(row) => buf.push(row),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        closed = true;
+                        break;
+                    }
                 }
-                Ok(_) => {}
-                Err(_) => break,
             }
         }
         write(&store, &metrics, &buf).await;
