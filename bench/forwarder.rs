@@ -4,7 +4,7 @@
 
 /// The same allocator as tollgate, so the comparison measures accounting, not malloc.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
