@@ -38,7 +38,7 @@ impl AppState {
                 team: k.team,
                 models: k.models.iter().map(|m| crate::glob::Glob::new(m)).collect(),
             };
-            key_map.insert(k.hash, entry);
+            key_map.insert(k.hash, Arc::new(entry));
         }
         let mut team_map = std::collections::HashMap::new();
         for t in &teams {

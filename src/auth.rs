@@ -78,12 +78,16 @@ pub struct TeamSettings {
 /// Live keys by hash and team settings, swapped whole on refresh.
 #[derive(Default)]
 pub struct Directory {
-    keys: RwLock<Arc<HashMap<String, KeyEntry>>>,
+    keys: RwLock<Arc<HashMap<String, Arc<KeyEntry>>>>,
     teams: RwLock<Arc<HashMap<String, TeamSettings>>>,
 }
 
 impl Directory {
-    pub fn replace(&self, keys: HashMap<String, KeyEntry>, teams: HashMap<String, TeamSettings>) {
+    pub fn replace(
+        &self,
+        keys: HashMap<String, Arc<KeyEntry>>,
+        teams: HashMap<String, TeamSettings>,
+    ) {
         if let Ok(mut k) = self.keys.write() {
             *k = Arc::new(keys);
         }
@@ -92,7 +96,7 @@ impl Directory {
         }
     }
 
-    pub fn key(&self, secret: &str) -> Option<KeyEntry> {
+    pub fn key(&self, secret: &str) -> Option<Arc<KeyEntry>> {
         let hash = hash_key(secret);
         self.keys.read().ok()?.get(&hash).cloned()
     }

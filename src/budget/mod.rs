@@ -186,13 +186,6 @@ impl Ledger {
             .unwrap_or(false)
     }
 
-    pub fn has_budget(&self, team: &str) -> bool {
-        self.accounts
-            .lock()
-            .map(|a| a.contains_key(team))
-            .unwrap_or(false)
-    }
-
     /// Period start of a team's budget, when it has one.
     pub fn period_start(&self, team: &str) -> Option<DateTime<Utc>> {
         self.accounts.lock().ok()?.get(team).map(|a| a.period_start)
@@ -224,6 +217,7 @@ impl Ledger {
             ledger: self.clone(),
             team: team.to_string(),
             amount: amount.0,
+            remaining: NanoUsd(acc.remaining()),
         }))
     }
 
@@ -263,14 +257,14 @@ impl Ledger {
         out
     }
 
-    fn release(&self, team: &str, reserved: u64, actual: u64) {
-        if let Ok(mut accounts) = self.accounts.lock() {
-            if let Some(acc) = accounts.get_mut(team) {
-                acc.reserved = acc.reserved.saturating_sub(reserved);
-                acc.roll(Utc::now());
-                acc.spent = acc.spent.saturating_add(actual);
-            }
-        }
+    /// Returns what remains of the budget afterwards.
+    fn release(&self, team: &str, reserved: u64, actual: u64) -> Option<NanoUsd> {
+        let mut accounts = self.accounts.lock().ok()?;
+        let acc = accounts.get_mut(team)?;
+        acc.reserved = acc.reserved.saturating_sub(reserved);
+        acc.roll(Utc::now());
+        acc.spent = acc.spent.saturating_add(actual);
+        Some(NanoUsd(acc.remaining()))
     }
 }
 
@@ -281,6 +275,7 @@ pub struct Reservation {
     ledger: Arc<Ledger>,
     team: String,
     amount: u64,
+    remaining: NanoUsd,
 }
 
 impl Reservation {
@@ -288,7 +283,13 @@ impl Reservation {
         NanoUsd(self.amount)
     }
 
-    pub fn settle(mut self, actual: NanoUsd) {
+    /// The budget left right after this reservation was taken.
+    pub fn remaining(&self) -> NanoUsd {
+        self.remaining
+    }
+
+    /// Records the actual cost, frees the rest; returns the budget left.
+    pub fn settle(mut self, actual: NanoUsd) -> Option<NanoUsd> {
         if actual.0 > self.amount {
             tracing::warn!(
                 team = %self.team,
@@ -297,16 +298,17 @@ impl Reservation {
                 "actual cost exceeded the reservation"
             );
         }
-        self.ledger.release(&self.team, self.amount, actual.0);
+        let remaining = self.ledger.release(&self.team, self.amount, actual.0);
         self.amount = 0;
         self.team.clear();
+        remaining
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.team.is_empty() {
-            self.ledger.release(&self.team, self.amount, 0);
+            let _ = self.ledger.release(&self.team, self.amount, 0);
         }
     }
 }
@@ -351,9 +353,8 @@ mod tests {
                 remaining: NanoUsd(300)
             })
         );
-        if let Some(a) = a {
-            a.settle(NanoUsd(200));
-        }
+        assert_eq!(a.as_ref().map(Reservation::remaining), Some(NanoUsd(300)));
+        assert_eq!(a.and_then(|a| a.settle(NanoUsd(200))), Some(NanoUsd(700)));
         let s = ledger.status("t");
         assert_eq!(
             s.map(|s| (s.spent, s.reserved, s.remaining)),

@@ -62,24 +62,26 @@ pub async fn handle(state: Arc<AppState>, req: http::Request<Body>) -> Response 
     };
     let mut ctx = RequestCtx::new(request_id.clone(), endpoint, team);
     ctx.key = key;
-    let team = ctx.team.clone();
     let result = if endpoint.is_metered() && req.method() == Method::POST {
         metered(&state, &mut ctx, req).await
     } else {
         unmetered(&state, &mut ctx, req).await
     };
-    let response = match result {
-        Ok(Forwarded::Done(response)) => response,
-        Ok(Forwarded::Stream(pending)) => pending.into_response(state.clone(), ctx),
+    let (response, remaining) = match result {
+        Ok(Forwarded::Done(response)) => (response, ctx.budget_remaining),
+        Ok(Forwarded::Stream(pending)) => {
+            let remaining = ctx.budget_remaining;
+            (pending.into_response(state, ctx), remaining)
+        }
         Err(e) => {
             let overhead = ctx.started.elapsed();
             settle(&state, &mut ctx, e.status().as_u16(), Usage::NONE, overhead);
-            e.into_response()
+            (e.into_response(), ctx.budget_remaining)
         }
     };
     let mut response = with_request_id(response, &request_id);
-    if let Some(status) = state.ledger.status(&team) {
-        if let Ok(v) = HeaderValue::from_str(&status.remaining.to_string()) {
+    if let Some(remaining) = remaining {
+        if let Ok(v) = HeaderValue::from_str(&remaining.to_string()) {
             response.headers_mut().insert(BUDGET_REMAINING, v);
         }
     }
@@ -90,7 +92,7 @@ pub async fn handle(state: Arc<AppState>, req: http::Request<Body>) -> Response 
 fn authenticate(
     state: &AppState,
     headers: &HeaderMap,
-) -> Result<(String, Option<crate::auth::KeyEntry>), ApiError> {
+) -> Result<(String, Option<Arc<crate::auth::KeyEntry>>), ApiError> {
     match state.auth_mode {
         AuthMode::Passthrough => Ok((team_of(headers)?, None)),
         AuthMode::VirtualKeys => {
@@ -343,9 +345,7 @@ async fn metered(
         .team(&ctx.team)
         .and_then(|t| t.max_output_tokens);
     let (body, max_output) = request::apply_output_cap(body, &meta, ctx.endpoint, cap)?;
-    if state.ledger.has_budget(&ctx.team) {
-        reserve(state, ctx, &body, &meta, max_output).await?;
-    }
+    reserve(state, ctx, &body, &meta, max_output).await?;
 
     // Ask for stream usage on the client's behalf, and hide it again later.
     let inject = ctx.stream
@@ -435,12 +435,15 @@ async fn reserve(
     meta: &RequestMeta,
     max_output: Option<u64>,
 ) -> Result<(), ApiError> {
-    let Some(resolved) = ctx.resolved.as_ref() else {
+    let Some(price) = ctx.resolved.as_ref().and_then(|r| r.price.clone()) else {
+        // Unpriced: nothing to reserve, but the header still tells what is left.
+        ctx.budget_remaining = state.ledger.status(&ctx.team).map(|s| s.remaining);
         return Ok(());
     };
-    let Some(price) = resolved.price.clone() else {
-        return Ok(());
-    };
+    let encoding = ctx
+        .resolved
+        .as_ref()
+        .map_or(crate::usage::Encoding::O200kBase, |r| r.encoding());
     let completion = match ctx.endpoint {
         Endpoint::Embeddings => 0,
         _ => max_output
@@ -460,10 +463,11 @@ async fn reserve(
     // the text outweighs the per-message overheads.
     let bound = body.len() as u64 + 16;
     if let Ok(r) = state.ledger.reserve(&ctx.team, worst(bound)) {
+        ctx.budget_remaining = r.as_ref().map(|r| r.remaining());
         ctx.reservation = r;
         return Ok(());
     }
-    let (endpoint, encoding, body2) = (ctx.endpoint, resolved.encoding(), body.clone());
+    let (endpoint, body2) = (ctx.endpoint, body.clone());
     let exact = tokio::task::spawn_blocking(move || {
         serde_json::from_slice::<serde_json::Value>(&body2)
             .map(|v| crate::usage::estimate::prompt_tokens(endpoint, encoding, &v))
@@ -473,10 +477,12 @@ async fn reserve(
     .unwrap_or(bound);
     match state.ledger.reserve(&ctx.team, worst(exact)) {
         Ok(r) => {
+            ctx.budget_remaining = r.as_ref().map(|r| r.remaining());
             ctx.reservation = r;
             Ok(())
         }
         Err(over) => {
+            ctx.budget_remaining = Some(over.remaining);
             state
                 .metrics
                 .budget_rejections
@@ -531,6 +537,7 @@ async fn unmetered(
     let (parts, body) = req.into_parts();
     let upstream = pick_upstream(state, &parts.headers, None)?;
     ctx.upstream = upstream.name.clone();
+    ctx.budget_remaining = state.ledger.status(&ctx.team).map(|s| s.remaining);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let url = upstream.url_for(path);
     let mut request = reqwest::Request::new(parts.method.clone(), url);

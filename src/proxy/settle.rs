@@ -18,9 +18,11 @@ pub struct RequestCtx {
     pub created_at: DateTime<Utc>,
     pub team: String,
     /// The virtual key used (`virtual-keys` mode).
-    pub key: Option<crate::auth::KeyEntry>,
+    pub key: Option<std::sync::Arc<crate::auth::KeyEntry>>,
     /// Budget held for this request until it settles.
     pub reservation: Option<crate::budget::Reservation>,
+    /// The team's budget left, as last seen (for `x-tollgate-budget-remaining-usd`).
+    pub budget_remaining: Option<NanoUsd>,
     pub endpoint: Endpoint,
     pub model: String,
     pub resolved: Option<Resolved>,
@@ -38,6 +40,7 @@ impl RequestCtx {
             team,
             key: None,
             reservation: None,
+            budget_remaining: None,
             endpoint,
             model: String::new(),
             resolved: None,
@@ -62,7 +65,7 @@ pub fn settle(
     let price = ctx.resolved.as_ref().and_then(|r| r.price.as_ref());
     let cost = price.map_or(NanoUsd(0), |p| p.cost(&usage));
     if let Some(reservation) = ctx.reservation.take() {
-        reservation.settle(cost);
+        ctx.budget_remaining = reservation.settle(cost);
     }
 
     let status_label = status.to_string();
