@@ -72,6 +72,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let app = Router::new().route("/v1/chat/completions", post(chat));
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("bench mock listening on {}", listener.local_addr()?);
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app).await?;
     Ok(())
 }

@@ -23,6 +23,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
+use axum::serve::ListenerExt;
 use axum::Router;
 
 use crate::app::{AppState, RequestIds};
@@ -140,6 +141,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr()?;
+    // Without TCP_NODELAY a stream's first chunk can wait ~40 ms behind the
+    // response headers for a delayed ACK (Nagle); SSE chunks must go at once.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    });
     let drain = Duration::from_millis(config.server.drain_timeout_ms);
     let auth_mode = match config.auth.mode {
         Some(mode) => mode,

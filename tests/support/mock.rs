@@ -81,6 +81,9 @@ impl MockUpstream {
             .await
             .unwrap_or_else(|e| panic!("mock bind: {e}"));
         let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
