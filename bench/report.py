@@ -156,4 +156,5 @@ w(f"| usage writer: zero dropped records, bounded queue | dropped {dropped}, max
   f"{verdict(dropped == '0' and (max(depths) if depths else 0) < 65536)} |")
 w(f"| large no-usage prompts: tokenization cost per KB reported, off the reactor | "
   f"{'n/a' if per_kb is None else f'{per_kb * 1000:.1f} µs/KB'} | reported |")
+w("\nProfiles, the changes they led to, and before/after figures: `bench/PROFILE.md`.")
 print("\n".join(out))
