@@ -107,8 +107,14 @@ impl Collector for MoneyCounter {
     }
 }
 
+/// Model ids come from clients. Past this many distinct ids, new ones share
+/// the label `other` so a client cannot blow up Prometheus' series count.
+/// Usage rows always keep the real id.
+pub const MAX_MODEL_LABELS: usize = 1000;
+
 pub struct Metrics {
     registry: Registry,
+    model_labels: std::sync::RwLock<std::collections::HashSet<String>>,
     pub requests: IntCounterVec,
     pub tokens: IntCounterVec,
     pub cost: Arc<MoneyCounter>,
@@ -253,6 +259,7 @@ impl Metrics {
         registry.register(Box::new(records_dropped.clone()))?;
         Ok(Metrics {
             registry,
+            model_labels: std::sync::RwLock::new(std::collections::HashSet::new()),
             requests,
             tokens,
             cost,
@@ -270,6 +277,25 @@ impl Metrics {
             budget_rejections,
             records_dropped,
         })
+    }
+
+    /// The metric label for a client's model id (see `MAX_MODEL_LABELS`).
+    pub fn model_label(&self, model: &str) -> String {
+        if let Ok(seen) = self.model_labels.read() {
+            if seen.contains(model) {
+                return model.to_string();
+            }
+            if seen.len() >= MAX_MODEL_LABELS {
+                return "other".to_string();
+            }
+        }
+        match self.model_labels.write() {
+            Ok(mut seen) if seen.len() < MAX_MODEL_LABELS || seen.contains(model) => {
+                seen.insert(model.to_string());
+                model.to_string()
+            }
+            _ => "other".to_string(),
+        }
     }
 
     /// Exports every catalog price and every fine-tuned row's multiple over its base.
@@ -353,6 +379,16 @@ impl Collector for ArcCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn model_labels_are_capped() {
+        let m = Metrics::new().unwrap_or_else(|e| panic!("{e}"));
+        for i in 0..MAX_MODEL_LABELS {
+            assert_eq!(m.model_label(&format!("m{i}")), format!("m{i}"));
+        }
+        assert_eq!(m.model_label("one-too-many"), "other");
+        assert_eq!(m.model_label("m7"), "m7");
+    }
 
     #[test]
     fn money_counter_sums_exactly_and_renders_usd() {

@@ -319,6 +319,7 @@ async fn metered(
     let body = read_client_body(state, body, &parts.headers).await?;
     let meta = RequestMeta::parse(&body)?;
     ctx.model = meta.model().to_string();
+    ctx.model_label = state.metrics.model_label(&ctx.model);
     ctx.stream = meta.is_stream();
     ctx.end_user = meta.user.as_ref().map(|u| u.chars().take(256).collect());
     let resolved = state.catalog.resolve(&ctx.model);
@@ -415,7 +416,7 @@ async fn metered(
     state
         .metrics
         .time_to_first_byte
-        .with_label_values(&[&ctx.model])
+        .with_label_values(&[&ctx.model_label])
         .observe(ctx.started.elapsed().as_secs_f64());
     let mut response = build_response(status, headers, Body::from(bytes));
     if let Ok(v) = HeaderValue::from_str(&cost.to_string()) {

@@ -25,6 +25,8 @@ pub struct RequestCtx {
     pub budget_remaining: Option<NanoUsd>,
     pub endpoint: Endpoint,
     pub model: String,
+    /// `model` as a metric label (capped in number, see `metrics::MAX_MODEL_LABELS`).
+    pub model_label: String,
     pub resolved: Option<Resolved>,
     pub upstream: String,
     pub stream: bool,
@@ -43,6 +45,7 @@ impl RequestCtx {
             budget_remaining: None,
             endpoint,
             model: String::new(),
+            model_label: String::new(),
             resolved: None,
             upstream: String::new(),
             stream: false,
@@ -61,7 +64,7 @@ pub fn settle(
 ) -> NanoUsd {
     let m = &state.metrics;
     let team = ctx.team.as_str();
-    let model = ctx.model.as_str();
+    let model = ctx.model_label.as_str();
     let price = ctx.resolved.as_ref().and_then(|r| r.price.as_ref());
     let cost = price.map_or(NanoUsd(0), |p| p.cost(&usage));
     if let Some(reservation) = ctx.reservation.take() {

@@ -106,7 +106,7 @@ impl MeteredStream {
                 s.state
                     .metrics
                     .time_to_first_byte
-                    .with_label_values(&[&s.ctx.model])
+                    .with_label_values(&[&s.ctx.model_label])
                     .observe(s.ctx.started.elapsed().as_secs_f64());
             }
         }

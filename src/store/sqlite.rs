@@ -31,9 +31,12 @@ impl SqliteStore {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(5));
+            .busy_timeout(Duration::from_secs(5))
+            // 1 MiB page cache per connection: the writer appends, nothing scans.
+            .pragma("cache_size", "-1024");
+        // One connection for the writer, one for refreshes, /readyz and admin.
         let pool = SqlitePoolOptions::new()
-            .max_connections(4)
+            .max_connections(2)
             .connect_with(options)
             .await?;
         Ok(SqliteStore { pool })
