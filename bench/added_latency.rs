@@ -1,6 +1,7 @@
 //! Added latency of a non-streaming chat request through tollgate versus
 //! straight to the same mock upstream, measured side by side in one run:
-//! requests alternate between three paths so all see the same machine:
+//! requests alternate between three paths (in rotating order) so all see the
+//! same machine:
 //! direct, tollgate with a key of a team without a budget, and tollgate with
 //! a key of a budgeted team (reservation + settlement on the path).
 //!
@@ -110,10 +111,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Vec::with_capacity(n),
         Vec::with_capacity(n),
     ];
-    for _ in 0..n {
-        paths[0].push(send(direct_url.clone(), String::new()).await?);
-        paths[1].push(send(proxy_url.clone(), free_key.clone()).await?);
-        paths[2].push(send(proxy_url.clone(), budget_key.clone()).await?);
+    // The order rotates every round: a request right after another proxied
+    // one pays for the previous one's background work, so a fixed order
+    // would bias whichever path comes second.
+    let targets = [
+        (direct_url.clone(), String::new()),
+        (proxy_url.clone(), free_key.clone()),
+        (proxy_url.clone(), budget_key.clone()),
+    ];
+    for i in 0..n {
+        for k in 0..3 {
+            let p = (i + k) % 3;
+            let (url, key) = &targets[p];
+            paths[p].push(send(url.clone(), key.clone()).await?);
+        }
     }
     for p in paths.iter_mut() {
         p.sort();
@@ -121,7 +132,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     let p50 = |p: &[Duration]| us(percentile(p, 0.5));
     let p99 = |p: &[Duration]| us(percentile(p, 0.99));
-    println!("requests per path: {n} (sequential, alternating)");
+    println!("requests per path: {n} (sequential, alternating in rotating order)");
     for (name, p) in [
         ("direct", &paths[0]),
         ("tollgate, no budget", &paths[1]),
