@@ -70,20 +70,28 @@ enum Command {
     },
 }
 
+/// A team's budget and output cap, as `teams create` and `teams set-budget` take them.
+#[derive(clap::Args)]
+struct BudgetArgs {
+    /// USD per period; without it the team has no budget (set-budget clears it).
+    #[arg(long)]
+    budget_usd: Option<String>,
+    #[arg(long, value_enum)]
+    period: Option<Period>,
+    /// Cap on output tokens per request, enforced on the way up (0 clears it).
+    #[arg(long)]
+    max_output_tokens: Option<u64>,
+    #[arg(long, value_enum, default_value = "table")]
+    format: OutputFormat,
+}
+
 #[derive(Subcommand)]
 enum TeamsCommand {
     /// Create a team, optionally with a budget.
     Create {
         name: String,
-        #[arg(long)]
-        budget_usd: Option<String>,
-        #[arg(long, value_enum)]
-        period: Option<Period>,
-        /// Cap on output tokens per request, enforced on the way up.
-        #[arg(long)]
-        max_output_tokens: Option<u64>,
-        #[arg(long, value_enum, default_value = "table")]
-        format: OutputFormat,
+        #[command(flatten)]
+        budget: BudgetArgs,
     },
     /// List teams with their budgets.
     List {
@@ -93,15 +101,8 @@ enum TeamsCommand {
     /// Set (or with no --budget-usd, clear) a team's budget.
     SetBudget {
         name: String,
-        #[arg(long)]
-        budget_usd: Option<String>,
-        #[arg(long, value_enum)]
-        period: Option<Period>,
-        /// 0 clears the cap.
-        #[arg(long)]
-        max_output_tokens: Option<u64>,
-        #[arg(long, value_enum, default_value = "table")]
-        format: OutputFormat,
+        #[command(flatten)]
+        budget: BudgetArgs,
     },
 }
 
@@ -249,17 +250,12 @@ fn print_json(value: &serde_json::Value) {
 async fn teams(command: TeamsCommand, config: &Config) -> anyhow::Result<ExitCode> {
     let store = open_store(config).await?;
     match command {
-        TeamsCommand::Create {
-            name,
-            budget_usd,
-            period,
-            max_output_tokens,
-            format,
-        } => {
+        TeamsCommand::Create { name, budget: args } => {
             manage::valid_team_name(&name)?;
-            let budget = manage::budget_from(budget_usd.as_deref(), period)?;
-            let team = store.create_team(&name, budget, max_output_tokens).await?;
-            match format {
+            let budget = manage::budget_from(args.budget_usd.as_deref(), args.period)?;
+            let cap = args.max_output_tokens.filter(|&m| m > 0);
+            let team = store.create_team(&name, budget, cap).await?;
+            match args.format {
                 OutputFormat::Json => print_json(&manage::team_json(&team, None)),
                 OutputFormat::Table => println!("created team {}", team.name),
             }
@@ -312,17 +308,11 @@ async fn teams(command: TeamsCommand, config: &Config) -> anyhow::Result<ExitCod
                 }
             }
         }
-        TeamsCommand::SetBudget {
-            name,
-            budget_usd,
-            period,
-            max_output_tokens,
-            format,
-        } => {
-            let budget = manage::budget_from(budget_usd.as_deref(), period)?;
-            let cap = max_output_tokens.map(|m| (m > 0).then_some(m));
+        TeamsCommand::SetBudget { name, budget: args } => {
+            let budget = manage::budget_from(args.budget_usd.as_deref(), args.period)?;
+            let cap = args.max_output_tokens.map(|m| (m > 0).then_some(m));
             let team = store.set_budget(&name, budget, cap).await?;
-            match format {
+            match args.format {
                 OutputFormat::Json => print_json(&manage::team_json(&team, None)),
                 OutputFormat::Table => println!(
                     "team {}: budget {}",

@@ -450,4 +450,45 @@ async fn spend_survives_a_restart_and_output_caps_are_enforced() {
     );
     let table = stdout(&tg.cli(&["report", "--by", "day"]));
     assert!(table.contains("total"), "{table}");
+
+    // `teams set-budget` from the CLI reaches the running server within a second.
+    let total_spent = spent + 4_500;
+    let set: Value = serde_json::from_str(&stdout(&tg.cli(&[
+        "teams",
+        "set-budget",
+        "brief",
+        "--budget-usd",
+        "2",
+        "--period",
+        "monthly",
+        "--format",
+        "json",
+    ])))
+    .unwrap_or_default();
+    assert_eq!(set["budget_usd"], "2.000000000");
+    assert_eq!(
+        set["max_output_tokens"], 50,
+        "the cap is kept when not given"
+    );
+    let listed: Value =
+        serde_json::from_str(&stdout(&tg.cli(&["teams", "list", "--format", "json"])))
+            .unwrap_or_default();
+    assert_eq!(listed[0]["spent_usd"], format!("0.{total_spent:09}"));
+    let changed_at = Instant::now();
+    loop {
+        let resp = chat(&tg, &key, "gpt-4o-mini").await;
+        let remaining = resp
+            .headers()
+            .get("x-tollgate-budget-remaining-usd")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        if remaining.as_deref().is_some_and(|r| r.starts_with("1.")) {
+            break;
+        }
+        assert!(
+            changed_at.elapsed() < Duration::from_millis(1500),
+            "budget change not applied: {remaining:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
