@@ -51,6 +51,16 @@ pub fn admin_token_matches(configured: &str, presented: &str) -> bool {
     bool::from(a.ct_eq(&b))
 }
 
+/// Team names become metric labels and header values: 1-64 letters,
+/// digits, '-', '_' or '.'.
+pub fn is_valid_team_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
 /// The bearer token of an `Authorization` header value.
 pub fn bearer(value: &str) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;
@@ -140,5 +150,9 @@ mod tests {
         assert_eq!(bearer("Bearer abc"), Some("abc"));
         assert_eq!(bearer("bearer  abc "), Some("abc"));
         assert_eq!(bearer("Basic abc"), None);
+        assert!(is_valid_team_name("search-team_1.eu"));
+        assert!(!is_valid_team_name(""));
+        assert!(!is_valid_team_name("bad team!"));
+        assert!(!is_valid_team_name(&"x".repeat(65)));
     }
 }

@@ -43,12 +43,7 @@ pub fn budget_from(
 }
 
 pub fn valid_team_name(name: &str) -> Result<(), ManageError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok {
+    if auth::is_valid_team_name(name) {
         Ok(())
     } else {
         Err(ManageError::Invalid(format!(

@@ -157,12 +157,7 @@ fn team_of(headers: &HeaderMap) -> Result<String, ApiError> {
         return Ok("default".into());
     };
     let team = value.to_str().unwrap_or("");
-    let valid = !team.is_empty()
-        && team.len() <= 64
-        && team
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if valid {
+    if crate::auth::is_valid_team_name(team) {
         Ok(team.to_string())
     } else {
         Err(ApiError::invalid(
