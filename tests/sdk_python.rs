@@ -7,9 +7,8 @@
 mod support;
 
 use std::path::PathBuf;
-use std::process::Command;
 
-use support::{start_for_sdks, MockUpstream};
+use support::{run_sdk_script, start_for_sdks, MockUpstream};
 
 fn python() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("TOLLGATE_TEST_PYTHON") {
@@ -35,26 +34,7 @@ async fn official_python_sdk_works_unchanged() {
     let (tg, keys) = start_for_sdks(&mock).await;
     let before = tg.wait_rows(1).await.len(); // the key probe
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/openai_sdk.py");
-    let base = tg.url("/v1");
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .arg(script)
-            .env("TOLLGATE_BASE_URL", base)
-            .env("TG_KEY", keys.key)
-            .env("TG_KEY_RESTRICTED", keys.restricted)
-            .env("TG_KEY_BROKE", keys.broke)
-            .output()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}"))
-    .unwrap_or_else(|e| panic!("run python: {e}"));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}");
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = run_sdk_script(python, script, &tg, keys).await;
     assert!(stdout.contains("11 passed, 0 failed"), "{stdout}");
     // Every attributed SDK call left exactly one usage row (the unknown key's
     // 401 is attributed to no team and leaves none).

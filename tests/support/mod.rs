@@ -359,3 +359,34 @@ pub async fn start_for_sdks(mock: &MockUpstream) -> (Tollgate, SdkKeys) {
     }
     (tg, keys)
 }
+
+/// Runs an SDK script (`program script`) against `tg` with the keys in its
+/// environment; asserts it exited 0 and returns its stdout.
+pub async fn run_sdk_script(
+    program: PathBuf,
+    script: PathBuf,
+    tg: &Tollgate,
+    keys: SdkKeys,
+) -> String {
+    let base = tg.url("/v1");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(&program)
+            .arg(script)
+            .env("TOLLGATE_BASE_URL", base)
+            .env("TG_KEY", keys.key)
+            .env("TG_KEY_RESTRICTED", keys.restricted)
+            .env("TG_KEY_BROKE", keys.broke)
+            .output()
+            .unwrap_or_else(|e| panic!("run {}: {e}", program.display()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
