@@ -62,6 +62,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(1024)
         .tcp_nodelay(true)
+        .redirect(reqwest::redirect::Policy::none())
         .build()?;
     let app = Router::new()
         .fallback(forward)

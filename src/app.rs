@@ -66,7 +66,8 @@ impl AppState {
 /// Request ids: a per-process random prefix and a counter, so ids are unique
 /// across replicas and restarts without a syscall per request.
 pub struct RequestIds {
-    prefix: u64,
+    /// `req_` and 16 hex digits.
+    prefix: String,
     counter: AtomicU64,
 }
 
@@ -82,19 +83,45 @@ impl RequestIds {
         );
         h.write_u32(std::process::id());
         RequestIds {
-            prefix: h.finish(),
+            prefix: format!("req_{}", crate::auth::hex(&h.finish().to_be_bytes())),
             counter: AtomicU64::new(0),
         }
     }
 
     pub fn next(&self) -> String {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        format!("req_{:016x}{:08x}", self.prefix, n)
+        let mut id = String::with_capacity(self.prefix.len() + 16);
+        id.push_str(&self.prefix);
+        // At least 8 hex digits of the counter, more once it needs them.
+        let digits = crate::auth::hex(&n.to_be_bytes());
+        let skip = digits.len() - digits.trim_start_matches('0').len();
+        id.push_str(&digits[skip.min(8)..]);
+        id
     }
 }
 
 impl Default for RequestIds {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RequestIds;
+
+    #[test]
+    fn request_ids_are_a_fixed_prefix_and_a_counter() {
+        let ids = RequestIds::new();
+        let a = ids.next();
+        let b = ids.next();
+        assert_eq!(a.len(), 4 + 16 + 8);
+        assert!(a.starts_with("req_"));
+        assert_eq!(a[..20], b[..20]);
+        assert_eq!(&a[20..], "00000000");
+        assert_eq!(&b[20..], "00000001");
+        ids.counter
+            .store(0x1_2345_6789, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(&ids.next()[20..], "123456789");
     }
 }

@@ -28,6 +28,8 @@ impl Upstream {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(1024)
             .tcp_nodelay(true)
+            // A proxy hands a redirect back to its client; it never follows one.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| format!("upstream `{}`: {e}", config.name))?;
         let authorization = match config.api_key.as_deref().filter(|k| !k.is_empty()) {

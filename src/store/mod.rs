@@ -93,11 +93,40 @@ pub struct ReportRow {
 }
 
 pub fn now_text() -> String {
-    Utc::now().format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+    time_text(Utc::now())
 }
 
+/// `2026-11-24T20:14:01.123Z`: UTC, milliseconds, so text order is time
+/// order. Written by hand because the writer formats one per usage row.
 pub fn time_text(t: DateTime<Utc>) -> String {
-    t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+    use chrono::{Datelike, Timelike};
+    fn push(out: &mut String, n: u32, width: u32) {
+        for i in (0..width).rev() {
+            let digit = (n / 10u32.pow(i)) % 10;
+            out.push(char::from(b'0' + digit as u8));
+        }
+    }
+    let mut out = String::with_capacity(24);
+    let year = t.year();
+    if !(0..=9999).contains(&year) {
+        return t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string();
+    }
+    push(&mut out, year.unsigned_abs(), 4);
+    out.push('-');
+    push(&mut out, t.month(), 2);
+    out.push('-');
+    push(&mut out, t.day(), 2);
+    out.push('T');
+    push(&mut out, t.hour(), 2);
+    out.push(':');
+    push(&mut out, t.minute(), 2);
+    out.push(':');
+    push(&mut out, t.second(), 2);
+    out.push('.');
+    // A leap second shows as 60.xxx in chrono's formatting; keep it in .999.
+    push(&mut out, (t.timestamp_subsec_millis()).min(999), 3);
+    out.push('Z');
+    out
 }
 
 /// The database behind tollgate. Postgres joins as a second variant.
@@ -204,6 +233,29 @@ impl Store {
     pub async fn close(&self) {
         match self {
             Store::Sqlite(s) => s.close().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::time_text;
+    use chrono::{TimeZone, Utc};
+
+    #[test]
+    fn time_text_matches_chrono_formatting() {
+        for (secs, nanos) in [
+            (0, 0),
+            (1_764_015_241, 123_456_789),
+            (1_764_015_241, 999_999_999),
+            (951_782_400, 5_000_000),
+            (253_402_300_799, 0),
+        ] {
+            let t = Utc
+                .timestamp_opt(secs, nanos)
+                .single()
+                .unwrap_or_else(|| panic!("bad test time {secs}"));
+            assert_eq!(time_text(t), t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string());
         }
     }
 }

@@ -4,7 +4,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Sqlite, SqlitePool};
+use sqlx::SqlitePool;
 
 use chrono::{DateTime, Utc};
 use sqlx::Row;
@@ -19,6 +19,16 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 /// one prepared statement instead of preparing a new one per batch; the
 /// remainder goes row by row through another cached statement.
 const ROWS_PER_STATEMENT: usize = 64;
+
+/// The INSERT for one row and for `ROWS_PER_STATEMENT` rows, built once.
+static INSERT_SQL: std::sync::LazyLock<(String, String)> = std::sync::LazyLock::new(|| {
+    let head = "INSERT INTO usage (created_at, request_id, team, key_id, model, base_model, \
+                upstream, endpoint, stream, status, prompt_tokens, completion_tokens, \
+                cached_tokens, cost_nano_usd, token_source, latency_ms, end_user) VALUES ";
+    let row = format!("({})", vec!["?"; 17].join(", "));
+    let many = vec![row.as_str(); ROWS_PER_STATEMENT].join(", ");
+    (format!("{head}{row}"), format!("{head}{many}"))
+});
 
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
@@ -52,31 +62,33 @@ impl SqliteStore {
         let full = rows.len() - rows.len() % ROWS_PER_STATEMENT;
         let (chunks, rest) = rows.split_at(full);
         for chunk in chunks.chunks(ROWS_PER_STATEMENT).chain(rest.chunks(1)) {
-            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "INSERT INTO usage (created_at, request_id, team, key_id, model, base_model, \
-                 upstream, endpoint, stream, status, prompt_tokens, completion_tokens, \
-                 cached_tokens, cost_nano_usd, token_source, latency_ms, end_user) ",
-            );
-            q.push_values(chunk, |mut b, r| {
-                b.push_bind(r.created_at.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
-                    .push_bind(&r.request_id)
-                    .push_bind(&r.team)
-                    .push_bind(&r.key_id)
-                    .push_bind(&r.model)
-                    .push_bind(&r.base_model)
-                    .push_bind(&r.upstream)
-                    .push_bind(r.endpoint)
-                    .push_bind(r.stream)
-                    .push_bind(i64::from(r.status))
-                    .push_bind(to_i64(r.prompt_tokens))
-                    .push_bind(to_i64(r.completion_tokens))
-                    .push_bind(to_i64(r.cached_tokens))
-                    .push_bind(to_i64(r.cost_nano_usd))
-                    .push_bind(r.token_source)
-                    .push_bind(to_i64(r.latency_ms))
-                    .push_bind(&r.end_user);
-            });
-            q.build().execute(&mut *tx).await?;
+            let sql = if chunk.len() == 1 {
+                &INSERT_SQL.0
+            } else {
+                &INSERT_SQL.1
+            };
+            let mut q = sqlx::query(sql);
+            for r in chunk {
+                q = q
+                    .bind(time_text(r.created_at))
+                    .bind(&r.request_id)
+                    .bind(&r.team)
+                    .bind(&r.key_id)
+                    .bind(&r.model)
+                    .bind(&r.base_model)
+                    .bind(&r.upstream)
+                    .bind(r.endpoint)
+                    .bind(r.stream)
+                    .bind(i64::from(r.status))
+                    .bind(to_i64(r.prompt_tokens))
+                    .bind(to_i64(r.completion_tokens))
+                    .bind(to_i64(r.cached_tokens))
+                    .bind(to_i64(r.cost_nano_usd))
+                    .bind(r.token_source)
+                    .bind(to_i64(r.latency_ms))
+                    .bind(&r.end_user);
+            }
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
