@@ -127,6 +127,32 @@ async fn upstream_error_status_and_body_reach_the_client_unchanged() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_redirects_are_handed_back_not_followed() {
+    let mock = MockUpstream::start().await;
+    let tg = Tollgate::start(&mock, "").await;
+    let no_follow = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let resp = no_follow
+        .post(tg.url("/v1/chat/completions"))
+        .header("x-mock-status", "307")
+        .json(&chat_body("gpt-4o"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status().as_u16(), 307);
+    assert_eq!(
+        resp.headers().get("location").and_then(|v| v.to_str().ok()),
+        Some("/v1/chat/completions?redirected=1")
+    );
+    // tollgate sent the request once and did not chase the location.
+    assert_eq!(mock.request_count(), 1);
+    let rows = tg.wait_rows(1).await;
+    assert_eq!((rows[0].status, rows[0].cost_nano_usd), (307, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_upstream_gets_504_and_unreachable_upstream_502() {
     let mock = MockUpstream::start().await;
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));

@@ -2,7 +2,7 @@
 //! OpenAI's JSON and SSE and does what each request's `x-mock-*` headers ask
 //! (tollgate forwards unknown headers untouched):
 //!
-//! - `x-mock-status: N`          answer N with an OpenAI error body
+//! - `x-mock-status: N`          answer N with an OpenAI error body (3xx: with a `location`)
 //! - `x-mock-delay-ms: N`        wait before the response headers
 //! - `x-mock-usage: omit`        no usage anywhere (JSON or stream)
 //! - `x-mock-prompt-tokens`, `x-mock-completion-tokens`, `x-mock-cached-tokens`:
@@ -194,14 +194,19 @@ fn early_answer(b: &Behaviour) -> Option<Response> {
     if let Some(status) = b.status {
         let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = json!({"error": {"message": format!("mock failure {status}"), "type": "server_error", "code": "mock", "param": null}});
-        return Some(
-            (
-                code,
-                [("content-type", "application/json")],
-                body.to_string(),
-            )
-                .into_response(),
-        );
+        let mut response = (
+            code,
+            [("content-type", "application/json")],
+            body.to_string(),
+        )
+            .into_response();
+        if code.is_redirection() {
+            response.headers_mut().insert(
+                "location",
+                http::HeaderValue::from_static("/v1/chat/completions?redirected=1"),
+            );
+        }
+        return Some(response);
     }
     if b.garbage {
         return Some(
