@@ -49,6 +49,10 @@ impl AppState {
                 },
             );
             match t.budget {
+                // Shared budgets read their spend from the lease tables (sync).
+                Some(budget) if self.ledger.is_shared() => {
+                    self.ledger.set_budget(&t.name, Some(budget), |_| 0)
+                }
                 Some(budget) if !self.ledger.is_current(&t.name, budget) => {
                     let start = budget.period.start(chrono::Utc::now());
                     let spent = self.store.spend_since(&t.name, start).await?;
@@ -59,6 +63,9 @@ impl AppState {
             }
         }
         self.directory.replace(key_map, team_map);
+        if let Some(pg) = self.store.shared() {
+            self.ledger.sync(pg).await?;
+        }
         Ok(())
     }
 }

@@ -248,13 +248,14 @@ impl Config {
         if self.server.max_body_bytes == 0 {
             return Err(bad("server.max_body_bytes", "must be > 0".into()));
         }
-        if !self.database.url.starts_with("sqlite:") {
+        let url = &self.database.url;
+        if !["sqlite:", "postgres://", "postgresql://"]
+            .iter()
+            .any(|scheme| url.starts_with(scheme))
+        {
             return Err(bad(
                 "database.url",
-                format!(
-                    "`{}`: only sqlite:// URLs are supported by this build",
-                    self.database.url
-                ),
+                format!("`{url}`: use sqlite://PATH or postgres://USER@HOST/DB"),
             ));
         }
         if self.database.batch_size == 0 || self.database.queue_capacity == 0 {

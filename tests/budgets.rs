@@ -7,37 +7,9 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{chat_body, client, metric, MockUpstream, Tollgate};
+use support::{chat_body, client, metric, stdout, wait_for_key, MockUpstream, Tollgate};
 
 const VIRTUAL: &str = "[auth]\nmode = \"virtual-keys\"\n";
-
-fn stdout(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
-/// Waits until a running server knows a key made by the CLI (its refresh
-/// runs every 500 ms), probing with `/v1/models`, which costs nothing.
-async fn wait_for_key(tg: &Tollgate, key: &str) {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let r = client()
-            .get(tg.url("/v1/models"))
-            .bearer_auth(key)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        if r.status() != 401 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "key never became valid");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 async fn chat(tg: &Tollgate, key: &str, model: &str) -> reqwest::Response {
     client()

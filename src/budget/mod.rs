@@ -4,6 +4,13 @@
 //! comparison of integers, never a database round trip; the ledger is loaded
 //! from the database at start (spend survives restarts) and refreshed when
 //! budgets change.
+//!
+//! On SQLite the ledger is the one authority. On Postgres several replicas
+//! share each budget: a replica reserves only from a lease it holds in the
+//! database (`shared`), so the database round trip happens once per lease,
+//! not per request.
+
+pub mod shared;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -84,14 +91,50 @@ pub struct Budget {
     pub period: Period,
 }
 
+/// The key of a budget period in the shared tables: `total`, or the
+/// period's start as UTC text.
+pub fn period_key(start: DateTime<Utc>) -> String {
+    if start.timestamp() <= 0 {
+        "total".to_string()
+    } else {
+        crate::store::time_text(start)
+    }
+}
+
 /// One team's ledger for its current period.
 #[derive(Debug)]
 struct Account {
     budget: Budget,
     period_start: DateTime<Utc>,
     period_end: DateTime<Utc>,
+    /// Local mode: recorded and settled spend. Shared mode: unused (see `Lease`).
     spent: u64,
     reserved: u64,
+    /// Shared mode only.
+    lease: Option<Lease>,
+}
+
+/// This replica's share of a budget kept in Postgres. Invariant kept with
+/// the database: `reserved + unwritten <= held`.
+#[derive(Debug, Default, Clone, Copy)]
+struct Lease {
+    /// Held by this replica in `budget_leases`.
+    held: u64,
+    /// Settled costs the writer has not recorded yet.
+    unwritten: u64,
+    /// Recorded spend of all replicas, as last read.
+    db_spent: u64,
+    /// Held by all replicas, as last read.
+    db_leased: u64,
+    /// A reservation was taken since the last sync.
+    active: bool,
+}
+
+impl Lease {
+    fn available(&self, reserved: u64) -> u64 {
+        self.held
+            .saturating_sub(reserved.saturating_add(self.unwritten))
+    }
 }
 
 impl Account {
@@ -100,14 +143,45 @@ impl Account {
             self.period_start = self.budget.period.start(now);
             self.period_end = self.budget.period.next(self.period_start);
             self.spent = 0;
+            // The old period's lease stays with the old period's key.
+            if let Some(lease) = &mut self.lease {
+                *lease = Lease::default();
+            }
         }
     }
 
+    /// What this replica may still reserve without asking anyone.
+    fn available(&self) -> u64 {
+        match &self.lease {
+            None => self.remaining(),
+            Some(lease) => lease.available(self.reserved),
+        }
+    }
+
+    /// The team's budget left, all replicas counted.
     fn remaining(&self) -> u64 {
-        self.budget
-            .limit
-            .0
-            .saturating_sub(self.spent.saturating_add(self.reserved))
+        match &self.lease {
+            None => self
+                .budget
+                .limit
+                .0
+                .saturating_sub(self.spent.saturating_add(self.reserved)),
+            Some(lease) => {
+                let free = self
+                    .budget
+                    .limit
+                    .0
+                    .saturating_sub(lease.db_spent.saturating_add(lease.db_leased));
+                free.saturating_add(lease.available(self.reserved))
+            }
+        }
+    }
+
+    fn spent(&self) -> u64 {
+        match &self.lease {
+            None => self.spent,
+            Some(lease) => lease.db_spent.saturating_add(lease.unwritten),
+        }
     }
 }
 
@@ -123,6 +197,10 @@ pub struct BudgetStatus {
 #[derive(Debug, Default)]
 pub struct Ledger {
     accounts: Mutex<HashMap<String, Account>>,
+    /// Budgets live in Postgres and are shared with other replicas.
+    shared: bool,
+    /// One lease request to the database at a time.
+    acquiring: tokio::sync::Mutex<()>,
 }
 
 /// Why a reservation was refused.
@@ -135,6 +213,18 @@ pub struct OverBudget {
 impl Ledger {
     pub fn new() -> Arc<Ledger> {
         Arc::new(Ledger::default())
+    }
+
+    /// A ledger whose budgets are shared through Postgres leases.
+    pub fn new_shared() -> Arc<Ledger> {
+        Arc::new(Ledger {
+            shared: true,
+            ..Ledger::default()
+        })
+    }
+
+    pub fn is_shared(&self) -> bool {
+        self.shared
     }
 
     /// Sets (or clears) a team's budget. `spent_in_period` is what the
@@ -159,14 +249,20 @@ impl Ledger {
             _ => {
                 let start = budget.period.start(now);
                 let reserved = accounts.get(team).map_or(0, |a| a.reserved);
+                let (spent, lease) = if self.shared {
+                    (0, Some(Lease::default()))
+                } else {
+                    (spent_in_period(start), None)
+                };
                 accounts.insert(
                     team.to_string(),
                     Account {
                         budget,
                         period_start: start,
                         period_end: budget.period.next(start),
-                        spent: spent_in_period(start),
+                        spent,
                         reserved,
+                        lease,
                     },
                 );
             }
@@ -205,19 +301,22 @@ impl Ledger {
             return Ok(None);
         };
         acc.roll(Utc::now());
-        let remaining = acc.remaining();
-        if amount.0 > remaining {
+        if amount.0 > acc.available() {
             return Err(OverBudget {
                 needed: amount,
-                remaining: NanoUsd(remaining),
+                remaining: NanoUsd(acc.remaining()),
             });
         }
         acc.reserved += amount.0;
+        if let Some(lease) = &mut acc.lease {
+            lease.active = true;
+        }
         Ok(Some(Reservation {
             ledger: self.clone(),
             team: team.to_string(),
             amount: amount.0,
             remaining: NanoUsd(acc.remaining()),
+            period_start: acc.period_start,
         }))
     }
 
@@ -227,7 +326,7 @@ impl Ledger {
         acc.roll(Utc::now());
         Some(BudgetStatus {
             limit: acc.budget.limit,
-            spent: NanoUsd(acc.spent),
+            spent: NanoUsd(acc.spent()),
             reserved: NanoUsd(acc.reserved),
             remaining: NanoUsd(acc.remaining()),
         })
@@ -246,7 +345,7 @@ impl Ledger {
                     team.clone(),
                     BudgetStatus {
                         limit: acc.budget.limit,
-                        spent: NanoUsd(acc.spent),
+                        spent: NanoUsd(acc.spent()),
                         reserved: NanoUsd(acc.reserved),
                         remaining: NanoUsd(acc.remaining()),
                     },
@@ -257,13 +356,25 @@ impl Ledger {
         out
     }
 
-    /// Returns what remains of the budget afterwards.
-    fn release(&self, team: &str, reserved: u64, actual: u64) -> Option<NanoUsd> {
+    /// Returns what remains of the budget afterwards. A cost reserved in a
+    /// period that has since ended does not count against the new one.
+    fn release(
+        &self,
+        team: &str,
+        reserved: u64,
+        actual: u64,
+        period_start: DateTime<Utc>,
+    ) -> Option<NanoUsd> {
         let mut accounts = self.accounts.lock().ok()?;
         let acc = accounts.get_mut(team)?;
         acc.reserved = acc.reserved.saturating_sub(reserved);
         acc.roll(Utc::now());
-        acc.spent = acc.spent.saturating_add(actual);
+        if acc.period_start == period_start {
+            match &mut acc.lease {
+                None => acc.spent = acc.spent.saturating_add(actual),
+                Some(lease) => lease.unwritten = lease.unwritten.saturating_add(actual),
+            }
+        }
         Some(NanoUsd(acc.remaining()))
     }
 }
@@ -276,6 +387,7 @@ pub struct Reservation {
     team: String,
     amount: u64,
     remaining: NanoUsd,
+    period_start: DateTime<Utc>,
 }
 
 impl Reservation {
@@ -288,6 +400,11 @@ impl Reservation {
         self.remaining
     }
 
+    /// The shared period key whose lease holds this reservation (Postgres).
+    pub fn shared_period(&self) -> Option<String> {
+        self.ledger.shared.then(|| period_key(self.period_start))
+    }
+
     /// Records the actual cost, frees the rest; returns the budget left.
     pub fn settle(mut self, actual: NanoUsd) -> Option<NanoUsd> {
         if actual.0 > self.amount {
@@ -298,7 +415,9 @@ impl Reservation {
                 "actual cost exceeded the reservation"
             );
         }
-        let remaining = self.ledger.release(&self.team, self.amount, actual.0);
+        let remaining = self
+            .ledger
+            .release(&self.team, self.amount, actual.0, self.period_start);
         self.amount = 0;
         self.team.clear();
         remaining
@@ -308,7 +427,9 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.team.is_empty() {
-            let _ = self.ledger.release(&self.team, self.amount, 0);
+            let _ = self
+                .ledger
+                .release(&self.team, self.amount, 0, self.period_start);
         }
     }
 }

@@ -458,7 +458,7 @@ async fn reserve(
     // Every token covers at least one byte of its text, and the JSON around
     // the text outweighs the per-message overheads.
     let bound = body.len() as u64 + 16;
-    if let Ok(r) = state.ledger.reserve(&ctx.team, worst(bound)) {
+    if let Ok(r) = reserve_amount(state, &ctx.team, worst(bound)).await {
         ctx.budget_remaining = r.as_ref().map(|r| r.remaining());
         ctx.reservation = r;
         return Ok(());
@@ -471,7 +471,7 @@ async fn reserve(
     })
     .await
     .unwrap_or(bound);
-    match state.ledger.reserve(&ctx.team, worst(exact)) {
+    match reserve_amount(state, &ctx.team, worst(exact)).await {
         Ok(r) => {
             ctx.budget_remaining = r.as_ref().map(|r| r.remaining());
             ctx.reservation = r;
@@ -490,6 +490,19 @@ async fn reserve(
                 remaining: over.remaining,
             })
         }
+    }
+}
+
+/// Reserves from the local ledger; on Postgres, from this replica's lease,
+/// topped up from the shared budget when it runs short.
+async fn reserve_amount(
+    state: &AppState,
+    team: &str,
+    amount: crate::pricing::NanoUsd,
+) -> Result<Option<crate::budget::Reservation>, crate::budget::OverBudget> {
+    match state.store.shared() {
+        Some(pg) => state.ledger.reserve_shared(pg, team, amount).await,
+        None => state.ledger.reserve(team, amount),
     }
 }
 

@@ -31,6 +31,8 @@ pub struct RequestCtx {
     pub upstream: String,
     pub stream: bool,
     pub end_user: Option<String>,
+    /// The shared budget period the reservation was leased from (Postgres).
+    pub budget_period: Option<String>,
 }
 
 impl RequestCtx {
@@ -50,6 +52,7 @@ impl RequestCtx {
             upstream: String::new(),
             stream: false,
             end_user: None,
+            budget_period: None,
         }
     }
 }
@@ -68,6 +71,7 @@ pub fn settle(
     let price = ctx.resolved.as_ref().and_then(|r| r.price.as_ref());
     let cost = price.map_or(NanoUsd(0), |p| p.cost(&usage));
     if let Some(reservation) = ctx.reservation.take() {
+        ctx.budget_period = reservation.shared_period();
         ctx.budget_remaining = reservation.settle(cost);
     }
 
@@ -127,6 +131,7 @@ pub fn settle(
         token_source: usage.source.label(),
         latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
         end_user: ctx.end_user.clone(),
+        budget_period: ctx.budget_period.take(),
     });
     cost
 }

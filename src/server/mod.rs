@@ -126,9 +126,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     metrics.publish_catalog(&catalog);
     let upstreams = Upstreams::build(&config.effective_upstreams()).map_err(anyhow::Error::msg)?;
     let store = Store::open(&config.database.url).await?;
+    let ledger = match store.shared() {
+        Some(_) => Ledger::new_shared(),
+        None => Ledger::new(),
+    };
     let (usage, writer) = UsageWriter::spawn(
         store.clone(),
         metrics.clone(),
+        ledger.clone(),
         config.database.batch_size,
         Duration::from_millis(config.database.flush_interval_ms),
         config.database.queue_capacity,
@@ -164,7 +169,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         request_ids: RequestIds::new(),
         auth_mode,
         directory: Directory::default(),
-        ledger: Ledger::new(),
+        ledger,
     });
     state.refresh().await?;
     tracing::info!(?auth_mode, keys = state.directory.key_count(), "auth");
@@ -211,6 +216,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .is_err()
     {
         tracing::error!("usage writer did not finish within 60 s");
+    }
+    if let Some(pg) = store.shared() {
+        // Every row is written: this replica's leases hold nothing more.
+        if let Err(e) = pg.release_node().await {
+            tracing::warn!(error = %e, "could not return budget leases");
+        }
     }
     store.close().await;
     eprintln!("tollgate stopped");

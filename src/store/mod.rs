@@ -4,6 +4,7 @@
 //! The request path never awaits the database: it hands a `UsageRecord` to
 //! the writer's bounded queue and moves on.
 
+pub mod postgres;
 mod sqlite;
 pub mod writer;
 
@@ -33,6 +34,9 @@ pub struct UsageRecord {
     pub token_source: &'static str,
     pub latency_ms: u64,
     pub end_user: Option<String>,
+    /// The shared budget period (`budget::period_key`) whose lease paid for
+    /// this request; not a column. Set only on Postgres with a budget.
+    pub budget_period: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +45,7 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("database url `{0}`: unsupported scheme (sqlite:// only)")]
+    #[error("database url `{0}`: unsupported (sqlite:// or postgres://)")]
     Unsupported(String),
     #[error("{0} not found")]
     NotFound(String),
@@ -129,17 +133,39 @@ pub fn time_text(t: DateTime<Utc>) -> String {
     out
 }
 
-/// The database behind tollgate. Postgres joins as a second variant.
+/// The database behind tollgate: SQLite for one node, Postgres for several
+/// replicas sharing one database (and its budgets).
 #[derive(Clone, Debug)]
 pub enum Store {
     Sqlite(sqlite::SqliteStore),
+    Postgres(postgres::PostgresStore),
+}
+
+/// Calls the same method on whichever store this is.
+macro_rules! either {
+    ($self:expr, $s:ident => $call:expr) => {
+        match $self {
+            Store::Sqlite($s) => $call,
+            Store::Postgres($s) => $call,
+        }
+    };
 }
 
 impl Store {
+    /// The Postgres store, whose budgets are shared between replicas.
+    pub fn shared(&self) -> Option<&postgres::PostgresStore> {
+        match self {
+            Store::Postgres(p) => Some(p),
+            Store::Sqlite(_) => None,
+        }
+    }
+
     /// Connects (creating a SQLite file if needed) and applies migrations.
     pub async fn open(url: &str) -> Result<Store, StoreError> {
         let store = if url.starts_with("sqlite:") {
             Store::Sqlite(sqlite::SqliteStore::connect(url).await?)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Store::Postgres(postgres::PostgresStore::connect(url).await?)
         } else {
             return Err(StoreError::Unsupported(url.to_string()));
         };
@@ -148,21 +174,15 @@ impl Store {
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        match self {
-            Store::Sqlite(s) => s.migrate().await,
-        }
+        either!(self, s => s.migrate().await)
     }
 
     pub async fn insert_usage(&self, rows: &[UsageRecord]) -> Result<(), StoreError> {
-        match self {
-            Store::Sqlite(s) => s.insert_usage(rows).await,
-        }
+        either!(self, s => s.insert_usage(rows).await)
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
-        match self {
-            Store::Sqlite(s) => s.ping().await,
-        }
+        either!(self, s => s.ping().await)
     }
 
     pub async fn create_team(
@@ -171,15 +191,11 @@ impl Store {
         budget: Option<Budget>,
         max_output_tokens: Option<u64>,
     ) -> Result<TeamRow, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.create_team(name, budget, max_output_tokens).await,
-        }
+        either!(self, s => s.create_team(name, budget, max_output_tokens).await)
     }
 
     pub async fn teams(&self) -> Result<Vec<TeamRow>, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.teams().await,
-        }
+        either!(self, s => s.teams().await)
     }
 
     /// Sets the budget (None clears it) and, when given, the output cap
@@ -190,34 +206,24 @@ impl Store {
         budget: Option<Budget>,
         max_output_tokens: Option<Option<u64>>,
     ) -> Result<TeamRow, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.set_budget(name, budget, max_output_tokens).await,
-        }
+        either!(self, s => s.set_budget(name, budget, max_output_tokens).await)
     }
 
     pub async fn insert_key(&self, key: &KeyRow) -> Result<(), StoreError> {
-        match self {
-            Store::Sqlite(s) => s.insert_key(key).await,
-        }
+        either!(self, s => s.insert_key(key).await)
     }
 
     pub async fn keys(&self) -> Result<Vec<KeyRow>, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.keys().await,
-        }
+        either!(self, s => s.keys().await)
     }
 
     pub async fn revoke_key(&self, id: &str) -> Result<(), StoreError> {
-        match self {
-            Store::Sqlite(s) => s.revoke_key(id).await,
-        }
+        either!(self, s => s.revoke_key(id).await)
     }
 
     /// A team's recorded spend since `since`, in nano-USD.
     pub async fn spend_since(&self, team: &str, since: DateTime<Utc>) -> Result<u64, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.spend_since(team, since).await,
-        }
+        either!(self, s => s.spend_since(team, since).await)
     }
 
     pub async fn report(
@@ -225,15 +231,11 @@ impl Store {
         by: ReportBy,
         since: DateTime<Utc>,
     ) -> Result<Vec<ReportRow>, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.report(by, since).await,
-        }
+        either!(self, s => s.report(by, since).await)
     }
 
     pub async fn close(&self) {
-        match self {
-            Store::Sqlite(s) => s.close().await,
-        }
+        either!(self, s => s.close().await)
     }
 }
 

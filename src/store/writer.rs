@@ -9,6 +9,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
 use super::{Store, UsageRecord};
+use crate::budget::Ledger;
 use crate::metrics::Metrics;
 
 /// The request path's handle: cheap to clone, never awaits.
@@ -43,6 +44,7 @@ impl UsageWriter {
     pub fn spawn(
         store: Store,
         metrics: Arc<Metrics>,
+        ledger: Arc<Ledger>,
         batch_size: usize,
         flush_interval: Duration,
         capacity: usize,
@@ -56,6 +58,7 @@ impl UsageWriter {
         let task = tokio::spawn(run(
             store,
             metrics,
+            ledger,
             rx,
             batch_size,
             flush_interval,
@@ -75,6 +78,7 @@ impl UsageWriter {
 async fn run(
     store: Store,
     metrics: Arc<Metrics>,
+    ledger: Arc<Ledger>,
     mut rx: mpsc::Receiver<UsageRecord>,
     batch_size: usize,
     flush_interval: Duration,
@@ -106,7 +110,14 @@ async fn run(
                 }
             }
         }
-        write(&store, &metrics, &buf).await;
+        if write(&store, &metrics, &buf).await {
+            // Recorded: those costs no longer need this replica's lease.
+            for row in &buf {
+                if let Some(period) = &row.budget_period {
+                    ledger.written(&row.team, period, row.cost_nano_usd);
+                }
+            }
+        }
         buf.clear();
         if closed {
             break;
@@ -115,11 +126,12 @@ async fn run(
     tracing::info!("usage writer drained");
 }
 
-async fn write(store: &Store, metrics: &Metrics, rows: &[UsageRecord]) {
+/// Inserts with retries; true once the rows are in the database.
+async fn write(store: &Store, metrics: &Metrics, rows: &[UsageRecord]) -> bool {
     let mut delay = Duration::from_millis(50);
     for attempt in 1..=5 {
         match store.insert_usage(rows).await {
-            Ok(()) => return,
+            Ok(()) => return true,
             Err(e) if attempt < 5 => {
                 tracing::warn!(error = %e, attempt, rows = rows.len(), "usage insert failed; retrying");
                 tokio::time::sleep(delay).await;
@@ -131,4 +143,5 @@ async fn write(store: &Store, metrics: &Metrics, rows: &[UsageRecord]) {
             }
         }
     }
+    false
 }

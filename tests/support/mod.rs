@@ -390,3 +390,97 @@ pub async fn run_sdk_script(
     );
     stdout
 }
+
+/// A command's stdout, after asserting it succeeded.
+pub fn stdout(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Waits until a running server knows a key made by the CLI (its refresh
+/// runs every 500 ms), probing with `/v1/models`, which costs nothing.
+pub async fn wait_for_key(tg: &Tollgate, key: &str) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let r = client()
+            .get(tg.url("/v1/models"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        if r.status() != 401 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "key never became valid");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A fresh Postgres database for one test, dropped again by `drop_db`.
+/// None (with a notice) when TOLLGATE_TEST_POSTGRES_URL is not set; in CI it
+/// is set and these tests must run.
+pub struct PgDb {
+    pub url: String,
+    admin_url: String,
+    name: String,
+}
+
+impl PgDb {
+    pub async fn create(test: &str) -> Option<PgDb> {
+        let Ok(admin_url) = std::env::var("TOLLGATE_TEST_POSTGRES_URL") else {
+            eprintln!("SKIPPED {test}: TOLLGATE_TEST_POSTGRES_URL is not set");
+            return None;
+        };
+        let mut bytes = [0u8; 6];
+        getrandom::getrandom(&mut bytes).unwrap_or_else(|e| panic!("{e}"));
+        let name = format!(
+            "tg_{}_{}",
+            test.chars().take(20).collect::<String>(),
+            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        let admin = sqlx::PgPool::connect(&admin_url)
+            .await
+            .unwrap_or_else(|e| panic!("connect {admin_url}: {e}"));
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await
+            .unwrap_or_else(|e| panic!("create database {name}: {e}"));
+        admin.close().await;
+        let base = admin_url
+            .rsplit_once('/')
+            .map_or(admin_url.as_str(), |(b, _)| b);
+        Some(PgDb {
+            url: format!("{base}/{name}"),
+            admin_url,
+            name,
+        })
+    }
+
+    pub async fn pool(&self) -> sqlx::PgPool {
+        sqlx::PgPool::connect(&self.url)
+            .await
+            .unwrap_or_else(|e| panic!("connect {}: {e}", self.url))
+    }
+
+    pub async fn drop_db(self) {
+        if let Ok(admin) = sqlx::PgPool::connect(&self.admin_url).await {
+            let _ = sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .execute(&admin)
+            .await;
+            admin.close().await;
+        }
+    }
+}
+
+/// `base_config` with its SQLite url swapped for `url`.
+pub fn config_with_database(mock: &MockUpstream, dir: &std::path::Path, url: &str) -> String {
+    let sqlite = format!("url = \"sqlite://{}\"", dir.join("tollgate.db").display());
+    base_config(mock, dir).replace(&sqlite, &format!("url = \"{url}\""))
+}

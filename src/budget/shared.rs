@@ -1,0 +1,168 @@
+//! Budgets shared by several replicas through Postgres.
+//!
+//! Each replica holds a lease (a slice of the team's budget) in
+//! `budget_leases` and reserves locally against it, so the request path does
+//! no database round trip until the lease runs short. The database keeps
+//! `spent + SUM(leased) <= limit` under a row lock on `budget_state`; the
+//! usage writer moves recorded costs from the lease to `spent` in the same
+//! transaction that inserts the rows. Together: recorded spend never passes
+//! the limit, however many replicas serve the team.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{period_key, Ledger, OverBudget, Reservation};
+use crate::pricing::NanoUsd;
+use crate::store::postgres::{BudgetView, PostgresStore};
+use crate::store::StoreError;
+
+/// A lease asks for at least this fraction of the limit, so a busy replica
+/// goes to the database about once per 1/LEASE_FRACTION of the budget.
+const LEASE_FRACTION: u64 = 20;
+
+/// Leases of a replica silent this long are reclaimed by the others.
+pub const STALE_AFTER: Duration = Duration::from_secs(30);
+
+impl Ledger {
+    /// Reserves `amount` for a request, taking more lease from the database
+    /// when what this replica holds does not cover it.
+    pub async fn reserve_shared(
+        self: &Arc<Self>,
+        store: &PostgresStore,
+        team: &str,
+        amount: NanoUsd,
+    ) -> Result<Option<Reservation>, OverBudget> {
+        let first = self.reserve(team, amount);
+        if first.is_ok() || !self.shared {
+            return first;
+        }
+        let _one_at_a_time = self.acquiring.lock().await;
+        // Another request may have brought a lease while this one waited.
+        let over = match self.reserve(team, amount) {
+            Err(over) => over,
+            done => return done,
+        };
+        let Some((limit, start, available)) = self.lease_state(team) else {
+            return self.reserve(team, amount);
+        };
+        let need = amount.0.saturating_sub(available);
+        let want = need.max(limit / LEASE_FRACTION);
+        let key = period_key(start);
+        let pg_start = (start.timestamp() > 0).then_some(start);
+        match store
+            .acquire_lease(team, &key, pg_start, limit, need, want)
+            .await
+        {
+            Ok(grant) => {
+                self.add_lease(team, &key, grant.granted, grant.view);
+                if grant.granted == 0 {
+                    return Err(OverBudget {
+                        needed: amount,
+                        remaining: self.status(team).map_or(over.remaining, |s| s.remaining),
+                    });
+                }
+                self.reserve(team, amount)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, team, "could not take budget lease; refusing");
+                Err(over)
+            }
+        }
+    }
+
+    /// (limit, period start, available locally) of a shared account.
+    fn lease_state(&self, team: &str) -> Option<(u64, chrono::DateTime<chrono::Utc>, u64)> {
+        let mut accounts = self.accounts.lock().ok()?;
+        let acc = accounts.get_mut(team)?;
+        acc.roll(chrono::Utc::now());
+        acc.lease?;
+        Some((acc.budget.limit.0, acc.period_start, acc.available()))
+    }
+
+    fn add_lease(&self, team: &str, key: &str, granted: u64, view: BudgetView) {
+        let Ok(mut accounts) = self.accounts.lock() else {
+            return;
+        };
+        if let Some(acc) = accounts.get_mut(team) {
+            if period_key(acc.period_start) == key {
+                if let Some(lease) = &mut acc.lease {
+                    lease.held = lease.held.saturating_add(granted);
+                    lease.db_spent = view.spent;
+                    lease.db_leased = view.leased;
+                }
+            }
+        }
+    }
+
+    /// The writer recorded `cost` of rows paid from the lease of `key`.
+    pub fn written(&self, team: &str, key: &str, cost: u64) {
+        let Ok(mut accounts) = self.accounts.lock() else {
+            return;
+        };
+        if let Some(acc) = accounts.get_mut(team) {
+            if period_key(acc.period_start) == key {
+                if let Some(lease) = &mut acc.lease {
+                    lease.held = lease.held.saturating_sub(cost);
+                    lease.unwritten = lease.unwritten.saturating_sub(cost);
+                    lease.db_spent = lease.db_spent.saturating_add(cost);
+                    lease.db_leased = lease.db_leased.saturating_sub(cost);
+                }
+            }
+        }
+    }
+
+    /// Runs every refresh: heartbeats, returns lease this replica does not
+    /// need (when it sat idle since the last sync, or the team is near its
+    /// limit and others may need it), and reads every replica's spend.
+    pub async fn sync(&self, store: &PostgresStore) -> Result<(), StoreError> {
+        if !self.shared {
+            return Ok(());
+        }
+        let alive = store.heartbeat(STALE_AFTER).await?;
+        let mut returns = Vec::new();
+        let mut keys = Vec::new();
+        if let Ok(mut accounts) = self.accounts.lock() {
+            let now = chrono::Utc::now();
+            for (team, acc) in accounts.iter_mut() {
+                acc.roll(now);
+                let key = period_key(acc.period_start);
+                let limit = acc.budget.limit.0;
+                let reserved = acc.reserved;
+                let Some(lease) = &mut acc.lease else {
+                    continue;
+                };
+                if !alive {
+                    // Our leases were reclaimed as if we had died: hold nothing.
+                    lease.held = reserved.saturating_add(lease.unwritten);
+                }
+                let excess = lease.available(reserved);
+                let free = limit.saturating_sub(lease.db_spent.saturating_add(lease.db_leased));
+                let tight = free < limit / LEASE_FRACTION;
+                if excess > 0 && (!lease.active || tight) {
+                    lease.held -= excess;
+                    lease.db_leased = lease.db_leased.saturating_sub(excess);
+                    returns.push((team.clone(), key.clone(), excess));
+                }
+                lease.active = false;
+                keys.push((team.clone(), key));
+            }
+        }
+        for (team, key, amount) in returns {
+            store.release_lease(&team, &key, amount).await?;
+        }
+        let views = store.budget_views(&keys).await?;
+        if let Ok(mut accounts) = self.accounts.lock() {
+            for ((team, key), view) in views {
+                if let Some(acc) = accounts.get_mut(&team) {
+                    if period_key(acc.period_start) == key {
+                        if let Some(lease) = &mut acc.lease {
+                            lease.db_spent = view.spent;
+                            lease.db_leased = view.leased;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,497 @@
+//! Postgres through sqlx: migrations from `migrations/postgres`, the usage
+//! table written in one UNNEST insert per batch, and the shared budget
+//! tables several replicas use to enforce one budget (see `budget::shared`).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Row};
+
+use super::{time_text, KeyRow, ReportBy, ReportRow, StoreError, TeamRow, UsageRecord};
+use crate::budget::{Budget, Period};
+use crate::pricing::NanoUsd;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// What a lease request got, and the team's shared state as it saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseGrant {
+    pub granted: u64,
+    pub view: BudgetView,
+}
+
+/// A team's shared budget state for one period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BudgetView {
+    /// Recorded spend of every replica.
+    pub spent: u64,
+    /// Held by every replica (this one included).
+    pub leased: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct PostgresStore {
+    pool: PgPool,
+    /// This replica's name in `budget_leases`: random per process.
+    node: std::sync::Arc<str>,
+}
+
+impl PostgresStore {
+    pub async fn connect(url: &str) -> Result<PostgresStore, StoreError> {
+        let options: PgConnectOptions = url.parse()?;
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await?;
+        let mut id = [0u8; 8];
+        getrandom::getrandom(&mut id)
+            .map_err(|e| StoreError::Unsupported(format!("no randomness: {e}")))?;
+        let node = format!("{}-{}", std::process::id(), crate::auth::hex(&id));
+        Ok(PostgresStore {
+            pool,
+            node: node.into(),
+        })
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Inserts the rows and, in the same transaction, moves the cost of rows
+    /// reserved under a shared budget from this replica's lease to the
+    /// team's recorded spend.
+    pub async fn insert_usage(&self, rows: &[UsageRecord]) -> Result<(), StoreError> {
+        let node = &*self.node;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO usage (created_at, request_id, team, key_id, model, base_model, upstream, \
+             endpoint, stream, status, prompt_tokens, completion_tokens, cached_tokens, \
+             cost_nano_usd, token_source, latency_ms, end_user) \
+             SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], \
+             $6::text[], $7::text[], $8::text[], $9::bool[], $10::int4[], $11::int8[], $12::int8[], \
+             $13::int8[], $14::int8[], $15::text[], $16::int8[], $17::text[])",
+        )
+        .bind(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.request_id.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.team.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.key_id.as_deref()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.model.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.base_model.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.upstream.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.endpoint).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.stream).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| i32::from(r.status)).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| to_i64(r.prompt_tokens)).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| to_i64(r.completion_tokens)).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| to_i64(r.cached_tokens)).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| to_i64(r.cost_nano_usd)).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.token_source).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| to_i64(r.latency_ms)).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.end_user.as_deref()).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+
+        let mut recorded: HashMap<(&str, &str), u64> = HashMap::new();
+        for r in rows {
+            if let Some(period) = r.budget_period.as_deref() {
+                *recorded.entry((r.team.as_str(), period)).or_default() += r.cost_nano_usd;
+            }
+        }
+        for ((team, period), cost) in recorded {
+            sqlx::query(
+                "UPDATE budget_state SET spent = spent + $3 WHERE team = $1 AND period = $2",
+            )
+            .bind(team)
+            .bind(period)
+            .bind(to_i64(cost))
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE budget_leases SET leased = GREATEST(leased - $4, 0) \
+                 WHERE team = $1 AND period = $2 AND node = $3",
+            )
+            .bind(team)
+            .bind(period)
+            .bind(node)
+            .bind(to_i64(cost))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Takes budget for this replica: at least `need`, `want` when there is room,
+    /// nothing when `need` does not fit. Serialized per team and period by a
+    /// row lock on `budget_state`, so replicas never hand out more than
+    /// `limit - spent` between them.
+    pub async fn acquire_lease(
+        &self,
+        team: &str,
+        period: &str,
+        period_start: Option<DateTime<Utc>>,
+        limit: u64,
+        need: u64,
+        want: u64,
+    ) -> Result<LeaseGrant, StoreError> {
+        let node = &*self.node;
+        let mut tx = self.pool.begin().await?;
+        // The first replica to budget this period starts from what the
+        // usage table already holds for it (a budget set mid-period).
+        sqlx::query(
+            "INSERT INTO budget_state (team, period, spent) \
+             SELECT $1, $2, COALESCE(SUM(cost_nano_usd), 0)::BIGINT FROM usage \
+             WHERE team = $1 AND ($3::timestamptz IS NULL OR created_at >= $3) \
+             ON CONFLICT (team, period) DO NOTHING",
+        )
+        .bind(team)
+        .bind(period)
+        .bind(period_start)
+        .execute(&mut *tx)
+        .await?;
+        let spent: i64 = sqlx::query_scalar(
+            "SELECT spent FROM budget_state WHERE team = $1 AND period = $2 FOR UPDATE",
+        )
+        .bind(team)
+        .bind(period)
+        .fetch_one(&mut *tx)
+        .await?;
+        let leased: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(leased), 0)::BIGINT FROM budget_leases WHERE team = $1 AND period = $2",
+        )
+        .bind(team)
+        .bind(period)
+        .fetch_one(&mut *tx)
+        .await?;
+        let (spent, leased) = (to_u64(spent), to_u64(leased));
+        let free = limit.saturating_sub(spent.saturating_add(leased));
+        let granted = if need > free {
+            0
+        } else {
+            want.max(need).min(free)
+        };
+        if granted > 0 {
+            sqlx::query(
+                "INSERT INTO budget_leases (team, period, node, leased, heartbeat_at) \
+                 VALUES ($1, $2, $3, $4, now()) \
+                 ON CONFLICT (team, period, node) \
+                 DO UPDATE SET leased = budget_leases.leased + EXCLUDED.leased, heartbeat_at = now()",
+            )
+            .bind(team)
+            .bind(period)
+            .bind(node)
+            .bind(to_i64(granted))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(LeaseGrant {
+            granted,
+            view: BudgetView {
+                spent,
+                leased: leased + granted,
+            },
+        })
+    }
+
+    /// Gives `amount` of this replica's lease back to the team.
+    pub async fn release_lease(
+        &self,
+        team: &str,
+        period: &str,
+        amount: u64,
+    ) -> Result<(), StoreError> {
+        let node = &*self.node;
+        sqlx::query(
+            "UPDATE budget_leases SET leased = GREATEST(leased - $4, 0), heartbeat_at = now() \
+             WHERE team = $1 AND period = $2 AND node = $3",
+        )
+        .bind(team)
+        .bind(period)
+        .bind(node)
+        .bind(to_i64(amount))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Marks this replica alive and reclaims the leases of replicas silent for
+    /// longer than `stale` (their unwritten usage died with them). Returns
+    /// false when this node's own leases were reclaimed.
+    pub async fn heartbeat(&self, stale: Duration) -> Result<bool, StoreError> {
+        let node = &*self.node;
+        sqlx::query("UPDATE budget_leases SET heartbeat_at = now() WHERE node = $1")
+            .bind(node)
+            .execute(&self.pool)
+            .await?;
+        let reclaimed = sqlx::query(
+            "DELETE FROM budget_leases WHERE heartbeat_at < now() - make_interval(secs => $1) \
+             RETURNING node",
+        )
+        .bind(stale.as_secs_f64())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(!reclaimed
+            .iter()
+            .any(|r| r.try_get::<String, _>("node").is_ok_and(|n| n == node)))
+    }
+
+    /// Drops every lease of this replica (at shutdown, after the last write).
+    pub async fn release_node(&self) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM budget_leases WHERE node = $1")
+            .bind(&*self.node)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The shared state of these (team, period) pairs.
+    pub async fn budget_views(
+        &self,
+        keys: &[(String, String)],
+    ) -> Result<HashMap<(String, String), BudgetView>, StoreError> {
+        if keys.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let teams: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+        let periods: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
+        let rows = sqlx::query(
+            "SELECT s.team, s.period, s.spent, \
+             (SELECT COALESCE(SUM(l.leased), 0)::BIGINT FROM budget_leases l \
+              WHERE l.team = s.team AND l.period = s.period) AS leased \
+             FROM budget_state s WHERE s.team = ANY($1) AND s.period = ANY($2)",
+        )
+        .bind(&teams)
+        .bind(&periods)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = HashMap::new();
+        for r in rows {
+            let view = BudgetView {
+                spent: to_u64(r.try_get("spent")?),
+                leased: to_u64(r.try_get("leased")?),
+            };
+            out.insert((r.try_get("team")?, r.try_get("period")?), view);
+        }
+        Ok(out)
+    }
+
+    pub async fn create_team(
+        &self,
+        name: &str,
+        budget: Option<Budget>,
+        max_output_tokens: Option<u64>,
+    ) -> Result<TeamRow, StoreError> {
+        let r = sqlx::query(
+            "INSERT INTO teams (name, budget_nano_usd, budget_period, max_output_tokens, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, now(), now())",
+        )
+        .bind(name)
+        .bind(budget.map(|b| to_i64(b.limit.0)))
+        .bind(budget.map(|b| b.period.as_str()))
+        .bind(max_output_tokens.map(to_i64))
+        .execute(&self.pool)
+        .await;
+        match r {
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(StoreError::Conflict(format!("team `{name}`")))
+            }
+            Err(e) => Err(e.into()),
+            Ok(_) => self.team(name).await,
+        }
+    }
+
+    async fn team(&self, name: &str) -> Result<TeamRow, StoreError> {
+        let row = sqlx::query("SELECT * FROM teams WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(r) => team_row(&r),
+            None => Err(StoreError::NotFound(format!("team `{name}`"))),
+        }
+    }
+
+    pub async fn teams(&self) -> Result<Vec<TeamRow>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM teams ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(team_row).collect()
+    }
+
+    pub async fn set_budget(
+        &self,
+        name: &str,
+        budget: Option<Budget>,
+        max_output_tokens: Option<Option<u64>>,
+    ) -> Result<TeamRow, StoreError> {
+        let current = self.team(name).await?;
+        let cap = max_output_tokens.unwrap_or(current.max_output_tokens);
+        sqlx::query(
+            "UPDATE teams SET budget_nano_usd = $1, budget_period = $2, max_output_tokens = $3, \
+             updated_at = now() WHERE name = $4",
+        )
+        .bind(budget.map(|b| to_i64(b.limit.0)))
+        .bind(budget.map(|b| b.period.as_str()))
+        .bind(cap.map(to_i64))
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
+        self.team(name).await
+    }
+
+    pub async fn insert_key(&self, key: &KeyRow) -> Result<(), StoreError> {
+        self.team(&key.team).await?;
+        sqlx::query(
+            "INSERT INTO api_keys (id, team, name, key_hash, key_prefix, models, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7::text::timestamptz)",
+        )
+        .bind(&key.id)
+        .bind(&key.team)
+        .bind(&key.name)
+        .bind(&key.hash)
+        .bind(&key.prefix)
+        .bind(key.models.join(","))
+        .bind(&key.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn keys(&self) -> Result<Vec<KeyRow>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM api_keys ORDER BY created_at, id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let models: String = r.try_get("models")?;
+                let created: DateTime<Utc> = r.try_get("created_at")?;
+                let revoked: Option<DateTime<Utc>> = r.try_get("revoked_at")?;
+                Ok(KeyRow {
+                    id: r.try_get("id")?,
+                    team: r.try_get("team")?,
+                    name: r.try_get("name")?,
+                    hash: r.try_get("key_hash")?,
+                    prefix: r.try_get("key_prefix")?,
+                    models: models
+                        .split(',')
+                        .filter(|m| !m.is_empty())
+                        .map(str::to_string)
+                        .collect(),
+                    created_at: time_text(created),
+                    revoked_at: revoked.map(time_text),
+                })
+            })
+            .collect()
+    }
+
+    pub async fn revoke_key(&self, id: &str) -> Result<(), StoreError> {
+        let r = sqlx::query(
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE id = $1",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        if r.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("key `{id}`")));
+        }
+        Ok(())
+    }
+
+    pub async fn spend_since(&self, team: &str, since: DateTime<Utc>) -> Result<u64, StoreError> {
+        let total: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(cost_nano_usd), 0)::BIGINT FROM usage \
+             WHERE team = $1 AND ($2::timestamptz IS NULL OR created_at >= $2)",
+        )
+        .bind(team)
+        .bind(pg_time(since))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(to_u64(total))
+    }
+
+    pub async fn report(
+        &self,
+        by: ReportBy,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<ReportRow>, StoreError> {
+        let group = match by {
+            ReportBy::Team => "team",
+            ReportBy::Model => "model",
+            ReportBy::Key => "COALESCE(key_id, '-')",
+            ReportBy::Day => "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+        };
+        let sql = format!(
+            "SELECT {group} AS grp, COUNT(*) AS requests, \
+             COALESCE(SUM(prompt_tokens), 0)::BIGINT AS p, COALESCE(SUM(completion_tokens), 0)::BIGINT AS c, \
+             COALESCE(SUM(cached_tokens), 0)::BIGINT AS ca, COALESCE(SUM(cost_nano_usd), 0)::BIGINT AS cost \
+             FROM usage WHERE ($1::timestamptz IS NULL OR created_at >= $1) GROUP BY grp ORDER BY grp"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(pg_time(since))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ReportRow {
+                    group: r.try_get("grp")?,
+                    requests: r.try_get("requests")?,
+                    prompt_tokens: r.try_get("p")?,
+                    completion_tokens: r.try_get("c")?,
+                    cached_tokens: r.try_get("ca")?,
+                    cost_nano_usd: r.try_get("cost")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Postgres timestamps stop at 4713 BC; "since the beginning" is NULL.
+fn pg_time(t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    (t.timestamp() > 0).then_some(t)
+}
+
+fn team_row(r: &sqlx::postgres::PgRow) -> Result<TeamRow, StoreError> {
+    let limit: Option<i64> = r.try_get("budget_nano_usd")?;
+    let period: Option<String> = r.try_get("budget_period")?;
+    let budget = match (limit, period.as_deref().and_then(Period::parse)) {
+        (Some(limit), Some(period)) => Some(Budget {
+            limit: NanoUsd(to_u64(limit)),
+            period,
+        }),
+        _ => None,
+    };
+    let cap: Option<i64> = r.try_get("max_output_tokens")?;
+    let created: DateTime<Utc> = r.try_get("created_at")?;
+    Ok(TeamRow {
+        name: r.try_get("name")?,
+        budget,
+        max_output_tokens: cap.and_then(|c| u64::try_from(c).ok()),
+        created_at: time_text(created),
+    })
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}

@@ -1,0 +1,271 @@
+//! Postgres: the same store behind `postgres://`, and budgets shared by
+//! several replicas on one database. Each test makes its own database from
+//! TOLLGATE_TEST_POSTGRES_URL (set by .ci/run); without it they skip.
+
+mod support;
+
+use serde_json::{json, Value};
+use sqlx::Row;
+use support::{
+    chat_body, client, config_with_database, stdout, wait_for_key, MockUpstream, PgDb, Tollgate,
+};
+
+const VIRTUAL: &str = "[auth]\nmode = \"virtual-keys\"\n";
+
+async fn start(mock: &MockUpstream, db: &PgDb) -> Tollgate {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let config = format!(
+        "{}\n{VIRTUAL}\n",
+        config_with_database(mock, dir.path(), &db.url)
+    );
+    Tollgate::start_with_config(dir, &config).await
+}
+
+fn first_line(text: &str) -> String {
+    text.lines().next().unwrap_or_default().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_store_records_usage_reports_and_keeps_spend_across_restarts() {
+    let Some(db) = PgDb::create("store").await else {
+        return;
+    };
+    let mock = MockUpstream::start().await;
+    let tg = start(&mock, &db).await;
+    // Migrations are applied at start; running them again changes nothing.
+    stdout(&tg.cli(&["migrate"]));
+    stdout(&tg.cli(&[
+        "teams",
+        "create",
+        "pg",
+        "--budget-usd",
+        "1",
+        "--period",
+        "monthly",
+    ]));
+    let key = first_line(&stdout(&tg.cli(&["keys", "create", "--team", "pg"])));
+    wait_for_key(&tg, &key).await;
+
+    let c = client();
+    let resp = c
+        .post(tg.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .header("x-mock-prompt-tokens", "1000")
+        .header("x-mock-completion-tokens", "500")
+        .json(&chat_body("gpt-4o"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), 200);
+    // gpt-4o: 1000 x $2.50/M + 500 x $10/M = $0.0075
+    assert_eq!(
+        resp.headers()
+            .get("x-tollgate-cost-usd")
+            .and_then(|v| v.to_str().ok()),
+        Some("0.007500000")
+    );
+    let mut body = chat_body("gpt-4o-mini");
+    body["stream"] = json!(true);
+    let streamed = c
+        .post(tg.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .text()
+        .await
+        .unwrap_or_default();
+    assert!(streamed.contains("[DONE]"));
+    let failed = c
+        .post(tg.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .header("x-mock-status", "500")
+        .json(&chat_body("gpt-4o"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(failed.status(), 500);
+
+    let tg = tg.restart().await; // SIGTERM flushes every row
+    let pool = db.pool().await;
+    let rows = sqlx::query(
+        "SELECT model, endpoint, stream, status, prompt_tokens, completion_tokens, cost_nano_usd, \
+         token_source, key_id, created_at FROM usage WHERE endpoint = 'chat.completions' ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(rows.len(), 3);
+    let get_i = |r: &sqlx::postgres::PgRow, c: &str| r.try_get::<i64, _>(c).unwrap_or(-1);
+    assert_eq!(
+        (
+            get_i(&rows[0], "prompt_tokens"),
+            get_i(&rows[0], "completion_tokens")
+        ),
+        (1000, 500)
+    );
+    assert_eq!(get_i(&rows[0], "cost_nano_usd"), 7_500_000);
+    assert_eq!(rows[1].try_get::<bool, _>("stream").ok(), Some(true));
+    // The mock's stream usage: 10 prompt + 5 completion on gpt-4o-mini.
+    assert_eq!(get_i(&rows[1], "cost_nano_usd"), 10 * 150 + 5 * 600);
+    assert_eq!(rows[2].try_get::<i32, _>("status").ok(), Some(500));
+    assert_eq!(get_i(&rows[2], "cost_nano_usd"), 0);
+    assert!(rows.iter().all(|r| r
+        .try_get::<Option<String>, _>("key_id")
+        .ok()
+        .flatten()
+        .is_some()));
+    let total: i64 = 7_500_000 + 10 * 150 + 5 * 600;
+
+    // Reports read Postgres like SQLite.
+    let report: Value = serde_json::from_str(&stdout(&tg.cli(&[
+        "report", "--by", "team", "--since", "24h", "--format", "json",
+    ])))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let pg_row = report["rows"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["group"] == "pg"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(pg_row["cost_nano_usd"], json!(total));
+    let by_day = stdout(&tg.cli(&["report", "--by", "day", "--since", "24h"]));
+    assert!(by_day.contains(&chrono::Utc::now().format("%Y-%m-%d").to_string()));
+
+    // The restarted replica reads the team's recorded spend from the shared
+    // budget state: $1 - $0.0075 - $0.0000045 remains.
+    let resp = c
+        .post(tg.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .header("x-mock-prompt-tokens", "0")
+        .header("x-mock-completion-tokens", "0")
+        .json(&chat_body("gpt-4o"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        resp.headers()
+            .get("x-tollgate-budget-remaining-usd")
+            .and_then(|v| v.to_str().ok()),
+        Some("0.992495500")
+    );
+    let spent: i64 = sqlx::query_scalar("SELECT spent FROM budget_state WHERE team = 'pg'")
+        .fetch_one(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(spent, total);
+    pool.close().await;
+    drop(tg);
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_sharing_postgres_never_overspend_one_budget() {
+    let Some(db) = PgDb::create("replicas").await else {
+        return;
+    };
+    let mock = MockUpstream::start().await;
+    let mut a = start(&mock, &db).await;
+    let mut b = start(&mock, &db).await;
+    // gpt-4o, 9 prompt + 5 completion tokens: 72,500 nano-USD per request.
+    let per_request: i64 = 9 * 2_500 + 5 * 10_000;
+    let budget_nano: i64 = 2_000_000;
+    stdout(&a.cli(&[
+        "teams",
+        "create",
+        "shared",
+        "--budget-usd",
+        "0.002",
+        "--period",
+        "total",
+    ]));
+    let key = first_line(&stdout(&a.cli(&["keys", "create", "--team", "shared"])));
+    wait_for_key(&a, &key).await;
+    wait_for_key(&b, &key).await;
+    let probes = mock.request_count();
+
+    let body = json!({"model": "gpt-4o", "max_tokens": 5, "messages": [{"role": "user", "content": "hello world"}]});
+    let c = client();
+    let mut tasks = Vec::new();
+    for i in 0..240 {
+        // Alternate replicas; every tenth request fails upstream.
+        let url = if i % 2 == 0 { a.url("") } else { b.url("") };
+        let (c, key, body) = (c.clone(), key.clone(), body.clone());
+        let fail = if i % 10 == 0 { "500" } else { "none" };
+        tasks.push(tokio::spawn(async move {
+            let status = c
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(key)
+                .header("x-mock-status", fail)
+                .header("x-mock-prompt-tokens", "9")
+                .header("x-mock-delay-ms", "20")
+                .json(&body)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0);
+            (i % 2, status)
+        }));
+    }
+    let (mut admitted, mut failed, mut rejected) = (0, 0, 0);
+    let mut ok_by_replica = [0; 2];
+    for t in tasks {
+        let (replica, status) = t.await.unwrap_or((0, 0));
+        match status {
+            200 => {
+                admitted += 1;
+                ok_by_replica[replica] += 1;
+            }
+            500 => failed += 1,
+            429 => rejected += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(admitted + failed + rejected, 240);
+    assert!(
+        ok_by_replica[0] > 0 && ok_by_replica[1] > 0 && rejected > 0,
+        "ok per replica {ok_by_replica:?}, rejected {rejected}"
+    );
+    assert_eq!(
+        mock.request_count() - probes,
+        admitted + failed,
+        "rejected requests reached the upstream"
+    );
+
+    // Both replicas stop gracefully: every row written, every lease returned.
+    assert_eq!(a.terminate(), Some(0));
+    assert_eq!(b.terminate(), Some(0));
+    let pool = db.pool().await;
+    let row = sqlx::query(
+        "SELECT COUNT(*) AS n, COALESCE(SUM(cost_nano_usd), 0)::BIGINT AS spent FROM usage \
+         WHERE team = 'shared' AND endpoint = 'chat.completions'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let (n, spent): (i64, i64) = (
+        row.try_get("n").unwrap_or(-1),
+        row.try_get("spent").unwrap_or(-1),
+    );
+    assert_eq!(n, 240, "one row per request, rejections included");
+    assert_eq!(spent, admitted as i64 * per_request);
+    assert!(spent <= budget_nano, "spent {spent} > budget {budget_nano}");
+    let state: i64 = sqlx::query_scalar("SELECT spent FROM budget_state WHERE team = 'shared'")
+        .fetch_one(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(state, spent, "the shared spend counter matches the rows");
+    let leases: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM budget_leases")
+        .fetch_one(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(leases, 0, "stopped replicas hold no budget");
+    println!(
+        "two replicas: fired 240, admitted {} ({admitted} ok: {} on A, {} on B; {failed} upstream 500), rejected {rejected}, spent {spent} of {budget_nano} nano-USD",
+        admitted + failed,
+        ok_by_replica[0],
+        ok_by_replica[1],
+    );
+    pool.close().await;
+    db.drop_db().await;
+}
