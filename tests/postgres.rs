@@ -269,3 +269,77 @@ async fn replicas_sharing_postgres_never_overspend_one_budget() {
     pool.close().await;
     db.drop_db().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_of_a_dead_replica_are_reclaimed_and_live_ones_respected() {
+    let Some(db) = PgDb::create("leases").await else {
+        return;
+    };
+    let mock = MockUpstream::start().await;
+    let tg = start(&mock, &db).await;
+    let mut keys = Vec::new();
+    for team in ["orphaned", "held"] {
+        stdout(&tg.cli(&[
+            "teams",
+            "create",
+            team,
+            "--budget-usd",
+            "0.001",
+            "--period",
+            "total",
+        ]));
+        keys.push(first_line(&stdout(
+            &tg.cli(&["keys", "create", "--team", team]),
+        )));
+    }
+    // Another replica holds each whole budget: one died an hour ago, the
+    // other heartbeats right now.
+    let pool = db.pool().await;
+    for (team, node, age) in [("orphaned", "dead-1", "1 hour"), ("held", "live-1", "0 s")] {
+        sqlx::query("INSERT INTO budget_state (team, period, spent) VALUES ($1, 'total', 0)")
+            .bind(team)
+            .execute(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        sqlx::query(&format!(
+            "INSERT INTO budget_leases (team, period, node, leased, heartbeat_at) \
+             VALUES ($1, 'total', $2, 1000000, now() - interval '{age}')"
+        ))
+        .bind(team)
+        .bind(node)
+        .execute(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    wait_for_key(&tg, &keys[0]).await;
+    wait_for_key(&tg, &keys[1]).await;
+    // One refresh (500 ms) reclaims the dead replica's lease.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let dead: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM budget_leases WHERE node = 'dead-1'")
+        .fetch_one(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(dead, 0, "the dead replica's lease was not reclaimed");
+    let c = client();
+    let mut statuses = Vec::new();
+    for key in &keys {
+        let resp = c
+            .post(tg.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&json!({"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        statuses.push(resp.status().as_u16());
+    }
+    // The orphaned budget is usable again; the one a live replica holds is not.
+    assert_eq!(statuses, vec![200, 429]);
+    let live: i64 = sqlx::query_scalar("SELECT leased FROM budget_leases WHERE node = 'live-1'")
+        .fetch_one(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(live, 1_000_000);
+    pool.close().await;
+    drop(tg);
+    db.drop_db().await;
+}
