@@ -432,6 +432,10 @@ pub struct PgDb {
 impl PgDb {
     pub async fn create(test: &str) -> Option<PgDb> {
         let Ok(admin_url) = std::env::var("TOLLGATE_TEST_POSTGRES_URL") else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "{test}: CI must set TOLLGATE_TEST_POSTGRES_URL (.ci/run does)"
+            );
             eprintln!("SKIPPED {test}: TOLLGATE_TEST_POSTGRES_URL is not set");
             return None;
         };
