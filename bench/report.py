@@ -73,6 +73,12 @@ if ratio_b:
     w(f"tollgate / bare forwarder throughput: **{ratio_b:.2f}**.")
 if ratio_d:
     w(f"tollgate / LiteLLM throughput: **{ratio_d:.1f}x**.")
+cpu = load("cpu.json")
+if cpu and sat["B"] and sat["C"]:
+    per = {p: cpu[p] / cpu["hz"] * 1e6 / sat[p]["total"] for p in "BC"}
+    w(f"CPU time of the proxy process per request (user + system, from /proc): "
+      f"bare forwarder **{per['B']:.1f} µs**, tollgate **{per['C']:.1f} µs** "
+      f"(+{per['C'] - per['B']:.1f} µs for auth, budget, parsing, pricing, metrics and the usage row).")
 w("")
 
 rate = {p: oha(f"rate_{p}") for p in "ABC"}

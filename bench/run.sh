@@ -28,7 +28,7 @@ wait_http() { for _ in $(seq 1 200); do curl -s -o /dev/null "$1" && return 0; s
 
 MOCK=$(free_port); FWD=$(free_port); TG=$(free_port)
 "$BIN/examples/bench_mock" "127.0.0.1:$MOCK" >/dev/null & PIDS+=($!)
-"$BIN/examples/bench_forwarder" "127.0.0.1:$FWD" "http://127.0.0.1:$MOCK" >/dev/null & PIDS+=($!)
+"$BIN/examples/bench_forwarder" "127.0.0.1:$FWD" "http://127.0.0.1:$MOCK" >/dev/null & FWD_PID=$!; PIDS+=($!)
 
 start_tollgate() { # $1 = port, $2 = data dir; prints the pid
   mkdir -p "$2"
@@ -95,7 +95,13 @@ oha_run() { # name url body extra-args...
   done > "$WORK/queue_depth.txt" ) & PIDS+=($!)
 
 echo "== saturation, 64 connections, $DUR each"
-for p in A B C; do oha_run "sat_$p" "${!p}" "$WORK/chat.json" -z "$DUR" -c 64; done
+# CPU time (user + system, clock ticks) the proxy process spent in its run:
+# CPU per request is steadier than throughput on a shared 2-core machine.
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+oha_run sat_A "$A" "$WORK/chat.json" -z "$DUR" -c 64
+t0=$(ticks "$FWD_PID"); oha_run sat_B "$B" "$WORK/chat.json" -z "$DUR" -c 64; t1=$(ticks "$FWD_PID")
+t2=$(ticks "$TG_PID"); oha_run sat_C "$C" "$WORK/chat.json" -z "$DUR" -c 64; t3=$(ticks "$TG_PID")
+echo "{\"B\": $((t1 - t0)), \"C\": $((t3 - t2)), \"hz\": $(getconf CLK_TCK)}" > "$WORK/cpu.json"
 [ -n "$LITELLM_URL" ] && oha_run sat_D "$LITELLM_URL" "$WORK/chat.json" -z "$DUR" -c 64
 echo "== fixed rate 2000 req/s, $DUR each"
 for p in A B C; do oha_run "rate_$p" "${!p}" "$WORK/chat.json" -z "$DUR" -c 64 -q 2000; done
