@@ -66,7 +66,7 @@ model_list:
       api_base: http://127.0.0.1:$MOCK/v1
       api_key: sk-bench
 YAML
-  "$VENV/bin/litellm" --config "$WORK/litellm.yaml" --port "$LL" >"$WORK/litellm.log" 2>&1 & PIDS+=($!)
+  "$VENV/bin/litellm" --config "$WORK/litellm.yaml" --port "$LL" >"$WORK/litellm.log" 2>&1 & LL_PID=$!; PIDS+=($!)
   wait_http "http://127.0.0.1:$LL/health/liveliness" && LITELLM_URL="http://127.0.0.1:$LL/v1/chat/completions"
 fi
 
@@ -102,15 +102,23 @@ oha_run sat_A "$A" "$WORK/chat.json" -z "$DUR" -c 64
 t0=$(ticks "$FWD_PID"); oha_run sat_B "$B" "$WORK/chat.json" -z "$DUR" -c 64; t1=$(ticks "$FWD_PID")
 t2=$(ticks "$TG_PID"); oha_run sat_C "$C" "$WORK/chat.json" -z "$DUR" -c 64; t3=$(ticks "$TG_PID")
 echo "{\"B\": $((t1 - t0)), \"C\": $((t3 - t2)), \"hz\": $(getconf CLK_TCK)}" > "$WORK/cpu.json"
-[ -n "$LITELLM_URL" ] && oha_run sat_D "$LITELLM_URL" "$WORK/chat.json" -z "$DUR" -c 64
+if [ -n "$LITELLM_URL" ]; then
+  oha_run sat_D "$LITELLM_URL" "$WORK/chat.json" -z "$DUR" -c 64
+  # LiteLLM is done: stop it so its background work cannot disturb later runs.
+  kill "$LL_PID" 2>/dev/null || true; wait "$LL_PID" 2>/dev/null || true
+fi
+sleep 2   # let tollgate's writer finish the saturation backlog first
 echo "== fixed rate 2000 req/s, $DUR each"
 for p in A B C; do oha_run "rate_$p" "${!p}" "$WORK/chat.json" -z "$DUR" -c 64 -q 2000; done
 echo "== large prompts (100 KB), upstream with and without usage"
 oha_run big_usage "$C" "$WORK/big.json" -n 400 -c 8
 oha_run big_omit "$C" "$WORK/big.json" -n 400 -c 8 -H "x-mock-usage: omit"
 oha_run big_direct "$A" "$WORK/big.json" -n 400 -c 8
-echo "== streams: 64 concurrent, 50 chunks 10 ms apart"
-for p in A B C; do "$BIN/examples/bench_streams" "${!p}" "$KEY" 64 50 10 > "$WORK/stream_$p.json"; done
+echo "== streams: 64 concurrent, 50 chunks 10 ms apart (steady arrivals, then a burst)"
+# Steady arrivals: one new stream per ms, all 64 open together. Then a burst:
+# all 64 at the same instant, which on 2 cores measures queueing as well.
+for p in A B C; do "$BIN/examples/bench_streams" "${!p}" "$KEY" 64 50 10 warm 64 > "$WORK/stream_$p.json"; done
+for p in A B C; do "$BIN/examples/bench_streams" "${!p}" "$KEY" 64 50 10 > "$WORK/streamburst_$p.json"; done
 sleep 1   # let the writer flush the last rows before counting them
 curl -s "http://127.0.0.1:$TG/metrics" > "$WORK/metrics_after.txt"
 sqlite3_count=$("$BIN/tollgate" report --by team --since 1h --format json --config "$WORK/tg/tollgate.toml")

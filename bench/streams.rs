@@ -1,9 +1,11 @@
 //! Streaming load: opens N concurrent streaming chat requests and reports
 //! time to first byte, total time, and how many body frames arrived per SSE
 //! event (1.0 = every chunk forwarded on its own, never batched).
-//! `cargo run --release --example bench_streams -- URL KEY N CHUNKS DELAY_MS [cold]`
+//! `cargo run --release --example bench_streams -- URL KEY N CHUNKS DELAY_MS [warm|cold] [SPREAD_MS]`
 //! Runs a one-chunk warm-up round first unless `cold`; prints one JSON object
-//! for the measured round.
+//! for the measured round. With SPREAD_MS the N streams start evenly spread
+//! over that many milliseconds (steady arrivals); without, all at once (a
+//! burst, which measures queueing as much as latency).
 
 use std::time::{Duration, Instant};
 
@@ -36,19 +38,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Warm-up round (one chunk per stream) so connection pools on every hop
     // are open: the measured round is about streaming, not TCP handshakes.
     let warm = args.get(5).is_none_or(|a| a != "cold");
-    let rounds: &[(u64, u64)] = if warm {
-        &[(1, 0), (chunks, delay)]
+    let spread = Duration::from_millis(args.get(6).and_then(|a| a.parse().ok()).unwrap_or(0));
+    let rounds: &[(u64, u64, bool)] = if warm {
+        &[(1, 0, false), (chunks, delay, true)]
     } else {
-        &[(chunks, delay)]
+        &[(chunks, delay, true)]
     };
     let mut result = None;
-    for &(chunks, delay) in rounds {
-        result = Some(round(&client, &url, &key, &body, n, chunks, delay).await);
+    for &(chunks, delay, measured) in rounds {
+        let spread = if measured { spread } else { Duration::ZERO };
+        result = Some(round(&client, &url, &key, &body, n, chunks, delay, spread).await);
     }
     println!("{}", result.unwrap_or_default());
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn round(
     client: &reqwest::Client,
     url: &str,
@@ -57,10 +62,12 @@ async fn round(
     n: usize,
     chunks: u64,
     delay: u64,
+    spread: Duration,
 ) -> serde_json::Value {
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(n);
-    for _ in 0..n {
+    for i in 0..n {
+        let start_at = started + spread.mul_f64(i as f64 / n as f64);
         let (client, url, key, body) = (
             client.clone(),
             url.to_string(),
@@ -68,6 +75,7 @@ async fn round(
             body.clone(),
         );
         tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until(start_at.into()).await;
             let t = Instant::now();
             let resp = client
                 .post(url)
