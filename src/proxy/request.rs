@@ -54,25 +54,11 @@ impl RequestMeta {
                 None,
             ));
         }
-        let mut de = serde_json::Deserializer::from_slice(body);
-        let meta: RequestMeta = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            if inner.is_data() && path != "." {
-                ApiError::invalid(format!("Invalid type for `{path}`: {inner}"), Some(&path))
-            } else {
-                ApiError::invalid(
-                    format!("We could not parse the JSON body of your request: {inner}"),
-                    None,
-                )
-            }
-        })?;
-        de.end().map_err(|e| {
-            ApiError::invalid(
-                format!("We could not parse the JSON body of your request: {e}"),
-                None,
-            )
-        })?;
+        // The plain parse first; the path-tracking one only to explain a failure.
+        let meta: RequestMeta = match serde_json::from_slice(body) {
+            Ok(meta) => meta,
+            Err(_) => return Err(Self::explain_error(body)),
+        };
         match &meta.model {
             Some(m) if !m.is_empty() => {}
             _ => {
@@ -86,6 +72,37 @@ impl RequestMeta {
             return Err(ApiError::invalid("`n` must be at least 1", Some("n")));
         }
         Ok(meta)
+    }
+
+    /// The OpenAI-style error for a body that does not parse, naming the
+    /// field (`param`) when a value has the wrong type.
+    fn explain_error(body: &[u8]) -> ApiError {
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let parsed: Result<RequestMeta, _> = serde_path_to_error::deserialize(&mut de);
+        let e = match parsed {
+            Err(e) => e,
+            Ok(_) => {
+                return match de.end() {
+                    Err(e) => ApiError::invalid(
+                        format!("We could not parse the JSON body of your request: {e}"),
+                        None,
+                    ),
+                    Ok(()) => {
+                        ApiError::invalid("We could not parse the JSON body of your request.", None)
+                    }
+                }
+            }
+        };
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_data() && path != "." {
+            ApiError::invalid(format!("Invalid type for `{path}`: {inner}"), Some(&path))
+        } else {
+            ApiError::invalid(
+                format!("We could not parse the JSON body of your request: {inner}"),
+                None,
+            )
+        }
     }
 
     pub fn model(&self) -> &str {
@@ -206,6 +223,7 @@ mod tests {
             b"",
             b"{\"model\":\"\xff\xfe\"}",
             b"{} trailing",
+            b"{\"model\":\"m\"} trailing",
             b"{\"model\":\"m\",\"x\":\"\xff\"}",
         ] {
             let e = err_of(body);
