@@ -126,7 +126,7 @@ impl Default for DatabaseConfig {
         Self {
             url: "sqlite://tollgate.db".into(),
             batch_size: 512,
-            flush_interval_ms: 100,
+            flush_interval_ms: 25,
             queue_capacity: 65_536,
         }
     }
