@@ -24,6 +24,10 @@ pub enum ApiError {
         needed: crate::pricing::NanoUsd,
         remaining: crate::pricing::NanoUsd,
     },
+    #[error(
+        "tollgate could not reach the shared budget of team `{team}` in its database; the request was not sent. Try again."
+    )]
+    BudgetUnavailable { team: String },
     #[error("Request body is larger than the limit of {limit} bytes.")]
     BodyTooLarge { limit: usize },
     #[error(
@@ -71,6 +75,7 @@ impl ApiError {
             ApiError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::BudgetUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -80,7 +85,7 @@ impl ApiError {
             ApiError::UpstreamUnreachable { .. }
             | ApiError::UpstreamBadResponse { .. }
             | ApiError::UpstreamTimeout { .. } => "upstream_error",
-            ApiError::Internal(_) => "server_error",
+            ApiError::Internal(_) | ApiError::BudgetUnavailable { .. } => "server_error",
             ApiError::Unauthorized => "invalid_request_error",
             ApiError::ModelNotAllowed { .. } => "permission_error",
             ApiError::BudgetExceeded { .. } => "insufficient_quota",
@@ -104,6 +109,7 @@ impl ApiError {
             ApiError::UpstreamTimeout { .. } => "upstream_timeout",
             ApiError::NotFound { .. } => "not_found",
             ApiError::Internal(_) => "internal_error",
+            ApiError::BudgetUnavailable { .. } => "budget_unavailable",
         }
     }
 

@@ -343,3 +343,59 @@ async fn leases_of_a_dead_replica_are_reclaimed_and_live_ones_respected() {
     drop(tg);
     db.drop_db().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_shared_budget_fails_closed_with_503() {
+    let Some(db) = PgDb::create("unavailable").await else {
+        return;
+    };
+    let mock = MockUpstream::start().await;
+    let tg = start(&mock, &db).await;
+    stdout(&tg.cli(&[
+        "teams",
+        "create",
+        "budgeted",
+        "--budget-usd",
+        "1",
+        "--period",
+        "daily",
+    ]));
+    stdout(&tg.cli(&["teams", "create", "free"]));
+    let budgeted = first_line(&stdout(&tg.cli(&["keys", "create", "--team", "budgeted"])));
+    let free = first_line(&stdout(&tg.cli(&["keys", "create", "--team", "free"])));
+    wait_for_key(&tg, &budgeted).await;
+    wait_for_key(&tg, &free).await;
+    let probes = mock.request_count();
+    // The shared budget tables become unusable (as in a broken database).
+    let pool = db.pool().await;
+    sqlx::query("DROP TABLE budget_leases")
+        .execute(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let body = json!({"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]});
+    let c = client();
+    let resp = c
+        .post(tg.url("/v1/chat/completions"))
+        .bearer_auth(&budgeted)
+        .json(&body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), 503);
+    let v: Value = resp.json().await.unwrap_or_default();
+    assert_eq!(v["error"]["code"], "budget_unavailable");
+    assert_eq!(v["error"]["type"], "server_error");
+    assert_eq!(mock.request_count(), probes, "no spend without the budget");
+    // A team without a budget does not need the shared state.
+    let resp = c
+        .post(tg.url("/v1/chat/completions"))
+        .bearer_auth(&free)
+        .json(&body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), 200);
+    drop(tg);
+    pool.close().await;
+    db.drop_db().await;
+}

@@ -203,6 +203,15 @@ pub struct Ledger {
     acquiring: tokio::sync::Mutex<()>,
 }
 
+/// Why a shared reservation could not be taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The budget has no room for it.
+    Over(OverBudget),
+    /// The shared budget could not be read or leased (database down).
+    Unavailable,
+}
+
 /// Why a reservation was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OverBudget {

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{period_key, Ledger, OverBudget, Reservation};
+use super::{period_key, Ledger, OverBudget, Refusal, Reservation};
 use crate::pricing::NanoUsd;
 use crate::store::postgres::{BudgetView, PostgresStore};
 use crate::store::StoreError;
@@ -31,19 +31,19 @@ impl Ledger {
         store: &PostgresStore,
         team: &str,
         amount: NanoUsd,
-    ) -> Result<Option<Reservation>, OverBudget> {
+    ) -> Result<Option<Reservation>, Refusal> {
         let first = self.reserve(team, amount);
         if first.is_ok() || !self.shared {
-            return first;
+            return first.map_err(Refusal::Over);
         }
         let _one_at_a_time = self.acquiring.lock().await;
         // Another request may have brought a lease while this one waited.
         let over = match self.reserve(team, amount) {
             Err(over) => over,
-            done => return done,
+            Ok(done) => return Ok(done),
         };
         let Some((limit, start, available)) = self.lease_state(team) else {
-            return self.reserve(team, amount);
+            return self.reserve(team, amount).map_err(Refusal::Over);
         };
         let need = amount.0.saturating_sub(available);
         let want = need.max(limit / LEASE_FRACTION);
@@ -56,16 +56,17 @@ impl Ledger {
             Ok(grant) => {
                 self.add_lease(team, &key, grant.granted, grant.view);
                 if grant.granted == 0 {
-                    return Err(OverBudget {
+                    return Err(Refusal::Over(OverBudget {
                         needed: amount,
                         remaining: self.status(team).map_or(over.remaining, |s| s.remaining),
-                    });
+                    }));
                 }
-                self.reserve(team, amount)
+                self.reserve(team, amount).map_err(Refusal::Over)
             }
             Err(e) => {
-                tracing::error!(error = %e, team, "could not take budget lease; refusing");
-                Err(over)
+                // Fail closed: without the shared state no spend is safe.
+                tracing::error!(error = %e, team, "could not take a budget lease; refusing");
+                Err(Refusal::Unavailable)
             }
         }
     }

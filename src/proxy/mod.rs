@@ -19,6 +19,7 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use http_body_util::{BodyExt, Limited};
 
 use crate::app::AppState;
+use crate::budget::Refusal;
 use crate::config::{AuthMode, UnpricedPolicy};
 use crate::error::ApiError;
 use crate::usage::sse::SseMeter;
@@ -458,10 +459,17 @@ async fn reserve(
     // Every token covers at least one byte of its text, and the JSON around
     // the text outweighs the per-message overheads.
     let bound = body.len() as u64 + 16;
-    if let Ok(r) = reserve_amount(state, &ctx.team, worst(bound)).await {
-        ctx.budget_remaining = r.as_ref().map(|r| r.remaining());
-        ctx.reservation = r;
-        return Ok(());
+    let unavailable = || ApiError::BudgetUnavailable {
+        team: ctx.team.clone(),
+    };
+    match reserve_amount(state, &ctx.team, worst(bound)).await {
+        Ok(r) => {
+            ctx.budget_remaining = r.as_ref().map(|r| r.remaining());
+            ctx.reservation = r;
+            return Ok(());
+        }
+        Err(Refusal::Unavailable) => return Err(unavailable()),
+        Err(Refusal::Over(_)) => {}
     }
     let (endpoint, body2) = (ctx.endpoint, body.clone());
     let exact = tokio::task::spawn_blocking(move || {
@@ -477,7 +485,8 @@ async fn reserve(
             ctx.reservation = r;
             Ok(())
         }
-        Err(over) => {
+        Err(Refusal::Unavailable) => Err(unavailable()),
+        Err(Refusal::Over(over)) => {
             ctx.budget_remaining = Some(over.remaining);
             state
                 .metrics
@@ -499,10 +508,10 @@ async fn reserve_amount(
     state: &AppState,
     team: &str,
     amount: crate::pricing::NanoUsd,
-) -> Result<Option<crate::budget::Reservation>, crate::budget::OverBudget> {
+) -> Result<Option<crate::budget::Reservation>, Refusal> {
     match state.store.shared() {
         Some(pg) => state.ledger.reserve_shared(pg, team, amount).await,
-        None => state.ledger.reserve(team, amount),
+        None => state.ledger.reserve(team, amount).map_err(Refusal::Over),
     }
 }
 
