@@ -1,6 +1,7 @@
 //! The physical floor: a bare pass-through forwarder with no accounting, on
-//! the same HTTP stack as tollgate (axum + a pooled reqwest client), bodies
-//! streamed both ways. `cargo run --release --example bench_forwarder -- LISTEN UPSTREAM`.
+//! the same HTTP stack as tollgate (axum server, hyper-util pooled client),
+//! bodies streamed both ways.
+//! `cargo run --release --example bench_forwarder -- LISTEN UPSTREAM`.
 
 /// The same allocator as tollgate, so the comparison measures accounting, not malloc.
 #[global_allocator]
@@ -11,43 +12,25 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 #[derive(Clone)]
 struct Upstream {
     base: String,
-    client: reqwest::Client,
+    client: Client<HttpConnector, Body>,
 }
 
 async fn forward(State(up): State<Upstream>, req: Request) -> Response {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut out = up
-        .client
-        .request(parts.method, format!("{}{}", up.base, path));
-    for (name, value) in &parts.headers {
-        if !matches!(
-            name.as_str(),
-            "host" | "content-length" | "connection" | "transfer-encoding"
-        ) {
-            out = out.header(name, value);
-        }
-    }
-    let out = out.body(reqwest::Body::wrap_stream(body.into_data_stream()));
-    match out.send().await {
-        Ok(resp) => {
-            let mut builder = Response::builder().status(resp.status());
-            for (name, value) in resp.headers() {
-                if !matches!(
-                    name.as_str(),
-                    "content-length" | "connection" | "transfer-encoding"
-                ) {
-                    builder = builder.header(name, value);
-                }
-            }
-            builder
-                .body(Body::from_stream(resp.bytes_stream()))
-                .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response())
-        }
+    parts.uri = match format!("{}{}", up.base, path).parse() {
+        Ok(uri) => uri,
+        Err(_) => return StatusCode::BAD_REQUEST.into_response(),
+    };
+    parts.headers.remove("host");
+    match up.client.request(Request::from_parts(parts, body)).await {
+        Ok(resp) => resp.map(Body::new),
         Err(_) => StatusCode::BAD_GATEWAY.into_response(),
     }
 }
@@ -59,11 +42,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let base = args
         .next()
         .ok_or("usage: bench_forwarder LISTEN UPSTREAM_BASE_URL")?;
-    let client = reqwest::Client::builder()
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    let client = Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
         .pool_max_idle_per_host(1024)
-        .tcp_nodelay(true)
-        .redirect(reqwest::redirect::Policy::none())
-        .build()?;
+        .build(http);
     let app = Router::new()
         .fallback(forward)
         .with_state(Upstream { base, client });

@@ -117,7 +117,7 @@ enum Forwarded {
 }
 
 struct PendingStream {
-    response: reqwest::Response,
+    response: http::Response<hyper::body::Incoming>,
     status: StatusCode,
     headers: HeaderMap,
     strip_usage_chunk: bool,
@@ -136,7 +136,7 @@ impl PendingStream {
             overhead: self.overhead,
         };
         let stream = MeteredStream::new(
-            Box::pin(self.response.bytes_stream()),
+            Box::pin(self.response.into_body().into_data_stream()),
             meter,
             self.idle_timeout,
             settlement,
@@ -232,23 +232,35 @@ fn client_headers(upstream: &HeaderMap) -> HeaderMap {
 
 async fn send(
     upstream: &Upstream,
-    request: reqwest::Request,
-) -> Result<reqwest::Response, ApiError> {
-    match tokio::time::timeout(upstream.timeout, upstream.client.execute(request)).await {
-        Err(_) => Err(ApiError::UpstreamTimeout {
-            upstream: upstream.name.clone(),
-            timeout_ms: upstream.timeout.as_millis() as u64,
-        }),
-        Ok(Err(e)) if e.is_timeout() => Err(ApiError::UpstreamTimeout {
-            upstream: upstream.name.clone(),
-            timeout_ms: upstream.timeout.as_millis() as u64,
-        }),
+    request: http::Request<Body>,
+) -> Result<http::Response<hyper::body::Incoming>, ApiError> {
+    let timed_out = || ApiError::UpstreamTimeout {
+        upstream: upstream.name.clone(),
+        timeout_ms: upstream.timeout.as_millis() as u64,
+    };
+    match tokio::time::timeout(upstream.timeout, upstream.client.request(request)).await {
+        Err(_) => Err(timed_out()),
+        Ok(Err(e)) if is_timeout(&e) => Err(timed_out()),
         Ok(Err(e)) => Err(ApiError::UpstreamUnreachable {
             upstream: upstream.name.clone(),
             reason: error_chain(&e),
         }),
         Ok(Ok(response)) => Ok(response),
     }
+}
+
+/// A connect timeout shows up as an I/O `TimedOut` somewhere in the chain.
+fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(s) = source {
+        if s.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -263,8 +275,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Reads a whole upstream body, failing past the idle timeout.
-async fn read_body(upstream: &Upstream, response: reqwest::Response) -> Result<Bytes, ApiError> {
-    match tokio::time::timeout(upstream.idle_timeout, response.bytes()).await {
+async fn read_body(
+    upstream: &Upstream,
+    response: http::Response<hyper::body::Incoming>,
+) -> Result<Bytes, ApiError> {
+    match tokio::time::timeout(upstream.idle_timeout, response.into_body().collect()).await {
         Err(_) => Err(ApiError::UpstreamTimeout {
             upstream: upstream.name.clone(),
             timeout_ms: upstream.idle_timeout.as_millis() as u64,
@@ -273,7 +288,7 @@ async fn read_body(upstream: &Upstream, response: reqwest::Response) -> Result<B
             upstream: upstream.name.clone(),
             reason: error_chain(&e),
         }),
-        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
     }
 }
 
@@ -355,11 +370,10 @@ async fn metered(
         body.clone()
     };
 
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let url = upstream.url_for(path);
-    let mut request = reqwest::Request::new(reqwest::Method::POST, url);
+    let mut request = http::Request::new(Body::from(upstream_body));
+    *request.method_mut() = Method::POST;
+    *request.uri_mut() = upstream_uri(upstream, &parts.uri)?;
     *request.headers_mut() = upstream_headers(&parts.headers, upstream, state.auth_mode);
-    *request.body_mut() = Some(upstream_body.into());
 
     let sent_at = Instant::now();
     let pre_send = sent_at - ctx.started;
@@ -556,13 +570,15 @@ async fn unmetered(
     let upstream = pick_upstream(state, &parts.headers, None)?;
     ctx.upstream = upstream.name.clone();
     ctx.budget_remaining = state.ledger.status(&ctx.team).map(|s| s.remaining);
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let url = upstream.url_for(path);
-    let mut request = reqwest::Request::new(parts.method.clone(), url);
+    let body = if parts.method == Method::GET || parts.method == Method::HEAD {
+        Body::empty()
+    } else {
+        body
+    };
+    let mut request = http::Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = upstream_uri(upstream, &parts.uri)?;
     *request.headers_mut() = upstream_headers(&parts.headers, upstream, state.auth_mode);
-    if parts.method != Method::GET && parts.method != Method::HEAD {
-        *request.body_mut() = Some(reqwest::Body::wrap_stream(body.into_data_stream()));
-    }
     let pre_send = ctx.started.elapsed();
     let response = send(upstream, request).await?;
     let status = response.status();
@@ -571,8 +587,16 @@ async fn unmetered(
     Ok(Forwarded::Done(build_response(
         status,
         headers,
-        Body::from_stream(response.bytes_stream()),
+        Body::new(response.into_body()),
     )))
+}
+
+/// Where a client's request goes on `upstream`.
+fn upstream_uri(upstream: &Upstream, client: &http::Uri) -> Result<http::Uri, ApiError> {
+    let path = client.path_and_query().map_or("/", |p| p.as_str());
+    upstream
+        .url_for(path)
+        .map_err(|e| ApiError::invalid(format!("The request path cannot be forwarded: {e}"), None))
 }
 
 fn build_response(status: StatusCode, headers: HeaderMap, body: Body) -> Response {

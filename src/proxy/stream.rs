@@ -62,7 +62,7 @@ pub fn estimated_usage(ctx: &RequestCtx, request_body: &[u8], texts: &[String]) 
 }
 
 pub struct MeteredStream {
-    upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+    upstream: BoxStream<'static, Result<Bytes, hyper::Error>>,
     meter: SseMeter,
     idle_timeout: Duration,
     idle: Pin<Box<Sleep>>,
@@ -74,7 +74,7 @@ pub struct MeteredStream {
 
 impl MeteredStream {
     pub fn new(
-        upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+        upstream: BoxStream<'static, Result<Bytes, hyper::Error>>,
         meter: SseMeter,
         idle_timeout: Duration,
         settlement: StreamSettlement,

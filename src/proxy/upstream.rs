@@ -3,35 +3,60 @@
 
 use std::time::Duration;
 
-use http::HeaderValue;
+use axum::body::Body;
+use http::{HeaderValue, Uri};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::UpstreamConfig;
 use crate::glob::Glob;
 
+/// The pooled HTTP/1.1 client of one upstream (plain or TLS).
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Body>;
+
 pub struct Upstream {
     pub name: String,
-    /// Parsed once; request paths below `/v1` are appended to its path.
-    base_url: reqwest::Url,
+    /// Scheme, authority and path prefix (no trailing slash); request paths
+    /// below `/v1` are appended to it.
+    base: String,
     /// `Bearer <api_key>`, sent when the client sends no Authorization.
     pub authorization: Option<HeaderValue>,
     models: Vec<Glob>,
     pub inject_stream_usage: bool,
     pub timeout: Duration,
     pub idle_timeout: Duration,
-    pub client: reqwest::Client,
+    pub client: UpstreamClient,
 }
 
 impl Upstream {
     fn build(config: &UpstreamConfig) -> Result<Upstream, String> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
+        let base = config.base_url.trim_end_matches('/').to_string();
+        let uri: Uri = base
+            .parse()
+            .map_err(|e| format!("upstreams.{}.base_url: {e}", config.name))?;
+        if uri.authority().is_none() || !matches!(uri.scheme_str(), Some("http" | "https")) {
+            return Err(format!(
+                "upstreams.{}.base_url: `{}` is not an http(s) URL",
+                config.name, config.base_url
+            ));
+        }
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(Duration::from_millis(config.connect_timeout_ms)));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        // hyper's client never follows redirects: a proxy hands them back.
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(1024)
-            .tcp_nodelay(true)
-            // A proxy hands a redirect back to its client; it never follows one.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| format!("upstream `{}`: {e}", config.name))?;
+            .build(connector);
         let authorization = match config.api_key.as_deref().filter(|k| !k.is_empty()) {
             Some(key) => Some(
                 HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
@@ -45,8 +70,7 @@ impl Upstream {
         };
         Ok(Upstream {
             name: config.name.clone(),
-            base_url: reqwest::Url::parse(config.base_url.trim_end_matches('/'))
-                .map_err(|e| format!("upstreams.{}.base_url: {e}", config.name))?,
+            base,
             authorization,
             models: config.models.clone(),
             inject_stream_usage: config.inject_stream_usage,
@@ -56,19 +80,13 @@ impl Upstream {
         })
     }
 
-    /// The upstream URL for a client path (`/v1/chat/completions?x=1`),
-    /// without re-parsing the scheme and host on every request.
-    pub fn url_for(&self, path_and_query: &str) -> reqwest::Url {
+    /// The upstream URI for a client path (`/v1/chat/completions?x=1`).
+    pub fn url_for(&self, path_and_query: &str) -> Result<Uri, http::uri::InvalidUri> {
         let rest = path_and_query.strip_prefix("/v1").unwrap_or(path_and_query);
-        let (path, query) = match rest.split_once('?') {
-            Some((p, q)) => (p, Some(q)),
-            None => (rest, None),
-        };
-        let mut url = self.base_url.clone();
-        let base_path = url.path().trim_end_matches('/').to_string();
-        url.set_path(&format!("{base_path}{path}"));
-        url.set_query(query);
-        url
+        let mut uri = String::with_capacity(self.base.len() + rest.len());
+        uri.push_str(&self.base);
+        uri.push_str(rest);
+        uri.parse()
     }
 }
 
@@ -114,17 +132,23 @@ mod tests {
     fn client_paths_map_below_the_base_url() {
         let u = upstream("http://127.0.0.1:9/v1/");
         assert_eq!(
-            u.url_for("/v1/chat/completions?x=1&y=2").as_str(),
+            u.url_for("/v1/chat/completions?x=1&y=2")
+                .map(|u| u.to_string())
+                .unwrap_or_default(),
             "http://127.0.0.1:9/v1/chat/completions?x=1&y=2"
         );
         let u = upstream("https://example.com/openai/v1");
         assert_eq!(
-            u.url_for("/v1/models").as_str(),
+            u.url_for("/v1/models")
+                .map(|u| u.to_string())
+                .unwrap_or_default(),
             "https://example.com/openai/v1/models"
         );
         let u = upstream("http://localhost:8000");
         assert_eq!(
-            u.url_for("/v1/embeddings").as_str(),
+            u.url_for("/v1/embeddings")
+                .map(|u| u.to_string())
+                .unwrap_or_default(),
             "http://localhost:8000/embeddings"
         );
     }
