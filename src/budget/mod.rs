@@ -310,6 +310,16 @@ impl Ledger {
             return Ok(None);
         };
         acc.roll(Utc::now());
+        self.reserve_in(acc, team, amount)
+    }
+
+    /// Takes `amount` from an account already rolled to the current period.
+    fn reserve_in(
+        self: &Arc<Self>,
+        acc: &mut Account,
+        team: &str,
+        amount: NanoUsd,
+    ) -> Result<Option<Reservation>, OverBudget> {
         if amount.0 > acc.available() {
             return Err(OverBudget {
                 needed: amount,

@@ -53,16 +53,14 @@ impl Ledger {
             .acquire_lease(team, &key, pg_start, limit, need, want)
             .await
         {
-            Ok(grant) => {
-                self.add_lease(team, &key, grant.granted, grant.view);
-                if grant.granted == 0 {
-                    return Err(Refusal::Over(OverBudget {
-                        needed: amount,
-                        remaining: self.status(team).map_or(over.remaining, |s| s.remaining),
-                    }));
-                }
-                self.reserve(team, amount).map_err(Refusal::Over)
+            Ok(grant) if grant.granted == 0 => {
+                self.add_lease(team, &key, 0, grant.view);
+                Err(Refusal::Over(OverBudget {
+                    needed: amount,
+                    remaining: self.status(team).map_or(over.remaining, |s| s.remaining),
+                }))
             }
+            Ok(grant) => self.add_lease_and_reserve(team, &key, grant.granted, grant.view, amount),
             Err(e) => {
                 // Fail closed: without the shared state no spend is safe.
                 tracing::error!(error = %e, team, "could not take a budget lease; refusing");
@@ -85,14 +83,29 @@ impl Ledger {
             return;
         };
         if let Some(acc) = accounts.get_mut(team) {
-            if period_key(acc.period_start) == key {
-                if let Some(lease) = &mut acc.lease {
-                    lease.held = lease.held.saturating_add(granted);
-                    lease.db_spent = view.spent;
-                    lease.db_leased = view.leased;
-                }
-            }
+            add_to(acc, key, granted, view);
         }
+    }
+
+    /// Adds the grant and reserves from it under one lock, so a sync running
+    /// in between cannot hand the fresh lease back before it is used.
+    fn add_lease_and_reserve(
+        self: &Arc<Self>,
+        team: &str,
+        key: &str,
+        granted: u64,
+        view: BudgetView,
+        amount: NanoUsd,
+    ) -> Result<Option<Reservation>, Refusal> {
+        let Ok(mut accounts) = self.accounts.lock() else {
+            return Err(Refusal::Unavailable);
+        };
+        let Some(acc) = accounts.get_mut(team) else {
+            return Ok(None);
+        };
+        acc.roll(chrono::Utc::now());
+        add_to(acc, key, granted, view);
+        self.reserve_in(acc, team, amount).map_err(Refusal::Over)
     }
 
     /// The writer recorded `cost` of rows paid from the lease of `key`.
@@ -165,5 +178,16 @@ impl Ledger {
             }
         }
         Ok(())
+    }
+}
+
+/// A lease granted for period `key`, unless the account has moved on.
+fn add_to(acc: &mut super::Account, key: &str, granted: u64, view: BudgetView) {
+    if period_key(acc.period_start) == key {
+        if let Some(lease) = &mut acc.lease {
+            lease.held = lease.held.saturating_add(granted);
+            lease.db_spent = view.spent;
+            lease.db_leased = view.leased;
+        }
     }
 }
