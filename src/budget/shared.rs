@@ -113,15 +113,11 @@ impl Ledger {
         let Ok(mut accounts) = self.accounts.lock() else {
             return;
         };
-        if let Some(acc) = accounts.get_mut(team) {
-            if period_key(acc.period_start) == key {
-                if let Some(lease) = &mut acc.lease {
-                    lease.held = lease.held.saturating_sub(cost);
-                    lease.unwritten = lease.unwritten.saturating_sub(cost);
-                    lease.db_spent = lease.db_spent.saturating_add(cost);
-                    lease.db_leased = lease.db_leased.saturating_sub(cost);
-                }
-            }
+        if let Some(lease) = accounts.get_mut(team).and_then(|a| lease_for(a, key)) {
+            lease.held = lease.held.saturating_sub(cost);
+            lease.unwritten = lease.unwritten.saturating_sub(cost);
+            lease.db_spent = lease.db_spent.saturating_add(cost);
+            lease.db_leased = lease.db_leased.saturating_sub(cost);
         }
     }
 
@@ -167,13 +163,9 @@ impl Ledger {
         let views = store.budget_views(&keys).await?;
         if let Ok(mut accounts) = self.accounts.lock() {
             for ((team, key), view) in views {
-                if let Some(acc) = accounts.get_mut(&team) {
-                    if period_key(acc.period_start) == key {
-                        if let Some(lease) = &mut acc.lease {
-                            lease.db_spent = view.spent;
-                            lease.db_leased = view.leased;
-                        }
-                    }
+                if let Some(lease) = accounts.get_mut(&team).and_then(|a| lease_for(a, &key)) {
+                    lease.db_spent = view.spent;
+                    lease.db_leased = view.leased;
                 }
             }
         }
@@ -181,13 +173,21 @@ impl Ledger {
     }
 }
 
+/// The account's lease, if it is still in period `key` (the writer and the
+/// database answer about the period they saw; the account may have rolled).
+fn lease_for<'a>(acc: &'a mut super::Account, key: &str) -> Option<&'a mut super::Lease> {
+    if period_key(acc.period_start) == key {
+        acc.lease.as_mut()
+    } else {
+        None
+    }
+}
+
 /// A lease granted for period `key`, unless the account has moved on.
 fn add_to(acc: &mut super::Account, key: &str, granted: u64, view: BudgetView) {
-    if period_key(acc.period_start) == key {
-        if let Some(lease) = &mut acc.lease {
-            lease.held = lease.held.saturating_add(granted);
-            lease.db_spent = view.spent;
-            lease.db_leased = view.leased;
-        }
+    if let Some(lease) = lease_for(acc, key) {
+        lease.held = lease.held.saturating_add(granted);
+        lease.db_spent = view.spent;
+        lease.db_leased = view.leased;
     }
 }

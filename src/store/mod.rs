@@ -96,6 +96,16 @@ pub struct ReportRow {
     pub cost_nano_usd: i64,
 }
 
+/// Counts and money as stored: the databases' integers are signed.
+pub(crate) fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Back from a stored integer; a negative value (never written) reads as 0.
+pub(crate) fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
 pub fn now_text() -> String {
     time_text(Utc::now())
 }

@@ -9,7 +9,9 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Row};
 
-use super::{time_text, KeyRow, ReportBy, ReportRow, StoreError, TeamRow, UsageRecord};
+use super::{
+    time_text, to_i64, to_u64, KeyRow, ReportBy, ReportRow, StoreError, TeamRow, UsageRecord,
+};
 use crate::budget::{Budget, Period};
 use crate::pricing::NanoUsd;
 
@@ -486,12 +488,4 @@ fn team_row(r: &sqlx::postgres::PgRow) -> Result<TeamRow, StoreError> {
         max_output_tokens: cap.and_then(|c| u64::try_from(c).ok()),
         created_at: time_text(created),
     })
-}
-
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn to_u64(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
 }

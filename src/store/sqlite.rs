@@ -9,7 +9,9 @@ use sqlx::SqlitePool;
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 
-use super::{now_text, time_text, KeyRow, ReportBy, ReportRow, StoreError, TeamRow, UsageRecord};
+use super::{
+    now_text, time_text, to_i64, KeyRow, ReportBy, ReportRow, StoreError, TeamRow, UsageRecord,
+};
 use crate::budget::{Budget, Period};
 use crate::pricing::NanoUsd;
 
@@ -291,8 +293,4 @@ fn team_row(r: &sqlx::sqlite::SqliteRow) -> TeamRow {
         max_output_tokens: cap.and_then(|c| u64::try_from(c).ok()),
         created_at: r.get("created_at"),
     }
-}
-
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
 }
