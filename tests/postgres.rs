@@ -7,7 +7,8 @@ mod support;
 use serde_json::{json, Value};
 use sqlx::Row;
 use support::{
-    chat_body, client, config_with_database, stdout, wait_for_key, MockUpstream, PgDb, Tollgate,
+    chat_body, client, config_with_database, post_chat, stdout, wait_for_key, MockUpstream, PgDb,
+    Tollgate,
 };
 
 const VIRTUAL: &str = "[auth]\nmode = \"virtual-keys\"\n";
@@ -46,16 +47,16 @@ async fn postgres_store_records_usage_reports_and_keeps_spend_across_restarts() 
     let key = first_line(&stdout(&tg.cli(&["keys", "create", "--team", "pg"])));
     wait_for_key(&tg, &key).await;
 
-    let c = client();
-    let resp = c
-        .post(tg.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .header("x-mock-prompt-tokens", "1000")
-        .header("x-mock-completion-tokens", "500")
-        .json(&chat_body("gpt-4o"))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let resp = post_chat(
+        &tg,
+        &key,
+        &chat_body("gpt-4o"),
+        &[
+            ("x-mock-prompt-tokens", "1000"),
+            ("x-mock-completion-tokens", "500"),
+        ],
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     // gpt-4o: 1000 x $2.50/M + 500 x $10/M = $0.0075
     assert_eq!(
@@ -66,25 +67,13 @@ async fn postgres_store_records_usage_reports_and_keeps_spend_across_restarts() 
     );
     let mut body = chat_body("gpt-4o-mini");
     body["stream"] = json!(true);
-    let streamed = c
-        .post(tg.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .json(&body)
-        .send()
+    let streamed = post_chat(&tg, &key, &body, &[])
         .await
-        .unwrap_or_else(|e| panic!("{e}"))
         .text()
         .await
         .unwrap_or_default();
     assert!(streamed.contains("[DONE]"));
-    let failed = c
-        .post(tg.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .header("x-mock-status", "500")
-        .json(&chat_body("gpt-4o"))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let failed = post_chat(&tg, &key, &chat_body("gpt-4o"), &[("x-mock-status", "500")]).await;
     assert_eq!(failed.status(), 500);
 
     let tg = tg.restart().await; // SIGTERM flushes every row
@@ -134,15 +123,16 @@ async fn postgres_store_records_usage_reports_and_keeps_spend_across_restarts() 
 
     // The restarted replica reads the team's recorded spend from the shared
     // budget state: $1 - $0.0075 - $0.0000045 remains.
-    let resp = c
-        .post(tg.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .header("x-mock-prompt-tokens", "0")
-        .header("x-mock-completion-tokens", "0")
-        .json(&chat_body("gpt-4o"))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let resp = post_chat(
+        &tg,
+        &key,
+        &chat_body("gpt-4o"),
+        &[
+            ("x-mock-prompt-tokens", "0"),
+            ("x-mock-completion-tokens", "0"),
+        ],
+    )
+    .await;
     assert_eq!(
         resp.headers()
             .get("x-tollgate-budget-remaining-usd")
@@ -320,16 +310,9 @@ async fn leases_of_a_dead_replica_are_reclaimed_and_live_ones_respected() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(dead, 0, "the dead replica's lease was not reclaimed");
-    let c = client();
     let mut statuses = Vec::new();
     for key in &keys {
-        let resp = c
-            .post(tg.url("/v1/chat/completions"))
-            .bearer_auth(key)
-            .json(&json!({"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}))
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let resp = post_chat(&tg, key, &json!({"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}), &[]).await;
         statuses.push(resp.status().as_u16());
     }
     // The orphaned budget is usable again; the one a live replica holds is not.
@@ -373,27 +356,14 @@ async fn an_unreachable_shared_budget_fails_closed_with_503() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let body = json!({"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]});
-    let c = client();
-    let resp = c
-        .post(tg.url("/v1/chat/completions"))
-        .bearer_auth(&budgeted)
-        .json(&body)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let resp = post_chat(&tg, &budgeted, &body, &[]).await;
     assert_eq!(resp.status(), 503);
     let v: Value = resp.json().await.unwrap_or_default();
     assert_eq!(v["error"]["code"], "budget_unavailable");
     assert_eq!(v["error"]["type"], "server_error");
     assert_eq!(mock.request_count(), probes, "no spend without the budget");
     // A team without a budget does not need the shared state.
-    let resp = c
-        .post(tg.url("/v1/chat/completions"))
-        .bearer_auth(&free)
-        .json(&body)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let resp = post_chat(&tg, &free, &body, &[]).await;
     assert_eq!(resp.status(), 200);
     drop(tg);
     pool.close().await;

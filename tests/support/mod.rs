@@ -278,6 +278,24 @@ pub fn client() -> reqwest::Client {
         .unwrap_or_else(|e| panic!("client: {e}"))
 }
 
+/// POSTs `body` to tollgate's chat endpoint with a bearer key and extra
+/// headers (`x-mock-*` steer the mock).
+pub async fn post_chat(
+    tg: &Tollgate,
+    key: &str,
+    body: &serde_json::Value,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut req = client()
+        .post(tg.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(body);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    req.send().await.unwrap_or_else(|e| panic!("{e}"))
+}
+
 pub fn chat_body(model: &str) -> serde_json::Value {
     serde_json::json!({
         "model": model,
