@@ -3,22 +3,24 @@
 //! only converted to USD when scraped, so no sum is ever taken in floating point.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::pricing::{Catalog, NanoUsd};
+use crate::usage::Endpoint;
 
 /// A counter of USD whose value is an exact integer sum of nano-USD.
 pub struct MoneyCounter {
     desc: Desc,
     label_names: Vec<&'static str>,
-    values: Mutex<HashMap<Vec<String>, u64>>,
+    values: Mutex<HashMap<Vec<String>, Arc<AtomicU64>>>,
 }
 
 impl MoneyCounter {
@@ -37,10 +39,16 @@ impl MoneyCounter {
     }
 
     pub fn add(&self, labels: &[&str], amount: NanoUsd) {
+        add_nano(&self.cell(labels), amount);
+    }
+
+    /// The running total of one label set, to add to without a lookup.
+    pub fn cell(&self, labels: &[&str]) -> Arc<AtomicU64> {
         let key: Vec<String> = labels.iter().map(|s| s.to_string()).collect();
-        if let Ok(mut values) = self.values.lock() {
-            let v = values.entry(key).or_insert(0);
-            *v = v.saturating_add(amount.0);
+        match self.values.lock() {
+            Ok(mut values) => values.entry(key).or_default().clone(),
+            // A poisoned map: count into a cell nobody exports rather than panic.
+            Err(_) => Arc::default(),
         }
     }
 
@@ -51,10 +59,17 @@ impl MoneyCounter {
             self.values
                 .lock()
                 .ok()
-                .and_then(|v| v.get(&key).copied())
+                .and_then(|v| v.get(&key).map(|c| c.load(Ordering::Relaxed)))
                 .unwrap_or(0),
         )
     }
+}
+
+/// Adds to an exact nano-USD total, saturating instead of wrapping.
+fn add_nano(cell: &AtomicU64, amount: NanoUsd) {
+    let _ = cell.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+        Some(v.saturating_add(amount.0))
+    });
 }
 
 impl Collector for MoneyCounter {
@@ -67,9 +82,12 @@ impl Collector for MoneyCounter {
         family.set_name(self.desc.fq_name.clone());
         family.set_help(self.desc.help.clone());
         family.set_field_type(MetricType::COUNTER);
-        let values = match self.values.lock() {
-            Ok(v) => v.clone(),
-            Err(_) => HashMap::new(),
+        let values: Vec<(Vec<String>, u64)> = match self.values.lock() {
+            Ok(v) => v
+                .iter()
+                .map(|(labels, cell)| (labels.clone(), cell.load(Ordering::Relaxed)))
+                .collect(),
+            Err(_) => Vec::new(),
         };
         let mut metrics: Vec<Metric> = values
             .into_iter()
@@ -112,9 +130,96 @@ impl Collector for MoneyCounter {
 /// Usage rows always keep the real id.
 pub const MAX_MODEL_LABELS: usize = 1000;
 
+/// The metric handles of one (team, model) label pair, resolved once and
+/// reused, so settling a request updates its metrics without hashing label
+/// values per metric. Each handle is created on first use, so a series
+/// appears in /metrics exactly when it would with `with_label_values`.
+pub struct Series {
+    team: String,
+    model: String,
+    tokens: [OnceLock<IntCounter>; 3],
+    cost: OnceLock<Arc<AtomicU64>>,
+    time_to_first_byte: OnceLock<Histogram>,
+    endpoints: [OnceLock<EndpointSeries>; Endpoint::COUNT],
+}
+
+/// The handles that also carry an endpoint label.
+struct EndpointSeries {
+    /// `tollgate_requests_total` with status 200; other statuses look theirs up.
+    ok: OnceLock<IntCounter>,
+    duration: Histogram,
+    overhead: Histogram,
+}
+
+/// Token kinds in `tollgate_tokens_total`, in `Series::tokens` order.
+pub const TOKEN_KINDS: [&str; 3] = ["prompt", "completion", "cached"];
+
+impl Series {
+    pub fn count_request(&self, m: &Metrics, endpoint: Endpoint, status: u16) {
+        let (team, model, endpoint_label) = (&self.team, &self.model, endpoint.label());
+        if status == 200 {
+            self.endpoint(m, endpoint)
+                .ok
+                .get_or_init(|| {
+                    m.requests
+                        .with_label_values(&[team, model, endpoint_label, "200"])
+                })
+                .inc();
+        } else {
+            let status = status.to_string();
+            m.requests
+                .with_label_values(&[team, model, endpoint_label, &status])
+                .inc();
+        }
+    }
+
+    /// Adds `n` tokens of `TOKEN_KINDS[kind]`.
+    pub fn add_tokens(&self, m: &Metrics, kind: usize, n: u64) {
+        self.tokens[kind]
+            .get_or_init(|| {
+                m.tokens
+                    .with_label_values(&[&self.team, &self.model, TOKEN_KINDS[kind]])
+            })
+            .inc_by(n);
+    }
+
+    pub fn add_cost(&self, m: &Metrics, cost: NanoUsd) {
+        add_nano(
+            self.cost
+                .get_or_init(|| m.cost.cell(&[&self.team, &self.model])),
+            cost,
+        );
+    }
+
+    pub fn observe_first_byte(&self, m: &Metrics, seconds: f64) {
+        self.time_to_first_byte
+            .get_or_init(|| m.time_to_first_byte.with_label_values(&[&self.model]))
+            .observe(seconds);
+    }
+
+    pub fn observe_duration(&self, m: &Metrics, endpoint: Endpoint, latency: f64, overhead: f64) {
+        let e = self.endpoint(m, endpoint);
+        e.duration.observe(latency);
+        e.overhead.observe(overhead);
+    }
+
+    fn endpoint(&self, m: &Metrics, endpoint: Endpoint) -> &EndpointSeries {
+        self.endpoints[endpoint as usize].get_or_init(|| EndpointSeries {
+            ok: OnceLock::new(),
+            duration: m
+                .request_duration
+                .with_label_values(&[&self.model, endpoint.label()]),
+            overhead: m.overhead.with_label_values(&[endpoint.label()]),
+        })
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     model_labels: std::sync::RwLock<std::collections::HashSet<String>>,
+    /// Resolved handles by team, then model label (see `Series`). Bounded like
+    /// the exported series: teams x at most `MAX_MODEL_LABELS` models.
+    series: RwLock<HashMap<String, HashMap<String, Arc<Series>>>>,
     pub requests: IntCounterVec,
     pub tokens: IntCounterVec,
     pub cost: Arc<MoneyCounter>,
@@ -260,6 +365,7 @@ impl Metrics {
         Ok(Metrics {
             registry,
             model_labels: std::sync::RwLock::new(std::collections::HashSet::new()),
+            series: RwLock::new(HashMap::new()),
             requests,
             tokens,
             cost,
@@ -295,6 +401,34 @@ impl Metrics {
                 model.to_string()
             }
             _ => "other".to_string(),
+        }
+    }
+
+    /// The handles of one team and model label, created on first use.
+    pub fn series(&self, team: &str, model_label: &str) -> Arc<Series> {
+        if let Ok(map) = self.series.read() {
+            if let Some(s) = map.get(team).and_then(|m| m.get(model_label)) {
+                return s.clone();
+            }
+        }
+        let make = || {
+            Arc::new(Series {
+                team: team.to_string(),
+                model: model_label.to_string(),
+                tokens: Default::default(),
+                cost: OnceLock::new(),
+                time_to_first_byte: OnceLock::new(),
+                endpoints: Default::default(),
+            })
+        };
+        match self.series.write() {
+            Ok(mut map) => map
+                .entry(team.to_string())
+                .or_default()
+                .entry(model_label.to_string())
+                .or_insert_with(make)
+                .clone(),
+            Err(_) => make(),
         }
     }
 

@@ -125,15 +125,33 @@ impl NanoUsd {
     }
 }
 
+impl NanoUsd {
+    /// USD with exactly nine decimals, as `x-tollgate-cost-usd` prints it:
+    /// digits written by hand (it runs on every response) into `buf`.
+    pub fn usd_text(self, buf: &mut [u8; 32]) -> &str {
+        let mut end = buf.len();
+        let mut n = self.0;
+        for i in 0.. {
+            if i == 9 {
+                end -= 1;
+                buf[end] = b'.';
+            }
+            end -= 1;
+            buf[end] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 && i >= 9 {
+                break;
+            }
+        }
+        // Only ASCII digits and '.' were written.
+        std::str::from_utf8(&buf[end..]).unwrap_or("0.000000000")
+    }
+}
+
 impl fmt::Display for NanoUsd {
-    /// USD with exactly nine decimals, as `x-tollgate-cost-usd` prints it.
+    /// USD with exactly nine decimals (see `usd_text`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}.{:09}",
-            self.0 / 1_000_000_000,
-            self.0 % 1_000_000_000
-        )
+        f.write_str(self.usd_text(&mut [0; 32]))
     }
 }
 
@@ -187,6 +205,14 @@ mod tests {
     fn usd_display_has_nine_decimals() {
         assert_eq!(NanoUsd(1_500).to_string(), "0.000001500");
         assert_eq!(NanoUsd(12_000_000_001).to_string(), "12.000000001");
+        assert_eq!(NanoUsd(0).to_string(), "0.000000000");
+        assert_eq!(NanoUsd(1_000_000_000).to_string(), "1.000000000");
+        assert_eq!(NanoUsd(999_999_999).to_string(), "0.999999999");
+        assert_eq!(NanoUsd(u64::MAX).to_string(), "18446744073.709551615");
+        for n in [7, 10, 123_456_789_012, 5_000_000_000_000] {
+            let expected = format!("{}.{:09}", n / 1_000_000_000, n % 1_000_000_000);
+            assert_eq!(NanoUsd(n).to_string(), expected);
+        }
     }
 
     #[test]

@@ -82,7 +82,7 @@ pub async fn handle(state: Arc<AppState>, req: http::Request<Body>) -> Response 
     };
     let mut response = with_request_id(response, &request_id);
     if let Some(remaining) = remaining {
-        if let Ok(v) = HeaderValue::from_str(&remaining.to_string()) {
+        if let Ok(v) = HeaderValue::from_str(remaining.usd_text(&mut [0; 32])) {
             response.headers_mut().insert(BUDGET_REMAINING, v);
         }
     }
@@ -198,20 +198,15 @@ fn pick_upstream<'a>(
 
 /// Client headers as they go upstream: hop-by-hop and tollgate's own removed,
 /// compression off (tollgate must read the body), the upstream's key added
-/// when the client sent none.
-fn upstream_headers(client: &HeaderMap, upstream: &Upstream, mode: AuthMode) -> HeaderMap {
-    let mut headers = HeaderMap::with_capacity(client.len() + 1);
-    for (name, value) in client {
-        if is_hop_header(name)
+/// when the client sent none. Edited in place rather than copied.
+fn upstream_headers(mut headers: HeaderMap, upstream: &Upstream, mode: AuthMode) -> HeaderMap {
+    remove_where(&mut headers, |name| {
+        is_hop_header(name)
             || name == header::ACCEPT_ENCODING
             || name.as_str().starts_with("x-tollgate-")
             // A tollgate key never leaves tollgate.
             || (mode == AuthMode::VirtualKeys && name == header::AUTHORIZATION)
-        {
-            continue;
-        }
-        headers.append(name.clone(), value.clone());
-    }
+    });
     if !headers.contains_key(header::AUTHORIZATION) {
         if let Some(auth) = &upstream.authorization {
             headers.insert(header::AUTHORIZATION, auth.clone());
@@ -220,14 +215,17 @@ fn upstream_headers(client: &HeaderMap, upstream: &Upstream, mode: AuthMode) -> 
     headers
 }
 
-fn client_headers(upstream: &HeaderMap) -> HeaderMap {
-    let mut headers = HeaderMap::with_capacity(upstream.len() + 2);
-    for (name, value) in upstream {
-        if !is_hop_header(name) {
-            headers.append(name.clone(), value.clone());
-        }
-    }
+/// Upstream headers as they go back to the client: hop-by-hop removed.
+fn client_headers(mut headers: HeaderMap) -> HeaderMap {
+    remove_where(&mut headers, is_hop_header);
     headers
+}
+
+fn remove_where(headers: &mut HeaderMap, unwanted: impl Fn(&HeaderName) -> bool) {
+    let names: Vec<HeaderName> = headers.keys().filter(|n| unwanted(n)).cloned().collect();
+    for name in names {
+        headers.remove(name);
+    }
 }
 
 async fn send(
@@ -326,7 +324,7 @@ async fn metered(
     ctx: &mut RequestCtx,
     req: http::Request<Body>,
 ) -> Result<Forwarded, ApiError> {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let body = read_client_body(state, body, &parts.headers).await?;
     let meta = RequestMeta::parse(&body)?;
     ctx.model = meta.model().to_string();
@@ -373,13 +371,17 @@ async fn metered(
     let mut request = http::Request::new(Body::from(upstream_body));
     *request.method_mut() = Method::POST;
     *request.uri_mut() = upstream_uri(upstream, &parts.uri)?;
-    *request.headers_mut() = upstream_headers(&parts.headers, upstream, state.auth_mode);
+    *request.headers_mut() = upstream_headers(
+        std::mem::take(&mut parts.headers),
+        upstream,
+        state.auth_mode,
+    );
 
     let sent_at = Instant::now();
     let pre_send = sent_at - ctx.started;
-    let response = send(upstream, request).await?;
+    let mut response = send(upstream, request).await?;
     let status = response.status();
-    let headers = client_headers(response.headers());
+    let headers = client_headers(std::mem::take(response.headers_mut()));
 
     if !status.is_success() {
         // Upstream errors reach the client unchanged, status and body.
@@ -423,13 +425,10 @@ async fn metered(
     };
     let overhead = ctx.started.elapsed().saturating_sub(upstream_wait);
     let cost = settle(state, ctx, status.as_u16(), usage, overhead);
-    state
-        .metrics
-        .time_to_first_byte
-        .with_label_values(&[&ctx.model_label])
-        .observe(ctx.started.elapsed().as_secs_f64());
+    ctx.series(&state.metrics)
+        .observe_first_byte(&state.metrics, ctx.started.elapsed().as_secs_f64());
     let mut response = build_response(status, headers, Body::from(bytes));
-    if let Ok(v) = HeaderValue::from_str(&cost.to_string()) {
+    if let Ok(v) = HeaderValue::from_str(cost.usd_text(&mut [0; 32])) {
         response.headers_mut().insert(COST_USD, v);
     }
     Ok(Forwarded::Done(response))
@@ -566,7 +565,7 @@ async fn unmetered(
     ctx: &mut RequestCtx,
     req: http::Request<Body>,
 ) -> Result<Forwarded, ApiError> {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let upstream = pick_upstream(state, &parts.headers, None)?;
     ctx.upstream = upstream.name.clone();
     ctx.budget_remaining = state.ledger.status(&ctx.team).map(|s| s.remaining);
@@ -578,11 +577,15 @@ async fn unmetered(
     let mut request = http::Request::new(body);
     *request.method_mut() = parts.method.clone();
     *request.uri_mut() = upstream_uri(upstream, &parts.uri)?;
-    *request.headers_mut() = upstream_headers(&parts.headers, upstream, state.auth_mode);
+    *request.headers_mut() = upstream_headers(
+        std::mem::take(&mut parts.headers),
+        upstream,
+        state.auth_mode,
+    );
     let pre_send = ctx.started.elapsed();
-    let response = send(upstream, request).await?;
+    let mut response = send(upstream, request).await?;
     let status = response.status();
-    let headers = client_headers(response.headers());
+    let headers = client_headers(std::mem::take(response.headers_mut()));
     settle(state, ctx, status.as_u16(), Usage::NONE, pre_send);
     Ok(Forwarded::Done(build_response(
         status,

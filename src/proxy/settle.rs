@@ -2,11 +2,13 @@
 //! hand the usage row to the writer. Called exactly once per attributed
 //! request, whichever way it ended.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
 use crate::app::AppState;
+use crate::metrics::{Metrics, Series};
 use crate::pricing::{NanoUsd, Resolved};
 use crate::store::UsageRecord;
 use crate::usage::{Endpoint, Usage};
@@ -33,6 +35,8 @@ pub struct RequestCtx {
     pub end_user: Option<String>,
     /// The shared budget period the reservation was leased from (Postgres).
     pub budget_period: Option<String>,
+    /// Metric handles for (team, model_label); see `RequestCtx::series`.
+    series: Option<Arc<Series>>,
 }
 
 impl RequestCtx {
@@ -53,7 +57,16 @@ impl RequestCtx {
             stream: false,
             end_user: None,
             budget_period: None,
+            series: None,
         }
+    }
+
+    /// This request's metric handles. Resolved on first use, which comes
+    /// after `model_label` is final.
+    pub fn series(&mut self, metrics: &Metrics) -> Arc<Series> {
+        self.series
+            .get_or_insert_with(|| metrics.series(&self.team, &self.model_label))
+            .clone()
     }
 }
 
@@ -66,8 +79,7 @@ pub fn settle(
     overhead: Duration,
 ) -> NanoUsd {
     let m = &state.metrics;
-    let team = ctx.team.as_str();
-    let model = ctx.model_label.as_str();
+    let series = ctx.series(m);
     let price = ctx.resolved.as_ref().and_then(|r| r.price.as_ref());
     let cost = price.map_or(NanoUsd(0), |p| p.cost(&usage));
     if let Some(reservation) = ctx.reservation.take() {
@@ -75,23 +87,22 @@ pub fn settle(
         ctx.budget_remaining = reservation.settle(cost);
     }
 
-    let status_label = status.to_string();
-    m.requests
-        .with_label_values(&[team, model, ctx.endpoint.label(), &status_label])
-        .inc();
-    for (kind, n) in [
-        ("prompt", usage.prompt_tokens),
-        ("completion", usage.completion_tokens),
-        ("cached", usage.cached_tokens),
-    ] {
+    series.count_request(m, ctx.endpoint, status);
+    let tokens = [
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        usage.cached_tokens,
+    ];
+    for (kind, n) in tokens.into_iter().enumerate() {
         if n > 0 {
-            m.tokens.with_label_values(&[team, model, kind]).inc_by(n);
+            series.add_tokens(m, kind, n);
         }
     }
     if let Some(resolved) = &ctx.resolved {
         if cost.0 > 0 || price.is_some() {
-            m.cost.add(&[team, model], cost);
+            series.add_cost(m, cost);
         }
+        let (team, model) = (ctx.team.as_str(), ctx.model_label.as_str());
         if price.is_none() && ctx.endpoint.is_metered() {
             m.unpriced.with_label_values(&[model]).inc();
         }
@@ -103,12 +114,12 @@ pub fn settle(
         }
     }
     let latency = ctx.started.elapsed();
-    m.request_duration
-        .with_label_values(&[model, ctx.endpoint.label()])
-        .observe(latency.as_secs_f64());
-    m.overhead
-        .with_label_values(&[ctx.endpoint.label()])
-        .observe(overhead.min(latency).as_secs_f64());
+    series.observe_duration(
+        m,
+        ctx.endpoint,
+        latency.as_secs_f64(),
+        overhead.min(latency).as_secs_f64(),
+    );
 
     state.usage.record(UsageRecord {
         created_at: ctx.created_at,

@@ -102,12 +102,11 @@ impl MeteredStream {
     fn first_byte(&mut self) {
         if !self.first_byte_sent {
             self.first_byte_sent = true;
-            if let Some(s) = &self.settlement {
-                s.state
-                    .metrics
-                    .time_to_first_byte
-                    .with_label_values(&[&s.ctx.model_label])
-                    .observe(s.ctx.started.elapsed().as_secs_f64());
+            if let Some(s) = &mut self.settlement {
+                let elapsed = s.ctx.started.elapsed().as_secs_f64();
+                s.ctx
+                    .series(&s.state.metrics)
+                    .observe_first_byte(&s.state.metrics, elapsed);
             }
         }
     }

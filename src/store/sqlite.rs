@@ -17,20 +17,35 @@ use crate::pricing::NanoUsd;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
-/// Rows per INSERT. Every full chunk has the same SQL text, so sqlx reuses
-/// one prepared statement instead of preparing a new one per batch; the
-/// remainder goes row by row through another cached statement.
-const ROWS_PER_STATEMENT: usize = 64;
+/// Rows per INSERT, largest first. A batch goes out as statements of these
+/// sizes (50 rows: 32 + 16 + 2), so any batch takes at most one statement per
+/// size plus the full 64-row ones. Each size has one fixed SQL text, which
+/// sqlx prepares once and reuses. Every statement is a round trip to sqlx's
+/// SQLite worker thread (two thread wake-ups), which is why rows are not
+/// inserted one by one.
+const STATEMENT_ROWS: [usize; 7] = [64, 32, 16, 8, 4, 2, 1];
 
-/// The INSERT for one row and for `ROWS_PER_STATEMENT` rows, built once.
-static INSERT_SQL: std::sync::LazyLock<(String, String)> = std::sync::LazyLock::new(|| {
+/// The INSERT text for each of `STATEMENT_ROWS`, built once.
+static INSERT_SQL: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
     let head = "INSERT INTO usage (created_at, request_id, team, key_id, model, base_model, \
                 upstream, endpoint, stream, status, prompt_tokens, completion_tokens, \
                 cached_tokens, cost_nano_usd, token_source, latency_ms, end_user) VALUES ";
     let row = format!("({})", vec!["?"; 17].join(", "));
-    let many = vec![row.as_str(); ROWS_PER_STATEMENT].join(", ");
-    (format!("{head}{row}"), format!("{head}{many}"))
+    STATEMENT_ROWS
+        .iter()
+        .map(|&n| format!("{head}{}", vec![row.as_str(); n].join(", ")))
+        .collect()
 });
+
+/// `rows` cut into chunks of `STATEMENT_ROWS` sizes, each with its SQL text.
+fn statements<T>(mut rows: &[T]) -> impl Iterator<Item = (&'static str, &[T])> {
+    std::iter::from_fn(move || {
+        let i = STATEMENT_ROWS.iter().position(|&n| n <= rows.len())?;
+        let (chunk, rest) = rows.split_at(STATEMENT_ROWS[i]);
+        rows = rest;
+        Some((INSERT_SQL[i].as_str(), chunk))
+    })
+}
 
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
@@ -61,14 +76,7 @@ impl SqliteStore {
 
     pub async fn insert_usage(&self, rows: &[UsageRecord]) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        let full = rows.len() - rows.len() % ROWS_PER_STATEMENT;
-        let (chunks, rest) = rows.split_at(full);
-        for chunk in chunks.chunks(ROWS_PER_STATEMENT).chain(rest.chunks(1)) {
-            let sql = if chunk.len() == 1 {
-                &INSERT_SQL.0
-            } else {
-                &INSERT_SQL.1
-            };
+        for (sql, chunk) in statements(rows) {
             let mut q = sqlx::query(sql);
             for r in chunk {
                 q = q
@@ -292,5 +300,32 @@ fn team_row(r: &sqlx::sqlite::SqliteRow) -> TeamRow {
         budget,
         max_output_tokens: cap.and_then(|c| u64::try_from(c).ok()),
         created_at: r.get("created_at"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sizes(n: usize) -> Vec<usize> {
+        let rows: Vec<usize> = (0..n).collect();
+        let chunks: Vec<_> = statements(&rows).collect();
+        // Every row once, in order, each chunk with the SQL of its size.
+        let flat: Vec<usize> = chunks.iter().flat_map(|(_, c)| c.iter().copied()).collect();
+        assert_eq!(flat, rows);
+        for (sql, chunk) in &chunks {
+            assert_eq!(sql.matches('(').count() - 1, chunk.len(), "{sql}");
+        }
+        chunks.iter().map(|(_, c)| c.len()).collect()
+    }
+
+    #[test]
+    fn batches_go_out_in_few_statements_of_fixed_sizes() {
+        assert_eq!(sizes(0), Vec::<usize>::new());
+        assert_eq!(sizes(1), vec![1]);
+        assert_eq!(sizes(50), vec![32, 16, 2]);
+        assert_eq!(sizes(64), vec![64]);
+        assert_eq!(sizes(200), vec![64, 64, 64, 8]);
+        assert_eq!(sizes(127), vec![64, 32, 16, 8, 4, 2, 1]);
     }
 }

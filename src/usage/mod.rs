@@ -22,6 +22,9 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    /// How many endpoints there are (`endpoint as usize` is below this).
+    pub const COUNT: usize = 6;
+
     /// From the path below `/v1`.
     pub fn from_path(path: &str) -> Endpoint {
         match path.trim_end_matches('/') {
