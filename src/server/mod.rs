@@ -22,7 +22,7 @@ use std::time::Duration;
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get};
+use axum::routing::get;
 use axum::serve::ListenerExt;
 use axum::Router;
 
@@ -43,14 +43,20 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(admin::routes())
-        .route("/v1", any(proxy_route))
-        .route("/v1/{*rest}", any(proxy_route))
-        .fallback(not_found)
+        // `/v1` and everything below it, dispatched here rather than by a
+        // `/v1/{*rest}` route: a wildcard route captures the rest of the path
+        // into a parameter map on every request, which the proxy never reads.
+        .fallback(proxy_or_not_found)
         .with_state(state)
 }
 
-async fn proxy_route(State(state): State<Arc<AppState>>, req: Request) -> Response {
-    proxy::handle(state, req).await
+async fn proxy_or_not_found(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let path = req.uri().path();
+    if path == "/v1" || path.starts_with("/v1/") {
+        proxy::handle(state, req).await
+    } else {
+        not_found(req).await
+    }
 }
 
 async fn healthz() -> impl IntoResponse {
