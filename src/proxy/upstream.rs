@@ -7,14 +7,53 @@ use axum::body::Body;
 use http::{HeaderValue, Uri};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::UpstreamConfig;
 use crate::glob::Glob;
 
-/// The pooled HTTP/1.1 client of one upstream (plain or TLS).
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Body>;
+/// The pooled HTTP/1.1 client of one upstream.
+pub enum UpstreamClient {
+    /// `http://` upstreams (local models, internal gateways). Kept apart
+    /// because a connection through the TLS-capable connector carries its
+    /// TLS state inline even over plain TCP: 1,104 bytes against 32 per
+    /// upstream connection, for as long as the connection lives.
+    Plain(Client<HttpConnector, Body>),
+    /// `https://` upstreams, through rustls with the webpki roots.
+    Tls(Client<HttpsConnector<HttpConnector>, Body>),
+}
+
+impl UpstreamClient {
+    fn new(tls: bool, connect_timeout: Duration) -> UpstreamClient {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(connect_timeout));
+        // hyper's client never follows redirects: a proxy hands them back.
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024);
+        if !tls {
+            return UpstreamClient::Plain(builder.build(http));
+        }
+        http.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_only()
+            .enable_http1()
+            .wrap_connector(http);
+        UpstreamClient::Tls(builder.build(connector))
+    }
+
+    pub fn request(&self, request: http::Request<Body>) -> ResponseFuture {
+        match self {
+            UpstreamClient::Plain(c) => c.request(request),
+            UpstreamClient::Tls(c) => c.request(request),
+        }
+    }
+}
 
 pub struct Upstream {
     pub name: String,
@@ -42,21 +81,10 @@ impl Upstream {
                 config.name, config.base_url
             ));
         }
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(Duration::from_millis(config.connect_timeout_ms)));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        // hyper's client never follows redirects: a proxy hands them back.
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .build(connector);
+        let client = UpstreamClient::new(
+            uri.scheme_str() == Some("https"),
+            Duration::from_millis(config.connect_timeout_ms),
+        );
         let authorization = match config.api_key.as_deref().filter(|k| !k.is_empty()) {
             Some(key) => Some(
                 HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
@@ -137,7 +165,9 @@ mod tests {
                 .unwrap_or_default(),
             "http://127.0.0.1:9/v1/chat/completions?x=1&y=2"
         );
+        assert!(matches!(u.client, UpstreamClient::Plain(_)));
         let u = upstream("https://example.com/openai/v1");
+        assert!(matches!(u.client, UpstreamClient::Tls(_)));
         assert_eq!(
             u.url_for("/v1/models")
                 .map(|u| u.to_string())
