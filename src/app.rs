@@ -38,7 +38,10 @@ impl AppState {
                 team: k.team,
                 models: k.models.iter().map(|m| crate::glob::Glob::new(m)).collect(),
             };
-            key_map.insert(k.hash, Arc::new(entry));
+            // A malformed stored hash matches no key.
+            if let Some(digest) = crate::auth::parse_key_hash(&k.hash) {
+                key_map.insert(digest, Arc::new(entry));
+            }
         }
         let mut team_map = std::collections::HashMap::new();
         for t in &teams {

@@ -50,7 +50,35 @@ pub fn generate_key() -> Result<NewKey, String> {
 }
 
 pub fn hash_key(secret: &str) -> String {
-    hex(&Sha256::digest(secret.as_bytes()))
+    hex(&key_digest(secret))
+}
+
+/// SHA-256 of a key: the stored hash is its hex form.
+pub type KeyDigest = [u8; 32];
+
+pub fn key_digest(secret: &str) -> KeyDigest {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// A stored hash (64 hex digits) back to its digest; `None` if malformed.
+pub fn parse_key_hash(hash: &str) -> Option<KeyDigest> {
+    fn nibble(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            b'A'..=b'F' => Some(c - b'A' + 10),
+            _ => None,
+        }
+    }
+    let hex = hash.as_bytes();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (o, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        *o = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(out)
 }
 
 /// Constant-time comparison of the presented bearer token with the admin token.
@@ -97,14 +125,15 @@ pub struct TeamSettings {
 /// Live keys by hash and team settings, swapped whole on refresh.
 #[derive(Default)]
 pub struct Directory {
-    keys: RwLock<Arc<HashMap<String, Arc<KeyEntry>>>>,
+    /// By digest: a request hashes its key and looks it up without hex text.
+    keys: RwLock<Arc<HashMap<KeyDigest, Arc<KeyEntry>>>>,
     teams: RwLock<Arc<HashMap<String, TeamSettings>>>,
 }
 
 impl Directory {
     pub fn replace(
         &self,
-        keys: HashMap<String, Arc<KeyEntry>>,
+        keys: HashMap<KeyDigest, Arc<KeyEntry>>,
         teams: HashMap<String, TeamSettings>,
     ) {
         if let Ok(mut k) = self.keys.write() {
@@ -116,8 +145,8 @@ impl Directory {
     }
 
     pub fn key(&self, secret: &str) -> Option<Arc<KeyEntry>> {
-        let hash = hash_key(secret);
-        self.keys.read().ok()?.get(&hash).cloned()
+        let digest = key_digest(secret);
+        self.keys.read().ok()?.get(&digest).cloned()
     }
 
     /// Forgets a key at once (the periodic refresh would too, within a second).
@@ -151,6 +180,13 @@ mod tests {
         assert_eq!(a.hash, hash_key(&a.secret));
         assert!(!a.hash.contains(&a.secret[3..]));
         assert_eq!(hex(&[0x00, 0x9f, 0xa0, 0xff]), "009fa0ff");
+        assert_eq!(parse_key_hash(&a.hash), Some(key_digest(&a.secret)));
+        assert_eq!(
+            parse_key_hash(&a.hash.to_uppercase()),
+            Some(key_digest(&a.secret))
+        );
+        assert_eq!(parse_key_hash(&a.hash[1..]), None);
+        assert_eq!(parse_key_hash(&format!("{}g", &a.hash[1..])), None);
         // The SHA-256 of "abc" from FIPS 180-2.
         assert_eq!(
             hash_key("abc"),

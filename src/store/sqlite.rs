@@ -19,15 +19,23 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 
 /// Rows per INSERT, largest first. A batch goes out as statements of these
 /// sizes (50 rows: 32 + 16 + 2), so any batch takes at most one statement per
-/// size plus the full 64-row ones. Each size has one fixed SQL text, which
+/// size plus the full 256-row ones (a full 512-row batch: two). Each size has one fixed SQL text, which
 /// sqlx prepares once and reuses. Every statement is a round trip to sqlx's
 /// SQLite worker thread (two thread wake-ups), which is why rows are not
 /// inserted one by one.
-const STATEMENT_ROWS: [usize; 7] = [64, 32, 16, 8, 4, 2, 1];
+const STATEMENT_ROWS: [usize; 9] = [256, 128, 64, 32, 16, 8, 4, 2, 1];
 
 /// The INSERT text for each of `STATEMENT_ROWS`, built once.
+///
+/// `OR ROLLBACK`: a constraint failure rolls back the whole batch (which the
+/// writer then retries). A plain INSERT of several rows inside a transaction
+/// must be undoable on its own, so SQLite keeps a statement journal for it:
+/// the old content of every page the statement touches, spilled to a temp
+/// file past 64 KiB. That was 0.44 pwrite calls per row, more than the WAL
+/// itself (bench/PROFILE.md, session 4).
 static INSERT_SQL: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
-    let head = "INSERT INTO usage (created_at, request_id, team, key_id, model, base_model, \
+    let head =
+        "INSERT OR ROLLBACK INTO usage (created_at, request_id, team, key_id, model, base_model, \
                 upstream, endpoint, stream, status, prompt_tokens, completion_tokens, \
                 cached_tokens, cost_nano_usd, token_source, latency_ms, end_user) VALUES ";
     let row = format!("({})", vec!["?"; 17].join(", "));
@@ -49,7 +57,13 @@ fn statements<T>(mut rows: &[T]) -> impl Iterator<Item = (&'static str, &[T])> {
 
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
+    /// Reads, admin writes, refreshes, /readyz.
     pool: SqlitePool,
+    /// The usage writer's own connection. In WAL mode a connection drops its
+    /// whole page cache when another connection has committed since its last
+    /// transaction; sharing one pool, each batch found a cold cache and read
+    /// the b-tree pages it appends to back from the WAL.
+    writer: SqlitePool,
 }
 
 impl SqliteStore {
@@ -61,12 +75,17 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(5))
             // 1 MiB page cache per connection: the writer appends, nothing scans.
             .pragma("cache_size", "-1024");
-        // One connection for the writer, one for refreshes, /readyz and admin.
         let pool = SqlitePoolOptions::new()
             .max_connections(2)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
-        Ok(SqliteStore { pool })
+        // Opened on the first batch (CLI commands never need it), then kept.
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_lazy_with(options);
+        Ok(SqliteStore { pool, writer })
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
@@ -75,7 +94,7 @@ impl SqliteStore {
     }
 
     pub async fn insert_usage(&self, rows: &[UsageRecord]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         for (sql, chunk) in statements(rows) {
             let mut q = sqlx::query(sql);
             for r in chunk {
@@ -280,6 +299,7 @@ impl SqliteStore {
     }
 
     pub async fn close(&self) {
+        self.writer.close().await;
         self.pool.close().await;
     }
 }
@@ -325,7 +345,9 @@ mod tests {
         assert_eq!(sizes(1), vec![1]);
         assert_eq!(sizes(50), vec![32, 16, 2]);
         assert_eq!(sizes(64), vec![64]);
-        assert_eq!(sizes(200), vec![64, 64, 64, 8]);
+        assert_eq!(sizes(200), vec![128, 64, 8]);
         assert_eq!(sizes(127), vec![64, 32, 16, 8, 4, 2, 1]);
+        assert_eq!(sizes(512), vec![256, 256]);
+        assert_eq!(sizes(600), vec![256, 256, 64, 16, 8]);
     }
 }
