@@ -94,33 +94,16 @@ impl SqliteStore {
     }
 
     pub async fn insert_usage(&self, rows: &[UsageRecord]) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin().await?;
-        for (sql, chunk) in statements(rows) {
-            let mut q = sqlx::query(sql);
-            for r in chunk {
-                q = q
-                    .bind(time_text(r.created_at))
-                    .bind(&r.request_id)
-                    .bind(&r.team)
-                    .bind(&r.key_id)
-                    .bind(&r.model)
-                    .bind(&r.base_model)
-                    .bind(&r.upstream)
-                    .bind(r.endpoint)
-                    .bind(r.stream)
-                    .bind(i64::from(r.status))
-                    .bind(to_i64(r.prompt_tokens))
-                    .bind(to_i64(r.completion_tokens))
-                    .bind(to_i64(r.cached_tokens))
-                    .bind(to_i64(r.cost_nano_usd))
-                    .bind(r.token_source)
-                    .bind(to_i64(r.latency_ms))
-                    .bind(&r.end_user);
-            }
-            q.execute(&mut *tx).await?;
+        let mut conn = self.writer.acquire().await?;
+        let written = insert_batch(&mut conn, rows).await;
+        if written.is_err() {
+            // A failed `OR ROLLBACK` statement has ended the transaction
+            // inside SQLite behind sqlx's back (sqlx then sends a ROLLBACK
+            // that fails). Rather than trust its bookkeeping after that, the
+            // next batch gets a new connection.
+            conn.close().await.ok();
         }
-        tx.commit().await?;
-        Ok(())
+        written
     }
 
     pub async fn create_team(
@@ -304,6 +287,41 @@ impl SqliteStore {
     }
 }
 
+/// One batch in one transaction: all rows or none.
+async fn insert_batch(
+    conn: &mut sqlx::SqliteConnection,
+    rows: &[UsageRecord],
+) -> Result<(), StoreError> {
+    use sqlx::Connection;
+    let mut tx = conn.begin().await?;
+    for (sql, chunk) in statements(rows) {
+        let mut q = sqlx::query(sql);
+        for r in chunk {
+            q = q
+                .bind(time_text(r.created_at))
+                .bind(&r.request_id)
+                .bind(&r.team)
+                .bind(&r.key_id)
+                .bind(&r.model)
+                .bind(&r.base_model)
+                .bind(&r.upstream)
+                .bind(r.endpoint)
+                .bind(r.stream)
+                .bind(i64::from(r.status))
+                .bind(to_i64(r.prompt_tokens))
+                .bind(to_i64(r.completion_tokens))
+                .bind(to_i64(r.cached_tokens))
+                .bind(to_i64(r.cost_nano_usd))
+                .bind(r.token_source)
+                .bind(to_i64(r.latency_ms))
+                .bind(&r.end_user);
+        }
+        q.execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
 fn team_row(r: &sqlx::sqlite::SqliteRow) -> TeamRow {
     let limit: Option<i64> = r.get("budget_nano_usd");
     let period: Option<String> = r.get("budget_period");
@@ -337,6 +355,72 @@ mod tests {
             assert_eq!(sql.matches('(').count() - 1, chunk.len(), "{sql}");
         }
         chunks.iter().map(|(_, c)| c.len()).collect()
+    }
+
+    fn row(request_id: &str) -> UsageRecord {
+        UsageRecord {
+            created_at: Utc::now(),
+            request_id: request_id.into(),
+            team: "t".into(),
+            key_id: None,
+            model: "gpt-4o".into(),
+            base_model: "gpt-4o".into(),
+            upstream: "mock".into(),
+            endpoint: "chat.completions",
+            stream: false,
+            status: 200,
+            prompt_tokens: 1,
+            completion_tokens: 2,
+            cached_tokens: 0,
+            cost_nano_usd: 3,
+            token_source: "upstream",
+            latency_ms: 4,
+            end_user: None,
+            budget_period: None,
+        }
+    }
+
+    /// A batch that breaks a constraint leaves nothing behind, and the
+    /// writer's next batch still goes in (in a transaction of its own).
+    #[tokio::test]
+    async fn a_failed_batch_writes_nothing_and_the_next_one_lands() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let store = SqliteStore::connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        store.migrate().await.unwrap_or_else(|e| panic!("{e}"));
+        let count = || async {
+            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM usage")
+                .fetch_one(&store.pool)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let first: Vec<_> = (0..300).map(|i| row(&format!("req_a{i}"))).collect();
+        store
+            .insert_usage(&first)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        // 299 new rows, then one whose request id is taken, in the last statement.
+        let mut clash: Vec<_> = (0..299).map(|i| row(&format!("req_b{i}"))).collect();
+        clash.push(row("req_a7"));
+        assert!(store.insert_usage(&clash).await.is_err());
+        assert_eq!(count().await, 300);
+        for round in 0..2 {
+            let next: Vec<_> = (0..50).map(|i| row(&format!("req_c{round}_{i}"))).collect();
+            store
+                .insert_usage(&next)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert_eq!(count().await, 400);
+        // The clashing batch again, without the clash: every row lands.
+        clash.pop();
+        store
+            .insert_usage(&clash)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(count().await, 699);
     }
 
     #[test]
