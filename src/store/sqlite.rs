@@ -19,8 +19,8 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 
 /// Rows per INSERT, largest first. A batch goes out as statements of these
 /// sizes (50 rows: 32 + 16 + 2), so any batch takes at most one statement per
-/// size plus the full 256-row ones (a full 512-row batch: two). Each size has one fixed SQL text, which
-/// sqlx prepares once and reuses. Every statement is a round trip to sqlx's
+/// size plus the full 256-row ones (a full 512-row batch: two). Each size has
+/// one fixed SQL text, which sqlx prepares once and reuses. Every statement is a round trip to sqlx's
 /// SQLite worker thread (two thread wake-ups), which is why rows are not
 /// inserted one by one.
 const STATEMENT_ROWS: [usize; 9] = [256, 128, 64, 32, 16, 8, 4, 2, 1];
