@@ -56,12 +56,14 @@ fn is_hop_header(name: &HeaderName) -> bool {
 /// Entry point for every `/v1/*` request.
 pub async fn handle(state: Arc<AppState>, req: http::Request<Body>) -> Response {
     let request_id = state.request_ids.next();
+    // The header is made now: the id itself moves into the usage row.
+    let id_header = HeaderValue::from_str(&request_id).ok();
     let endpoint = Endpoint::from_path(req.uri().path());
     let (team, key) = match authenticate(&state, req.headers()) {
         Ok(who) => who,
-        Err(e) => return with_request_id(e.into_response(), &request_id),
+        Err(e) => return with_request_id(e.into_response(), id_header),
     };
-    let mut ctx = RequestCtx::new(request_id.clone(), endpoint, team);
+    let mut ctx = RequestCtx::new(request_id, endpoint, team);
     ctx.key = key;
     // Boxed: hyper keeps a connection's request future allocated for as long
     // as the connection lives, so the large forwarding state machines go in
@@ -84,7 +86,7 @@ pub async fn handle(state: Arc<AppState>, req: http::Request<Body>) -> Response 
             (e.into_response(), ctx.budget_remaining)
         }
     };
-    let mut response = with_request_id(response, &request_id);
+    let mut response = with_request_id(response, id_header);
     if let Some(remaining) = remaining {
         if let Ok(v) = HeaderValue::from_str(remaining.usd_text(&mut [0; 32])) {
             response.headers_mut().insert(BUDGET_REMAINING, v);
@@ -149,8 +151,8 @@ impl PendingStream {
     }
 }
 
-fn with_request_id(mut response: Response, id: &str) -> Response {
-    if let Ok(v) = HeaderValue::from_str(id) {
+fn with_request_id(mut response: Response, id: Option<HeaderValue>) -> Response {
+    if let Some(v) = id {
         response.headers_mut().insert(REQUEST_ID, v);
     }
     response
@@ -225,10 +227,12 @@ fn client_headers(mut headers: HeaderMap) -> HeaderMap {
     headers
 }
 
+/// Removes every header `unwanted` names. A request carries a handful of
+/// headers and loses two or three, so rescanning after each removal is
+/// cheaper than collecting the names first (an allocation and a clone each).
 fn remove_where(headers: &mut HeaderMap, unwanted: impl Fn(&HeaderName) -> bool) {
-    let names: Vec<HeaderName> = headers.keys().filter(|n| unwanted(n)).cloned().collect();
-    for name in names {
-        headers.remove(name);
+    while let Some(name) = headers.keys().find(|n| unwanted(n)).cloned() {
+        headers.remove(&name);
     }
 }
 
@@ -429,8 +433,9 @@ async fn metered(
     };
     let overhead = ctx.started.elapsed().saturating_sub(upstream_wait);
     let cost = settle(state, ctx, status.as_u16(), usage, overhead);
+    let first_byte = ctx.started.elapsed().as_secs_f64();
     ctx.series(&state.metrics)
-        .observe_first_byte(&state.metrics, ctx.started.elapsed().as_secs_f64());
+        .observe_first_byte(&state.metrics, first_byte);
     let mut response = build_response(status, headers, Body::from(bytes));
     if let Ok(v) = HeaderValue::from_str(cost.usd_text(&mut [0; 32])) {
         response.headers_mut().insert(COST_USD, v);

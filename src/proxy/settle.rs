@@ -62,15 +62,20 @@ impl RequestCtx {
     }
 
     /// This request's metric handles. Resolved on first use, which comes
-    /// after `model_label` is final.
-    pub fn series(&mut self, metrics: &Metrics) -> Arc<Series> {
+    /// after `model_label` is final. Lent, not cloned: the handles are shared
+    /// by every request of a (team, model), and each clone would write their
+    /// reference count, a cache line the other workers write too.
+    pub fn series(&mut self, metrics: &Metrics) -> &Series {
         self.series
             .get_or_insert_with(|| metrics.series(&self.team, &self.model_label))
-            .clone()
     }
 }
 
 /// Prices `usage`, records metrics and the usage row; returns the cost.
+///
+/// The request's last use of its identity: the strings the row needs are
+/// moved into it, not copied, so `ctx` keeps only what the response still
+/// needs (budget left, metric handles, timings).
 pub fn settle(
     state: &AppState,
     ctx: &mut RequestCtx,
@@ -79,7 +84,11 @@ pub fn settle(
     overhead: Duration,
 ) -> NanoUsd {
     let m = &state.metrics;
-    let series = ctx.series(m);
+    // Taken out and put back: a move, not a reference-count write.
+    let series = match ctx.series.take() {
+        Some(series) => series,
+        None => m.series(&ctx.team, &ctx.model_label),
+    };
     let price = ctx.resolved.as_ref().and_then(|r| r.price.as_ref());
     let cost = price.map_or(NanoUsd(0), |p| p.cost(&usage));
     if let Some(reservation) = ctx.reservation.take() {
@@ -121,17 +130,18 @@ pub fn settle(
         overhead.min(latency).as_secs_f64(),
     );
 
+    ctx.series = Some(series);
+
+    let resolved = ctx.resolved.take();
+    let model = std::mem::take(&mut ctx.model);
     state.usage.record(UsageRecord {
         created_at: ctx.created_at,
-        request_id: ctx.request_id.clone(),
-        team: ctx.team.clone(),
-        key_id: ctx.key.as_ref().map(|k| k.id.clone()),
-        model: ctx.model.clone(),
-        base_model: ctx
-            .resolved
-            .as_ref()
-            .map_or_else(|| ctx.model.clone(), |r| r.base_model.clone()),
-        upstream: ctx.upstream.clone(),
+        request_id: std::mem::take(&mut ctx.request_id),
+        team: std::mem::take(&mut ctx.team),
+        key_id: ctx.key.take().map(|k| k.id.clone()),
+        base_model: resolved.map_or_else(|| model.clone(), |r| r.base_model),
+        model,
+        upstream: std::mem::take(&mut ctx.upstream),
         endpoint: ctx.endpoint.label(),
         stream: ctx.stream,
         status,
@@ -141,7 +151,7 @@ pub fn settle(
         cost_nano_usd: cost.0,
         token_source: usage.source.label(),
         latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
-        end_user: ctx.end_user.clone(),
+        end_user: ctx.end_user.take(),
         budget_period: ctx.budget_period.take(),
     });
     cost
