@@ -3,9 +3,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::auth::Directory;
+use crate::auth::{AuthPolicy, Directory};
 use crate::budget::Ledger;
-use crate::config::{AuthMode, Config};
+use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pricing::Catalog;
 use crate::proxy::upstream::Upstreams;
@@ -19,7 +19,7 @@ pub struct AppState {
     pub usage: UsageSink,
     pub store: Store,
     pub request_ids: RequestIds,
-    pub auth_mode: AuthMode,
+    pub auth: AuthPolicy,
     pub directory: Directory,
     pub ledger: Arc<Ledger>,
 }
@@ -31,6 +31,14 @@ impl AppState {
     pub async fn refresh(&self) -> Result<(), crate::store::StoreError> {
         let teams = self.store.teams().await?;
         let keys = self.store.keys().await?;
+        if self
+            .auth
+            .accounts_seen(!teams.is_empty() || !keys.is_empty())
+        {
+            tracing::warn!(
+                "a team or key exists now: auth mode is virtual-keys (clients must send a tg- key)"
+            );
+        }
         let mut key_map = std::collections::HashMap::new();
         for k in keys.into_iter().filter(|k| k.revoked_at.is_none()) {
             let entry = crate::auth::KeyEntry {

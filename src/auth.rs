@@ -104,6 +104,86 @@ pub fn bearer(value: &str) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
+/// A credential header value that is a tollgate key. Such a key never
+/// leaves tollgate, in any mode.
+pub fn is_tollgate_key(value: &str) -> bool {
+    let token = bearer(value).unwrap_or(value).trim();
+    token.starts_with("tg-")
+}
+
+/// Headers a client may carry a credential in (OpenAI, Azure, Anthropic style).
+pub const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "api-key", "x-api-key"];
+
+/// How clients authenticate, decided by configuration and never loosened at
+/// run time: `auth.mode` when set; otherwise `virtual-keys` as soon as any
+/// team or key exists or any upstream has an `api_key`, else `passthrough`
+/// (clients bring their own provider key; the server's is never attached).
+/// An unset mode that started as passthrough tightens to virtual-keys when
+/// the first team or key appears; nothing turns it back.
+pub struct AuthPolicy {
+    configured: Option<crate::config::AuthMode>,
+    virtual_keys: std::sync::atomic::AtomicBool,
+    /// `(method or any, path glob)` of unmetered paths budgeted teams may use.
+    allow_unmetered: Vec<(Option<http::Method>, Glob)>,
+}
+
+impl AuthPolicy {
+    /// `has_accounts`: the database holds a team or a key (revoked ones too).
+    pub fn new(
+        config: &crate::config::AuthConfig,
+        any_upstream_key: bool,
+        has_accounts: bool,
+    ) -> AuthPolicy {
+        use crate::config::AuthMode;
+        let virtual_keys = match config.mode {
+            Some(mode) => mode == AuthMode::VirtualKeys,
+            None => any_upstream_key || has_accounts,
+        };
+        let allow_unmetered = config
+            .allow_unmetered
+            .iter()
+            .map(|entry| match entry.trim().split_once(' ') {
+                Some((method, path)) => (
+                    http::Method::from_bytes(method.trim().to_ascii_uppercase().as_bytes()).ok(),
+                    Glob::new(path.trim()),
+                ),
+                None => (None, Glob::new(entry.trim())),
+            })
+            .collect();
+        AuthPolicy {
+            configured: config.mode,
+            virtual_keys: std::sync::atomic::AtomicBool::new(virtual_keys),
+            allow_unmetered,
+        }
+    }
+
+    pub fn mode(&self) -> crate::config::AuthMode {
+        if self.virtual_keys.load(std::sync::atomic::Ordering::Relaxed) {
+            crate::config::AuthMode::VirtualKeys
+        } else {
+            crate::config::AuthMode::Passthrough
+        }
+    }
+
+    /// Called on every refresh: a team or key appearing ends an automatic
+    /// passthrough for good. Returns true when it did so now.
+    pub fn accounts_seen(&self, has_accounts: bool) -> bool {
+        if self.configured.is_none() && has_accounts {
+            return !self
+                .virtual_keys
+                .swap(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        false
+    }
+
+    /// A budgeted team may use this unmetered path (`auth.allow_unmetered`).
+    pub fn allows_unmetered(&self, method: &http::Method, path: &str) -> bool {
+        self.allow_unmetered
+            .iter()
+            .any(|(m, glob)| m.as_ref().is_none_or(|m| m == method) && glob.matches(path))
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct KeyEntry {
     pub id: String,
@@ -192,6 +272,48 @@ mod tests {
             hash_key("abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    #[test]
+    fn auth_mode_is_never_passthrough_with_a_server_key_or_accounts() {
+        use crate::config::{AuthConfig, AuthMode};
+        let unset = AuthConfig::default();
+        let mode = |key, accounts| AuthPolicy::new(&unset, key, accounts).mode();
+        assert_eq!(mode(false, false), AuthMode::Passthrough);
+        assert_eq!(mode(true, false), AuthMode::VirtualKeys);
+        assert_eq!(mode(false, true), AuthMode::VirtualKeys);
+        // An automatic passthrough tightens when the first team appears...
+        let p = AuthPolicy::new(&unset, false, false);
+        assert!(p.accounts_seen(true));
+        assert_eq!(p.mode(), AuthMode::VirtualKeys);
+        // ...and nothing loosens it again.
+        assert!(!p.accounts_seen(false));
+        assert_eq!(p.mode(), AuthMode::VirtualKeys);
+        // An explicit mode is what it says.
+        let explicit = AuthConfig {
+            mode: Some(AuthMode::Passthrough),
+            ..AuthConfig::default()
+        };
+        let p = AuthPolicy::new(&explicit, true, true);
+        assert!(!p.accounts_seen(true));
+        assert_eq!(p.mode(), AuthMode::Passthrough);
+    }
+
+    #[test]
+    fn unmetered_allow_list_matches_method_and_path() {
+        let p = AuthPolicy::new(&crate::config::AuthConfig::default(), false, false);
+        let get = http::Method::GET;
+        let post = http::Method::POST;
+        assert!(p.allows_unmetered(&get, "/v1/models"));
+        assert!(p.allows_unmetered(&get, "/v1/models/gpt-4o"));
+        assert!(!p.allows_unmetered(&post, "/v1/models"));
+        assert!(p.allows_unmetered(&post, "/v1/files"));
+        assert!(p.allows_unmetered(&get, "/v1/files/file-1/content"));
+        assert!(!p.allows_unmetered(&post, "/v1/batches"));
+        assert!(!p.allows_unmetered(&post, "/v1/images/generations"));
+        assert!(is_tollgate_key("Bearer tg-abc"));
+        assert!(is_tollgate_key("tg-abc"));
+        assert!(!is_tollgate_key("Bearer sk-abc"));
     }
 
     #[test]

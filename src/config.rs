@@ -29,6 +29,15 @@ pub struct ServerConfig {
     /// How long a SIGTERM waits for in-flight requests before cutting them
     /// (their usage is still recorded).
     pub drain_timeout_ms: u64,
+    /// A client must send a request's whole header within this long of its
+    /// first byte; a connection that does not is closed.
+    pub header_timeout_ms: u64,
+    /// A metered request's whole body must arrive within this long; a body
+    /// streamed through to the upstream may not pause longer than this.
+    pub body_timeout_ms: u64,
+    /// A keep-alive connection idle this long is closed, and so is one whose
+    /// client stopped reading a response for this long.
+    pub idle_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -39,9 +48,32 @@ pub struct DatabaseConfig {
     pub batch_size: usize,
     /// Longest a usage row waits in memory before it is written.
     pub flush_interval_ms: u64,
-    /// Rows that may wait for the writer; past it rows are dropped (and
-    /// counted), never the request blocked.
+    /// Rows the writer keeps in memory; past it (a database outage) rows go
+    /// to the spool on local disk, never the request blocked.
     pub queue_capacity: usize,
+    /// What survives a crash (`kill -9`, OOM): see `Durability`.
+    pub durability: Durability,
+    /// Directory of the spool: rows the database could not take yet, and with
+    /// `durability = "spool"` every row until it is in the database.
+    /// Default: next to the SQLite file (`<file>-spool`), else `./tollgate-spool`.
+    pub spool_path: Option<PathBuf>,
+    /// The spool's size cap in bytes; past it rows are dropped and counted.
+    pub spool_max_bytes: u64,
+    /// How long a budgeted request waits for Postgres to grant a budget
+    /// lease before it is refused with 503 (fail fast, fail closed).
+    pub lease_timeout_ms: u64,
+}
+
+/// What a crash of the process can lose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Rows are written in batches; a crash loses at most the rows of one
+    /// flush interval (those not yet in a transaction).
+    Batch,
+    /// Every row is appended to the spool file before its response
+    /// completes (group commit): a crash loses only responses not yet completed.
+    Spool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -53,11 +85,25 @@ pub enum AuthMode {
     Passthrough,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
-    /// Unset: `virtual-keys` when the database holds keys at start, else `passthrough`.
+    /// Unset: `virtual-keys` when any team or key exists or any upstream has
+    /// an `api_key`, else `passthrough` (see `server::auth_mode`).
     pub mode: Option<AuthMode>,
+    /// `/v1/*` paths (`[METHOD ]GLOB`) a team with a budget may use although
+    /// tollgate cannot price them; every other unmetered path is refused to
+    /// such a team (403 `endpoint_not_metered`).
+    pub allow_unmetered: Vec<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            mode: None,
+            allow_unmetered: vec!["GET /v1/models*".into(), "/v1/files*".into()],
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -117,6 +163,9 @@ impl Default for ServerConfig {
             max_body_bytes: 10 * 1024 * 1024,
             admin_token: None,
             drain_timeout_ms: 30_000,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 60_000,
+            idle_timeout_ms: 120_000,
         }
     }
 }
@@ -128,6 +177,10 @@ impl Default for DatabaseConfig {
             batch_size: 512,
             flush_interval_ms: 25,
             queue_capacity: 65_536,
+            durability: Durability::Batch,
+            spool_path: None,
+            spool_max_bytes: 1 << 30,
+            lease_timeout_ms: 1_000,
         }
     }
 }
@@ -239,14 +292,24 @@ impl Config {
             key: key.into(),
             reason,
         };
-        if let Err(e) = self.server.listen.parse::<SocketAddr>() {
-            return Err(bad(
-                "server.listen",
-                format!("`{}` is not host:port ({e})", self.server.listen),
-            ));
+        if let Err(reason) = listen_parts(&self.server.listen) {
+            return Err(bad("server.listen", reason));
         }
         if self.server.max_body_bytes == 0 {
             return Err(bad("server.max_body_bytes", "must be > 0".into()));
+        }
+        for (key, ms) in [
+            ("server.header_timeout_ms", self.server.header_timeout_ms),
+            ("server.body_timeout_ms", self.server.body_timeout_ms),
+            ("server.idle_timeout_ms", self.server.idle_timeout_ms),
+            ("database.lease_timeout_ms", self.database.lease_timeout_ms),
+        ] {
+            if ms == 0 {
+                return Err(bad(key, "must be > 0".into()));
+            }
+        }
+        if self.database.spool_max_bytes == 0 {
+            return Err(bad("database.spool_max_bytes", "must be > 0".into()));
         }
         let url = &self.database.url;
         if !["sqlite:", "postgres://", "postgresql://"]
@@ -256,6 +319,12 @@ impl Config {
             return Err(bad(
                 "database.url",
                 format!("`{url}`: use sqlite://PATH or postgres://USER@HOST/DB"),
+            ));
+        }
+        if self.sqlite_path().is_some_and(|p| p.as_os_str().is_empty()) {
+            return Err(bad(
+                "database.url",
+                format!("`{url}` names no file: use sqlite://PATH, e.g. sqlite://tollgate.db"),
             ));
         }
         if self.database.batch_size == 0 || self.database.queue_capacity == 0 {
@@ -299,6 +368,42 @@ impl Config {
         Ok(())
     }
 
+    /// The SQLite file `database.url` names (`None` for Postgres).
+    pub fn sqlite_path(&self) -> Option<PathBuf> {
+        sqlite_path(&self.database.url)
+    }
+
+    /// Where the spool lives: `database.spool_path`, else next to the SQLite
+    /// file, else `./tollgate-spool`.
+    pub fn spool_dir(&self) -> PathBuf {
+        if let Some(p) = &self.database.spool_path {
+            return p.clone();
+        }
+        match self.sqlite_path() {
+            Some(db) if db.to_str() != Some(":memory:") => {
+                let mut name = db.file_name().unwrap_or_default().to_os_string();
+                name.push("-spool");
+                db.with_file_name(name)
+            }
+            _ => PathBuf::from("tollgate-spool"),
+        }
+    }
+
+    /// The address to listen on: `IP:port`, or `host:port` resolved now.
+    pub fn listen_addr(&self) -> Result<SocketAddr, String> {
+        let listen = &self.server.listen;
+        if let Ok(addr) = listen.parse::<SocketAddr>() {
+            return Ok(addr);
+        }
+        let (host, port) = listen_parts(listen)?;
+        use std::net::ToSocketAddrs;
+        (host, port)
+            .to_socket_addrs()
+            .map_err(|e| format!("server.listen `{listen}`: cannot resolve `{host}`: {e}"))?
+            .next()
+            .ok_or_else(|| format!("server.listen `{listen}`: `{host}` has no address"))
+    }
+
     /// Upstreams in routing order; the built-in OpenAI one when none are configured.
     pub fn effective_upstreams(&self) -> Vec<UpstreamConfig> {
         if self.upstreams.is_empty() {
@@ -306,6 +411,38 @@ impl Config {
         } else {
             self.upstreams.clone()
         }
+    }
+}
+
+/// The SQLite file of a `sqlite:` URL, without its `?options`.
+pub fn sqlite_path(url: &str) -> Option<PathBuf> {
+    let rest = url.strip_prefix("sqlite:")?;
+    let rest = rest.strip_prefix("//").unwrap_or(rest);
+    let path = rest.split('?').next().unwrap_or("");
+    Some(PathBuf::from(path))
+}
+
+/// `host:port` or `IP:port` (`[v6]:port`), checked without resolving.
+fn listen_parts(listen: &str) -> Result<(&str, u16), String> {
+    let bad = || {
+        format!(
+            "`{listen}` is not IP:port or host:port (e.g. 127.0.0.1:8080, 0.0.0.0:8080, localhost:8080)"
+        )
+    };
+    if listen.parse::<SocketAddr>().is_ok() {
+        let (host, port) = listen.rsplit_once(':').ok_or_else(bad)?;
+        return Ok((host, port.parse().map_err(|_| bad())?));
+    }
+    let (host, port) = listen.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let valid_host = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'));
+    if valid_host {
+        Ok((host, port))
+    } else {
+        Err(bad())
     }
 }
 

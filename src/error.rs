@@ -16,6 +16,16 @@ pub enum ApiError {
     },
     #[error("Incorrect API key provided. Send `Authorization: Bearer tg-...` with a tollgate key that has not been revoked.")]
     Unauthorized,
+    #[error("tollgate keys (tg-...) work only in virtual-keys mode and never leave tollgate; this server runs in passthrough mode: send your provider's own API key.")]
+    TollgateKeyInPassthrough,
+    #[error("`{path}` cannot be metered by tollgate yet, and team `{team}` has a budget: the request was not sent. An operator may allow it with `[auth] allow_unmetered`.")]
+    EndpointNotMetered { path: String, team: String },
+    #[error("The request path `{path}` has `.`/`..` segments or an encoded `/` or `\\`; send a normalised path.")]
+    UnsafePath { path: String },
+    #[error("The model id is {len} bytes long; the limit is {limit}.")]
+    ModelTooLong { len: usize, limit: usize },
+    #[error("The request body did not arrive within {timeout_ms} ms.")]
+    BodyTimeout { timeout_ms: u64 },
     #[error("This key may not use the model `{model}`.")]
     ModelNotAllowed { model: String },
     #[error("Team `{team}` has not enough budget left for this request: it may cost up to ${needed} and ${remaining} remains in the current period.")]
@@ -62,12 +72,17 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::InvalidRequest { .. }
+            | ApiError::UnsafePath { .. }
+            | ApiError::ModelTooLong { .. }
             | ApiError::UnpricedModel { .. }
             | ApiError::NoUpstream { .. }
             | ApiError::UnknownUpstream { .. } => StatusCode::BAD_REQUEST,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
+            ApiError::Unauthorized | ApiError::TollgateKeyInPassthrough => StatusCode::UNAUTHORIZED,
+            ApiError::ModelNotAllowed { .. } | ApiError::EndpointNotMetered { .. } => {
+                StatusCode::FORBIDDEN
+            }
+            ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::BudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::UpstreamUnreachable { .. } | ApiError::UpstreamBadResponse { .. } => {
                 StatusCode::BAD_GATEWAY
@@ -87,7 +102,9 @@ impl ApiError {
             | ApiError::UpstreamTimeout { .. } => "upstream_error",
             ApiError::Internal(_) | ApiError::BudgetUnavailable { .. } => "server_error",
             ApiError::Unauthorized => "invalid_request_error",
-            ApiError::ModelNotAllowed { .. } => "permission_error",
+            ApiError::ModelNotAllowed { .. } | ApiError::EndpointNotMetered { .. } => {
+                "permission_error"
+            }
             ApiError::BudgetExceeded { .. } => "insufficient_quota",
             _ => "invalid_request_error",
         }
@@ -98,7 +115,11 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest { code, .. } => code,
             ApiError::BodyTooLarge { .. } => "request_too_large",
-            ApiError::Unauthorized => "invalid_api_key",
+            ApiError::Unauthorized | ApiError::TollgateKeyInPassthrough => "invalid_api_key",
+            ApiError::EndpointNotMetered { .. } => "endpoint_not_metered",
+            ApiError::UnsafePath { .. } => "invalid_path",
+            ApiError::ModelTooLong { .. } => "model_too_long",
+            ApiError::BodyTimeout { .. } => "request_timeout",
             ApiError::ModelNotAllowed { .. } => "model_not_allowed",
             ApiError::BudgetExceeded { .. } => "budget_exceeded",
             ApiError::UnpricedModel { .. } => "model_not_priced",
@@ -118,6 +139,7 @@ impl ApiError {
             ApiError::InvalidRequest { param, .. } => param.as_deref(),
             ApiError::UnpricedModel { .. }
             | ApiError::NoUpstream { .. }
+            | ApiError::ModelTooLong { .. }
             | ApiError::ModelNotAllowed { .. } => Some("model"),
             _ => None,
         }

@@ -130,6 +130,61 @@ impl Collector for MoneyCounter {
 /// Usage rows always keep the real id.
 pub const MAX_MODEL_LABELS: usize = 1000;
 
+/// Team names come from clients in passthrough mode (`x-tollgate-team`):
+/// past this many, new ones share the label `other`.
+pub const MAX_TEAM_LABELS: usize = 1000;
+
+/// No label value is longer than this (longer ones are cut at a character
+/// boundary). Model ids are refused past 256 bytes and team names past 64,
+/// so this only guards values that reach a label another way.
+pub const MAX_LABEL_BYTES: usize = 256;
+
+/// At most `cap` distinct label values; later ones become `other`.
+struct LabelSet {
+    cap: usize,
+    seen: RwLock<std::collections::HashSet<String>>,
+}
+
+impl LabelSet {
+    fn new(cap: usize) -> LabelSet {
+        LabelSet {
+            cap,
+            seen: RwLock::new(std::collections::HashSet::new()),
+        }
+    }
+
+    fn label(&self, value: &str) -> String {
+        let value = bounded(value);
+        if let Ok(seen) = self.seen.read() {
+            if seen.contains(value) {
+                return value.to_string();
+            }
+            if seen.len() >= self.cap {
+                return "other".to_string();
+            }
+        }
+        match self.seen.write() {
+            Ok(mut seen) if seen.len() < self.cap || seen.contains(value) => {
+                seen.insert(value.to_string());
+                value.to_string()
+            }
+            _ => "other".to_string(),
+        }
+    }
+}
+
+/// `value` cut to at most `MAX_LABEL_BYTES`, at a character boundary.
+pub fn bounded(value: &str) -> &str {
+    if value.len() <= MAX_LABEL_BYTES {
+        return value;
+    }
+    let mut end = MAX_LABEL_BYTES;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    &value[..end]
+}
+
 /// The metric handles of one (team, model) label pair, resolved once and
 /// reused, so settling a request updates its metrics without hashing label
 /// values per metric. Each handle is created on first use, so a series
@@ -155,6 +210,11 @@ struct EndpointSeries {
 pub const TOKEN_KINDS: [&str; 3] = ["prompt", "completion", "cached"];
 
 impl Series {
+    /// The team as a label (`other` past `MAX_TEAM_LABELS`).
+    pub fn team(&self) -> &str {
+        &self.team
+    }
+
     pub fn count_request(&self, m: &Metrics, endpoint: Endpoint, status: u16) {
         let (team, model, endpoint_label) = (&self.team, &self.model, endpoint.label());
         if status == 200 {
@@ -216,7 +276,8 @@ impl Series {
 
 pub struct Metrics {
     registry: Registry,
-    model_labels: std::sync::RwLock<std::collections::HashSet<String>>,
+    model_labels: LabelSet,
+    team_labels: LabelSet,
     /// Resolved handles by team, then model label (see `Series`). Bounded like
     /// the exported series: teams x at most `MAX_MODEL_LABELS` models.
     series: RwLock<HashMap<String, HashMap<String, Arc<Series>>>>,
@@ -364,7 +425,8 @@ impl Metrics {
         registry.register(Box::new(records_dropped.clone()))?;
         Ok(Metrics {
             registry,
-            model_labels: std::sync::RwLock::new(std::collections::HashSet::new()),
+            model_labels: LabelSet::new(MAX_MODEL_LABELS),
+            team_labels: LabelSet::new(MAX_TEAM_LABELS),
             series: RwLock::new(HashMap::new()),
             requests,
             tokens,
@@ -387,30 +449,30 @@ impl Metrics {
 
     /// The metric label for a client's model id (see `MAX_MODEL_LABELS`).
     pub fn model_label(&self, model: &str) -> String {
-        if let Ok(seen) = self.model_labels.read() {
-            if seen.contains(model) {
-                return model.to_string();
-            }
-            if seen.len() >= MAX_MODEL_LABELS {
-                return "other".to_string();
-            }
-        }
-        match self.model_labels.write() {
-            Ok(mut seen) if seen.len() < MAX_MODEL_LABELS || seen.contains(model) => {
-                seen.insert(model.to_string());
-                model.to_string()
-            }
-            _ => "other".to_string(),
-        }
+        self.model_labels.label(model)
     }
 
-    /// The handles of one team and model label, created on first use.
+    /// The metric label for a team (see `MAX_TEAM_LABELS`).
+    pub fn team_label(&self, team: &str) -> String {
+        self.team_labels.label(team)
+    }
+
+    fn known_series(&self, team_label: &str, model_label: &str) -> Option<Arc<Series>> {
+        let map = self.series.read().ok()?;
+        map.get(team_label)?.get(model_label).cloned()
+    }
+
+    /// The handles of one team and model label, created on first use. The
+    /// map is keyed by labels, so it is bounded like the exported series.
     pub fn series(&self, team: &str, model_label: &str) -> Arc<Series> {
-        if let Ok(map) = self.series.read() {
-            if let Some(s) = map.get(team).and_then(|m| m.get(model_label)) {
-                return s.clone();
-            }
+        if let Some(s) = self.known_series(team, model_label) {
+            return s;
         }
+        let team = self.team_label(team);
+        if let Some(s) = self.known_series(&team, model_label) {
+            return s;
+        }
+        let team = team.as_str();
         let make = || {
             Arc::new(Series {
                 team: team.to_string(),
@@ -522,6 +584,13 @@ mod tests {
         }
         assert_eq!(m.model_label("one-too-many"), "other");
         assert_eq!(m.model_label("m7"), "m7");
+        for i in 0..MAX_TEAM_LABELS {
+            assert_eq!(m.team_label(&format!("t{i}")), format!("t{i}"));
+        }
+        assert_eq!(m.team_label("late-team"), "other");
+        let long = "é".repeat(200);
+        assert_eq!(bounded(&long).len(), 256);
+        assert!(long.starts_with(bounded(&long)));
     }
 
     #[test]

@@ -141,6 +141,7 @@ async fn admin_api_manages_teams_keys_and_budgets_at_once() {
         "{}\n{VIRTUAL}",
         support::base_config(&mock, dir.path())
             .replace("[server]\n", "[server]\nadmin_token = \"admin-secret\"\n")
+            .replace(support::PASSTHROUGH_AUTH, "")
     );
     let tg = Tollgate::start_with_config(dir, &config).await;
     let resp = client()

@@ -17,7 +17,7 @@ async fn start(mock: &MockUpstream, db: &PgDb) -> Tollgate {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let config = format!(
         "{}\n{VIRTUAL}\n",
-        config_with_database(mock, dir.path(), &db.url)
+        config_with_database(mock, dir.path(), &db.url).replace(support::PASSTHROUGH_AUTH, "")
     );
     Tollgate::start_with_config(dir, &config).await
 }

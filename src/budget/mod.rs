@@ -291,6 +291,15 @@ impl Ledger {
             .unwrap_or(false)
     }
 
+    /// True when the team has a budget.
+    pub fn has_budget(&self, team: &str) -> bool {
+        self.accounts
+            .lock()
+            .map(|a| a.contains_key(team))
+            // A poisoned ledger cannot prove the team is unbudgeted.
+            .unwrap_or(true)
+    }
+
     /// Period start of a team's budget, when it has one.
     pub fn period_start(&self, team: &str) -> Option<DateTime<Utc>> {
         self.accounts.lock().ok()?.get(team).map(|a| a.period_start)

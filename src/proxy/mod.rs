@@ -59,18 +59,27 @@ pub async fn handle(state: Arc<AppState>, req: http::Request<Body>) -> Response 
     // The header is made now: the id itself moves into the usage row.
     let id_header = HeaderValue::from_str(&request_id).ok();
     let endpoint = Endpoint::from_path(req.uri().path());
-    let (team, key) = match authenticate(&state, req.headers()) {
-        Ok(who) => who,
-        Err(e) => return with_request_id(e.into_response(), id_header),
-    };
+    let (team, key) =
+        match check_path(req.uri().path()).and_then(|()| authenticate(&state, req.headers())) {
+            Ok(who) => who,
+            Err(e) => return with_request_id(e.into_response(), id_header),
+        };
     let mut ctx = RequestCtx::new(request_id, endpoint, team);
     ctx.key = key;
+    let metered = endpoint.is_metered() && req.method() == Method::POST;
+    if !metered {
+        if let Err(e) = check_unmetered_allowed(&state, &ctx, &req) {
+            let overhead = ctx.started.elapsed();
+            settle(&state, &mut ctx, e.status().as_u16(), Usage::NONE, overhead);
+            return with_request_id(e.into_response(), id_header);
+        }
+    }
     // Boxed: hyper keeps a connection's request future allocated for as long
     // as the connection lives, so the large forwarding state machines go in
     // their own allocation, freed when the response starts: `handle`'s own
     // state machine is 1,072 bytes instead of 4,384 per open connection.
-    let result = if endpoint.is_metered() && req.method() == Method::POST {
-        Box::pin(metered(&state, &mut ctx, req)).await
+    let result = if metered {
+        Box::pin(metered_request(&state, &mut ctx, req)).await
     } else {
         Box::pin(unmetered(&state, &mut ctx, req)).await
     };
@@ -95,13 +104,68 @@ pub async fn handle(state: Arc<AppState>, req: http::Request<Body>) -> Response 
     response
 }
 
+/// Refuses paths with `.`/`..` segments (raw or percent-encoded) and
+/// encoded `/` or `\`: an upstream or a server behind it may normalise them
+/// into a path the client was never meant to reach with tollgate's key.
+fn check_path(path: &str) -> Result<(), ApiError> {
+    let unsafe_path = || ApiError::UnsafePath {
+        path: path.chars().take(256).collect(),
+    };
+    if path.contains('\\') {
+        return Err(unsafe_path());
+    }
+    if !path.contains(['.', '%']) {
+        return Ok(());
+    }
+    for segment in path.split('/') {
+        let lower = segment.to_ascii_lowercase();
+        if lower.contains("%2f") || lower.contains("%5c") {
+            return Err(unsafe_path());
+        }
+        let dots = lower.replace("%2e", ".");
+        if dots == "." || dots == ".." {
+            return Err(unsafe_path());
+        }
+    }
+    Ok(())
+}
+
+/// A team with a budget may only use paths tollgate can price, and those
+/// `auth.allow_unmetered` lists: anything else would spend outside the budget.
+fn check_unmetered_allowed(
+    state: &AppState,
+    ctx: &RequestCtx,
+    req: &http::Request<Body>,
+) -> Result<(), ApiError> {
+    let path = req.uri().path();
+    if state.ledger.has_budget(&ctx.team) && !state.auth.allows_unmetered(req.method(), path) {
+        return Err(ApiError::EndpointNotMetered {
+            path: path.chars().take(256).collect(),
+            team: ctx.team.clone(),
+        });
+    }
+    Ok(())
+}
+
 /// Who is asking: the team (and key) a request is attributed to.
 fn authenticate(
     state: &AppState,
     headers: &HeaderMap,
 ) -> Result<(String, Option<Arc<crate::auth::KeyEntry>>), ApiError> {
-    match state.auth_mode {
-        AuthMode::Passthrough => Ok((team_of(headers)?, None)),
+    match state.auth.mode() {
+        AuthMode::Passthrough => {
+            // A tollgate key is never forwarded: refuse rather than leak it.
+            let carries_tollgate_key = crate::auth::CREDENTIAL_HEADERS.iter().any(|name| {
+                headers
+                    .get(*name)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(crate::auth::is_tollgate_key)
+            });
+            if carries_tollgate_key {
+                return Err(ApiError::TollgateKeyInPassthrough);
+            }
+            Ok((team_of(headers)?, None))
+        }
         AuthMode::VirtualKeys => {
             let secret = headers
                 .get(header::AUTHORIZATION)
@@ -203,17 +267,20 @@ fn pick_upstream<'a>(
 }
 
 /// Client headers as they go upstream: hop-by-hop and tollgate's own removed,
-/// compression off (tollgate must read the body), the upstream's key added
-/// when the client sent none. Edited in place rather than copied.
+/// compression off (tollgate must read the body). In virtual-keys mode the
+/// client's credentials (its tollgate key) are replaced by the upstream's
+/// own key; in passthrough mode the client's provider key goes up untouched
+/// and the server's key never does. Edited in place rather than copied.
 fn upstream_headers(mut headers: HeaderMap, upstream: &Upstream, mode: AuthMode) -> HeaderMap {
+    let virtual_keys = mode == AuthMode::VirtualKeys;
     remove_where(&mut headers, |name| {
         is_hop_header(name)
             || name == header::ACCEPT_ENCODING
             || name.as_str().starts_with("x-tollgate-")
             // A tollgate key never leaves tollgate.
-            || (mode == AuthMode::VirtualKeys && name == header::AUTHORIZATION)
+            || (virtual_keys && crate::auth::CREDENTIAL_HEADERS.contains(&name.as_str()))
     });
-    if !headers.contains_key(header::AUTHORIZATION) {
+    if virtual_keys {
         if let Some(auth) = &upstream.authorization {
             headers.insert(header::AUTHORIZATION, auth.clone());
         }
@@ -327,7 +394,7 @@ async fn read_client_body(
 }
 
 /// Chat, completions, embeddings, responses: read the model, forward, meter.
-async fn metered(
+async fn metered_request(
     state: &Arc<AppState>,
     ctx: &mut RequestCtx,
     req: http::Request<Body>,
@@ -382,7 +449,7 @@ async fn metered(
     *request.headers_mut() = upstream_headers(
         std::mem::take(&mut parts.headers),
         upstream,
-        state.auth_mode,
+        state.auth.mode(),
     );
 
     let sent_at = Instant::now();
@@ -589,7 +656,7 @@ async fn unmetered(
     *request.headers_mut() = upstream_headers(
         std::mem::take(&mut parts.headers),
         upstream,
-        state.auth_mode,
+        state.auth.mode(),
     );
     let pre_send = ctx.started.elapsed();
     let mut response = send(upstream, request).await?;

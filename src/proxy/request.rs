@@ -8,6 +8,10 @@ use serde::Deserialize;
 use crate::error::ApiError;
 use crate::usage::Endpoint;
 
+/// Longest model id accepted. Ids become metric labels, usage rows and log
+/// fields; real ones (`ft:gpt-4o-mini-2024-07-18:org:suffix:id`) are < 100 bytes.
+pub const MAX_MODEL_BYTES: usize = 256;
+
 /// The fields tollgate needs; everything else is forwarded untouched.
 #[derive(Debug, Deserialize)]
 pub struct RequestMeta {
@@ -60,6 +64,12 @@ impl RequestMeta {
             Err(_) => return Err(Self::explain_error(body)),
         };
         match &meta.model {
+            Some(m) if m.len() > MAX_MODEL_BYTES => {
+                return Err(ApiError::ModelTooLong {
+                    len: m.len(),
+                    limit: MAX_MODEL_BYTES,
+                })
+            }
             Some(m) if !m.is_empty() => {}
             _ => {
                 return Err(ApiError::invalid(
@@ -212,6 +222,16 @@ mod tests {
         let e = err_of(br#"{"model":42}"#);
         assert_eq!(e["error"]["param"], "model");
         let e = err_of(br#"{"messages":[]}"#);
+        assert_eq!(e["error"]["param"], "model");
+    }
+
+    #[test]
+    fn model_ids_past_256_bytes_are_refused() {
+        let ok = format!(r#"{{"model":"{}"}}"#, "m".repeat(MAX_MODEL_BYTES));
+        assert!(RequestMeta::parse(ok.as_bytes()).is_ok());
+        let long = format!(r#"{{"model":"{}"}}"#, "m".repeat(MAX_MODEL_BYTES + 1));
+        let e = err_of(long.as_bytes());
+        assert_eq!(e["error"]["code"], "model_too_long");
         assert_eq!(e["error"]["param"], "model");
     }
 

@@ -111,7 +111,7 @@ pub fn settle(
         if cost.0 > 0 || price.is_some() {
             series.add_cost(m, cost);
         }
-        let (team, model) = (ctx.team.as_str(), ctx.model_label.as_str());
+        let (team, model) = (series.team(), ctx.model_label.as_str());
         if price.is_none() && ctx.endpoint.is_metered() {
             m.unpriced.with_label_values(&[model]).inc();
         }

@@ -27,7 +27,7 @@ use axum::serve::ListenerExt;
 use axum::Router;
 
 use crate::app::{AppState, RequestIds};
-use crate::auth::Directory;
+use crate::auth::{AuthPolicy, Directory};
 use crate::budget::Ledger;
 use crate::config::{AuthMode, Config};
 use crate::error::ApiError;
@@ -160,11 +160,29 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
     });
     let drain = Duration::from_millis(config.server.drain_timeout_ms);
-    let auth_mode = match config.auth.mode {
-        Some(mode) => mode,
-        None if store.keys().await?.iter().any(|k| k.revoked_at.is_none()) => AuthMode::VirtualKeys,
-        None => AuthMode::Passthrough,
-    };
+    let upstream_configs = config.effective_upstreams();
+    let has_key =
+        |u: &crate::config::UpstreamConfig| u.api_key.as_deref().is_some_and(|k| !k.is_empty());
+    let has_accounts = !store.teams().await?.is_empty() || !store.keys().await?.is_empty();
+    let auth = AuthPolicy::new(
+        &config.auth,
+        upstream_configs.iter().any(has_key),
+        has_accounts,
+    );
+    let auth_mode = auth.mode();
+    for u in &upstream_configs {
+        match auth_mode {
+            AuthMode::VirtualKeys if !has_key(u) => tracing::warn!(
+                upstream = %u.name,
+                "virtual-keys mode, but this upstream has no api_key: its requests go without provider credentials"
+            ),
+            AuthMode::Passthrough if has_key(u) => tracing::warn!(
+                upstream = %u.name,
+                "passthrough mode: this upstream's api_key is never sent (clients bring their own key)"
+            ),
+            _ => {}
+        }
+    }
     let state = Arc::new(AppState {
         config,
         catalog,
@@ -173,7 +191,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         usage,
         store: store.clone(),
         request_ids: RequestIds::new(),
-        auth_mode,
+        auth,
         directory: Directory::default(),
         ledger,
     });

@@ -17,6 +17,11 @@ pub use mock::MockUpstream;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 
+/// The base config's auth table. Explicit passthrough: the upstream has an
+/// `api_key`, which without it would make the server `virtual-keys`; in
+/// passthrough that key is never sent upstream.
+pub const PASSTHROUGH_AUTH: &str = "[auth]\nmode = \"passthrough\"\n";
+
 /// The config every test starts from: one upstream, the mock.
 pub fn base_config(mock: &MockUpstream, dir: &std::path::Path) -> String {
     format!(
@@ -28,6 +33,7 @@ listen = "127.0.0.1:0"
 url = "sqlite://{db}"
 flush_interval_ms = 20
 
+{PASSTHROUGH_AUTH}
 [[upstreams]]
 name = "mock"
 base_url = "{base}"
@@ -48,10 +54,15 @@ pub struct Tollgate {
 }
 
 impl Tollgate {
-    /// Starts tollgate against the mock with the base config plus `extra` TOML.
+    /// Starts tollgate against the mock with the base config plus `extra`
+    /// TOML; an `[auth]` table in `extra` replaces the base's passthrough.
     pub async fn start(mock: &MockUpstream, extra: &str) -> Tollgate {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-        let config = format!("{}\n{extra}\n", base_config(mock, dir.path()));
+        let mut base = base_config(mock, dir.path());
+        if extra.contains("[auth]") {
+            base = base.replace(PASSTHROUGH_AUTH, "");
+        }
+        let config = format!("{base}\n{extra}\n");
         Tollgate::start_with_config(dir, &config).await
     }
 
@@ -156,6 +167,30 @@ impl Tollgate {
                     rows.len(),
                     n,
                     "usage rows: {:#?}",
+                    &rows[..rows.len().min(5)]
+                );
+                return rows;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits until exactly `n` usage rows satisfy `pred`; returns those rows.
+    pub async fn wait_rows_where(
+        &self,
+        n: usize,
+        pred: impl Fn(&UsageRow) -> bool,
+    ) -> Vec<UsageRow> {
+        let pool = self.db().await;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let rows: Vec<UsageRow> = fetch_rows(&pool).await.into_iter().filter(&pred).collect();
+            if rows.len() >= n || Instant::now() > deadline {
+                pool.close().await;
+                assert_eq!(
+                    rows.len(),
+                    n,
+                    "matching usage rows: {:#?}",
                     &rows[..rows.len().min(5)]
                 );
                 return rows;
@@ -499,6 +534,33 @@ impl PgDb {
             admin.close().await;
         }
     }
+}
+
+/// Sends `request` (the raw bytes of an HTTP/1.1 request) over a new
+/// connection and returns the status code and body of the answer. For paths
+/// an HTTP client library would normalise (`/v1/../admin`).
+pub async fn raw_request(addr: SocketAddr, request: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("write: {e}"));
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// `base_config` with its SQLite url swapped for `url`.
