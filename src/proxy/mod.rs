@@ -378,7 +378,13 @@ async fn read_client_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::BodyTooLarge { limit });
     }
-    match Limited::new(body, limit).collect().await {
+    let timeout = Duration::from_millis(state.config.server.body_timeout_ms);
+    let collected = tokio::time::timeout(timeout, Limited::new(body, limit).collect())
+        .await
+        .map_err(|_| ApiError::BodyTimeout {
+            timeout_ms: state.config.server.body_timeout_ms,
+        })?;
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()
@@ -648,7 +654,8 @@ async fn unmetered(
     let body = if parts.method == Method::GET || parts.method == Method::HEAD {
         Body::empty()
     } else {
-        body
+        let gap = Duration::from_millis(state.config.server.body_timeout_ms);
+        Body::new(PausingBody::new(body, gap))
     };
     let mut request = http::Request::new(body);
     *request.method_mut() = parts.method.clone();
@@ -676,6 +683,59 @@ fn upstream_uri(upstream: &Upstream, client: &http::Uri) -> Result<http::Uri, Ap
     upstream
         .url_for(path)
         .map_err(|e| ApiError::invalid(format!("The request path cannot be forwarded: {e}"), None))
+}
+
+/// A request body streamed through to the upstream, failing when the
+/// client pauses longer than `gap` between chunks (a slow-body attack would
+/// otherwise hold the upstream connection open for good).
+struct PausingBody {
+    inner: Body,
+    gap: Duration,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl PausingBody {
+    fn new(inner: Body, gap: Duration) -> PausingBody {
+        PausingBody {
+            inner,
+            gap,
+            timer: Box::pin(tokio::time::sleep(gap)),
+        }
+    }
+}
+
+impl http_body::Body for PausingBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let deadline = tokio::time::Instant::now() + self.gap;
+                self.timer.as_mut().reset(deadline);
+                Poll::Ready(frame)
+            }
+            Poll::Pending => match self.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(axum::Error::new(
+                    "request body paused longer than server.body_timeout_ms",
+                )))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 fn build_response(status: StatusCode, headers: HeaderMap, body: Body) -> Response {

@@ -41,7 +41,12 @@ impl StreamSettlement {
         // No usage from the upstream (it omits it, or the stream ended before
         // the usage chunk): count what was sent and what was generated.
         let mut estimate = move || {
-            let usage = estimated_usage(&self.ctx, &self.request_body, &summary.texts);
+            let mut usage = estimated_usage(&self.ctx, &self.request_body, &summary.texts);
+            usage.completion_tokens = extrapolated(
+                usage.completion_tokens,
+                summary.texts.iter().map(String::len).sum(),
+                summary.text_bytes_dropped,
+            );
             settle(&self.state, &mut self.ctx, status, usage, overhead);
         };
         match tokio::runtime::Handle::try_current() {
@@ -51,6 +56,17 @@ impl StreamSettlement {
             Err(_) => estimate(),
         }
     }
+}
+
+/// Tokens of `kept` bytes of text scaled up to `kept + dropped` bytes (the
+/// meter keeps at most `MAX_TEXT_BYTES` of a stream's text), rounded up.
+fn extrapolated(tokens: u64, kept: usize, dropped: u64) -> u64 {
+    if dropped == 0 || kept == 0 {
+        return tokens;
+    }
+    let kept = kept as u128;
+    let total = kept + u128::from(dropped);
+    u64::try_from((u128::from(tokens) * total).div_ceil(kept)).unwrap_or(u64::MAX)
 }
 
 pub fn estimated_usage(ctx: &RequestCtx, request_body: &[u8], texts: &[String]) -> Usage {
@@ -70,6 +86,9 @@ pub struct MeteredStream {
     meter_time: Duration,
     first_byte_sent: bool,
     ended: bool,
+    /// The upstream broke; the error goes to the client on the next poll.
+    broken: bool,
+    break_delayed: bool,
 }
 
 impl MeteredStream {
@@ -88,6 +107,8 @@ impl MeteredStream {
             meter_time: Duration::ZERO,
             first_byte_sent: false,
             ended: false,
+            broken: false,
+            break_delayed: false,
         }
     }
 
@@ -117,6 +138,11 @@ impl Stream for MeteredStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
+        if this.broken {
+            this.broken = false;
+            this.ended = true;
+            return Poll::Ready(Some(Err(std::io::Error::other("upstream stream broke"))));
+        }
         if this.ended {
             return Poll::Ready(None);
         }
@@ -137,6 +163,16 @@ impl Stream for MeteredStream {
                 Poll::Ready(Some(Err(e))) => {
                     tracing::warn!(error = %e, "upstream stream broke");
                     this.end(502);
+                    if this.first_byte_sent && !this.break_delayed {
+                        // Pending once, so the server flushes what it has
+                        // buffered of the stream (headers included) before
+                        // the break tears the connection down.
+                        this.break_delayed = true;
+                        this.ended = false;
+                        this.broken = true;
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
                     return Poll::Ready(Some(Err(std::io::Error::other("upstream stream broke"))));
                 }
                 Poll::Ready(None) => {
@@ -173,3 +209,14 @@ impl Drop for MeteredStream {
 }
 
 use std::future::Future as _;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn estimates_past_the_kept_text_are_extrapolated() {
+        assert_eq!(super::extrapolated(100, 400, 0), 100);
+        assert_eq!(super::extrapolated(100, 400, 400), 200);
+        assert_eq!(super::extrapolated(3, 10, 1), 4); // 3.3 rounds up
+        assert_eq!(super::extrapolated(0, 0, 50), 0);
+    }
+}

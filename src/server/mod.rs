@@ -14,8 +14,8 @@
 //! billed), then drain the usage writer and exit 0.
 
 pub mod admin;
+pub mod connections;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +23,6 @@ use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use axum::Router;
 
 use crate::app::{AppState, RequestIds};
@@ -36,6 +35,7 @@ use crate::pricing::Catalog;
 use crate::proxy;
 use crate::proxy::upstream::Upstreams;
 use crate::store::{Store, UsageWriter};
+use connections::Phase;
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -147,18 +147,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // The tokenizers are not loaded here: each costs tens of MB and most
     // traffic carries upstream usage. They load on first need, off the reactor.
 
-    let addr: SocketAddr = config.server.listen.parse()?;
+    let addr = config.listen_addr().map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (server.listen): {e}"))?;
     let local = listener.local_addr()?;
-    // Without TCP_NODELAY a stream's first chunk can wait ~40 ms behind the
-    // response headers for a delayed ACK (Nagle); SSE chunks must go at once.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set");
-        }
-    });
+    let fd_limit = connections::raise_fd_limit();
+    let limits = connections::Limits {
+        header: Duration::from_millis(config.server.header_timeout_ms),
+        idle: Duration::from_millis(config.server.idle_timeout_ms),
+    };
     let drain = Duration::from_millis(config.server.drain_timeout_ms);
     let upstream_configs = config.effective_upstreams();
     let has_key =
@@ -214,24 +212,24 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     };
     let app = router(state.clone());
     drop(state);
-    // Printed on stderr for people and scripts (tests read the port from it).
+    tracing::info!(?fd_limit, "open-file limit");
+    // The one "listening" line, on stderr for people and scripts (tests
+    // read the port from it).
     eprintln!("tollgate listening on {local}");
-    tracing::info!(%local, "tollgate listening");
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    });
-    let mut stop_rx2 = stop_rx.clone();
-    tokio::select! {
-        r = server => r?,
-        _ = async {
-            let _ = stop_rx2.wait_for(|s| *s).await;
-            tokio::time::sleep(drain).await;
-        } => tracing::warn!("drain timeout: cutting in-flight requests"),
+    let (phase_tx, phase_rx) = tokio::sync::watch::channel(Phase::Serving);
+    let (alive_tx, mut alive_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let acceptor = tokio::spawn(connections::accept_loop(
+        listener, app, limits, phase_rx, alive_tx,
+    ));
+    shutdown_signal().await;
+    let _ = phase_tx.send(Phase::Draining);
+    let _ = acceptor.await;
+    if tokio::time::timeout(drain, alive_rx.recv()).await.is_err() {
+        tracing::warn!("drain timeout: cutting in-flight requests");
+        let _ = phase_tx.send(Phase::Cutting);
+        let _ = tokio::time::timeout(Duration::from_secs(5), alive_rx.recv()).await;
     }
-    drop(stop_rx);
     refresher.abort();
     // Every sink is gone once the server and its connections are: the
     // writer drains the queue and ends.

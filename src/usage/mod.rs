@@ -177,17 +177,69 @@ impl Encoding {
         }
     }
 
+    /// Tokens in `text`. A run of more than `MAX_RUN` bytes without
+    /// whitespace (base64, a model repeating one character) is counted in
+    /// `MAX_RUN` pieces: byte-pair merging is quadratic in a piece's length,
+    /// and one 64 KiB run took tens of seconds. Ordinary text is unaffected.
     pub fn count(self, text: &str) -> u64 {
         if text.is_empty() {
             return 0;
         }
-        self.bpe().encode_ordinary(text).len() as u64
+        let bpe = self.bpe();
+        bounded_runs(text, MAX_RUN)
+            .map(|part| bpe.encode_ordinary(part).len() as u64)
+            .sum()
     }
+}
+
+/// Longest run of non-whitespace bytes tokenized as one piece.
+const MAX_RUN: usize = 1024;
+
+/// `text` cut into consecutive parts so that no part holds a run of more
+/// than `max_run` non-whitespace bytes (cut at character boundaries).
+fn bounded_runs(text: &str, max_run: usize) -> impl Iterator<Item = &str> {
+    let mut start = 0;
+    let mut run = 0;
+    let mut cuts = Vec::new();
+    if text.len() > max_run {
+        for (i, c) in text.char_indices() {
+            if c.is_whitespace() {
+                run = 0;
+                continue;
+            }
+            if run + c.len_utf8() > max_run {
+                cuts.push(i);
+                run = 0;
+            }
+            run += c.len_utf8();
+        }
+    }
+    cuts.push(text.len());
+    cuts.into_iter().map(move |end| {
+        let part = &text[start..end];
+        start = end;
+        part
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_runs_are_counted_in_pieces_and_ordinary_text_is_not_cut() {
+        let ordinary = "The quick brown fox jumps over the lazy dog. ".repeat(100);
+        assert_eq!(bounded_runs(&ordinary, MAX_RUN).count(), 1);
+        let run = "é".repeat(1500); // 3000 bytes, no whitespace
+        let parts: Vec<&str> = bounded_runs(&run, MAX_RUN).collect();
+        assert_eq!(parts.concat(), run);
+        assert!(parts.iter().all(|p| p.len() <= MAX_RUN));
+        // 64 KiB of one character: counted quickly, to roughly its size.
+        let t = std::time::Instant::now();
+        let n = Encoding::O200kBase.count(&"x".repeat(64 * 1024));
+        assert!(n > 4_000 && n < 66_000, "{n}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    }
 
     #[test]
     fn encodings_follow_model_families() {

@@ -9,6 +9,7 @@
 //!   the usage to report (default 10 / 5 / 0)
 //! - `x-mock-content: TEXT`      the reply text (default "Hello from the mock")
 //! - `x-mock-chunk-delay-ms: N`  pause between stream chunks
+//! - `x-mock-repeat: N`          stream the content N times over (a long stream)
 //! - `x-mock-cut-after: N`       break the connection after N content chunks
 //! - `x-mock-gate: 1`            after the first chunk, wait for `open_gate()`
 //! - `x-mock-garbage: 1`         200 with a body that is not JSON
@@ -130,6 +131,7 @@ struct Behaviour {
     cut_after: Option<usize>,
     gate: bool,
     garbage: bool,
+    repeat: usize,
 }
 
 impl Behaviour {
@@ -154,6 +156,7 @@ impl Behaviour {
             cut_after: get("x-mock-cut-after").and_then(|v| v.parse().ok()),
             gate: get("x-mock-gate").is_some(),
             garbage: get("x-mock-garbage").is_some(),
+            repeat: num("x-mock-repeat", 1) as usize,
         }
     }
 
@@ -356,7 +359,10 @@ fn stream(
 ) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     tokio::spawn(async move {
-        let words: Vec<String> = b.content.split_inclusive(' ').map(str::to_string).collect();
+        let once: Vec<String> = b.content.split_inclusive(' ').map(str::to_string).collect();
+        let words: Vec<String> = std::iter::repeat_n(once, b.repeat.max(1))
+            .flatten()
+            .collect();
         let mut sent = 0usize;
         for (w, word) in words.iter().enumerate() {
             for i in 0..n {
@@ -376,6 +382,8 @@ fn stream(
                     Err(_) => return,
                 }
             }
+            // Even a zero delay yields, so each chunk is flushed on its own
+            // (a cut right after a chunk must not swallow it).
             tokio::time::sleep(b.chunk_delay).await;
         }
         if wants_usage {

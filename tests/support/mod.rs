@@ -67,10 +67,18 @@ impl Tollgate {
     }
 
     pub async fn start_with_config(dir: tempfile::TempDir, config: &str) -> Tollgate {
+        Tollgate::start_in_shell(dir, config, "").await
+    }
+
+    /// Starts `tollgate serve` through `sh -c "SETUP; exec tollgate ..."`,
+    /// e.g. with `ulimit -n 256` as the setup.
+    pub async fn start_in_shell(dir: tempfile::TempDir, config: &str, setup: &str) -> Tollgate {
         let path = dir.path().join("tollgate.toml");
         std::fs::write(&path, config).unwrap_or_else(|e| panic!("write config: {e}"));
-        let mut child = Command::new(BIN)
-            .args(["serve", "--config"])
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(format!("{setup}\nexec \"$0\" serve --config \"$1\""))
+            .arg(BIN)
             .arg(&path)
             .current_dir(dir.path())
             .env("TOLLGATE_LOG", "warn")
@@ -135,6 +143,27 @@ impl Tollgate {
             tempfile::tempdir().unwrap_or_else(|e| panic!("{e}")),
         );
         Tollgate::start_with_config(dir, &config).await
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The server's resident memory in KiB (`VmRSS`).
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Open file descriptors of the server.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 
     pub fn url(&self, path: &str) -> String {
