@@ -26,16 +26,40 @@ pub const STALE_AFTER: Duration = Duration::from_secs(30);
 impl Ledger {
     /// Reserves `amount` for a request, taking more lease from the database
     /// when what this replica holds does not cover it.
+    ///
+    /// Waiting for the database (and for another request's lease request)
+    /// is bounded by `timeout`; past it the request is refused with
+    /// `Unavailable` (fail fast, fail closed).
     pub async fn reserve_shared(
         self: &Arc<Self>,
         store: &PostgresStore,
         team: &str,
         amount: NanoUsd,
+        timeout: Duration,
     ) -> Result<Option<Reservation>, Refusal> {
         let first = self.reserve(team, amount);
         if first.is_ok() || !self.shared {
             return first.map_err(Refusal::Over);
         }
+        match tokio::time::timeout(timeout, self.lease_and_reserve(store, team, amount)).await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::error!(
+                    team,
+                    timeout_ms = timeout.as_millis() as u64,
+                    "the database did not grant a budget lease in time; refusing"
+                );
+                Err(Refusal::Unavailable)
+            }
+        }
+    }
+
+    async fn lease_and_reserve(
+        self: &Arc<Self>,
+        store: &PostgresStore,
+        team: &str,
+        amount: NanoUsd,
+    ) -> Result<Option<Reservation>, Refusal> {
         let _one_at_a_time = self.acquiring.lock().await;
         // Another request may have brought a lease while this one waited.
         let over = match self.reserve(team, amount) {

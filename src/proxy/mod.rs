@@ -66,11 +66,21 @@ pub async fn handle(state: Arc<AppState>, req: http::Request<Body>) -> Response 
         };
     let mut ctx = RequestCtx::new(request_id, endpoint, team);
     ctx.key = key;
+    // Durable mode: the response completes only once its row is on disk.
+    let mut durable = None;
+    if state.usage.durable() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        ctx.durable_ack = Some(tx);
+        durable = Some(rx);
+    }
     let metered = endpoint.is_metered() && req.method() == Method::POST;
     if !metered {
         if let Err(e) = check_unmetered_allowed(&state, &ctx, &req) {
             let overhead = ctx.started.elapsed();
             settle(&state, &mut ctx, e.status().as_u16(), Usage::NONE, overhead);
+            if let Some(rx) = durable {
+                let _ = rx.await;
+            }
             return with_request_id(e.into_response(), id_header);
         }
     }
@@ -87,7 +97,7 @@ pub async fn handle(state: Arc<AppState>, req: http::Request<Body>) -> Response 
         Ok(Forwarded::Done(response)) => (response, ctx.budget_remaining),
         Ok(Forwarded::Stream(pending)) => {
             let remaining = ctx.budget_remaining;
-            (pending.into_response(state, ctx), remaining)
+            (pending.into_response(state, ctx, durable.take()), remaining)
         }
         Err(e) => {
             let overhead = ctx.started.elapsed();
@@ -95,6 +105,11 @@ pub async fn handle(state: Arc<AppState>, req: http::Request<Body>) -> Response 
             (e.into_response(), ctx.budget_remaining)
         }
     };
+    if let Some(rx) = durable {
+        // Answered once the row is on local disk (or dropped if it never
+        // gets there: the client is not held hostage to a broken disk).
+        let _ = rx.await;
+    }
     let mut response = with_request_id(response, id_header);
     if let Some(remaining) = remaining {
         if let Ok(v) = HeaderValue::from_str(remaining.usd_text(&mut [0; 32])) {
@@ -197,7 +212,12 @@ struct PendingStream {
 }
 
 impl PendingStream {
-    fn into_response(self, state: Arc<AppState>, ctx: RequestCtx) -> Response {
+    fn into_response(
+        self,
+        state: Arc<AppState>,
+        ctx: RequestCtx,
+        durable: Option<tokio::sync::oneshot::Receiver<()>>,
+    ) -> Response {
         let meter = SseMeter::new(ctx.endpoint, self.strip_usage_chunk);
         let settlement = StreamSettlement {
             state,
@@ -210,6 +230,7 @@ impl PendingStream {
             meter,
             self.idle_timeout,
             settlement,
+            durable,
         );
         build_response(self.status, self.headers, Body::from_stream(stream))
     }
@@ -605,7 +626,10 @@ async fn reserve_amount(
     amount: crate::pricing::NanoUsd,
 ) -> Result<Option<crate::budget::Reservation>, Refusal> {
     match state.store.shared() {
-        Some(pg) => state.ledger.reserve_shared(pg, team, amount).await,
+        Some(pg) => {
+            let timeout = Duration::from_millis(state.config.database.lease_timeout_ms);
+            state.ledger.reserve_shared(pg, team, amount, timeout).await
+        }
         None => state.ledger.reserve(team, amount).map_err(Refusal::Over),
     }
 }

@@ -35,6 +35,9 @@ pub struct RequestCtx {
     pub end_user: Option<String>,
     /// The shared budget period the reservation was leased from (Postgres).
     pub budget_period: Option<String>,
+    /// Durable mode: answered when the usage row is on local disk; the
+    /// response does not complete before.
+    pub durable_ack: Option<tokio::sync::oneshot::Sender<()>>,
     /// Metric handles for (team, model_label); see `RequestCtx::series`.
     series: Option<Arc<Series>>,
 }
@@ -57,6 +60,7 @@ impl RequestCtx {
             stream: false,
             end_user: None,
             budget_period: None,
+            durable_ack: None,
             series: None,
         }
     }
@@ -134,25 +138,30 @@ pub fn settle(
 
     let resolved = ctx.resolved.take();
     let model = std::mem::take(&mut ctx.model);
-    state.usage.record(UsageRecord {
-        created_at: ctx.created_at,
-        request_id: std::mem::take(&mut ctx.request_id),
-        team: std::mem::take(&mut ctx.team),
-        key_id: ctx.key.take().map(|k| k.id.clone()),
-        base_model: resolved.map_or_else(|| model.clone(), |r| r.base_model),
-        model,
-        upstream: std::mem::take(&mut ctx.upstream),
-        endpoint: ctx.endpoint.label(),
-        stream: ctx.stream,
-        status,
-        prompt_tokens: usage.prompt_tokens,
-        completion_tokens: usage.completion_tokens,
-        cached_tokens: usage.cached_tokens,
-        cost_nano_usd: cost.0,
-        token_source: usage.source.label(),
-        latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
-        end_user: ctx.end_user.take(),
-        budget_period: ctx.budget_period.take(),
-    });
+    let ack = ctx.durable_ack.take();
+    state.usage.record(
+        UsageRecord {
+            created_at: ctx.created_at,
+            request_id: std::mem::take(&mut ctx.request_id),
+            team: std::mem::take(&mut ctx.team),
+            key_id: ctx.key.take().map(|k| k.id.clone()),
+            base_model: resolved.map_or_else(|| model.clone(), |r| r.base_model),
+            model,
+            upstream: std::mem::take(&mut ctx.upstream),
+            endpoint: ctx.endpoint.label(),
+            stream: ctx.stream,
+            status,
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            cached_tokens: usage.cached_tokens,
+            cost_nano_usd: cost.0,
+            token_source: usage.source.label(),
+            latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
+            end_user: ctx.end_user.take(),
+            budget_period: ctx.budget_period.take(),
+            lease_node: None,
+        },
+        ack,
+    );
     cost
 }

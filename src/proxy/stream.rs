@@ -89,6 +89,10 @@ pub struct MeteredStream {
     /// The upstream broke; the error goes to the client on the next poll.
     broken: bool,
     break_delayed: bool,
+    /// Durable mode: the stream's end waits for its row to be on disk.
+    durable: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// What is left to send once the row is on disk.
+    tail: Option<Bytes>,
 }
 
 impl MeteredStream {
@@ -97,6 +101,7 @@ impl MeteredStream {
         meter: SseMeter,
         idle_timeout: Duration,
         settlement: StreamSettlement,
+        durable: Option<tokio::sync::oneshot::Receiver<()>>,
     ) -> MeteredStream {
         MeteredStream {
             upstream,
@@ -109,6 +114,8 @@ impl MeteredStream {
             ended: false,
             broken: false,
             break_delayed: false,
+            durable,
+            tail: None,
         }
     }
 
@@ -138,6 +145,18 @@ impl Stream for MeteredStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
+        if let Some(rx) = this.durable.as_mut().filter(|_| this.ended) {
+            // The upstream is done; the client's end of stream waits for
+            // the row to reach the spool.
+            if Pin::new(rx).poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            this.durable = None;
+            if let Some(tail) = this.tail.take().filter(|t| !t.is_empty()) {
+                return Poll::Ready(Some(Ok(tail)));
+            }
+            return Poll::Ready(None);
+        }
         if this.broken {
             this.broken = false;
             this.ended = true;
@@ -178,6 +197,12 @@ impl Stream for MeteredStream {
                 Poll::Ready(None) => {
                     let tail = this.meter.take_pending();
                     this.end(200);
+                    if this.durable.is_some() {
+                        this.tail = Some(tail);
+                        // Polled again at once: waits on the row's ack.
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
                     if tail.is_empty() {
                         return Poll::Ready(None);
                     }

@@ -28,13 +28,14 @@ use axum::Router;
 use crate::app::{AppState, RequestIds};
 use crate::auth::{AuthPolicy, Directory};
 use crate::budget::Ledger;
-use crate::config::{AuthMode, Config};
+use crate::config::{AuthMode, Config, Durability};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::pricing::Catalog;
 use crate::proxy;
 use crate::proxy::upstream::Upstreams;
-use crate::store::{Store, UsageWriter};
+use crate::store::spool::Spool;
+use crate::store::{Store, UsageWriter, WriterConfig};
 use connections::Phase;
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -66,7 +67,15 @@ async fn healthz() -> impl IntoResponse {
     )
 }
 
+/// Ready when the database answers and usage rows reach it: 503 (with the
+/// reason) while writes fail or the SQLite file was moved or deleted.
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if let Err(e) = state.store.check_file() {
+        return not_ready(&e.to_string());
+    }
+    if let Some(problem) = state.usage.problem() {
+        return not_ready(&problem);
+    }
     match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
         Ok(Ok(())) => (
             [(header::CONTENT_TYPE, "application/json")],
@@ -136,13 +145,37 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         Some(_) => Ledger::new_shared(),
         None => Ledger::new(),
     };
+    store.probe_write().await.map_err(|e| {
+        anyhow::anyhow!(
+            "database {} cannot be written: {e}",
+            crate::store::describe_url(&config.database.url)
+        )
+    })?;
+    let spool_dir = config.spool_dir();
+    let spool = Spool::open(
+        &spool_dir,
+        config.database.spool_max_bytes,
+        store.node().map(str::to_string),
+    )
+    .map_err(|e| anyhow::anyhow!("{e} (database.spool_path)"))?;
+    if spool.needs_replay() {
+        tracing::warn!(
+            spool = %spool_dir.display(),
+            bytes = spool.bytes(),
+            "usage rows from an earlier run are in the spool; replaying them"
+        );
+    }
     let (usage, writer) = UsageWriter::spawn(
         store.clone(),
         metrics.clone(),
         ledger.clone(),
-        config.database.batch_size,
-        Duration::from_millis(config.database.flush_interval_ms),
-        config.database.queue_capacity,
+        spool,
+        WriterConfig {
+            batch_size: config.database.batch_size,
+            flush_interval: Duration::from_millis(config.database.flush_interval_ms),
+            capacity: config.database.queue_capacity,
+            durable: config.database.durability == Durability::Spool,
+        },
     );
     // The tokenizers are not loaded here: each costs tens of MB and most
     // traffic carries upstream usage. They load on first need, off the reactor.

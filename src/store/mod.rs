@@ -5,6 +5,7 @@
 //! the writer's bounded queue and moves on.
 
 pub mod postgres;
+pub mod spool;
 mod sqlite;
 pub mod writer;
 
@@ -12,7 +13,7 @@ use chrono::{DateTime, Utc};
 
 use crate::budget::Budget;
 
-pub use writer::{UsageSink, UsageWriter};
+pub use writer::{UsageSink, UsageWriter, WriterConfig};
 
 /// One row of the `usage` table (SPEC section 6).
 #[derive(Debug, Clone, PartialEq)]
@@ -37,12 +38,21 @@ pub struct UsageRecord {
     /// The shared budget period (`budget::period_key`) whose lease paid for
     /// this request; not a column. Set only on Postgres with a budget.
     pub budget_period: Option<String>,
+    /// The replica whose lease paid for it, when not this one (a row of an
+    /// earlier process, replayed from the spool); not a column.
+    pub lease_node: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
+    #[error("database {url}: {reason}")]
+    Open { url: String, reason: String },
+    #[error("database file {path} was moved or deleted while tollgate ran; rows are kept (spool) until tollgate restarts on a database it can write")]
+    FileGone { path: String },
+    #[error("database {url} does not exist; run `tollgate serve` or `tollgate migrate` there first, pass --config, or set TOLLGATE_DATABASE_URL")]
+    Missing { url: String },
     #[error("migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database url `{0}`: unsupported (sqlite:// or postgres://)")]
@@ -104,6 +114,24 @@ pub(crate) fn to_i64(v: u64) -> i64 {
 /// Back from a stored integer; a negative value (never written) reads as 0.
 pub(crate) fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
+}
+
+/// A database URL as shown in messages: a Postgres password is masked.
+pub fn describe_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if let Some((userinfo, host)) = rest.split_once('@') {
+            let user = userinfo.split(':').next().unwrap_or("");
+            let masked = if userinfo.contains(':') { ":***" } else { "" };
+            return format!("{scheme}://{user}{masked}@{host}");
+        }
+    }
+    url.to_string()
+}
+
+fn absolute(path: &std::path::Path) -> std::path::PathBuf {
+    std::env::current_dir()
+        .map(|d| d.join(path))
+        .unwrap_or_else(|_| path.to_path_buf())
 }
 
 pub fn now_text() -> String {
@@ -171,23 +199,80 @@ impl Store {
     }
 
     /// Connects (creating a SQLite file if needed) and applies migrations.
+    /// Errors name the database (a Postgres password is never shown).
     pub async fn open(url: &str) -> Result<Store, StoreError> {
+        Store::connect(url, true).await
+    }
+
+    /// Like `open`, but a SQLite file that does not exist is an error, not a
+    /// new empty database: management commands run in the wrong directory
+    /// must not leave stray databases behind.
+    pub async fn open_existing(url: &str) -> Result<Store, StoreError> {
+        Store::connect(url, false).await
+    }
+
+    async fn connect(url: &str, create: bool) -> Result<Store, StoreError> {
+        let named = |e: StoreError| match e {
+            StoreError::Db(e) => StoreError::Open {
+                url: describe_url(url),
+                reason: e.to_string(),
+            },
+            StoreError::Migrate(e) => StoreError::Open {
+                url: describe_url(url),
+                reason: format!("migrations: {e}"),
+            },
+            other => other,
+        };
         let store = if url.starts_with("sqlite:") {
-            Store::Sqlite(sqlite::SqliteStore::connect(url).await?)
+            if !create {
+                if let Some(path) = crate::config::sqlite_path(url) {
+                    if path.to_str() != Some(":memory:") && !path.exists() {
+                        return Err(StoreError::Missing {
+                            url: format!("{url} ({})", absolute(&path).display()),
+                        });
+                    }
+                }
+            }
+            Store::Sqlite(sqlite::SqliteStore::connect(url).await.map_err(named)?)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Store::Postgres(postgres::PostgresStore::connect(url).await?)
+            Store::Postgres(postgres::PostgresStore::connect(url).await.map_err(named)?)
         } else {
             return Err(StoreError::Unsupported(url.to_string()));
         };
-        store.migrate().await?;
+        store.migrate().await.map_err(named)?;
         Ok(store)
+    }
+
+    /// Proves the database can be written (at start of `serve`): a read-only
+    /// file or a full disk must stop the server, not drop every row.
+    pub async fn probe_write(&self) -> Result<(), StoreError> {
+        either!(self, s => s.probe_write().await)
+    }
+
+    /// Whether the database is there to be written: the SQLite file must
+    /// still be the one opened (not moved, deleted or replaced).
+    pub fn check_file(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(s) => s.check_file(),
+            Store::Postgres(_) => Ok(()),
+        }
+    }
+
+    /// This replica's name in the shared budget tables (Postgres).
+    pub fn node(&self) -> Option<&str> {
+        self.shared().map(postgres::PostgresStore::node)
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
         either!(self, s => s.migrate().await)
     }
 
-    pub async fn insert_usage(&self, rows: &[UsageRecord]) -> Result<(), StoreError> {
+    /// Inserts rows; a row whose `request_id` is already stored is skipped
+    /// (a spool replay is idempotent). Returns the request ids skipped, where
+    /// the database tells them (Postgres); shared budgets count only rows
+    /// actually inserted.
+    pub async fn insert_usage(&self, rows: &[UsageRecord]) -> Result<Vec<String>, StoreError> {
+        self.check_file()?;
         either!(self, s => s.insert_usage(rows).await)
     }
 
@@ -251,8 +336,21 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use super::time_text;
+    use super::{describe_url, time_text};
     use chrono::{TimeZone, Utc};
+
+    #[test]
+    fn database_urls_are_shown_without_passwords() {
+        assert_eq!(
+            describe_url("postgres://app:s3cret@db.internal:5432/tollgate"),
+            "postgres://app:***@db.internal:5432/tollgate"
+        );
+        assert_eq!(
+            describe_url("postgres://app@db/tollgate"),
+            "postgres://app@db/tollgate"
+        );
+        assert_eq!(describe_url("sqlite://tollgate.db"), "sqlite://tollgate.db");
+    }
 
     #[test]
     fn time_text_matches_chrono_formatting() {

@@ -67,19 +67,20 @@ impl PostgresStore {
         Ok(())
     }
 
-    /// Inserts the rows and, in the same transaction, moves the cost of rows
-    /// reserved under a shared budget from this replica's lease to the
-    /// team's recorded spend.
-    pub async fn insert_usage(&self, rows: &[UsageRecord]) -> Result<(), StoreError> {
-        let node = &*self.node;
+    /// Inserts the rows (skipping request ids already stored) and, in the
+    /// same transaction, moves the cost of the rows inserted under a shared
+    /// budget from the lease that paid for them to the team's recorded
+    /// spend. Returns the request ids skipped.
+    pub async fn insert_usage(&self, rows: &[UsageRecord]) -> Result<Vec<String>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
+        let inserted: Vec<String> = sqlx::query_scalar(
             "INSERT INTO usage (created_at, request_id, team, key_id, model, base_model, upstream, \
              endpoint, stream, status, prompt_tokens, completion_tokens, cached_tokens, \
              cost_nano_usd, token_source, latency_ms, end_user) \
              SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], \
              $6::text[], $7::text[], $8::text[], $9::bool[], $10::int4[], $11::int8[], $12::int8[], \
-             $13::int8[], $14::int8[], $15::text[], $16::int8[], $17::text[])",
+             $13::int8[], $14::int8[], $15::text[], $16::int8[], $17::text[]) \
+             ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
         )
         .bind(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.request_id.as_str()).collect::<Vec<_>>())
@@ -98,16 +99,23 @@ impl PostgresStore {
         .bind(rows.iter().map(|r| r.token_source).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| to_i64(r.latency_ms)).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.end_user.as_deref()).collect::<Vec<_>>())
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?;
+        let inserted: std::collections::HashSet<String> = inserted.into_iter().collect();
 
-        let mut recorded: HashMap<(&str, &str), u64> = HashMap::new();
+        let mut recorded: HashMap<(&str, &str, &str), u64> = HashMap::new();
+        let mut skipped = Vec::new();
         for r in rows {
+            if !inserted.contains(&r.request_id) {
+                skipped.push(r.request_id.clone());
+                continue;
+            }
             if let Some(period) = r.budget_period.as_deref() {
-                *recorded.entry((r.team.as_str(), period)).or_default() += r.cost_nano_usd;
+                let node = r.lease_node.as_deref().unwrap_or(&self.node);
+                *recorded.entry((r.team.as_str(), period, node)).or_default() += r.cost_nano_usd;
             }
         }
-        for ((team, period), cost) in recorded {
+        for ((team, period, node), cost) in recorded {
             sqlx::query(
                 "UPDATE budget_state SET spent = spent + $3 WHERE team = $1 AND period = $2",
             )
@@ -128,6 +136,16 @@ impl PostgresStore {
             .await?;
         }
         tx.commit().await?;
+        Ok(skipped)
+    }
+
+    pub async fn probe_write(&self) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO tollgate_meta (key, value) VALUES ('last_start', now()::text) \
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+        )
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

@@ -27,15 +27,16 @@ const STATEMENT_ROWS: [usize; 9] = [256, 128, 64, 32, 16, 8, 4, 2, 1];
 
 /// The INSERT text for each of `STATEMENT_ROWS`, built once.
 ///
-/// `OR ROLLBACK`: a constraint failure rolls back the whole batch (which the
-/// writer then retries). A plain INSERT of several rows inside a transaction
-/// must be undoable on its own, so SQLite keeps a statement journal for it:
-/// the old content of every page the statement touches, spilled to a temp
-/// file past 64 KiB. That was 0.44 pwrite calls per row, more than the WAL
-/// itself (bench/PROFILE.md, session 4).
+/// `OR IGNORE`: a row whose request id is stored already is skipped, so a
+/// batch replayed from the spool lands exactly once. Like `OR ROLLBACK`
+/// before it, it needs no statement journal: a plain INSERT of several rows
+/// inside a transaction must be undoable on its own, so SQLite keeps the old
+/// content of every page the statement touches, spilled to a temp file past
+/// 64 KiB (0.44 pwrite calls per row, more than the WAL itself;
+/// bench/PROFILE.md, session 4).
 static INSERT_SQL: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
     let head =
-        "INSERT OR ROLLBACK INTO usage (created_at, request_id, team, key_id, model, base_model, \
+        "INSERT OR IGNORE INTO usage (created_at, request_id, team, key_id, model, base_model, \
                 upstream, endpoint, stream, status, prompt_tokens, completion_tokens, \
                 cached_tokens, cost_nano_usd, token_source, latency_ms, end_user) VALUES ";
     let row = format!("({})", vec!["?"; 17].join(", "));
@@ -64,6 +65,15 @@ pub struct SqliteStore {
     /// transaction; sharing one pool, each batch found a cold cache and read
     /// the b-tree pages it appends to back from the WAL.
     writer: SqlitePool,
+    /// The database file and its identity (device, inode) when opened. A
+    /// file deleted or moved under a running server keeps taking writes
+    /// through the open handles, into a file nobody will ever read.
+    file: Option<(std::path::PathBuf, (u64, u64))>,
+}
+
+fn file_identity(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 impl SqliteStore {
@@ -85,7 +95,28 @@ impl SqliteStore {
             .idle_timeout(None)
             .max_lifetime(None)
             .connect_lazy_with(options);
-        Ok(SqliteStore { pool, writer })
+        let file = crate::config::sqlite_path(url)
+            .filter(|p| p.to_str() != Some(":memory:"))
+            .and_then(|p| file_identity(&p).map(|id| (p, id)));
+        Ok(SqliteStore { pool, writer, file })
+    }
+
+    /// Err when the database file is no longer the one opened.
+    pub fn check_file(&self) -> Result<(), StoreError> {
+        match &self.file {
+            Some((path, id)) if file_identity(path) != Some(*id) => Err(StoreError::FileGone {
+                path: path.display().to_string(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    pub async fn probe_write(&self) -> Result<(), StoreError> {
+        sqlx::query("INSERT OR REPLACE INTO tollgate_meta (key, value) VALUES ('last_start', ?)")
+            .bind(now_text())
+            .execute(&self.writer)
+            .await?;
+        Ok(())
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
@@ -93,17 +124,18 @@ impl SqliteStore {
         Ok(())
     }
 
-    pub async fn insert_usage(&self, rows: &[UsageRecord]) -> Result<(), StoreError> {
+    pub async fn insert_usage(&self, rows: &[UsageRecord]) -> Result<Vec<String>, StoreError> {
         let mut conn = self.writer.acquire().await?;
         let written = insert_batch(&mut conn, rows).await;
         if written.is_err() {
-            // A failed `OR ROLLBACK` statement has ended the transaction
-            // inside SQLite behind sqlx's back (sqlx then sends a ROLLBACK
-            // that fails). Rather than trust its bookkeeping after that, the
-            // next batch gets a new connection.
+            // A failed statement (disk full, I/O error) may have ended the
+            // transaction inside SQLite behind sqlx's back. Rather than
+            // trust its bookkeeping after that, the next batch gets a new
+            // connection.
             conn.close().await.ok();
         }
-        written
+        // SQLite budgets are not shared: which rows were skipped does not matter.
+        written.map(|()| Vec::new())
     }
 
     pub async fn create_team(
@@ -377,13 +409,14 @@ mod tests {
             latency_ms: 4,
             end_user: None,
             budget_period: None,
+            lease_node: None,
         }
     }
 
-    /// A batch that breaks a constraint leaves nothing behind, and the
-    /// writer's next batch still goes in (in a transaction of its own).
+    /// A batch replayed after it (or part of it) was written lands exactly
+    /// once; the rest of it still goes in.
     #[tokio::test]
-    async fn a_failed_batch_writes_nothing_and_the_next_one_lands() {
+    async fn a_replayed_batch_is_written_exactly_once() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let url = format!("sqlite://{}", dir.path().join("t.db").display());
         let store = SqliteStore::connect(&url)
@@ -401,26 +434,30 @@ mod tests {
             .insert_usage(&first)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        // 299 new rows, then one whose request id is taken, in the last statement.
-        let mut clash: Vec<_> = (0..299).map(|i| row(&format!("req_b{i}"))).collect();
-        clash.push(row("req_a7"));
-        assert!(store.insert_usage(&clash).await.is_err());
-        assert_eq!(count().await, 300);
-        for round in 0..2 {
-            let next: Vec<_> = (0..50).map(|i| row(&format!("req_c{round}_{i}"))).collect();
-            store
-                .insert_usage(&next)
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
-        }
-        assert_eq!(count().await, 400);
-        // The clashing batch again, without the clash: every row lands.
-        clash.pop();
+        // 299 new rows and one already stored, in the last statement.
+        let mut again: Vec<_> = (0..299).map(|i| row(&format!("req_b{i}"))).collect();
+        again.push(row("req_a7"));
         store
-            .insert_usage(&clash)
+            .insert_usage(&again)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(count().await, 699);
+        assert_eq!(count().await, 599);
+        // The whole of it again: nothing changes.
+        store
+            .insert_usage(&again)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        store
+            .insert_usage(&first)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(count().await, 599);
+        store.check_file().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::remove_file(dir.path().join("t.db")).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            store.check_file(),
+            Err(StoreError::FileGone { .. })
+        ));
     }
 
     #[test]

@@ -1,36 +1,107 @@
-//! The background usage writer: a bounded queue in front of batched insert
-//! transactions. Never blocks the request path (a full queue drops the row
-//! and counts it); drains everything when the last sink is dropped.
+//! The background usage writer: the request path hands it rows without
+//! waiting (a bounded channel), and it writes them to the database in
+//! batched transactions.
+//!
+//! It loses nothing it can keep: a failed batch is retried with capped
+//! backoff, rows stay in memory up to `database.queue_capacity`, and past
+//! that they go to the spool on local disk, replayed (exactly once) when the
+//! database is back or at the next start. With `durability = "spool"` every
+//! row is appended to the spool before its response completes. Rows are
+//! dropped (and counted) only when the spool cannot take them either.
+//!
+//! Never blocks the request path; one task owns the spool and the batches.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
-use super::{Store, UsageRecord};
+use super::spool::Spool;
+use super::{Store, StoreError, UsageRecord};
 use crate::budget::Ledger;
 use crate::metrics::Metrics;
+
+/// Longest wait between retries of a failed batch.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// At shutdown, how long a failing database is retried before the rows
+/// still in memory go to the spool.
+const SHUTDOWN_RETRY: Duration = Duration::from_secs(5);
+
+/// One row on its way to the writer; `ack` is answered once the row is on
+/// local disk (durable mode).
+struct Entry {
+    row: UsageRecord,
+    ack: Option<oneshot::Sender<()>>,
+}
+
+/// Why rows are not reaching the database right now (`/readyz` says it).
+#[derive(Default)]
+pub struct WriterHealth {
+    problem: Mutex<Option<String>>,
+}
+
+impl WriterHealth {
+    pub fn problem(&self) -> Option<String> {
+        self.problem.lock().ok().and_then(|p| p.clone())
+    }
+
+    fn set(&self, problem: Option<String>) {
+        if let Ok(mut p) = self.problem.lock() {
+            *p = problem;
+        }
+    }
+}
 
 /// The request path's handle: cheap to clone, never awaits.
 #[derive(Clone)]
 pub struct UsageSink {
-    tx: mpsc::Sender<UsageRecord>,
+    tx: mpsc::Sender<Entry>,
     metrics: Arc<Metrics>,
+    /// Rows the writer holds in memory (besides the channel).
+    held: Arc<AtomicUsize>,
+    health: Arc<WriterHealth>,
+    durable: bool,
 }
 
 impl UsageSink {
-    pub fn record(&self, row: UsageRecord) {
-        if self.tx.try_send(row).is_err() {
+    /// Hands a row to the writer. `ack` (durable mode) is answered when the
+    /// row is on local disk; dropped unanswered if it never gets there.
+    pub fn record(&self, row: UsageRecord, ack: Option<oneshot::Sender<()>>) {
+        if self.tx.try_send(Entry { row, ack }).is_err() {
             self.metrics.records_dropped.inc();
-            tracing::warn!("usage queue full or closed: record dropped");
+            tracing::error!("usage writer channel full or closed: record dropped");
         }
     }
 
-    /// Rows waiting to be written.
-    pub fn depth(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
+    /// True when responses wait for their row to reach the spool.
+    pub fn durable(&self) -> bool {
+        self.durable
     }
+
+    /// Rows waiting to be written (channel and writer memory).
+    pub fn depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity() + self.held.load(Ordering::Relaxed)
+    }
+
+    /// Why rows are not reaching the database, while they are not.
+    pub fn problem(&self) -> Option<String> {
+        self.health.problem()
+    }
+}
+
+/// How the writer batches and where it spills.
+pub struct WriterConfig {
+    pub batch_size: usize,
+    pub flush_interval: Duration,
+    /// Rows kept in memory while the database cannot take them.
+    pub capacity: usize,
+    /// Append every row to the spool before acknowledging it.
+    pub durable: bool,
 }
 
 /// The running writer: `finish` makes it stop waiting for fuller batches and
@@ -45,103 +116,375 @@ impl UsageWriter {
         store: Store,
         metrics: Arc<Metrics>,
         ledger: Arc<Ledger>,
-        batch_size: usize,
-        flush_interval: Duration,
-        capacity: usize,
+        spool: Spool,
+        config: WriterConfig,
     ) -> (UsageSink, UsageWriter) {
-        let (tx, rx) = mpsc::channel(capacity);
+        let (tx, rx) = mpsc::channel(config.capacity);
+        let held = Arc::new(AtomicUsize::new(0));
+        let health = Arc::new(WriterHealth::default());
         let sink = UsageSink {
             tx,
             metrics: metrics.clone(),
+            held: held.clone(),
+            health: health.clone(),
+            durable: config.durable,
         };
         let stop = Arc::new(Notify::new());
-        let task = tokio::spawn(run(
+        let writer = Writer {
+            node: store.node().map(str::to_string),
             store,
             metrics,
             ledger,
-            rx,
-            batch_size,
-            flush_interval,
-            stop.clone(),
-        ));
+            spool,
+            config,
+            pending: VecDeque::new(),
+            oldest: None,
+            held,
+            health,
+            backoff: Duration::ZERO,
+            retry_at: None,
+            failing_since: None,
+            last_spool_error: None,
+        };
+        let task = tokio::spawn(writer.run(rx, stop.clone()));
         (sink, UsageWriter { stop, task })
     }
 
     /// Flushes without further waiting and returns when every row of every
-    /// (by now dropped) sink is written.
+    /// (by now dropped) sink is written, or spooled if the database fails.
     pub async fn finish(self) {
         self.stop.notify_one();
         let _ = self.task.await;
     }
 }
 
-async fn run(
+/// A row in the writer's memory, and the spool segment holding it (if any).
+struct Pending {
+    row: UsageRecord,
+    segment: Option<u64>,
+}
+
+/// One insert transaction in flight.
+enum Job {
+    /// Rows from memory, with the spool segment of each (durable mode).
+    Rows {
+        rows: Vec<UsageRecord>,
+        segments: Vec<Option<u64>>,
+    },
+    Replay {
+        segment: u64,
+        rows: Vec<UsageRecord>,
+        end: u64,
+        eof: bool,
+    },
+}
+
+impl Job {
+    fn rows(&self) -> &[UsageRecord] {
+        match self {
+            Job::Rows { rows, .. } | Job::Replay { rows, .. } => rows,
+        }
+    }
+}
+
+type Inflight = Pin<Box<dyn Future<Output = (Job, Result<Vec<String>, StoreError>)> + Send>>;
+
+struct Writer {
     store: Store,
     metrics: Arc<Metrics>,
     ledger: Arc<Ledger>,
-    mut rx: mpsc::Receiver<UsageRecord>,
-    batch_size: usize,
-    flush_interval: Duration,
-    stop: Arc<Notify>,
-) {
-    let mut buf: Vec<UsageRecord> = Vec::with_capacity(batch_size);
-    let mut draining = false;
-    loop {
-        if rx.recv_many(&mut buf, batch_size).await == 0 {
-            break;
-        }
-        // A partial batch waits one flush interval for more rows, so a busy
-        // proxy writes few large transactions. It sleeps rather than waking
-        // per row; a backlog (a full batch) is written at once.
-        let mut closed = false;
-        if buf.len() < batch_size && !draining {
-            tokio::select! {
-                _ = tokio::time::sleep(flush_interval) => {}
-                _ = stop.notified() => draining = true,
-            }
-            while buf.len() < batch_size {
-                match rx.try_recv() {
-                    Ok(row) => buf.push(row),
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => {
-                        closed = true;
-                        break;
-                    }
-                }
-            }
-        }
-        if write(&store, &metrics, &buf).await {
-            // Recorded: those costs no longer need this replica's lease.
-            for row in &buf {
-                if let Some(period) = &row.budget_period {
-                    ledger.written(&row.team, period, row.cost_nano_usd);
-                }
-            }
-        }
-        buf.clear();
-        if closed {
-            break;
-        }
-    }
-    tracing::info!("usage writer drained");
+    spool: Spool,
+    config: WriterConfig,
+    node: Option<String>,
+    pending: VecDeque<Pending>,
+    /// When the oldest row in `pending` arrived.
+    oldest: Option<Instant>,
+    held: Arc<AtomicUsize>,
+    health: Arc<WriterHealth>,
+    backoff: Duration,
+    retry_at: Option<Instant>,
+    failing_since: Option<Instant>,
+    last_spool_error: Option<Instant>,
 }
 
-/// Inserts with retries; true once the rows are in the database.
-async fn write(store: &Store, metrics: &Metrics, rows: &[UsageRecord]) -> bool {
-    let mut delay = Duration::from_millis(50);
-    for attempt in 1..=5 {
-        match store.insert_usage(rows).await {
-            Ok(()) => return true,
-            Err(e) if attempt < 5 => {
-                tracing::warn!(error = %e, attempt, rows = rows.len(), "usage insert failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay *= 2;
+impl Writer {
+    async fn run(mut self, mut rx: mpsc::Receiver<Entry>, stop: Arc<Notify>) {
+        let mut buf: Vec<Entry> = Vec::with_capacity(self.config.batch_size);
+        let mut inflight: Option<Inflight> = None;
+        let mut closed = false;
+        let mut stopping: Option<Instant> = None;
+        loop {
+            let now = Instant::now();
+            if inflight.is_none() {
+                inflight = self.next_job(now, stopping.is_some() || closed);
             }
+            if closed && inflight.is_none() && self.pending.is_empty() {
+                // Rows only the spool holds wait for the next start.
+                break;
+            }
+            if let Some(since) = stopping {
+                if inflight.is_none() && closed && since.elapsed() > SHUTDOWN_RETRY {
+                    self.spill_all("shutting down while the database fails");
+                    break;
+                }
+            }
+            let wake = self.wake_at(now, stopping.is_some() || closed);
+            tokio::select! {
+                n = rx.recv_many(&mut buf, self.config.batch_size), if !closed => {
+                    if n == 0 {
+                        closed = true;
+                        stopping.get_or_insert_with(Instant::now);
+                    } else {
+                        self.accept(&mut buf);
+                    }
+                }
+                done = async { match inflight.as_mut() { Some(f) => f.await, None => std::future::pending().await } } => {
+                    inflight = None;
+                    self.finished(done.0, done.1);
+                }
+                _ = tokio::time::sleep_until(wake.into()), if inflight.is_none() => {}
+                _ = stop.notified(), if stopping.is_none() => stopping = Some(Instant::now()),
+            }
+        }
+        self.spool.close_active();
+        self.held.store(0, Ordering::Relaxed);
+        tracing::info!("usage writer drained");
+    }
+
+    /// Takes new rows: on the spool first in durable mode, then into memory;
+    /// past the memory cap, the newest rows go to the spool.
+    fn accept(&mut self, buf: &mut Vec<Entry>) {
+        let segment = if self.config.durable {
+            let rows: Vec<&UsageRecord> = buf.iter().map(|e| &e.row).collect();
+            match self.spool.append(&rows) {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    self.spool_error(&e.to_string());
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        for entry in buf.drain(..) {
+            if let Some(ack) = entry.ack {
+                // Answered even when the spool failed: the row is in memory,
+                // and a client is never held hostage to a full disk.
+                let _ = ack.send(());
+            }
+            self.pending.push_back(Pending {
+                row: entry.row,
+                segment,
+            });
+        }
+        if self.oldest.is_none() && !self.pending.is_empty() {
+            self.oldest = Some(Instant::now());
+        }
+        if self.pending.len() > self.config.capacity {
+            self.spill_newest();
+        }
+        self.held.store(self.pending.len(), Ordering::Relaxed);
+    }
+
+    /// Memory is full (the database has been failing): the newest rows, down
+    /// to half the cap, leave memory for the spool.
+    fn spill_newest(&mut self) {
+        let keep = self.config.capacity / 2;
+        let spilled: Vec<Pending> = self.pending.drain(keep..).collect();
+        self.to_spool(spilled, "the database is failing and memory is full");
+    }
+
+    /// Everything still in memory goes to the spool (shutdown while failing).
+    fn spill_all(&mut self, why: &str) {
+        let all: Vec<Pending> = self.pending.drain(..).collect();
+        self.to_spool(all, why);
+    }
+
+    fn to_spool(&mut self, rows: Vec<Pending>, why: &str) {
+        if rows.is_empty() {
+            return;
+        }
+        // Rows already in a segment are safe there: that segment now needs
+        // a replay. The others are written to a segment of their own.
+        let mut loose = Vec::new();
+        for p in rows {
+            match p.segment {
+                Some(id) => self.spool.orphan(id),
+                None => loose.push(p.row),
+            }
+        }
+        let n = loose.len();
+        if n > 0 {
+            match self.spool.spill(&loose.iter().collect::<Vec<_>>()) {
+                Ok(()) => {
+                    tracing::warn!(rows = n, spool = %self.spool.dir().display(), "{why}: rows spooled to disk")
+                }
+                Err(e) => {
+                    self.metrics.records_dropped.inc_by(n as u64);
+                    tracing::error!(rows = n, error = %e, "{why}, and the spool cannot take the rows: dropped");
+                }
+            }
+        }
+        self.held.store(self.pending.len(), Ordering::Relaxed);
+        if self.pending.is_empty() {
+            self.oldest = None;
+        }
+    }
+
+    fn spool_error(&mut self, e: &str) {
+        if self
+            .last_spool_error
+            .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
+        {
+            tracing::error!(
+                error = e,
+                "cannot append to the spool: rows are kept in memory only"
+            );
+            self.last_spool_error = Some(Instant::now());
+        }
+    }
+
+    /// When to look again: the end of a backoff, else the flush deadline.
+    fn wake_at(&self, now: Instant, flushing: bool) -> Instant {
+        if let Some(t) = self.retry_at.filter(|t| *t > now) {
+            return t;
+        }
+        match self.oldest {
+            Some(_) if flushing => now,
+            Some(t) => (t + self.config.flush_interval).max(now),
+            None => now + Duration::from_secs(3600),
+        }
+    }
+
+    /// The next insert, if one is due: pending rows first (a full batch at
+    /// once, a partial one after the flush interval), else a spool replay.
+    fn next_job(&mut self, now: Instant, flushing: bool) -> Option<Inflight> {
+        if self.retry_at.is_some_and(|t| t > now) {
+            return None;
+        }
+        let due = self.pending.len() >= self.config.batch_size
+            || flushing
+            || self
+                .oldest
+                .is_some_and(|t| now >= t + self.config.flush_interval);
+        let job = if !self.pending.is_empty() && due {
+            let n = self.pending.len().min(self.config.batch_size);
+            let (mut rows, mut segments) = (Vec::with_capacity(n), Vec::with_capacity(n));
+            for p in self.pending.drain(..n) {
+                rows.push(p.row);
+                segments.push(p.segment);
+            }
+            self.oldest = (!self.pending.is_empty()).then_some(now);
+            Job::Rows { rows, segments }
+        } else if self.spool.needs_replay() {
+            match self.spool.next_replay(self.config.batch_size) {
+                Ok(Some(b)) => Job::Replay {
+                    segment: b.segment,
+                    rows: b.rows,
+                    end: b.end,
+                    eof: b.eof,
+                },
+                Ok(None) => return None,
+                Err(e) => {
+                    self.failed(&e.to_string());
+                    return None;
+                }
+            }
+        } else {
+            return None;
+        };
+        let store = self.store.clone();
+        Some(Box::pin(async move {
+            let result = if job.rows().is_empty() {
+                Ok(Vec::new())
+            } else {
+                store.insert_usage(job.rows()).await
+            };
+            (job, result)
+        }))
+    }
+
+    fn finished(&mut self, job: Job, result: Result<Vec<String>, StoreError>) {
+        let skipped = match result {
+            Ok(skipped) => skipped,
             Err(e) => {
-                tracing::error!(error = %e, rows = rows.len(), "usage insert failed; rows dropped");
-                metrics.records_dropped.inc_by(rows.len() as u64);
+                self.failed(&e.to_string());
+                match job {
+                    // Back to the front, to be retried first.
+                    Job::Rows { rows, segments } => {
+                        for (row, segment) in rows.into_iter().zip(segments).rev() {
+                            self.pending.push_front(Pending { row, segment });
+                        }
+                        self.oldest.get_or_insert_with(Instant::now);
+                        if self.pending.len() > self.config.capacity {
+                            self.spill_newest();
+                        }
+                        self.held.store(self.pending.len(), Ordering::Relaxed);
+                    }
+                    // Read again from where it stood.
+                    Job::Replay { .. } => {}
+                }
+                return;
+            }
+        };
+        if self.failing_since.take().is_some() {
+            tracing::warn!("usage rows reach the database again");
+        }
+        self.health.set(None);
+        self.backoff = Duration::ZERO;
+        self.retry_at = None;
+        self.recorded(job.rows(), &skipped);
+        match job {
+            Job::Rows { segments, .. } => {
+                for id in segments.into_iter().flatten() {
+                    self.spool.written(id, 1);
+                }
+                self.held.store(self.pending.len(), Ordering::Relaxed);
+            }
+            Job::Replay {
+                segment, end, eof, ..
+            } => {
+                self.spool.replayed(segment, end, eof);
+                if eof && !self.spool.needs_replay() {
+                    tracing::info!("spooled usage rows replayed into the database");
+                }
             }
         }
     }
-    false
+
+    /// The database took these rows: the costs a shared budget's lease of
+    /// this replica paid for are recorded spend now.
+    fn recorded(&self, rows: &[UsageRecord], skipped: &[String]) {
+        for row in rows {
+            let Some(period) = &row.budget_period else {
+                continue;
+            };
+            let ours = match (&row.lease_node, &self.node) {
+                (None, _) => true,
+                (Some(n), Some(me)) => n == me,
+                (Some(_), None) => false,
+            };
+            if ours && !skipped.contains(&row.request_id) {
+                self.ledger.written(&row.team, period, row.cost_nano_usd);
+            }
+        }
+    }
+
+    fn failed(&mut self, reason: &str) {
+        let first = self.failing_since.is_none();
+        let since = *self.failing_since.get_or_insert_with(Instant::now);
+        self.backoff = (self.backoff * 2).clamp(Duration::from_millis(50), MAX_BACKOFF);
+        self.retry_at = Some(Instant::now() + self.backoff);
+        self.health.set(Some(format!(
+            "usage rows are not reaching the database (for {} ms): {reason}",
+            since.elapsed().as_millis()
+        )));
+        if first || self.backoff == MAX_BACKOFF && since.elapsed().as_secs() % 30 == 0 {
+            tracing::error!(
+                error = reason,
+                held = self.pending.len(),
+                "usage insert failed; retrying (rows are kept, past the memory cap on the spool)"
+            );
+        }
+    }
 }

@@ -37,6 +37,20 @@ impl Endpoint {
         }
     }
 
+    /// From its label (`chat.completions`), as stored.
+    pub fn from_label(label: &str) -> Option<Endpoint> {
+        [
+            Endpoint::ChatCompletions,
+            Endpoint::Completions,
+            Endpoint::Embeddings,
+            Endpoint::Responses,
+            Endpoint::Models,
+            Endpoint::Other,
+        ]
+        .into_iter()
+        .find(|e| e.label() == label)
+    }
+
     /// The `endpoint` column and metric label.
     pub fn label(self) -> &'static str {
         match self {
