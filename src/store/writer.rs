@@ -144,6 +144,7 @@ impl UsageWriter {
             backoff: Duration::ZERO,
             retry_at: None,
             failing_since: None,
+            last_failure_log: None,
             last_spool_error: None,
         };
         let task = tokio::spawn(writer.run(rx, stop.clone()));
@@ -204,6 +205,7 @@ struct Writer {
     backoff: Duration,
     retry_at: Option<Instant>,
     failing_since: Option<Instant>,
+    last_failure_log: Option<Instant>,
     last_spool_error: Option<Instant>,
 }
 
@@ -291,16 +293,16 @@ impl Writer {
     fn spill_newest(&mut self) {
         let keep = self.config.capacity / 2;
         let spilled: Vec<Pending> = self.pending.drain(keep..).collect();
-        self.to_spool(spilled, "the database is failing and memory is full");
+        self.move_to_spool(spilled, "the database is failing and memory is full");
     }
 
     /// Everything still in memory goes to the spool (shutdown while failing).
     fn spill_all(&mut self, why: &str) {
         let all: Vec<Pending> = self.pending.drain(..).collect();
-        self.to_spool(all, why);
+        self.move_to_spool(all, why);
     }
 
-    fn to_spool(&mut self, rows: Vec<Pending>, why: &str) {
+    fn move_to_spool(&mut self, rows: Vec<Pending>, why: &str) {
         if rows.is_empty() {
             return;
         }
@@ -479,7 +481,11 @@ impl Writer {
             "usage rows are not reaching the database (for {} ms): {reason}",
             since.elapsed().as_millis()
         )));
-        if first || self.backoff == MAX_BACKOFF && since.elapsed().as_secs() % 30 == 0 {
+        let quiet = self
+            .last_failure_log
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(30));
+        if first || !quiet {
+            self.last_failure_log = Some(Instant::now());
             tracing::error!(
                 error = reason,
                 held = self.pending.len(),
