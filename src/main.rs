@@ -462,6 +462,9 @@ fn catalog(command: CatalogCommand, config: &Config) -> anyhow::Result<ExitCode>
                     .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
                 None => print!("{}", imported.toml),
             }
+            for p in &imported.problems {
+                eprintln!("skipped {p}");
+            }
             eprintln!(
                 "imported {} {provider} models ({} entries skipped)",
                 imported.models, imported.skipped

@@ -23,6 +23,40 @@ pub struct Imported {
     pub toml: String,
     pub models: usize,
     pub skipped: usize,
+    /// Entries of the wanted provider skipped because a price is unusable.
+    pub problems: Vec<String>,
+}
+
+/// One model's catalog table, or why its prices cannot be used. Every price
+/// must come back exactly when the catalog is loaded.
+fn model_block(id: &str, input: f64, entry: &Entry) -> Result<String, String> {
+    let line = |name: &str, x: f64| -> Result<String, String> {
+        let text = Rate::from_f64_usd_per_token(x)
+            .map(|r| r.usd_per_million_string())
+            .map_err(|e| format!("{id}: {name}: {e}"))?;
+        Rate::from_usd_per_million(&text).map_err(|e| format!("{id}: {name}: {e}"))?;
+        let text = if text.contains('.') {
+            text
+        } else {
+            format!("{text}.0")
+        };
+        Ok(format!("{name} = {text}\n"))
+    };
+    let mut out = format!("\n[models.{}]\n", toml_key(id));
+    out.push_str(&line("input", input)?);
+    out.push_str(&line("output", entry.output_cost_per_token.unwrap_or(0.0))?);
+    if let Some(cached) = entry.cache_read_input_token_cost {
+        out.push_str(&line("cached_input", cached)?);
+    }
+    if let Some(max) = entry.max_output_tokens.as_ref().and_then(|v| v.as_u64()) {
+        let _ = writeln!(out, "max_output_tokens = {max}");
+    }
+    let base = super::catalog::finetune_base(id).unwrap_or(id);
+    let _ = writeln!(out, "encoding = \"{}\"", Encoding::for_model(base).name());
+    if let Some(mode) = entry.mode.as_deref() {
+        let _ = writeln!(out, "mode = \"{mode}\"");
+    }
+    Ok(out)
 }
 
 /// Keeps `provider`'s text models (chat, completion, responses, embedding)
@@ -34,7 +68,7 @@ pub fn import(json: &str, provider: &str) -> Result<Imported, String> {
         "# Converted by `tollgate catalog import-litellm` from LiteLLM's cost map.\n\
          # Prices in USD per million tokens.\n",
     );
-    let (mut models, mut skipped) = (0, 0);
+    let (mut models, mut skipped, mut problems) = (0, 0, Vec::new());
     for (id, value) in map {
         let Ok(entry) = serde_json::from_value::<Entry>(value) else {
             skipped += 1;
@@ -50,27 +84,15 @@ pub fn import(json: &str, provider: &str) -> Result<Imported, String> {
             skipped += 1;
             continue;
         };
-        let rate = |x: f64| Rate::from_f64_usd_per_token(x).map(|r| r.usd_per_million_string());
-        let as_float = |s: String| if s.contains('.') { s } else { format!("{s}.0") };
-        let line = |name: &str, x: f64| -> Result<String, String> {
-            Ok(format!(
-                "{name} = {}\n",
-                as_float(rate(x).map_err(|e| format!("{id}: {e}"))?)
-            ))
-        };
-        let _ = writeln!(out, "\n[models.{}]", toml_key(&id));
-        out.push_str(&line("input", input)?);
-        out.push_str(&line("output", entry.output_cost_per_token.unwrap_or(0.0))?);
-        if let Some(cached) = entry.cache_read_input_token_cost {
-            out.push_str(&line("cached_input", cached)?);
-        }
-        if let Some(max) = entry.max_output_tokens.as_ref().and_then(|v| v.as_u64()) {
-            let _ = writeln!(out, "max_output_tokens = {max}");
-        }
-        let base = super::catalog::finetune_base(&id).unwrap_or(&id);
-        let _ = writeln!(out, "encoding = \"{}\"", Encoding::for_model(base).name());
-        if let Some(mode) = entry.mode.as_deref() {
-            let _ = writeln!(out, "mode = \"{mode}\"");
+        match model_block(&id, input, &entry) {
+            Ok(block) => out.push_str(&block),
+            Err(e) => {
+                // One unusable entry (a negative or absurd price) does not
+                // sink the whole import; it is named and skipped.
+                problems.push(e);
+                skipped += 1;
+                continue;
+            }
         }
         models += 1;
     }
@@ -78,6 +100,7 @@ pub fn import(json: &str, provider: &str) -> Result<Imported, String> {
         toml: out,
         models,
         skipped,
+        problems,
     })
 }
 
@@ -102,11 +125,16 @@ mod tests {
                           "litellm_provider": "openai", "mode": "chat"},
           "claude-3": {"input_cost_per_token": 3e-06, "litellm_provider": "anthropic", "mode": "chat"},
           "dall-e-3": {"litellm_provider": "openai", "mode": "image_generation"},
+          "absurd": {"input_cost_per_token": 2.3e16, "litellm_provider": "openai", "mode": "chat"},
+          "negative": {"input_cost_per_token": -1e-6, "litellm_provider": "openai", "mode": "chat"},
           "sample_spec": {"max_output_tokens": "text"}
         }"#;
         let imported = import(json, "openai").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(imported.models, 2);
-        assert_eq!(imported.skipped, 3);
+        // Regression (tests/fuzz.rs): an absurd or negative price skips its
+        // model instead of writing a catalog that does not load.
+        assert_eq!(imported.skipped, 5);
+        assert_eq!(imported.problems.len(), 2);
         let catalog = Catalog::parse(&imported.toml, 6.0).unwrap_or_else(|e| panic!("{e}"));
         let usage = Usage {
             prompt_tokens: 1_000_000,

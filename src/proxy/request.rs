@@ -58,6 +58,14 @@ impl RequestMeta {
                 None,
             ));
         }
+        // serde reads a struct from a JSON array too (`["gpt-4o"]` would be
+        // model "gpt-4o"): only an object is a request. Found by tests/fuzz.rs.
+        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(ApiError::invalid(
+                "The request body must be a JSON object.",
+                None,
+            ));
+        }
         // The plain parse first; the path-tracking one only to explain a failure.
         let meta: RequestMeta = match serde_json::from_slice(body) {
             Ok(meta) => meta,
@@ -245,6 +253,9 @@ mod tests {
             b"{} trailing",
             b"{\"model\":\"m\"} trailing",
             b"{\"model\":\"m\",\"x\":\"\xff\"}",
+            // Regression (tests/fuzz.rs): serde reads structs from arrays.
+            b"[\" \"]",
+            b"[\"gpt-4o\", true]",
         ] {
             let e = err_of(body);
             assert_eq!(e["error"]["type"], "invalid_request_error", "{body:?}");
