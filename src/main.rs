@@ -76,6 +76,7 @@ struct BudgetArgs {
     /// USD per period; without it the team has no budget (set-budget clears it).
     #[arg(long)]
     budget_usd: Option<String>,
+    /// Budget period [default: monthly when --budget-usd is given].
     #[arg(long, value_enum)]
     period: Option<Period>,
     /// Cap on output tokens per request, enforced on the way up (0 clears it).
@@ -165,11 +166,13 @@ enum OutputFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // TOLLGATE_LOG, else RUST_LOG, else info; colour only on a terminal.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_env("RUST_LOG"))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     match run(cli) {
@@ -200,7 +203,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 store.close().await;
                 anyhow::Ok(())
             })?;
-            eprintln!("migrations applied to {}", config.database.url);
+            eprintln!(
+                "migrations applied to {}",
+                tollgate::store::describe_url(&config.database.url)
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Healthcheck { url } => {
@@ -239,8 +245,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn open_store(config: &Config) -> anyhow::Result<Store> {
-    Ok(Store::open(&config.database.url).await?)
+/// The database of a management command. Only `teams create` (the first
+/// step of a setup) may create it; every other command run in the wrong
+/// directory gets an error naming the file, not a stray empty database.
+async fn open_store(config: &Config, create: bool) -> anyhow::Result<Store> {
+    let url = &config.database.url;
+    Ok(if create {
+        Store::open(url).await?
+    } else {
+        Store::open_existing(url).await?
+    })
 }
 
 fn print_json(value: &serde_json::Value) {
@@ -248,7 +262,7 @@ fn print_json(value: &serde_json::Value) {
 }
 
 async fn teams(command: TeamsCommand, config: &Config) -> anyhow::Result<ExitCode> {
-    let store = open_store(config).await?;
+    let store = open_store(config, matches!(command, TeamsCommand::Create { .. })).await?;
     match command {
         TeamsCommand::Create { name, budget: args } => {
             manage::valid_team_name(&name)?;
@@ -331,7 +345,7 @@ async fn teams(command: TeamsCommand, config: &Config) -> anyhow::Result<ExitCod
 }
 
 async fn keys(command: KeysCommand, config: &Config) -> anyhow::Result<ExitCode> {
-    let store = open_store(config).await?;
+    let store = open_store(config, false).await?;
     match command {
         KeysCommand::Create {
             team,
@@ -361,14 +375,15 @@ async fn keys(command: KeysCommand, config: &Config) -> anyhow::Result<ExitCode>
                 )),
                 OutputFormat::Table => {
                     println!(
-                        "{:<22} {:<20} {:<14} {:<24} {:<10}",
-                        "id", "team", "prefix", "models", "status"
+                        "{:<22} {:<20} {:<20} {:<14} {:<24} {:<10}",
+                        "id", "team", "name", "prefix", "models", "status"
                     );
                     for k in keys {
                         println!(
-                            "{:<22} {:<20} {:<14} {:<24} {:<10}",
+                            "{:<22} {:<20} {:<20} {:<14} {:<24} {:<10}",
                             k.id,
                             k.team,
+                            k.name.as_deref().unwrap_or("-"),
                             k.prefix,
                             if k.models.is_empty() {
                                 "*".to_string()
@@ -401,7 +416,7 @@ async fn report(
     config: &Config,
 ) -> anyhow::Result<ExitCode> {
     let since = manage::parse_since(since, chrono::Utc::now())?;
-    let store = open_store(config).await?;
+    let store = open_store(config, false).await?;
     let rows = store.report(by, since).await?;
     match format {
         ReportFormat::Json => print_json(&manage::report_json(by, &rows)),

@@ -25,6 +25,16 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/admin/keys", get(list_keys).post(create_key))
         .route("/admin/keys/{id}", delete(revoke_key))
         .route("/admin/usage", get(usage))
+        // Every admin error is JSON in OpenAI's shape, axum's own included.
+        .method_not_allowed_fallback(method_not_allowed)
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> AdminError {
+    AdminError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
 }
 
 /// Admin errors in OpenAI's error shape.
@@ -268,9 +278,19 @@ struct UsageQuery {
 async fn usage(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Query(q): Query<UsageQuery>,
+    query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, AdminError> {
     authorize(&state, &headers)?;
+    let Query(q) = query.map_err(|e| {
+        AdminError(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!(
+                "{} (by=team|model|key|day, since=24h|7d|DATE)",
+                e.body_text()
+            ),
+        )
+    })?;
     let by = q.by.unwrap_or(ReportBy::Team);
     let since = manage::parse_since(q.since.as_deref().unwrap_or("30d"), chrono::Utc::now())?;
     let rows = state.store.report(by, since).await?;

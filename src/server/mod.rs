@@ -158,6 +158,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         store.node().map(str::to_string),
     )
     .map_err(|e| anyhow::anyhow!("{e} (database.spool_path)"))?;
+    tracing::debug!(
+        spool = %spool_dir.display(),
+        durability = ?config.database.durability,
+        "usage writer"
+    );
     if spool.needs_replay() {
         tracing::warn!(
             spool = %spool_dir.display(),
