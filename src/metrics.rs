@@ -385,7 +385,7 @@ impl Metrics {
         )?;
         let records_dropped = IntCounter::new(
             "tollgate_usage_records_dropped_total",
-            "Usage records dropped because the writer queue was full or the database failed.",
+            "Usage records lost: neither the database, the writer's memory nor the spool could take them.",
         )?;
         let budget_gauge = |name: &str, help: &str| GaugeVec::new(Opts::new(name, help), &["team"]);
         let budget_limit = budget_gauge(
