@@ -219,6 +219,19 @@ async fn the_database_directory_removed_under_load_loses_no_answered_row() {
     wait_ready(&tg, 200).await;
 }
 
+/// Creates and migrates a SQLite database at `db`.
+fn migrate_at(db: &std::path::Path) {
+    let out = Command::new(BIN)
+        .arg("migrate")
+        .env(
+            "TOLLGATE_DATABASE_URL",
+            format!("sqlite://{}", db.display()),
+        )
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    stdout(&out);
+}
+
 fn serve_fails(config: &str, dir: &std::path::Path) -> String {
     let path = dir.join("tollgate.toml");
     std::fs::write(&path, config).unwrap_or_else(|e| panic!("{e}"));
@@ -254,15 +267,7 @@ async fn a_database_that_cannot_be_written_stops_serve_at_start() {
     );
     // A database opened read-only.
     let ro = dir.path().join("ro.db");
-    let out = Command::new(BIN)
-        .arg("migrate")
-        .env(
-            "TOLLGATE_DATABASE_URL",
-            format!("sqlite://{}", ro.display()),
-        )
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
-    stdout(&out);
+    migrate_at(&ro);
     let err = serve_fails(
         &base.replace(&default_url, &format!("sqlite://{}?mode=ro", ro.display())),
         dir.path(),
@@ -275,15 +280,7 @@ async fn a_database_that_cannot_be_written_stops_serve_at_start() {
     let vol = dir.path().join("rovol");
     if let Some(_fs) = Tmpfs::mount(&vol, "4m") {
         let db = vol.join("t.db");
-        let out = Command::new(BIN)
-            .arg("migrate")
-            .env(
-                "TOLLGATE_DATABASE_URL",
-                format!("sqlite://{}", db.display()),
-            )
-            .output()
-            .unwrap_or_else(|e| panic!("{e}"));
-        stdout(&out);
+        migrate_at(&db);
         let remounted = Command::new("mount")
             .args(["-o", "remount,ro"])
             .arg(&vol)

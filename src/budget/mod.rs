@@ -128,6 +128,8 @@ struct Lease {
     db_leased: u64,
     /// A reservation was taken since the last sync.
     active: bool,
+    /// When the database last answered a lease request (its view is then fresh).
+    answered_at: Option<std::time::Instant>,
 }
 
 impl Lease {
@@ -201,6 +203,8 @@ pub struct Ledger {
     shared: bool,
     /// One lease request to the database at a time.
     acquiring: tokio::sync::Mutex<()>,
+    /// When a lease request last found the database failing or silent.
+    lease_failed_at: Mutex<Option<std::time::Instant>>,
 }
 
 /// Why a shared reservation could not be taken.

@@ -41,9 +41,12 @@ impl Ledger {
         if first.is_ok() || !self.shared {
             return first.map_err(Refusal::Over);
         }
-        match tokio::time::timeout(timeout, self.lease_and_reserve(store, team, amount)).await {
+        let asked_at = std::time::Instant::now();
+        let leased = self.lease_and_reserve(store, team, amount, asked_at);
+        match tokio::time::timeout(timeout, leased).await {
             Ok(result) => result,
             Err(_) => {
+                self.note_db_failure();
                 tracing::error!(
                     team,
                     timeout_ms = timeout.as_millis() as u64,
@@ -54,11 +57,17 @@ impl Ledger {
         }
     }
 
+    /// Lease requests go to the database one at a time. A request that
+    /// waited behind others trusts what the database told them since it
+    /// asked: no room, or no answer at all. Near a budget's limit, or with
+    /// the database gone, a queue of requests is refused at once instead of
+    /// one round trip (or one timeout) each.
     async fn lease_and_reserve(
         self: &Arc<Self>,
         store: &PostgresStore,
         team: &str,
         amount: NanoUsd,
+        asked_at: std::time::Instant,
     ) -> Result<Option<Reservation>, Refusal> {
         let _one_at_a_time = self.acquiring.lock().await;
         // Another request may have brought a lease while this one waited.
@@ -66,10 +75,19 @@ impl Ledger {
             Err(over) => over,
             Ok(done) => return Ok(done),
         };
+        if self.db_failed_since(asked_at) {
+            return Err(Refusal::Unavailable);
+        }
         let Some((limit, start, available)) = self.lease_state(team) else {
             return self.reserve(team, amount).map_err(Refusal::Over);
         };
         let need = amount.0.saturating_sub(available);
+        if self
+            .free_seen_since(team, asked_at)
+            .is_some_and(|free| need > free)
+        {
+            return Err(Refusal::Over(over));
+        }
         let want = need.max(limit / LEASE_FRACTION);
         let key = period_key(start);
         let pg_start = (start.timestamp() > 0).then_some(start);
@@ -87,10 +105,39 @@ impl Ledger {
             Ok(grant) => self.add_lease_and_reserve(team, &key, grant.granted, grant.view, amount),
             Err(e) => {
                 // Fail closed: without the shared state no spend is safe.
+                self.note_db_failure();
                 tracing::error!(error = %e, team, "could not take a budget lease; refusing");
                 Err(Refusal::Unavailable)
             }
         }
+    }
+
+    fn note_db_failure(&self) {
+        if let Ok(mut at) = self.lease_failed_at.lock() {
+            *at = Some(std::time::Instant::now());
+        }
+    }
+
+    /// The database failed a lease request made after `asked_at`.
+    fn db_failed_since(&self, asked_at: std::time::Instant) -> bool {
+        self.lease_failed_at
+            .lock()
+            .ok()
+            .and_then(|at| *at)
+            .is_some_and(|at| at >= asked_at)
+    }
+
+    /// Budget free for new leases, as the database said after `asked_at`.
+    fn free_seen_since(&self, team: &str, asked_at: std::time::Instant) -> Option<u64> {
+        let accounts = self.accounts.lock().ok()?;
+        let acc = accounts.get(team)?;
+        let lease = acc.lease.as_ref()?;
+        (lease.answered_at? >= asked_at).then(|| {
+            acc.budget
+                .limit
+                .0
+                .saturating_sub(lease.db_spent.saturating_add(lease.db_leased))
+        })
     }
 
     /// (limit, period start, available locally) of a shared account.
@@ -213,5 +260,6 @@ fn add_to(acc: &mut super::Account, key: &str, granted: u64, view: BudgetView) {
         lease.held = lease.held.saturating_add(granted);
         lease.db_spent = view.spent;
         lease.db_leased = view.leased;
+        lease.answered_at = Some(std::time::Instant::now());
     }
 }

@@ -399,12 +399,19 @@ async fn read_client_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::BodyTooLarge { limit });
     }
-    let timeout = Duration::from_millis(state.config.server.body_timeout_ms);
-    let collected = tokio::time::timeout(timeout, Limited::new(body, limit).collect())
-        .await
-        .map_err(|_| ApiError::BodyTimeout {
-            timeout_ms: state.config.server.body_timeout_ms,
-        })?;
+    let mut collect = std::pin::pin!(Limited::new(body, limit).collect());
+    // Most bodies arrived with their headers: no timer for those.
+    let collected = match futures_util::FutureExt::now_or_never(collect.as_mut()) {
+        Some(collected) => collected,
+        None => {
+            let timeout = Duration::from_millis(state.config.server.body_timeout_ms);
+            tokio::time::timeout(timeout, collect)
+                .await
+                .map_err(|_| ApiError::BodyTimeout {
+                    timeout_ms: state.config.server.body_timeout_ms,
+                })?
+        }
+    };
     match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e)

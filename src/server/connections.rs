@@ -15,7 +15,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -68,7 +68,6 @@ pub async fn accept_loop(
     mut phase: watch::Receiver<Phase>,
     alive: mpsc::Sender<()>,
 ) {
-    let epoch = Instant::now();
     let mut failures = 0u64;
     let mut last_report = Instant::now() - Duration::from_secs(60);
     loop {
@@ -87,7 +86,6 @@ pub async fn accept_loop(
                     stream,
                     router.clone(),
                     limits,
-                    epoch,
                     phase.clone(),
                     alive.clone(),
                 ));
@@ -126,11 +124,10 @@ async fn serve_connection(
     stream: TcpStream,
     router: Router,
     limits: Limits,
-    epoch: Instant,
     mut phase: watch::Receiver<Phase>,
     _alive: mpsc::Sender<()>,
 ) {
-    let state = Arc::new(ConnState::new(epoch));
+    let state = Arc::new(ConnState::default());
     let io = TokioIo::new(WatchedIo {
         inner: stream,
         state: state.clone(),
@@ -144,13 +141,16 @@ async fn serve_connection(
     builder.header_read_timeout(None);
     let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
-    let check = tokio::time::sleep(limits.header.min(limits.idle));
+    let every = limits.check_interval();
+    let check = tokio::time::sleep(every);
     tokio::pin!(check);
+    let mut watch = Watch::default();
     if *phase.borrow_and_update() != Phase::Serving {
         conn.as_mut().graceful_shutdown();
     }
     loop {
         tokio::select! {
+            biased;
             result = conn.as_mut() => {
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "client connection ended with an error");
@@ -163,82 +163,84 @@ async fn serve_connection(
                 // Dropping the connection drops its streams, which settle.
                 Phase::Cutting => return,
             },
-            _ = &mut check => match state.verdict(limits) {
-                Verdict::Close(reason) => {
+            _ = &mut check => {
+                let now = Instant::now();
+                if let Some(reason) = watch.verdict(&state, now, limits) {
                     tracing::debug!(reason, "closing client connection");
                     return;
                 }
-                Verdict::RecheckAfter(wait) => {
-                    check.as_mut().reset(tokio::time::Instant::now() + wait);
-                }
+                check.as_mut().reset((now + every).into());
             },
         }
     }
 }
 
-/// What a connection is doing, kept in atomics by its I/O and its requests.
-/// Times are milliseconds since the accept loop's epoch, plus one (0 = unset).
+/// What a connection is doing, kept by its I/O and its requests without a
+/// clock read: counters and flags, which the connection's check (every
+/// `Limits::check_interval`) turns into durations. Everything runs on the
+/// connection's own task; the atomics are only there to share it.
+#[derive(Default)]
 struct ConnState {
-    epoch: Instant,
     in_flight: AtomicUsize,
-    /// When the connection last became idle (accepted, or a response done).
-    idle_since: AtomicU64,
-    /// When the first byte of a request header arrived on an idle connection.
-    head_started: AtomicU64,
-    /// Since when a response write has been waiting for the client to read.
-    write_blocked_since: AtomicU64,
+    /// Requests begun on this connection.
+    requests: AtomicU64,
+    /// Bytes arrived while no request was in flight: a header has started.
+    head_started: AtomicBool,
+    /// Successful writes to the client.
+    writes: AtomicU64,
+    /// The last write found the client's socket full.
+    write_blocked: AtomicBool,
 }
 
-enum Verdict {
-    Close(&'static str),
-    RecheckAfter(Duration),
+/// The check's own notes: what it saw last time and since when.
+#[derive(Default)]
+struct Watch {
+    requests: u64,
+    writes: u64,
+    idle_since: Option<Instant>,
+    head_since: Option<Instant>,
+    blocked_since: Option<Instant>,
 }
 
-impl ConnState {
-    fn new(epoch: Instant) -> ConnState {
-        let state = ConnState {
-            epoch,
-            in_flight: AtomicUsize::new(0),
-            idle_since: AtomicU64::new(0),
-            head_started: AtomicU64::new(0),
-            write_blocked_since: AtomicU64::new(0),
+impl Limits {
+    /// How often a connection is looked at: each timeout is enforced to
+    /// within this (half the shorter one, at least 50 ms).
+    fn check_interval(self) -> Duration {
+        (self.header.min(self.idle) / 2).max(Duration::from_millis(50))
+    }
+}
+
+impl Watch {
+    /// Why the connection must close now, if it must.
+    fn verdict(&mut self, s: &ConnState, now: Instant, limits: Limits) -> Option<&'static str> {
+        let requests = s.requests.load(Ordering::Relaxed);
+        if requests != self.requests {
+            self.requests = requests;
+            self.idle_since = None;
+            self.head_since = None;
+        }
+        let over = |since: &mut Option<Instant>, limit: Duration| {
+            now.duration_since(*since.get_or_insert(now)) >= limit
         };
-        state.idle_since.store(state.now(), Ordering::Relaxed);
-        state
-    }
-
-    fn now(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis())
-            .unwrap_or(u64::MAX - 1)
-            .saturating_add(1)
-    }
-
-    fn verdict(&self, limits: Limits) -> Verdict {
-        let now = self.now();
-        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        // Milliseconds left until `since + limit`, or the reason to close.
-        let left = |since: u64, limit: Duration| ms(limit).checked_sub(now.saturating_sub(since));
-        let wait = |left: u64| Verdict::RecheckAfter(Duration::from_millis(left.max(1)));
-        if self.in_flight.load(Ordering::Relaxed) > 0 {
-            return match self.write_blocked_since.load(Ordering::Relaxed) {
-                0 => Verdict::RecheckAfter(limits.idle),
-                since => match left(since, limits.idle) {
-                    Some(l) if l > 0 => wait(l),
-                    _ => Verdict::Close("client stopped reading the response"),
-                },
-            };
+        if s.in_flight.load(Ordering::Relaxed) > 0 {
+            self.idle_since = None;
+            self.head_since = None;
+            let writes = s.writes.load(Ordering::Relaxed);
+            let stalled = s.write_blocked.load(Ordering::Relaxed) && writes == self.writes;
+            self.writes = writes;
+            if !stalled {
+                self.blocked_since = None;
+                return None;
+            }
+            return over(&mut self.blocked_since, limits.idle)
+                .then_some("client stopped reading the response");
         }
-        match self.head_started.load(Ordering::Relaxed) {
-            0 => match left(self.idle_since.load(Ordering::Relaxed), limits.idle) {
-                // A header may start any moment: look again within its timeout.
-                Some(l) if l > 0 => wait(l.min(ms(limits.header))),
-                _ => Verdict::Close("idle keep-alive timeout"),
-            },
-            since => match left(since, limits.header) {
-                Some(l) if l > 0 => wait(l),
-                _ => Verdict::Close("request header not received in time"),
-            },
+        self.blocked_since = None;
+        if s.head_started.load(Ordering::Relaxed) {
+            return over(&mut self.head_since, limits.header)
+                .then_some("request header not received in time");
         }
+        over(&mut self.idle_since, limits.idle).then_some("idle keep-alive timeout")
     }
 }
 
@@ -259,9 +261,9 @@ impl AsyncRead for WatchedIo {
         let s = &self.state;
         if buf.filled().len() > before
             && s.in_flight.load(Ordering::Relaxed) == 0
-            && s.head_started.load(Ordering::Relaxed) == 0
+            && !s.head_started.load(Ordering::Relaxed)
         {
-            s.head_started.store(s.now(), Ordering::Relaxed);
+            s.head_started.store(true, Ordering::Relaxed);
         }
         result
     }
@@ -269,16 +271,19 @@ impl AsyncRead for WatchedIo {
 
 impl WatchedIo {
     fn note_write<T>(&self, result: &Poll<io::Result<T>>) {
-        let blocked = &self.state.write_blocked_since;
+        let s = &self.state;
         match result {
             Poll::Pending => {
-                if blocked.load(Ordering::Relaxed) == 0 {
-                    blocked.store(self.state.now(), Ordering::Relaxed);
+                if !s.write_blocked.load(Ordering::Relaxed) {
+                    s.write_blocked.store(true, Ordering::Relaxed);
                 }
             }
             Poll::Ready(_) => {
-                if blocked.load(Ordering::Relaxed) != 0 {
-                    blocked.store(0, Ordering::Relaxed);
+                // One writer (this connection's task): load + store, no RMW.
+                s.writes
+                    .store(s.writes.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+                if s.write_blocked.load(Ordering::Relaxed) {
+                    s.write_blocked.store(false, Ordering::Relaxed);
                 }
             }
         }
@@ -327,10 +332,6 @@ struct ConnService {
     state: Arc<ConnState>,
 }
 
-type ResponseFuture = Pin<
-    Box<dyn Future<Output = Result<http::Response<TrackedBody>, std::convert::Infallible>> + Send>,
->;
-
 impl hyper::service::Service<http::Request<Incoming>> for ConnService {
     type Response = http::Response<TrackedBody>;
     type Error = std::convert::Infallible;
@@ -340,43 +341,61 @@ impl hyper::service::Service<http::Request<Incoming>> for ConnService {
         let guard = InFlight::begin(self.state.clone());
         // `Router` is always ready; `call` needs `&mut`, hence the clone (an Arc).
         let mut router = self.router.clone();
-        let response = tower_service::Service::call(&mut router, req);
-        Box::pin(async move {
-            let response = match response.await {
-                Ok(r) => r,
-                Err(never) => match never {},
-            };
-            Ok(response.map(|body| TrackedBody {
-                body,
-                _guard: guard,
-            }))
-        })
+        ResponseFuture {
+            inner: tower_service::Service::call(&mut router, req),
+            guard: Some(guard),
+        }
+    }
+}
+
+/// The router's response, its body tracked (no allocation: axum's future
+/// is `Unpin`).
+pub struct ResponseFuture {
+    inner: axum::routing::future::RouteFuture<std::convert::Infallible>,
+    guard: Option<InFlight>,
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<http::Response<TrackedBody>, std::convert::Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(never)) => match never {},
+            Poll::Ready(Ok(response)) => {
+                let guard = this.guard.take();
+                Poll::Ready(Ok(response.map(|body| TrackedBody {
+                    body,
+                    _guard: guard,
+                })))
+            }
+        }
     }
 }
 
 /// One request in flight on a connection.
-struct InFlight(Arc<ConnState>);
+pub struct InFlight(Arc<ConnState>);
 
 impl InFlight {
     fn begin(state: Arc<ConnState>) -> InFlight {
         state.in_flight.fetch_add(1, Ordering::Relaxed);
-        state.head_started.store(0, Ordering::Relaxed);
+        state.requests.fetch_add(1, Ordering::Relaxed);
+        state.head_started.store(false, Ordering::Relaxed);
         InFlight(state)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let s = &self.0;
-        s.idle_since.store(s.now(), Ordering::Relaxed);
-        s.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 /// A response body that ends its request's `InFlight` when it is dropped.
 pub struct TrackedBody {
     body: Body,
-    _guard: InFlight,
+    _guard: Option<InFlight>,
 }
 
 impl http_body::Body for TrackedBody {
@@ -410,54 +429,67 @@ mod tests {
         }
     }
 
-    fn at(state: &ConnState, field: &AtomicU64, ago_ms: u64) {
-        field.store(state.now().saturating_sub(ago_ms).max(1), Ordering::Relaxed);
+    fn at(start: Instant, ms: u64) -> Instant {
+        start + Duration::from_millis(ms)
     }
 
     #[test]
-    fn idle_connections_close_after_the_idle_timeout_and_are_checked_within_the_header_timeout() {
-        let s = ConnState::new(Instant::now() - Duration::from_secs(10));
-        at(&s, &s.idle_since, 0);
-        match s.verdict(limits()) {
-            Verdict::RecheckAfter(d) => assert!(d <= Duration::from_millis(100), "{d:?}"),
-            Verdict::Close(r) => panic!("closed: {r}"),
-        }
-        at(&s, &s.idle_since, 1_000);
-        assert!(matches!(
-            s.verdict(limits()),
-            Verdict::Close("idle keep-alive timeout")
-        ));
+    fn idle_connections_close_after_the_idle_timeout() {
+        let (s, mut w, t) = (ConnState::default(), Watch::default(), Instant::now());
+        assert_eq!(limits().check_interval(), Duration::from_millis(50));
+        assert_eq!(w.verdict(&s, at(t, 0), limits()), None);
+        assert_eq!(w.verdict(&s, at(t, 999), limits()), None);
+        assert_eq!(
+            w.verdict(&s, at(t, 1_000), limits()),
+            Some("idle keep-alive timeout")
+        );
     }
 
     #[test]
     fn a_half_sent_header_closes_after_the_header_timeout() {
-        let s = ConnState::new(Instant::now() - Duration::from_secs(10));
-        at(&s, &s.head_started, 50);
-        assert!(matches!(s.verdict(limits()), Verdict::RecheckAfter(_)));
-        at(&s, &s.head_started, 100);
-        assert!(matches!(
-            s.verdict(limits()),
-            Verdict::Close("request header not received in time")
-        ));
+        let (s, mut w, t) = (ConnState::default(), Watch::default(), Instant::now());
+        s.head_started.store(true, Ordering::Relaxed);
+        assert_eq!(w.verdict(&s, at(t, 0), limits()), None);
+        assert_eq!(
+            w.verdict(&s, at(t, 100), limits()),
+            Some("request header not received in time")
+        );
     }
 
     #[test]
     fn a_request_in_flight_is_cut_only_when_its_client_stops_reading() {
-        let s = Arc::new(ConnState::new(Instant::now() - Duration::from_secs(10)));
+        let (s, mut w, t) = (
+            Arc::new(ConnState::default()),
+            Watch::default(),
+            Instant::now(),
+        );
+        assert_eq!(w.verdict(&s, at(t, 0), limits()), None);
         let guard = InFlight::begin(s.clone());
-        at(&s, &s.idle_since, 60_000);
-        // Waiting on the upstream: never cut here.
-        assert!(matches!(s.verdict(limits()), Verdict::RecheckAfter(_)));
-        at(&s, &s.write_blocked_since, 999);
-        assert!(matches!(s.verdict(limits()), Verdict::RecheckAfter(_)));
-        at(&s, &s.write_blocked_since, 1_000);
-        assert!(matches!(
-            s.verdict(limits()),
-            Verdict::Close("client stopped reading the response")
-        ));
-        s.write_blocked_since.store(0, Ordering::Relaxed);
+        // Waiting on the upstream for a minute: never cut here.
+        assert_eq!(w.verdict(&s, at(t, 60_000), limits()), None);
+        // Writes blocked, but progressing between checks: not stalled.
+        s.write_blocked.store(true, Ordering::Relaxed);
+        s.writes.store(5, Ordering::Relaxed);
+        assert_eq!(w.verdict(&s, at(t, 61_000), limits()), None);
+        s.writes.store(6, Ordering::Relaxed);
+        assert_eq!(w.verdict(&s, at(t, 62_000), limits()), None);
+        // No write moved for the idle timeout: cut.
+        assert_eq!(w.verdict(&s, at(t, 62_500), limits()), None);
+        assert_eq!(
+            w.verdict(&s, at(t, 63_500), limits()),
+            Some("client stopped reading the response")
+        );
         drop(guard);
         assert_eq!(s.in_flight.load(Ordering::Relaxed), 0);
-        assert!(matches!(s.verdict(limits()), Verdict::RecheckAfter(_)));
+        // A new request resets the idle clock.
+        assert_eq!(w.verdict(&s, at(t, 64_000), limits()), None);
+        assert_eq!(w.verdict(&s, at(t, 64_900), limits()), None);
+        drop(InFlight::begin(s.clone()));
+        assert_eq!(w.verdict(&s, at(t, 65_500), limits()), None);
+        assert_eq!(w.verdict(&s, at(t, 66_400), limits()), None);
+        assert_eq!(
+            w.verdict(&s, at(t, 66_500), limits()),
+            Some("idle keep-alive timeout")
+        );
     }
 }

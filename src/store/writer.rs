@@ -217,8 +217,21 @@ impl Writer {
         let mut stopping: Option<Instant> = None;
         loop {
             let now = Instant::now();
+            let flushing = stopping.is_some() || closed;
+            if inflight.is_none() && self.flush_due(now, flushing) {
+                // Top the batch up with what queued while it waited.
+                while buf.len() < self.config.batch_size.saturating_sub(self.pending.len()) {
+                    match rx.try_recv() {
+                        Ok(entry) => buf.push(entry),
+                        Err(_) => break,
+                    }
+                }
+                if !buf.is_empty() {
+                    self.accept(&mut buf);
+                }
+            }
             if inflight.is_none() {
-                inflight = self.next_job(now, stopping.is_some() || closed);
+                inflight = self.next_job(now, flushing);
             }
             if closed && inflight.is_none() && self.pending.is_empty() {
                 // Rows only the spool holds wait for the next start.
@@ -230,9 +243,18 @@ impl Writer {
                     break;
                 }
             }
-            let wake = self.wake_at(now, stopping.is_some() || closed);
+            // Waking per row costs the request path a task wake-up each: a
+            // partial batch waits out its flush interval with the channel
+            // unwatched (rows queue there), like the batch being written.
+            // Durable mode (acks) and a failing database (memory, spool)
+            // watch it all the time.
+            let listen = !closed
+                && (self.config.durable
+                    || self.retry_at.is_some()
+                    || (inflight.is_none() && self.pending.is_empty()));
+            let wake = self.wake_at(now, flushing);
             tokio::select! {
-                n = rx.recv_many(&mut buf, self.config.batch_size), if !closed => {
+                n = rx.recv_many(&mut buf, self.config.batch_size), if listen => {
                     if n == 0 {
                         closed = true;
                         stopping.get_or_insert_with(Instant::now);
@@ -251,6 +273,15 @@ impl Writer {
         self.spool.close_active();
         self.held.store(0, Ordering::Relaxed);
         tracing::info!("usage writer drained");
+    }
+
+    /// A partial batch has waited its flush interval (or everything is to
+    /// be written now).
+    fn flush_due(&self, now: Instant, flushing: bool) -> bool {
+        self.retry_at.is_none_or(|t| t <= now)
+            && self
+                .oldest
+                .is_some_and(|t| flushing || now >= t + self.config.flush_interval)
     }
 
     /// Takes new rows: on the spool first in durable mode, then into memory;

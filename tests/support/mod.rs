@@ -186,22 +186,7 @@ impl Tollgate {
 
     /// Waits until the usage table holds `n` rows, then returns them (oldest first).
     pub async fn wait_rows(&self, n: usize) -> Vec<UsageRow> {
-        let pool = self.db().await;
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let rows = fetch_rows(&pool).await;
-            if rows.len() >= n || Instant::now() > deadline {
-                pool.close().await;
-                assert_eq!(
-                    rows.len(),
-                    n,
-                    "usage rows: {:#?}",
-                    &rows[..rows.len().min(5)]
-                );
-                return rows;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        self.wait_rows_where(n, |_| true).await
     }
 
     /// Waits until exactly `n` usage rows satisfy `pred`; returns those rows.
