@@ -413,7 +413,8 @@ async fn a_postgres_that_stops_answering_fails_budgeted_requests_fast() {
     db.drop_db().await;
 }
 
-/// Load from 8 concurrent clients until `stop`; the ids of answered requests.
+/// Load from 8 concurrent clients (`TOLLGATE_TEST_LOAD` to change) for
+/// 1.5 s, then `stop`; the ids of answered requests.
 async fn load(tg: &Tollgate, stop: Arc<AtomicBool>) -> Vec<String> {
     let answered = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
@@ -473,6 +474,7 @@ async fn kill_under_load(durability: &str) -> (usize, usize) {
         })
     };
     let answered = load(&tg, stop).await;
+    let rate = answered.len() as f64 / 1.5;
     let _ = killer.await;
     assert!(answered.len() > 100, "only {} answered", answered.len());
     let db = tg.db_path();
@@ -488,7 +490,7 @@ async fn kill_under_load(durability: &str) -> (usize, usize) {
     let stored: HashSet<String> = stored_ids(&db).await.into_iter().collect();
     let missing = answered.iter().filter(|id| !stored.contains(*id)).count();
     println!(
-        "durability {durability}: {} answered, {} stored, {missing} answered without a row",
+        "durability {durability}: {} answered (~{rate:.0}/s), {} stored, {missing} answered without a row",
         answered.len(),
         stored.len()
     );

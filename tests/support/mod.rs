@@ -17,6 +17,12 @@ pub use mock::MockUpstream;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 
+/// The server binary the tests start: `TOLLGATE_TEST_BIN` (e.g. a release
+/// build, to measure at realistic speed), else the test build's own.
+pub fn server_bin() -> String {
+    std::env::var("TOLLGATE_TEST_BIN").unwrap_or_else(|_| BIN.to_string())
+}
+
 /// The base config's auth table. Explicit passthrough: the upstream has an
 /// `api_key`, which without it would make the server `virtual-keys`; in
 /// passthrough that key is never sent upstream.
@@ -78,7 +84,7 @@ impl Tollgate {
         let mut child = Command::new("sh")
             .arg("-c")
             .arg(format!("{setup}\nexec \"$0\" serve --config \"$1\""))
-            .arg(BIN)
+            .arg(server_bin())
             .arg(&path)
             .current_dir(dir.path())
             .env("TOLLGATE_LOG", "warn")
