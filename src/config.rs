@@ -17,7 +17,24 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub auth: AuthConfig,
     pub catalog: CatalogConfig,
+    pub budget: BudgetConfig,
     pub upstreams: Vec<UpstreamConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BudgetConfig {
+    /// Built-in tool calls a budget reservation covers when the request
+    /// sets no `max_tool_calls`.
+    pub tool_call_allowance: u64,
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        Self {
+            tool_call_allowance: 5,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -44,6 +44,8 @@ pub enum ApiError {
         "The model `{model}` has no price in tollgate's catalog and unpriced models are rejected."
     )]
     UnpricedModel { model: String },
+    #[error("The model `{model}` has no price in tollgate's catalog, and team `{team}` has a budget: an unpriced request could pass it unseen, so it was not sent.")]
+    UnpricedForBudget { model: String, team: String },
     #[error("No upstream is configured for the model `{model}`.")]
     NoUpstream { model: String },
     #[error("Unknown upstream `{name}` in x-tollgate-upstream.")]
@@ -75,6 +77,7 @@ impl ApiError {
             | ApiError::UnsafePath { .. }
             | ApiError::ModelTooLong { .. }
             | ApiError::UnpricedModel { .. }
+            | ApiError::UnpricedForBudget { .. }
             | ApiError::NoUpstream { .. }
             | ApiError::UnknownUpstream { .. } => StatusCode::BAD_REQUEST,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -122,7 +125,9 @@ impl ApiError {
             ApiError::BodyTimeout { .. } => "request_timeout",
             ApiError::ModelNotAllowed { .. } => "model_not_allowed",
             ApiError::BudgetExceeded { .. } => "budget_exceeded",
-            ApiError::UnpricedModel { .. } => "model_not_priced",
+            ApiError::UnpricedModel { .. } | ApiError::UnpricedForBudget { .. } => {
+                "model_not_priced"
+            }
             ApiError::NoUpstream { .. } => "model_not_found",
             ApiError::UnknownUpstream { .. } => "unknown_upstream",
             ApiError::UpstreamUnreachable { .. } => "upstream_unreachable",
@@ -138,6 +143,7 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest { param, .. } => param.as_deref(),
             ApiError::UnpricedModel { .. }
+            | ApiError::UnpricedForBudget { .. }
             | ApiError::NoUpstream { .. }
             | ApiError::ModelTooLong { .. }
             | ApiError::ModelNotAllowed { .. } => Some("model"),

@@ -495,34 +495,37 @@ fn print_catalog(catalog: &Catalog, format: OutputFormat) {
         OutputFormat::Json => {
             let models: serde_json::Map<String, serde_json::Value> = rows
                 .iter()
-                .map(|(id, p)| {
-                    let v = serde_json::json!({
-                        "input_usd_per_million": p.input.usd_per_million_string(),
-                        "output_usd_per_million": p.output.usd_per_million_string(),
-                        "cached_input_usd_per_million": p.cached_input.map(|r| r.usd_per_million_string()),
-                        "max_output_tokens": p.max_output_tokens,
-                        "encoding": p.encoding.map(|e| e.name()),
-                    });
-                    (id.to_string(), v)
-                })
+                .map(|(id, p)| (id.to_string(), p.to_json()))
                 .collect();
-            println!("{}", serde_json::json!({ "models": models }));
+            let fees: serde_json::Map<String, serde_json::Value> = catalog
+                .tool_call_fees()
+                .iter()
+                .map(|(k, f)| (k.clone(), f.usd_per_1000_string().into()))
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({ "models": models, "tool_calls_usd_per_1000": fees })
+            );
         }
         OutputFormat::Table => {
+            use tollgate::pricing::Component;
             println!(
-                "{:<34} {:>10} {:>10} {:>10} {:>10}  encoding",
-                "model", "input/M", "output/M", "cached/M", "max_out"
+                "{:<34} {:>10} {:>10} {:>10} {:>10}  {:<10} {:<24} encoding",
+                "model", "input/M", "output/M", "cached/M", "max_out", "provider", "tiers"
             );
             for (id, p) in rows {
                 println!(
-                    "{:<34} {:>10} {:>10} {:>10} {:>10}  {}",
+                    "{:<34} {:>10} {:>10} {:>10} {:>10}  {:<10} {:<24} {}",
                     id,
-                    p.input.usd_per_million_string(),
-                    p.output.usd_per_million_string(),
-                    p.cached_input
+                    p.input().usd_per_million_string(),
+                    p.output().usd_per_million_string(),
+                    p.rates
+                        .get(Component::CachedInput)
                         .map_or("-".to_string(), |r| r.usd_per_million_string()),
                     p.max_output_tokens
                         .map_or("-".to_string(), |m| m.to_string()),
+                    p.provider.as_deref().unwrap_or("-"),
+                    p.tier_names(),
                     p.encoding.map_or("-", |e| e.name()),
                 );
             }

@@ -192,8 +192,9 @@ pub fn bounded(value: &str) -> &str {
 pub struct Series {
     team: String,
     model: String,
-    tokens: [OnceLock<IntCounter>; 3],
+    tokens: [OnceLock<IntCounter>; TOKEN_KINDS.len()],
     cost: OnceLock<Arc<AtomicU64>>,
+    component_cost: [OnceLock<Arc<AtomicU64>>; crate::pricing::Line::COUNT],
     time_to_first_byte: OnceLock<Histogram>,
     endpoints: [OnceLock<EndpointSeries>; Endpoint::COUNT],
 }
@@ -206,8 +207,19 @@ struct EndpointSeries {
     overhead: Histogram,
 }
 
-/// Token kinds in `tollgate_tokens_total`, in `Series::tokens` order.
-pub const TOKEN_KINDS: [&str; 3] = ["prompt", "completion", "cached"];
+/// Token kinds in `tollgate_tokens_total`, in `Series::tokens` order
+/// (`proxy::settle::token_kinds` fills them). `prompt` and `completion` are
+/// totals; the others say which part of a total was which kind.
+pub const TOKEN_KINDS: [&str; 8] = [
+    "prompt",
+    "completion",
+    "cached",
+    "reasoning",
+    "audio_prompt",
+    "audio_completion",
+    "cache_write",
+    "image",
+];
 
 impl Series {
     /// The team as a label (`other` past `MAX_TEAM_LABELS`).
@@ -247,6 +259,17 @@ impl Series {
         add_nano(
             self.cost
                 .get_or_init(|| m.cost.cell(&[&self.team, &self.model])),
+            cost,
+        );
+    }
+
+    /// Adds to `tollgate_cost_by_component_usd_total` for one breakdown line.
+    pub fn add_component_cost(&self, m: &Metrics, line: crate::pricing::Line, cost: NanoUsd) {
+        add_nano(
+            self.component_cost[line as usize].get_or_init(|| {
+                m.cost_by_component
+                    .cell(&[&self.team, &self.model, line.name()])
+            }),
             cost,
         );
     }
@@ -291,6 +314,10 @@ pub struct Metrics {
     pub finetune_multiple: GaugeVec,
     pub finetune_premium: Arc<MoneyCounter>,
     pub unpriced: IntCounterVec,
+    pub cost_by_component: Arc<MoneyCounter>,
+    pub price_fallbacks: IntCounterVec,
+    pub budget_overrun: Arc<MoneyCounter>,
+    pub estimated_usage: IntCounterVec,
     pub queue_depth: IntGauge,
     pub budget_limit: GaugeVec,
     pub budget_spent: GaugeVec,
@@ -379,6 +406,30 @@ impl Metrics {
             ),
             &["model"],
         )?;
+        let cost_by_component = Arc::new(MoneyCounter::new(
+            "tollgate_cost_by_component_usd_total",
+            "Cost by price component (input, cached_input, cache_write, output, audio_input, audio_output, image_input, image_output, tool_calls), in USD.",
+            &["team", "model", "component"],
+        )?);
+        let price_fallbacks = IntCounterVec::new(
+            Opts::new(
+                "tollgate_price_fallbacks_total",
+                "Requests priced with stand-in prices (reason=tier: the served tier has no table in the catalog).",
+            ),
+            &["model", "reason"],
+        )?;
+        let budget_overrun = Arc::new(MoneyCounter::new(
+            "tollgate_budget_overrun_usd_total",
+            "What requests cost beyond their budget reservation (settled in full), in USD.",
+            &["team"],
+        )?);
+        let estimated_usage = IntCounterVec::new(
+            Opts::new(
+                "tollgate_usage_estimated_total",
+                "Metered requests whose tokens tollgate estimated (the upstream reported no usage tollgate could read).",
+            ),
+            &["model"],
+        )?;
         let queue_depth = IntGauge::new(
             "tollgate_usage_write_queue_depth",
             "Usage records waiting for the background writer.",
@@ -421,6 +472,10 @@ impl Metrics {
         registry.register(Box::new(finetune_multiple.clone()))?;
         registry.register(Box::new(ArcCollector(finetune_premium.clone())))?;
         registry.register(Box::new(unpriced.clone()))?;
+        registry.register(Box::new(ArcCollector(cost_by_component.clone())))?;
+        registry.register(Box::new(price_fallbacks.clone()))?;
+        registry.register(Box::new(ArcCollector(budget_overrun.clone())))?;
+        registry.register(Box::new(estimated_usage.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(records_dropped.clone()))?;
         Ok(Metrics {
@@ -438,6 +493,10 @@ impl Metrics {
             finetune_multiple,
             finetune_premium,
             unpriced,
+            cost_by_component,
+            price_fallbacks,
+            budget_overrun,
+            estimated_usage,
             queue_depth,
             budget_limit,
             budget_spent,
@@ -479,6 +538,7 @@ impl Metrics {
                 model: model_label.to_string(),
                 tokens: Default::default(),
                 cost: OnceLock::new(),
+                component_cost: Default::default(),
                 time_to_first_byte: OnceLock::new(),
                 endpoints: Default::default(),
             })
@@ -499,13 +559,13 @@ impl Metrics {
         for (model, price) in catalog.rows() {
             self.model_price
                 .with_label_values(&[model, "input"])
-                .set(price.input.usd_per_token());
+                .set(price.input().usd_per_token());
             self.model_price
                 .with_label_values(&[model, "output"])
-                .set(price.output.usd_per_token());
+                .set(price.output().usd_per_token());
         }
         for (model, base, ft, base_price) in catalog.finetune_pairs() {
-            self.set_finetune_multiple(model, &base, ft, &base_price);
+            self.set_finetune_multiple(model, &base, ft, base_price);
         }
     }
 
@@ -517,8 +577,8 @@ impl Metrics {
         base: &crate::pricing::ModelPrice,
     ) {
         for (kind, f, b) in [
-            ("input", ft.input, base.input),
-            ("output", ft.output, base.output),
+            ("input", ft.input(), base.input()),
+            ("output", ft.output(), base.output()),
         ] {
             if b.0 > 0 {
                 self.finetune_multiple

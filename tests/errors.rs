@@ -206,7 +206,7 @@ async fn slow_upstream_gets_504_and_unreachable_upstream_502() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unreadable_upstream_response_gets_502() {
+async fn an_unreadable_200_reaches_the_client_unchanged_and_is_estimated() {
     let mock = MockUpstream::start().await;
     let tg = Tollgate::start(&mock, "").await;
     let resp = client()
@@ -216,11 +216,23 @@ async fn unreadable_upstream_response_gets_502() {
         .send()
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(resp.status(), 502);
-    let v: Value = resp.json().await.unwrap_or_default();
-    assert_eq!(v["error"]["code"], "upstream_bad_response");
+    // The provider answered 200: so does tollgate, with the body as it came.
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.text().await.unwrap_or_default(),
+        "<html>definitely not json"
+    );
     let rows = tg.wait_rows(1).await;
-    assert_eq!(rows[0].status, 502);
+    assert_eq!(rows[0].status, 200);
+    assert_eq!(rows[0].token_source, "estimated");
+    // "Say hello": 9 prompt tokens estimated; nothing readable came back.
+    assert_eq!((rows[0].prompt_tokens, rows[0].completion_tokens), (9, 0));
+    assert_eq!(rows[0].cost_nano_usd, 9 * 2_500);
+    let m = tg.metrics().await;
+    assert_eq!(
+        support::metric(&m, "tollgate_usage_estimated_total", &[("model", "gpt-4o")]),
+        Some(1.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,8 +16,8 @@ use serde_json::{json, Value};
 use tollgate::config::Config;
 use tollgate::pricing::{litellm, Catalog};
 use tollgate::proxy::request::{self, RequestMeta};
+use tollgate::usage::read::read_body;
 use tollgate::usage::sse::SseMeter;
-use tollgate::usage::upstream::usage_from_body;
 use tollgate::usage::Endpoint;
 
 /// Field names tollgate reads, so generated objects hit them.
@@ -185,10 +185,16 @@ proptest! {
         prop_assert_eq!(s1.texts, s2.texts);
     }
 
-    /// Any body: usage or no usage, never a panic.
+    /// Any body: usage or no usage, never a panic, and the details a
+    /// usage claims never exceed its totals.
     #[test]
     fn usage_extraction_never_panics(body in prop_oneof![json_bytes(), prop::collection::vec(any::<u8>(), 0..64)]) {
-        let _ = usage_from_body(&body);
+        if let Some(u) = read_body(&body).usage {
+            prop_assert!(u.cached_tokens + u.cache_write_tokens + u.cache_write_1h_tokens
+                + u.audio_prompt_tokens + u.image_prompt_tokens <= u.prompt_tokens);
+            prop_assert!(u.reasoning_tokens + u.audio_completion_tokens + u.image_completion_tokens
+                <= u.completion_tokens);
+        }
     }
 
     /// Any request body parses or gets a 400 in OpenAI's shape; a body that

@@ -288,12 +288,7 @@ fn import_litellm_converts_the_public_cost_map() {
     let text = std::fs::read_to_string(&out_path).unwrap_or_default();
     let catalog = tollgate::pricing::Catalog::parse(&text, 6.0).unwrap_or_else(|e| panic!("{e}"));
     assert!(catalog.len() > 50, "only {} models", catalog.len());
-    let usage = tollgate::usage::Usage {
-        prompt_tokens: 1_000_000,
-        completion_tokens: 1_000_000,
-        cached_tokens: 0,
-        source: tollgate::usage::TokenSource::Upstream,
-    };
+    let usage = tollgate::usage::Usage::tokens(1_000_000, 1_000_000);
     // LiteLLM's per-token prices, converted exactly.
     let cost = |m: &str| catalog.resolve(m).price.map(|p| p.cost(&usage).0);
     assert_eq!(cost("gpt-4o-mini"), Some(750_000_000));

@@ -9,54 +9,25 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use super::money::{CostAccumulator, NanoUsd, Rate};
-use crate::usage::{Encoding, Usage};
+use super::money::Rate;
+use super::price::{CallFee, Component, LongContext, ModelPrice, Rates};
+use crate::usage::{Encoding, ToolCalls};
 
 /// The catalog compiled into the binary.
 pub const BUNDLED: &str = include_str!("../../config/catalog.toml");
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct ModelPrice {
-    pub input: Rate,
-    pub output: Rate,
-    pub cached_input: Option<Rate>,
-    pub max_output_tokens: Option<u64>,
-    pub encoding: Option<Encoding>,
-}
-
-impl ModelPrice {
-    /// The exact cost of `usage` at this price, rounded once.
-    pub fn cost(&self, usage: &Usage) -> NanoUsd {
-        let cached = usage.cached_tokens.min(usage.prompt_tokens);
-        let mut acc = CostAccumulator::default();
-        acc.add(usage.prompt_tokens - cached, self.input);
-        acc.add(cached, self.cached_input.unwrap_or(self.input));
-        acc.add(usage.completion_tokens, self.output);
-        acc.nano_usd()
-    }
-
-    fn times_ppm(&self, ppm: u128) -> ModelPrice {
-        ModelPrice {
-            input: self.input.times_ppm(ppm),
-            output: self.output.times_ppm(ppm),
-            cached_input: self.cached_input.map(|r| r.times_ppm(ppm)),
-            max_output_tokens: self.max_output_tokens,
-            encoding: self.encoding,
-        }
-    }
-}
 
 /// What a model id resolved to.
 #[derive(Debug, Clone)]
 pub struct Resolved {
     /// The price to charge; `None` when the model is not in the catalog.
-    pub price: Option<ModelPrice>,
-    /// The base model's catalog id (`gpt-4o-mini` for `ft:gpt-4o-mini-2024-07-18:...`),
-    /// or the model id itself when it resolves to nothing.
+    pub price: Option<Arc<ModelPrice>>,
+    /// The catalog id the price came from (`gpt-4o` for `gpt-4o-2024-08-06`;
+    /// the base model's id for a fine-tuned model), or the model id itself
+    /// when it resolves to nothing.
     pub base_model: String,
     /// For a fine-tuned model whose base is priced: the base price, to report
     /// the premium paid over it.
-    pub base_price: Option<ModelPrice>,
+    pub base_price: Option<Arc<ModelPrice>>,
     pub finetuned: bool,
 }
 
@@ -70,67 +41,242 @@ impl Resolved {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// Prices as written: USD per million tokens.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CatalogFile {
-    #[serde(default)]
-    models: BTreeMap<String, RawPrice>,
+struct RawRates {
+    input: Option<f64>,
+    output: Option<f64>,
+    cached_input: Option<f64>,
+    cache_write: Option<f64>,
+    cache_write_1h: Option<f64>,
+    audio_input: Option<f64>,
+    audio_output: Option<f64>,
+    image_input: Option<f64>,
+    image_output: Option<f64>,
+}
+
+impl RawRates {
+    fn get(&self, c: Component) -> Option<f64> {
+        match c {
+            Component::Input => self.input,
+            Component::Output => self.output,
+            Component::CachedInput => self.cached_input,
+            Component::CacheWrite => self.cache_write,
+            Component::CacheWrite1h => self.cache_write_1h,
+            Component::AudioInput => self.audio_input,
+            Component::AudioOutput => self.audio_output,
+            Component::ImageInput => self.image_input,
+            Component::ImageOutput => self.image_output,
+        }
+    }
+
+    /// Exact rates; errors name the key (`models."x".flex.input`).
+    fn rates(&self, at: &str) -> Result<Rates, String> {
+        let mut rates = Rates::default();
+        for c in Component::ALL {
+            if let Some(x) = self.get(c) {
+                let r = Rate::from_f64_usd_per_million(x)
+                    .map_err(|e| format!("{at}.{}: {e}", c.key()))?;
+                rates.set(c, Some(r));
+            }
+        }
+        Ok(rates)
+    }
+}
+
+/// `[models."x".long_context]`: a threshold and prices. Its price keys are
+/// checked by hand (serde cannot deny unknown keys next to `flatten`).
+#[derive(Debug, Deserialize)]
+struct RawLongContext {
+    above_input_tokens: u64,
+    #[serde(flatten)]
+    rest: BTreeMap<String, toml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawPrice {
-    input: f64,
-    #[serde(default)]
-    output: f64,
+struct RawModel {
+    provider: Option<String>,
+    input: Option<f64>,
+    output: Option<f64>,
     cached_input: Option<f64>,
+    cache_write: Option<f64>,
+    cache_write_1h: Option<f64>,
+    audio_input: Option<f64>,
+    audio_output: Option<f64>,
+    image_input: Option<f64>,
+    image_output: Option<f64>,
     max_output_tokens: Option<u64>,
     encoding: Option<String>,
     #[allow(dead_code)]
     mode: Option<String>,
+    flex: Option<RawRates>,
+    priority: Option<RawRates>,
+    batch: Option<RawRates>,
+    long_context: Option<RawLongContext>,
+    tool_calls: Option<BTreeMap<String, f64>>,
+}
+
+impl RawModel {
+    fn standard(&self) -> RawRates {
+        RawRates {
+            input: self.input,
+            output: self.output,
+            cached_input: self.cached_input,
+            cache_write: self.cache_write,
+            cache_write_1h: self.cache_write_1h,
+            audio_input: self.audio_input,
+            audio_output: self.audio_output,
+            image_input: self.image_input,
+            image_output: self.image_output,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CatalogFile {
+    #[serde(default)]
+    models: BTreeMap<String, RawModel>,
+    #[serde(default)]
+    tool_calls: BTreeMap<String, f64>,
+}
+
+/// Tool-call fees (USD per 1000 calls) as exact per-call amounts.
+fn call_fees(raw: &BTreeMap<String, f64>, at: &str) -> Result<Vec<(String, CallFee)>, String> {
+    raw.iter()
+        .map(|(kind, usd)| {
+            if !usd.is_finite() || *usd < 0.0 {
+                return Err(format!("{at}.{kind}: {usd} is not a non-negative price"));
+            }
+            CallFee::from_usd_per_1000(&format!("{usd}"))
+                .map(|f| (kind.clone(), f))
+                .map_err(|e| format!("{at}.{kind}: {e}"))
+        })
+        .collect()
 }
 
 #[derive(Debug)]
 pub struct Catalog {
-    models: HashMap<String, ModelPrice>,
+    models: HashMap<String, Arc<ModelPrice>>,
+    /// `[tool_calls]`: fees for models whose row sets none.
+    tool_calls: Vec<(String, CallFee)>,
     finetune_ppm: u128,
+    /// Tier tables that change nothing, found while loading (`problems`).
+    empty_tiers: Vec<String>,
 }
 
 pub type SharedCatalog = Arc<Catalog>;
 
 impl Catalog {
-    /// Parses catalog TOML; errors name the model and the field.
+    /// Parses catalog TOML; errors name the model and the key.
     pub fn parse(text: &str, finetune_multiple: f64) -> Result<Catalog, String> {
-        let file: CatalogFile = toml::from_str(text).map_err(|e| e.message().to_string())?;
+        let value: toml::Value = toml::from_str(text).map_err(|e| e.message().to_string())?;
+        let file: CatalogFile = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            format!("{path}: {}", e.into_inner())
+        })?;
         let mut models = HashMap::with_capacity(file.models.len());
+        let mut empty_tiers = Vec::new();
         for (id, raw) in file.models {
-            let field = |name: &str, r: Result<Rate, String>| {
-                r.map_err(|e| format!("models.\"{id}\".{name}: {e}"))
-            };
+            let at = format!("models.\"{id}\"");
+            let rates = raw.standard().rates(&at)?;
+            for required in [Component::Input, Component::Output] {
+                if rates.get(required).is_none() {
+                    return Err(format!(
+                        "{at}.{}: missing (every row needs input and output)",
+                        required.key()
+                    ));
+                }
+            }
             let encoding = match raw.encoding.as_deref() {
                 None => None,
                 Some(name) => Some(Encoding::from_name(name).ok_or_else(|| {
-                    format!("models.\"{id}\".encoding: unknown encoding `{name}` (o200k_base or cl100k_base)")
+                    format!("{at}.encoding: unknown encoding `{name}` (o200k_base or cl100k_base)")
                 })?),
             };
+            let mut tier = |name: &str, raw: &Option<RawRates>| -> Result<Option<Rates>, String> {
+                let Some(raw) = raw else { return Ok(None) };
+                let tier = raw.rates(&format!("{at}.{name}"))?;
+                let changes = Component::ALL
+                    .into_iter()
+                    .any(|c| tier.get(c).is_some_and(|r| Some(r) != rates.get(c)));
+                if !changes {
+                    empty_tiers.push(format!("{at}.{name}: the tier overrides nothing"));
+                }
+                Ok(Some(tier))
+            };
+            let flex = tier("flex", &raw.flex)?;
+            let priority = tier("priority", &raw.priority)?;
+            let batch = tier("batch", &raw.batch)?;
+            let long_context = match &raw.long_context {
+                None => None,
+                Some(lc) => {
+                    let at = format!("{at}.long_context");
+                    let mut r = RawRates::default();
+                    for (key, v) in &lc.rest {
+                        let c = Component::ALL
+                            .into_iter()
+                            .find(|c| c.key() == key)
+                            .ok_or_else(|| format!("{at}.{key}: unknown key"))?;
+                        let x = v
+                            .as_float()
+                            .or_else(|| v.as_integer().map(|i| i as f64))
+                            .ok_or_else(|| format!("{at}.{key}: not a number"))?;
+                        match c {
+                            Component::Input => r.input = Some(x),
+                            Component::Output => r.output = Some(x),
+                            Component::CachedInput => r.cached_input = Some(x),
+                            Component::CacheWrite => r.cache_write = Some(x),
+                            Component::CacheWrite1h => r.cache_write_1h = Some(x),
+                            Component::AudioInput => r.audio_input = Some(x),
+                            Component::AudioOutput => r.audio_output = Some(x),
+                            Component::ImageInput => r.image_input = Some(x),
+                            Component::ImageOutput => r.image_output = Some(x),
+                        }
+                    }
+                    let rates = r.rates(&at)?;
+                    if rates.is_empty() {
+                        empty_tiers.push(format!("{at}: sets no price"));
+                    }
+                    Some(LongContext {
+                        above_input_tokens: lc.above_input_tokens,
+                        rates,
+                    })
+                }
+            };
+            let tool_calls = match &raw.tool_calls {
+                Some(t) => call_fees(t, &format!("{at}.tool_calls"))?,
+                None => Vec::new(),
+            };
             let price = ModelPrice {
-                input: field("input", Rate::from_f64_usd_per_million(raw.input))?,
-                output: field("output", Rate::from_f64_usd_per_million(raw.output))?,
-                cached_input: raw
-                    .cached_input
-                    .map(|c| field("cached_input", Rate::from_f64_usd_per_million(c)))
-                    .transpose()?,
+                provider: raw.provider.clone(),
+                rates,
+                flex,
+                priority,
+                batch,
+                long_context,
+                tool_calls,
                 max_output_tokens: raw.max_output_tokens,
                 encoding,
             };
-            models.insert(id, price);
+            models.insert(id, Arc::new(price));
         }
+        let tool_calls = call_fees(&file.tool_calls, "tool_calls")?;
         let ppm = super::money::decimal_scaled(&format!("{finetune_multiple}"), 6)
             .map_err(|e| format!("finetune_multiple: {e}"))?;
         Ok(Catalog {
             models,
+            tool_calls,
             finetune_ppm: ppm,
+            empty_tiers,
         })
+    }
+
+    /// `[tool_calls]`: the fees of models whose own row sets none.
+    pub fn tool_call_fees(&self) -> &[(String, CallFee)] {
+        &self.tool_calls
     }
 
     pub fn bundled(finetune_multiple: f64) -> Result<Catalog, String> {
@@ -147,13 +293,17 @@ impl Catalog {
 
     /// Every row, sorted by id.
     pub fn rows(&self) -> Vec<(&str, &ModelPrice)> {
-        let mut rows: Vec<_> = self.models.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let mut rows: Vec<_> = self
+            .models
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_ref()))
+            .collect();
         rows.sort_by(|a, b| a.0.cmp(b.0));
         rows
     }
 
     /// Exact id, then the id without its date suffix.
-    fn lookup(&self, id: &str) -> Option<(&str, &ModelPrice)> {
+    fn lookup(&self, id: &str) -> Option<(&str, &Arc<ModelPrice>)> {
         if let Some((k, v)) = self.models.get_key_value(id) {
             return Some((k.as_str(), v));
         }
@@ -193,7 +343,9 @@ impl Catalog {
             .or_else(|| self.models.get(&format!("ft:{}", strip_date_suffix(base))));
         let price = match ft_row {
             Some(p) => Some(p.clone()),
-            None => base_price.as_ref().map(|p| p.times_ppm(self.finetune_ppm)),
+            None => base_price
+                .as_ref()
+                .map(|p| Arc::new(p.times_ppm(self.finetune_ppm))),
         };
         Resolved {
             price,
@@ -204,13 +356,13 @@ impl Catalog {
     }
 
     /// Fine-tuned rows with their base rows: `(ft id, base id, ft, base)`.
-    pub fn finetune_pairs(&self) -> Vec<(&str, String, &ModelPrice, ModelPrice)> {
+    pub fn finetune_pairs(&self) -> Vec<(&str, String, &ModelPrice, &ModelPrice)> {
         self.rows()
             .into_iter()
             .filter_map(|(id, price)| {
                 let base = id.strip_prefix("ft:")?;
                 let (base_id, base_price) = self.lookup(base)?;
-                Some((id, base_id.to_string(), price, base_price.clone()))
+                Some((id, base_id.to_string(), price, base_price.as_ref()))
             })
             .collect()
     }
@@ -230,12 +382,33 @@ impl Catalog {
                     Encoding::for_model(id).name()
                 ));
             }
-            if let Some(cached) = price.cached_input {
-                if cached > price.input {
+            let (input, cached) = (
+                price.rates.get(Component::Input),
+                price.rates.get(Component::CachedInput),
+            );
+            if let (Some(input), Some(cached)) = (input, cached) {
+                if cached > input {
                     out.push(format!("models.\"{id}\": cached_input is above input"));
                 }
             }
+            for (kind, _) in &price.tool_calls {
+                if !ToolCalls::KINDS.contains(&kind.as_str()) {
+                    out.push(format!(
+                        "models.\"{id}\".tool_calls.{kind}: not a call type tollgate counts ({})",
+                        ToolCalls::KINDS.join(", ")
+                    ));
+                }
+            }
         }
+        for (kind, _) in &self.tool_calls {
+            if !ToolCalls::KINDS.contains(&kind.as_str()) {
+                out.push(format!(
+                    "tool_calls.{kind}: not a call type tollgate counts ({})",
+                    ToolCalls::KINDS.join(", ")
+                ));
+            }
+        }
+        out.extend(self.empty_tiers.iter().cloned());
         out
     }
 }
@@ -272,12 +445,13 @@ pub fn finetune_base(model: &str) -> Option<&str> {
 mod tests {
     use super::*;
 
+    use crate::pricing::NanoUsd;
+    use crate::usage::Usage;
+
     fn usage(p: u64, c: u64, cached: u64) -> Usage {
         Usage {
-            prompt_tokens: p,
-            completion_tokens: c,
             cached_tokens: cached,
-            source: crate::usage::TokenSource::Upstream,
+            ..Usage::tokens(p, c)
         }
     }
 
@@ -358,13 +532,101 @@ mod tests {
 
     #[test]
     fn bad_rows_are_named() {
-        let err = Catalog::parse("[models.\"x\"]\ninput = 1.0\nencoding = \"p99\"\n", 6.0)
-            .err()
-            .unwrap_or_default();
-        assert!(err.contains("models.\"x\".encoding"), "{err}");
-        let err = Catalog::parse("[models.\"x\"]\ninput = -1.0\n", 6.0)
-            .err()
-            .unwrap_or_default();
-        assert!(err.contains("models.\"x\".input"), "{err}");
+        let bad = |text: &str, needle: &str| {
+            let err = Catalog::parse(text, 6.0).err().unwrap_or_default();
+            assert!(err.contains(needle), "{text}: {err}");
+        };
+        let row = "[models.\"x\"]\ninput = 1.0\noutput = 2.0\n";
+        bad(
+            &format!("{row}encoding = \"p99\"\n"),
+            "models.\"x\".encoding",
+        );
+        bad(
+            "[models.\"x\"]\ninput = -1.0\noutput = 1.0\n",
+            "models.\"x\".input",
+        );
+        bad(
+            "[models.\"x\"]\ninput = 1.0\n",
+            "models.\"x\".output: missing",
+        );
+        bad(&format!("{row}inptu = 3.0\n"), "inptu");
+        bad(
+            &format!("{row}[models.\"x\".flex]\ninput = -0.5\n"),
+            "models.\"x\".flex.input",
+        );
+        bad(&format!("{row}[models.\"x\".flex]\nimput = 0.5\n"), "imput");
+        bad(
+            &format!("{row}[models.\"x\".long_context]\ninput = 2.0\n"),
+            "above_input_tokens",
+        );
+        bad(
+            &format!("{row}[models.\"x\".long_context]\nabove_input_tokens = 5\ninptu = 2.0\n"),
+            "models.\"x\".long_context.inptu",
+        );
+        bad(
+            &format!("{row}[tool_calls]\nweb_search = -10.0\n"),
+            "tool_calls.web_search",
+        );
+        // Loads, but `catalog check` names what cannot be right.
+        let c = Catalog::parse(
+            &format!("{row}encoding = \"o200k_base\"\n[models.\"x\".priority]\ninput = 1.0\n[models.\"x\".tool_calls]\nweb_serch = 10.0\n"),
+            6.0,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let problems = c.problems().join("\n");
+        assert!(
+            problems.contains("models.\"x\".priority: the tier overrides nothing"),
+            "{problems}"
+        );
+        assert!(
+            problems.contains("models.\"x\".tool_calls.web_serch"),
+            "{problems}"
+        );
+    }
+
+    #[test]
+    fn v2_rows_load_every_component_tier_and_fee() {
+        let c = Catalog::parse(
+            r#"
+[tool_calls]
+web_search = 10.0
+[models."m"]
+provider = "openai"
+input = 1.0
+output = 4.0
+cached_input = 0.1
+cache_write = 1.25
+cache_write_1h = 2.0
+audio_input = 40.0
+audio_output = 80.0
+image_input = 10.0
+image_output = 40.0
+encoding = "o200k_base"
+[models."m".flex]
+input = 0.5
+[models."m".long_context]
+above_input_tokens = 1000
+input = 2.0
+[models."m".tool_calls]
+web_search = 25.0
+"#,
+            6.0,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.problems(), Vec::<String>::new());
+        let p = c.resolve("m").price.unwrap_or_else(|| panic!("unpriced"));
+        assert_eq!(p.provider.as_deref(), Some("openai"));
+        let u = Usage {
+            tool_calls: crate::usage::ToolCalls {
+                web_search: 1,
+                file_search: 0,
+            },
+            ..Usage::tokens(1_000_000, 0)
+        };
+        let flex = p.price(&u, crate::usage::ServiceTier::Flex, c.tool_call_fees());
+        // 1M prompt tokens, above the threshold: long-context input ($2)
+        // overrides the flex table; one call at the row's own fee ($0.025).
+        assert_eq!(flex.total, NanoUsd(2_025_000_000));
+        assert_eq!(c.tool_call_fees().len(), 1);
     }
 }

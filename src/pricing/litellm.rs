@@ -113,7 +113,7 @@ fn toml_key(id: &str) -> String {
 mod tests {
     use super::*;
     use crate::pricing::{Catalog, NanoUsd};
-    use crate::usage::{TokenSource, Usage};
+    use crate::usage::Usage;
 
     #[test]
     fn converts_per_token_prices_exactly() {
@@ -136,12 +136,7 @@ mod tests {
         assert_eq!(imported.skipped, 5);
         assert_eq!(imported.problems.len(), 2);
         let catalog = Catalog::parse(&imported.toml, 6.0).unwrap_or_else(|e| panic!("{e}"));
-        let usage = Usage {
-            prompt_tokens: 1_000_000,
-            completion_tokens: 1_000_000,
-            cached_tokens: 0,
-            source: TokenSource::Upstream,
-        };
+        let usage = Usage::tokens(1_000_000, 1_000_000);
         let cost = catalog.resolve("gpt-4o-mini").price.map(|p| p.cost(&usage));
         assert_eq!(cost, Some(NanoUsd(750_000_000)));
         let ft = catalog

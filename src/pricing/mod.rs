@@ -3,6 +3,8 @@
 pub mod catalog;
 pub mod litellm;
 pub mod money;
+pub mod price;
 
-pub use catalog::{Catalog, ModelPrice, Resolved, SharedCatalog};
+pub use catalog::{Catalog, Resolved, SharedCatalog};
 pub use money::{NanoUsd, Rate};
+pub use price::{Breakdown, Component, Line, ModelPrice, Priced};

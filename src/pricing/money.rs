@@ -12,7 +12,7 @@ pub struct Rate(pub u128);
 /// zepto-USD per token in one USD per million tokens.
 const ZEPTO_PER_USD_PER_MTOK: u32 = 15;
 /// zepto-USD in one nano-USD.
-const ZEPTO_PER_NANO: u128 = 1_000_000_000_000;
+pub const ZEPTO_PER_NANO: u128 = 1_000_000_000_000;
 
 impl Rate {
     /// From a decimal string of USD per million tokens ("0.075", "2.5").
@@ -85,7 +85,8 @@ pub fn decimal_scaled(text: &str, scale: u32) -> Result<u128, String> {
     Ok(value)
 }
 
-fn format_decimal(value: u128, scale: u32) -> String {
+/// `value / 10^scale` as an exact decimal string, no trailing zeros.
+pub fn format_decimal(value: u128, scale: u32) -> String {
     let unit = 10u128.pow(scale);
     let (int, frac) = (value / unit, value % unit);
     if frac == 0 {
@@ -108,6 +109,10 @@ impl CostAccumulator {
         self.0 = self
             .0
             .saturating_add(u128::from(tokens).saturating_mul(rate.0));
+    }
+
+    pub fn add_zepto(&mut self, zepto: u128) {
+        self.0 = self.0.saturating_add(zepto);
     }
 
     pub fn nano_usd(self) -> NanoUsd {

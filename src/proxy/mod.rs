@@ -22,8 +22,9 @@ use crate::app::AppState;
 use crate::budget::Refusal;
 use crate::config::{AuthMode, UnpricedPolicy};
 use crate::error::ApiError;
+use crate::usage::read::{read_body as read_response, Served};
 use crate::usage::sse::SseMeter;
-use crate::usage::{upstream::usage_from_body, Endpoint, TokenSource, Usage};
+use crate::usage::{Endpoint, TokenSource, Usage};
 use request::RequestMeta;
 use settle::{settle, RequestCtx};
 use stream::{MeteredStream, StreamSettlement};
@@ -77,7 +78,14 @@ pub async fn handle(state: Arc<AppState>, req: http::Request<Body>) -> Response 
     if !metered {
         if let Err(e) = check_unmetered_allowed(&state, &ctx, &req) {
             let overhead = ctx.started.elapsed();
-            settle(&state, &mut ctx, e.status().as_u16(), Usage::NONE, overhead);
+            settle(
+                &state,
+                &mut ctx,
+                e.status().as_u16(),
+                Usage::NONE,
+                &Served::default(),
+                overhead,
+            );
             if let Some(rx) = durable {
                 let _ = rx.await;
             }
@@ -101,7 +109,14 @@ pub async fn handle(state: Arc<AppState>, req: http::Request<Body>) -> Response 
         }
         Err(e) => {
             let overhead = ctx.started.elapsed();
-            settle(&state, &mut ctx, e.status().as_u16(), Usage::NONE, overhead);
+            settle(
+                &state,
+                &mut ctx,
+                e.status().as_u16(),
+                Usage::NONE,
+                &Served::default(),
+                overhead,
+            );
             (e.into_response(), ctx.budget_remaining)
         }
     };
@@ -448,6 +463,13 @@ async fn metered_request(
             model: ctx.model.clone(),
         });
     }
+    // A budget is a guarantee: nothing it cannot price gets past it.
+    if unpriced && state.ledger.has_budget(&ctx.team) {
+        return Err(ApiError::UnpricedForBudget {
+            model: ctx.model.clone(),
+            team: ctx.team.clone(),
+        });
+    }
     if let Some(key) = &ctx.key {
         if !key.allows(&ctx.model) {
             return Err(ApiError::ModelNotAllowed {
@@ -496,7 +518,14 @@ async fn metered_request(
         // Upstream errors reach the client unchanged, status and body.
         let bytes = read_body(upstream, response).await?;
         let overhead = pre_send;
-        settle(state, ctx, status.as_u16(), Usage::NONE, overhead);
+        settle(
+            state,
+            ctx,
+            status.as_u16(),
+            Usage::NONE,
+            &Served::default(),
+            overhead,
+        );
         return Ok(Forwarded::Done(build_response(
             status,
             headers,
@@ -522,18 +551,15 @@ async fn metered_request(
 
     let bytes = read_body(upstream, response).await?;
     let upstream_wait = sent_at.elapsed();
-    let usage = match usage_from_body(&bytes) {
-        Ok(Some(usage)) => usage,
-        Ok(None) => estimate_non_stream(ctx, &body, &bytes).await,
-        Err(e) => {
-            return Err(ApiError::UpstreamBadResponse {
-                upstream: upstream.name.clone(),
-                reason: format!("body is not JSON: {e}"),
-            })
-        }
+    // Whatever the body says (or fails to say) about usage, the client gets
+    // it unchanged; tollgate estimates what it cannot read.
+    let facts = read_response(&bytes);
+    let usage = match facts.usage {
+        Some(usage) => usage,
+        None => estimate_non_stream(ctx, &body, &bytes).await,
     };
     let overhead = ctx.started.elapsed().saturating_sub(upstream_wait);
-    let cost = settle(state, ctx, status.as_u16(), usage, overhead);
+    let cost = settle(state, ctx, status.as_u16(), usage, &facts.served, overhead);
     let first_byte = ctx.started.elapsed().as_secs_f64();
     ctx.series(&state.metrics)
         .observe_first_byte(&state.metrics, first_byte);
@@ -544,10 +570,12 @@ async fn metered_request(
     Ok(Forwarded::Done(response))
 }
 
-/// Holds the request's worst-case cost against the team budget: prompt
-/// tokens x input + max output x n x output. A cheap bound on the prompt
-/// (its byte length) first; the exact tiktoken count only when the bound
-/// does not fit.
+/// Holds the request's worst-case cost against the team budget: every
+/// prompt token at the highest prompt-side rate and every output token at
+/// the highest output-side rate of the tiers it may be served at, images at
+/// their worst detail, built-in tool calls up to `max_tool_calls` (else
+/// `budget.tool_call_allowance`). A cheap bound on the prompt (its byte
+/// length) first; the exact tiktoken count only when the bound does not fit.
 async fn reserve(
     state: &AppState,
     ctx: &mut RequestCtx,
@@ -560,6 +588,9 @@ async fn reserve(
         ctx.budget_remaining = state.ledger.status(&ctx.team).map(|s| s.remaining);
         return Ok(());
     };
+    if !state.ledger.has_budget(&ctx.team) {
+        return Ok(());
+    }
     let encoding = ctx
         .resolved
         .as_ref()
@@ -571,13 +602,25 @@ async fn reserve(
             .unwrap_or(DEFAULT_MAX_OUTPUT)
             .saturating_mul(u64::from(meta.n.unwrap_or(1))),
     };
+    let tiers = meta.possible_tiers();
+    let mut calls = meta.tool_call_bound(state.config.budget.tool_call_allowance);
+    if ctx.endpoint == Endpoint::ChatCompletions
+        && price.tool_calls.iter().any(|(k, _)| k == "web_search")
+        && !calls.iter().any(|(k, _)| *k == "web_search")
+    {
+        // A chat search model searches once per answer.
+        calls.push(("web_search", u64::from(meta.n.unwrap_or(1))));
+    }
+    let images = request::image_token_bound(body);
+    let fees = state.catalog.tool_call_fees();
     let worst = |prompt: u64| {
-        price.cost(&Usage {
-            prompt_tokens: prompt,
-            completion_tokens: completion,
-            cached_tokens: 0,
-            source: TokenSource::Estimated,
-        })
+        price.worst_case(
+            prompt.saturating_add(images),
+            completion,
+            &tiers,
+            &calls,
+            fees,
+        )
     };
     // Every token covers at least one byte of its text, and the JSON around
     // the text outweighs the per-message overheads.
@@ -700,7 +743,14 @@ async fn unmetered(
     let mut response = send(upstream, request).await?;
     let status = response.status();
     let headers = client_headers(std::mem::take(response.headers_mut()));
-    settle(state, ctx, status.as_u16(), Usage::NONE, pre_send);
+    settle(
+        state,
+        ctx,
+        status.as_u16(),
+        Usage::NONE,
+        &Served::default(),
+        pre_send,
+    );
     Ok(Forwarded::Done(build_response(
         status,
         headers,

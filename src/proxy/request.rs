@@ -30,7 +30,28 @@ pub struct RequestMeta {
     pub max_completion_tokens: Option<u64>,
     #[serde(default)]
     pub max_output_tokens: Option<u64>,
+    /// The tier the client asks for (`flex`, `priority`, ...).
+    #[serde(default)]
+    pub service_tier: Option<String>,
+    /// Responses API: the most built-in tool calls the model may make.
+    #[serde(default)]
+    pub max_tool_calls: Option<u64>,
+    /// Tool definitions; only their `type` is read (built-in tools cost per call).
+    #[serde(default)]
+    pub tools: Option<Vec<ToolRef>>,
 }
+
+#[derive(Debug, Deserialize)]
+pub struct ToolRef {
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+}
+
+/// Most tokens one image part can cost, by its `detail`: OpenAI's rules
+/// at their worst (gpt-4o-mini bills 2,833 tokens per low-detail image and
+/// up to 48,169 for a high-detail one; the patch-based models less).
+const IMAGE_TOKENS_LOW: u64 = 3_000;
+const IMAGE_TOKENS_HIGH: u64 = 50_000;
 
 #[derive(Debug, Deserialize)]
 pub struct StreamOptions {
@@ -131,12 +152,78 @@ impl RequestMeta {
         self.stream == Some(true)
     }
 
+    /// The tiers the response may come back at: standard, and the one
+    /// asked for.
+    pub fn possible_tiers(&self) -> [crate::usage::ServiceTier; 2] {
+        use crate::usage::ServiceTier;
+        let asked = self
+            .service_tier
+            .as_deref()
+            .map_or(ServiceTier::Standard, ServiceTier::parse);
+        [ServiceTier::Standard, asked]
+    }
+
+    /// Built-in tool kinds the request enables, each with the most calls
+    /// it may make (`max_tool_calls`, else `allowance`).
+    pub fn tool_call_bound(&self, allowance: u64) -> Vec<(&'static str, u64)> {
+        let calls = self.max_tool_calls.unwrap_or(allowance);
+        let mut out: Vec<(&'static str, u64)> = Vec::new();
+        for tool in self.tools.iter().flatten() {
+            let kind = match tool.kind.as_deref() {
+                Some(k) if k.starts_with("web_search") => "web_search",
+                Some("file_search") => "file_search",
+                _ => continue,
+            };
+            if !out.iter().any(|(k, _)| *k == kind) {
+                out.push((kind, calls));
+            }
+        }
+        out
+    }
+
     pub fn client_wants_stream_usage(&self) -> bool {
         self.stream_options
             .as_ref()
             .and_then(|o| o.include_usage)
             .unwrap_or(false)
     }
+}
+
+/// Most prompt tokens the images of a request can cost: each image part
+/// at the worst its `detail` allows. Images given by URL take a few bytes of
+/// the body but thousands of tokens, so the body's length does not bound
+/// them. Only bodies that mention "image" are parsed for it.
+pub fn image_token_bound(body: &[u8]) -> u64 {
+    if memchr::memmem::find(body, b"image").is_none() {
+        return 0;
+    }
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return 0;
+    };
+    let mut total = 0u64;
+    let mut stack = vec![&v];
+    while let Some(v) = stack.pop() {
+        match v {
+            serde_json::Value::Array(items) => stack.extend(items.iter()),
+            serde_json::Value::Object(map) => {
+                let kind = map.get("type").and_then(serde_json::Value::as_str);
+                if matches!(kind, Some("image_url" | "input_image")) {
+                    let detail = map
+                        .get("detail")
+                        .or_else(|| map.get("image_url").and_then(|u| u.get("detail")))
+                        .and_then(serde_json::Value::as_str);
+                    total = total.saturating_add(match detail {
+                        Some("low") => IMAGE_TOKENS_LOW,
+                        _ => IMAGE_TOKENS_HIGH,
+                    });
+                } else {
+                    stack.extend(map.values());
+                }
+            }
+            _ => {}
+        }
+    }
+    total
 }
 
 /// The request's own output limit, by endpoint.
@@ -231,6 +318,35 @@ mod tests {
         assert_eq!(e["error"]["param"], "model");
         let e = err_of(br#"{"messages":[]}"#);
         assert_eq!(e["error"]["param"], "model");
+    }
+
+    #[test]
+    fn images_count_at_their_worst_detail() {
+        let body = br#"{"model":"gpt-4o","messages":[{"role":"user","content":[
+            {"type":"text","text":"what is this"},
+            {"type":"image_url","image_url":{"url":"https://x/a.png","detail":"low"}},
+            {"type":"image_url","image_url":{"url":"https://x/b.png"}}]}],
+            "input":[{"type":"input_image","image_url":"https://x/c.png","detail":"high"}]}"#;
+        assert_eq!(
+            image_token_bound(body),
+            IMAGE_TOKENS_LOW + 2 * IMAGE_TOKENS_HIGH
+        );
+        assert_eq!(image_token_bound(br#"{"model":"m","messages":[]}"#), 0);
+    }
+
+    #[test]
+    fn built_in_tools_bound_the_calls() {
+        let meta = RequestMeta::parse(
+            br#"{"model":"m","tools":[{"type":"web_search_preview"},{"type":"function","function":{"name":"f"}},{"type":"file_search"}],"max_tool_calls":2}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            meta.tool_call_bound(5),
+            vec![("web_search", 2), ("file_search", 2)]
+        );
+        let meta = RequestMeta::parse(br#"{"model":"m","tools":[{"type":"web_search"}]}"#)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(meta.tool_call_bound(5), vec![("web_search", 5)]);
     }
 
     #[test]

@@ -9,9 +9,10 @@ use chrono::{DateTime, Utc};
 
 use crate::app::AppState;
 use crate::metrics::{Metrics, Series};
-use crate::pricing::{NanoUsd, Resolved};
+use crate::pricing::{NanoUsd, Priced, Resolved};
 use crate::store::UsageRecord;
-use crate::usage::{Endpoint, Usage};
+use crate::usage::read::Served;
+use crate::usage::{Endpoint, ServiceTier, ToolCalls, Usage};
 
 /// Who asked for what: everything the usage row needs besides the outcome.
 pub struct RequestCtx {
@@ -31,6 +32,8 @@ pub struct RequestCtx {
     pub model_label: String,
     pub resolved: Option<Resolved>,
     pub upstream: String,
+    /// The upstream's provider kind (`openai`), unless the catalog row says.
+    pub provider: &'static str,
     pub stream: bool,
     pub end_user: Option<String>,
     /// The shared budget period the reservation was leased from (Postgres).
@@ -57,6 +60,7 @@ impl RequestCtx {
             model_label: String::new(),
             resolved: None,
             upstream: String::new(),
+            provider: "openai",
             stream: false,
             end_user: None,
             budget_period: None,
@@ -75,7 +79,8 @@ impl RequestCtx {
     }
 }
 
-/// Prices `usage`, records metrics and the usage row; returns the cost.
+/// Prices `usage` from what the response says was served (`served`),
+/// records metrics and the usage row; returns the cost.
 ///
 /// The request's last use of its identity: the strings the row needs are
 /// moved into it, not copied, so `ctx` keeps only what the response still
@@ -84,7 +89,8 @@ pub fn settle(
     state: &AppState,
     ctx: &mut RequestCtx,
     status: u16,
-    usage: Usage,
+    mut usage: Usage,
+    served: &Served,
     overhead: Duration,
 ) -> NanoUsd {
     let m = &state.metrics;
@@ -93,38 +99,73 @@ pub fn settle(
         Some(series) => series,
         None => m.series(&ctx.team, &ctx.model_label),
     };
-    let price = ctx.resolved.as_ref().and_then(|r| r.price.as_ref());
-    let cost = price.map_or(NanoUsd(0), |p| p.cost(&usage));
+    // The served model prices the request when the catalog knows it (a
+    // dated snapshot can cost twice its alias); else the requested one.
+    if let Some(model) = served.model.as_deref().filter(|m| *m != ctx.model) {
+        let resolved = state.catalog.resolve(model);
+        if resolved.price.is_some() {
+            ctx.resolved = Some(resolved);
+        }
+    }
+    let tier = served.tier.unwrap_or(ServiceTier::Standard);
+    usage.tool_calls = merged_tool_calls(usage.tool_calls, served.tool_calls);
+    let price = ctx.resolved.as_ref().and_then(|r| r.price.as_deref());
+    if let Some(p) = price {
+        // A chat search model searches once per answer (its own row names
+        // a web_search fee; the response lists no calls).
+        let searched = ctx.endpoint == crate::usage::Endpoint::ChatCompletions
+            && status == 200
+            && usage.tool_calls.web_search == 0
+            && p.tool_calls.iter().any(|(k, _)| k == "web_search");
+        if searched {
+            usage.tool_calls.web_search = 1;
+        }
+    }
+    let priced = price.map_or_else(Priced::default, |p| {
+        p.price(&usage, tier, state.catalog.tool_call_fees())
+    });
+    let cost = priced.total;
     if let Some(reservation) = ctx.reservation.take() {
+        let over = cost.0.saturating_sub(reservation.amount().0);
+        if over > 0 {
+            m.budget_overrun.add(&[series.team()], NanoUsd(over));
+        }
         ctx.budget_period = reservation.shared_period();
         ctx.budget_remaining = reservation.settle(cost);
     }
 
     series.count_request(m, ctx.endpoint, status);
-    let tokens = [
-        usage.prompt_tokens,
-        usage.completion_tokens,
-        usage.cached_tokens,
-    ];
-    for (kind, n) in tokens.into_iter().enumerate() {
+    for (kind, n) in token_kinds(&usage).into_iter().enumerate() {
         if n > 0 {
             series.add_tokens(m, kind, n);
         }
     }
+    let (team, model) = (series.team(), ctx.model_label.as_str());
+    if let Some(reason) = priced.fallback {
+        m.price_fallbacks.with_label_values(&[model, reason]).inc();
+    }
     if let Some(resolved) = &ctx.resolved {
         if cost.0 > 0 || price.is_some() {
             series.add_cost(m, cost);
+            for (line, nano) in priced.breakdown.lines() {
+                series.add_component_cost(m, line, NanoUsd(nano));
+            }
         }
-        let (team, model) = (series.team(), ctx.model_label.as_str());
         if price.is_none() && ctx.endpoint.is_metered() {
             m.unpriced.with_label_values(&[model]).inc();
         }
         if let (true, Some(ft), Some(base)) = (resolved.finetuned, price, &resolved.base_price) {
-            let premium = NanoUsd(cost.0.saturating_sub(base.cost(&usage).0));
+            let on_base = base
+                .price(&usage, tier, state.catalog.tool_call_fees())
+                .total;
+            let premium = NanoUsd(cost.0.saturating_sub(on_base.0));
             m.finetune_premium
                 .add(&[team, model, &resolved.base_model], premium);
             m.set_finetune_multiple(model, &resolved.base_model, ft, base);
         }
+    }
+    if usage.source == crate::usage::TokenSource::Estimated && ctx.endpoint.is_metered() {
+        m.estimated_usage.with_label_values(&[model]).inc();
     }
     let latency = ctx.started.elapsed();
     series.observe_duration(
@@ -137,6 +178,11 @@ pub fn settle(
     ctx.series = Some(series);
 
     let resolved = ctx.resolved.take();
+    let provider = resolved
+        .as_ref()
+        .and_then(|r| r.price.as_ref())
+        .and_then(|p| p.provider.clone())
+        .unwrap_or_else(|| ctx.provider.to_string());
     let model = std::mem::take(&mut ctx.model);
     let ack = ctx.durable_ack.take();
     state.usage.record(
@@ -158,10 +204,42 @@ pub fn settle(
             token_source: usage.source.label(),
             latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
             end_user: ctx.end_user.take(),
+            service_tier: served.tier.and_then(ServiceTier::label),
+            reasoning_tokens: usage.reasoning_tokens,
+            audio_prompt_tokens: usage.audio_prompt_tokens,
+            audio_completion_tokens: usage.audio_completion_tokens,
+            cache_write_tokens: usage.cache_write_tokens + usage.cache_write_1h_tokens,
+            image_tokens: usage.image_prompt_tokens + usage.image_completion_tokens,
+            tool_calls: usage.tool_calls.total(),
+            provider,
+            cost_breakdown: priced.breakdown,
             budget_period: ctx.budget_period.take(),
             lease_node: None,
         },
         ack,
     );
     cost
+}
+
+/// Tool calls reported twice (the usage object and the output items) are
+/// the same calls: the larger count of each kind stands.
+fn merged_tool_calls(a: ToolCalls, b: ToolCalls) -> ToolCalls {
+    ToolCalls {
+        web_search: a.web_search.max(b.web_search),
+        file_search: a.file_search.max(b.file_search),
+    }
+}
+
+/// Token counts in `metrics::TOKEN_KINDS` order.
+pub fn token_kinds(u: &Usage) -> [u64; crate::metrics::TOKEN_KINDS.len()] {
+    [
+        u.prompt_tokens,
+        u.completion_tokens,
+        u.cached_tokens,
+        u.reasoning_tokens,
+        u.audio_prompt_tokens,
+        u.audio_completion_tokens,
+        u.cache_write_tokens + u.cache_write_1h_tokens,
+        u.image_prompt_tokens + u.image_completion_tokens,
+    ]
 }

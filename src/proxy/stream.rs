@@ -35,7 +35,14 @@ impl StreamSettlement {
     fn finish(mut self, status: u16, summary: StreamSummary, meter_time: Duration) {
         let overhead = self.overhead + meter_time;
         if let Some(usage) = summary.usage {
-            settle(&self.state, &mut self.ctx, status, usage, overhead);
+            settle(
+                &self.state,
+                &mut self.ctx,
+                status,
+                usage,
+                &summary.served,
+                overhead,
+            );
             return;
         }
         // No usage from the upstream (it omits it, or the stream ended before
@@ -47,7 +54,14 @@ impl StreamSettlement {
                 summary.texts.iter().map(String::len).sum(),
                 summary.text_bytes_dropped,
             );
-            settle(&self.state, &mut self.ctx, status, usage, overhead);
+            settle(
+                &self.state,
+                &mut self.ctx,
+                status,
+                usage,
+                &summary.served,
+                overhead,
+            );
         };
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {

@@ -35,12 +35,113 @@ pub struct UsageRecord {
     pub token_source: &'static str,
     pub latency_ms: u64,
     pub end_user: Option<String>,
+    /// The tier the response says it was served at (NULL: standard).
+    pub service_tier: Option<&'static str>,
+    pub reasoning_tokens: u64,
+    pub audio_prompt_tokens: u64,
+    pub audio_completion_tokens: u64,
+    /// Prompt tokens written to the provider's cache (5-minute and 1-hour).
+    pub cache_write_tokens: u64,
+    /// Image tokens, prompt and completion.
+    pub image_tokens: u64,
+    /// Built-in tool calls billed per call.
+    pub tool_calls: u64,
+    pub provider: String,
+    /// Nano-USD per component (the `cost_breakdown` JSON column).
+    pub cost_breakdown: crate::pricing::Breakdown,
     /// The shared budget period (`budget::period_key`) whose lease paid for
     /// this request; not a column. Set only on Postgres with a budget.
     pub budget_period: Option<String>,
     /// The replica whose lease paid for it, when not this one (a row of an
     /// earlier process, replayed from the spool); not a column.
     pub lease_node: Option<String>,
+}
+
+/// The `usage` columns tollgate writes, in the order both stores bind
+/// them: a new column is one line here and one in `UsageRecord::values`.
+pub(crate) const USAGE_COLUMNS: [(&str, ColumnType); 26] = [
+    ("created_at", ColumnType::Time),
+    ("request_id", ColumnType::Text),
+    ("team", ColumnType::Text),
+    ("key_id", ColumnType::OptText),
+    ("model", ColumnType::Text),
+    ("base_model", ColumnType::Text),
+    ("upstream", ColumnType::Text),
+    ("endpoint", ColumnType::Text),
+    ("stream", ColumnType::Bool),
+    ("status", ColumnType::Int4),
+    ("prompt_tokens", ColumnType::Int),
+    ("completion_tokens", ColumnType::Int),
+    ("cached_tokens", ColumnType::Int),
+    ("cost_nano_usd", ColumnType::Int),
+    ("token_source", ColumnType::Text),
+    ("latency_ms", ColumnType::Int),
+    ("end_user", ColumnType::OptText),
+    ("service_tier", ColumnType::OptText),
+    ("reasoning_tokens", ColumnType::Int),
+    ("audio_prompt_tokens", ColumnType::Int),
+    ("audio_completion_tokens", ColumnType::Int),
+    ("cache_write_tokens", ColumnType::Int),
+    ("image_tokens", ColumnType::Int),
+    ("tool_calls", ColumnType::Int),
+    ("provider", ColumnType::Text),
+    ("cost_breakdown", ColumnType::Json),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ColumnType {
+    Time,
+    Text,
+    OptText,
+    Bool,
+    Int4,
+    Int,
+    Json,
+}
+
+/// One value of a usage row, as both stores bind it.
+pub(crate) enum Value<'a> {
+    Time(DateTime<Utc>),
+    Text(&'a str),
+    OptText(Option<&'a str>),
+    Bool(bool),
+    Int4(i32),
+    Int(i64),
+    Json(String),
+}
+
+impl UsageRecord {
+    /// The row's values in `USAGE_COLUMNS` order.
+    pub(crate) fn values(&self) -> [Value<'_>; USAGE_COLUMNS.len()] {
+        [
+            Value::Time(self.created_at),
+            Value::Text(&self.request_id),
+            Value::Text(&self.team),
+            Value::OptText(self.key_id.as_deref()),
+            Value::Text(&self.model),
+            Value::Text(&self.base_model),
+            Value::Text(&self.upstream),
+            Value::Text(self.endpoint),
+            Value::Bool(self.stream),
+            Value::Int4(i32::from(self.status)),
+            Value::Int(to_i64(self.prompt_tokens)),
+            Value::Int(to_i64(self.completion_tokens)),
+            Value::Int(to_i64(self.cached_tokens)),
+            Value::Int(to_i64(self.cost_nano_usd)),
+            Value::Text(self.token_source),
+            Value::Int(to_i64(self.latency_ms)),
+            Value::OptText(self.end_user.as_deref()),
+            Value::OptText(self.service_tier),
+            Value::Int(to_i64(self.reasoning_tokens)),
+            Value::Int(to_i64(self.audio_prompt_tokens)),
+            Value::Int(to_i64(self.audio_completion_tokens)),
+            Value::Int(to_i64(self.cache_write_tokens)),
+            Value::Int(to_i64(self.image_tokens)),
+            Value::Int(to_i64(self.tool_calls)),
+            Value::Text(&self.provider),
+            Value::Json(self.cost_breakdown.to_json()),
+        ]
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -10,7 +10,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Row};
 
 use super::{
-    time_text, to_i64, to_u64, KeyRow, ReportBy, ReportRow, StoreError, TeamRow, UsageRecord,
+    time_text, to_i64, to_u64, ColumnType, KeyRow, ReportBy, ReportRow, StoreError, TeamRow,
+    UsageRecord, Value, USAGE_COLUMNS,
 };
 use crate::budget::{Budget, Period};
 use crate::pricing::NanoUsd;
@@ -73,34 +74,7 @@ impl PostgresStore {
     /// spend. Returns the request ids skipped.
     pub async fn insert_usage(&self, rows: &[UsageRecord]) -> Result<Vec<String>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let inserted: Vec<String> = sqlx::query_scalar(
-            "INSERT INTO usage (created_at, request_id, team, key_id, model, base_model, upstream, \
-             endpoint, stream, status, prompt_tokens, completion_tokens, cached_tokens, \
-             cost_nano_usd, token_source, latency_ms, end_user) \
-             SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], \
-             $6::text[], $7::text[], $8::text[], $9::bool[], $10::int4[], $11::int8[], $12::int8[], \
-             $13::int8[], $14::int8[], $15::text[], $16::int8[], $17::text[]) \
-             ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
-        )
-        .bind(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.request_id.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.team.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.key_id.as_deref()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.model.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.base_model.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.upstream.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.endpoint).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.stream).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| i32::from(r.status)).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| to_i64(r.prompt_tokens)).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| to_i64(r.completion_tokens)).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| to_i64(r.cached_tokens)).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| to_i64(r.cost_nano_usd)).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.token_source).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| to_i64(r.latency_ms)).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.end_user.as_deref()).collect::<Vec<_>>())
-        .fetch_all(&mut *tx)
-        .await?;
+        let inserted: Vec<String> = insert_rows(rows).fetch_all(&mut *tx).await?;
         let inserted: std::collections::HashSet<String> = inserted.into_iter().collect();
 
         let mut recorded: HashMap<(&str, &str, &str), u64> = HashMap::new();
@@ -481,6 +455,90 @@ impl PostgresStore {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// The UNNEST insert of `rows`, one array per column of `USAGE_COLUMNS`,
+/// returning the request ids inserted (those already stored are skipped).
+fn insert_rows(
+    rows: &[UsageRecord],
+) -> sqlx::query::QueryScalar<'static, sqlx::Postgres, String, sqlx::postgres::PgArguments> {
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let names: Vec<&str> = USAGE_COLUMNS.iter().map(|(n, _)| *n).collect();
+        let arrays: Vec<String> = USAGE_COLUMNS
+            .iter()
+            .enumerate()
+            .map(|(i, (_, t))| {
+                let ty = match t {
+                    ColumnType::Time => "timestamptz",
+                    ColumnType::Text | ColumnType::OptText => "text",
+                    ColumnType::Bool => "bool",
+                    ColumnType::Int4 => "int4",
+                    ColumnType::Int => "int8",
+                    // Cast in the SELECT: UNNEST cannot take jsonb text.
+                    ColumnType::Json => "text",
+                };
+                format!("${}::{ty}[]", i + 1)
+            })
+            .collect();
+        let select: Vec<String> = USAGE_COLUMNS
+            .iter()
+            .map(|(n, t)| match t {
+                ColumnType::Json => format!("{n}::jsonb"),
+                _ => n.to_string(),
+            })
+            .collect();
+        format!(
+            "INSERT INTO usage ({}) SELECT {} FROM UNNEST({}) AS t({}) \
+             ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
+            names.join(", "),
+            select.join(", "),
+            arrays.join(", "),
+            names.join(", ")
+        )
+    });
+    let values: Vec<[Value<'_>; USAGE_COLUMNS.len()]> =
+        rows.iter().map(UsageRecord::values).collect();
+    let mut q = sqlx::query_scalar::<_, String>(SQL.as_str());
+    for (i, (_, ty)) in USAGE_COLUMNS.iter().enumerate() {
+        let col = values.iter().map(|v| &v[i]);
+        q = match ty {
+            ColumnType::Time => q.bind(
+                col.map(|v| match v {
+                    Value::Time(t) => *t,
+                    _ => DateTime::<Utc>::MIN_UTC,
+                })
+                .collect::<Vec<_>>(),
+            ),
+            ColumnType::Text | ColumnType::OptText | ColumnType::Json => q.bind(
+                col.map(|v| match v {
+                    Value::Text(t) => Some(t.to_string()),
+                    Value::OptText(t) => t.map(str::to_string),
+                    Value::Json(j) => Some(j.clone()),
+                    _ => None,
+                })
+                .collect::<Vec<Option<String>>>(),
+            ),
+            ColumnType::Bool => q.bind(
+                col.map(|v| matches!(v, Value::Bool(true)))
+                    .collect::<Vec<_>>(),
+            ),
+            ColumnType::Int4 => q.bind(
+                col.map(|v| match v {
+                    Value::Int4(n) => *n,
+                    _ => 0,
+                })
+                .collect::<Vec<_>>(),
+            ),
+            ColumnType::Int => q.bind(
+                col.map(|v| match v {
+                    Value::Int(n) => *n,
+                    _ => 0,
+                })
+                .collect::<Vec<_>>(),
+            ),
+        };
+    }
+    q
 }
 
 /// Postgres timestamps stop at 4713 BC; "since the beginning" is NULL.

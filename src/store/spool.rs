@@ -42,6 +42,25 @@ struct SpoolRow {
     token_source: String,
     latency_ms: u64,
     end_user: Option<String>,
+    #[serde(default)]
+    service_tier: Option<String>,
+    #[serde(default)]
+    reasoning_tokens: u64,
+    #[serde(default)]
+    audio_prompt_tokens: u64,
+    #[serde(default)]
+    audio_completion_tokens: u64,
+    #[serde(default)]
+    cache_write_tokens: u64,
+    #[serde(default)]
+    image_tokens: u64,
+    #[serde(default)]
+    tool_calls: u64,
+    #[serde(default)]
+    provider: String,
+    /// Nano-USD per breakdown line, in `Line::ALL` order.
+    #[serde(default)]
+    cost_breakdown: Vec<u64>,
     budget_period: Option<String>,
     lease_node: Option<String>,
 }
@@ -66,6 +85,15 @@ impl SpoolRow {
             token_source: r.token_source.to_string(),
             latency_ms: r.latency_ms,
             end_user: r.end_user.clone(),
+            service_tier: r.service_tier.map(str::to_string),
+            reasoning_tokens: r.reasoning_tokens,
+            audio_prompt_tokens: r.audio_prompt_tokens,
+            audio_completion_tokens: r.audio_completion_tokens,
+            cache_write_tokens: r.cache_write_tokens,
+            image_tokens: r.image_tokens,
+            tool_calls: r.tool_calls,
+            provider: r.provider.clone(),
+            cost_breakdown: r.cost_breakdown.0.to_vec(),
             budget_period: r.budget_period.clone(),
             lease_node: r
                 .lease_node
@@ -103,6 +131,24 @@ impl SpoolRow {
             token_source,
             latency_ms: self.latency_ms,
             end_user: self.end_user,
+            service_tier: self
+                .service_tier
+                .as_deref()
+                .and_then(|t| crate::usage::ServiceTier::parse(t).label()),
+            reasoning_tokens: self.reasoning_tokens,
+            audio_prompt_tokens: self.audio_prompt_tokens,
+            audio_completion_tokens: self.audio_completion_tokens,
+            cache_write_tokens: self.cache_write_tokens,
+            image_tokens: self.image_tokens,
+            tool_calls: self.tool_calls,
+            provider: self.provider,
+            cost_breakdown: {
+                let mut b = crate::pricing::Breakdown::default();
+                for (slot, n) in b.0.iter_mut().zip(self.cost_breakdown) {
+                    *slot = n;
+                }
+                b
+            },
             budget_period: self.budget_period,
             lease_node: self.lease_node,
         }
@@ -460,6 +506,15 @@ mod tests {
             token_source: "estimated",
             latency_ms: 4,
             end_user: None,
+            service_tier: Some("flex"),
+            reasoning_tokens: 1,
+            audio_prompt_tokens: 0,
+            audio_completion_tokens: 0,
+            cache_write_tokens: 0,
+            image_tokens: 0,
+            tool_calls: 2,
+            provider: "openai".into(),
+            cost_breakdown: crate::pricing::Breakdown([1, 0, 0, 2, 0, 0, 0, 0, 0]),
             budget_period: Some("total".into()),
             lease_node: None,
         }
@@ -485,6 +540,9 @@ mod tests {
         assert_eq!(a.rows[0].endpoint, "chat.completions");
         assert_eq!(a.rows[0].created_at, rows[0].created_at);
         assert_eq!(a.rows[0].lease_node.as_deref(), Some("node-a"));
+        assert_eq!(a.rows[0].service_tier, Some("flex"));
+        assert_eq!(a.rows[0].cost_breakdown, rows[0].cost_breakdown);
+        assert_eq!((a.rows[0].tool_calls, a.rows[0].reasoning_tokens), (2, 1));
         spool.replayed(a.segment, a.end, a.eof);
         let b = spool
             .next_replay(3)

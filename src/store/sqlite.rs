@@ -11,6 +11,7 @@ use sqlx::Row;
 
 use super::{
     now_text, time_text, to_i64, KeyRow, ReportBy, ReportRow, StoreError, TeamRow, UsageRecord,
+    Value, USAGE_COLUMNS,
 };
 use crate::budget::{Budget, Period};
 use crate::pricing::NanoUsd;
@@ -35,11 +36,9 @@ const STATEMENT_ROWS: [usize; 9] = [256, 128, 64, 32, 16, 8, 4, 2, 1];
 /// 64 KiB (0.44 pwrite calls per row, more than the WAL itself;
 /// bench/PROFILE.md, session 4).
 static INSERT_SQL: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
-    let head =
-        "INSERT OR IGNORE INTO usage (created_at, request_id, team, key_id, model, base_model, \
-                upstream, endpoint, stream, status, prompt_tokens, completion_tokens, \
-                cached_tokens, cost_nano_usd, token_source, latency_ms, end_user) VALUES ";
-    let row = format!("({})", vec!["?"; 17].join(", "));
+    let names: Vec<&str> = USAGE_COLUMNS.iter().map(|(name, _)| *name).collect();
+    let head = format!("INSERT OR IGNORE INTO usage ({}) VALUES ", names.join(", "));
+    let row = format!("({})", vec!["?"; USAGE_COLUMNS.len()].join(", "));
     STATEMENT_ROWS
         .iter()
         .map(|&n| format!("{head}{}", vec![row.as_str(); n].join(", ")))
@@ -329,24 +328,17 @@ async fn insert_batch(
     for (sql, chunk) in statements(rows) {
         let mut q = sqlx::query(sql);
         for r in chunk {
-            q = q
-                .bind(time_text(r.created_at))
-                .bind(&r.request_id)
-                .bind(&r.team)
-                .bind(&r.key_id)
-                .bind(&r.model)
-                .bind(&r.base_model)
-                .bind(&r.upstream)
-                .bind(r.endpoint)
-                .bind(r.stream)
-                .bind(i64::from(r.status))
-                .bind(to_i64(r.prompt_tokens))
-                .bind(to_i64(r.completion_tokens))
-                .bind(to_i64(r.cached_tokens))
-                .bind(to_i64(r.cost_nano_usd))
-                .bind(r.token_source)
-                .bind(to_i64(r.latency_ms))
-                .bind(&r.end_user);
+            for v in r.values() {
+                q = match v {
+                    Value::Time(t) => q.bind(time_text(t)),
+                    Value::Text(t) => q.bind(t),
+                    Value::OptText(t) => q.bind(t),
+                    Value::Bool(b) => q.bind(b),
+                    Value::Int4(n) => q.bind(n),
+                    Value::Int(n) => q.bind(n),
+                    Value::Json(j) => q.bind(j),
+                };
+            }
         }
         q.execute(&mut *tx).await?;
     }
@@ -408,6 +400,15 @@ mod tests {
             token_source: "upstream",
             latency_ms: 4,
             end_user: None,
+            service_tier: None,
+            reasoning_tokens: 0,
+            audio_prompt_tokens: 0,
+            audio_completion_tokens: 0,
+            cache_write_tokens: 0,
+            image_tokens: 0,
+            tool_calls: 0,
+            provider: "openai".into(),
+            cost_breakdown: crate::pricing::Breakdown::default(),
             budget_period: None,
             lease_node: None,
         }

@@ -180,10 +180,8 @@ pub fn estimate_usage(
         .map(|v| prompt_tokens(endpoint, enc, &v))
         .unwrap_or(0);
     super::Usage {
-        prompt_tokens: prompt,
-        completion_tokens: completion_tokens(enc, texts),
-        cached_tokens: 0,
         source: super::TokenSource::Estimated,
+        ..super::Usage::tokens(prompt, completion_tokens(enc, texts))
     }
 }
 

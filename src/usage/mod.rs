@@ -5,10 +5,8 @@
 //! blocking pool (see `proxy`), and the SSE meter works on bounded buffers.
 
 pub mod estimate;
+pub mod read;
 pub mod sse;
-pub mod upstream;
-
-use serde::Deserialize;
 
 /// Which endpoint a request went to; decides how its usage is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -96,12 +94,29 @@ impl TokenSource {
     }
 }
 
+/// What a request consumed, as the provider reports it (SPEC 9). Totals
+/// keep their old meaning: `prompt_tokens` is the whole prompt (cached,
+/// cache-written, audio and image tokens included) and `completion_tokens`
+/// the whole completion (reasoning and audio included); the other fields
+/// say which part of a total was which kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
-    /// Prompt tokens served from the prompt cache (a subset of `prompt_tokens`).
+    /// Prompt tokens read from the provider's prompt cache.
     pub cached_tokens: u64,
+    /// Prompt tokens written to the cache (Anthropic: 5-minute lifetime).
+    pub cache_write_tokens: u64,
+    /// Prompt tokens written to the cache for an hour (Anthropic).
+    pub cache_write_1h_tokens: u64,
+    pub audio_prompt_tokens: u64,
+    pub image_prompt_tokens: u64,
+    /// Completion tokens spent reasoning (billed as output).
+    pub reasoning_tokens: u64,
+    pub audio_completion_tokens: u64,
+    pub image_completion_tokens: u64,
+    /// Built-in tool calls the provider bills per call.
+    pub tool_calls: ToolCalls,
     pub source: TokenSource,
 }
 
@@ -110,42 +125,124 @@ impl Usage {
         prompt_tokens: 0,
         completion_tokens: 0,
         cached_tokens: 0,
+        cache_write_tokens: 0,
+        cache_write_1h_tokens: 0,
+        audio_prompt_tokens: 0,
+        image_prompt_tokens: 0,
+        reasoning_tokens: 0,
+        audio_completion_tokens: 0,
+        image_completion_tokens: 0,
+        tool_calls: ToolCalls::NONE,
         source: TokenSource::Upstream,
     };
-}
 
-/// The `usage` object of chat, completions, embeddings and responses bodies
-/// (the responses API says input/output where the others say prompt/completion).
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct UsageJson {
-    #[serde(default, alias = "input_tokens")]
-    pub prompt_tokens: Option<u64>,
-    #[serde(default, alias = "output_tokens")]
-    pub completion_tokens: Option<u64>,
-    #[serde(default, alias = "input_tokens_details")]
-    pub prompt_tokens_details: Option<TokenDetails>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct TokenDetails {
-    #[serde(default)]
-    pub cached_tokens: Option<u64>,
-}
-
-impl UsageJson {
-    /// `None` unless the object actually reports prompt tokens.
-    pub fn to_usage(&self) -> Option<Usage> {
-        let prompt = self.prompt_tokens?;
-        Some(Usage {
+    /// Plain prompt and completion tokens, nothing else.
+    pub fn tokens(prompt: u64, completion: u64) -> Usage {
+        Usage {
             prompt_tokens: prompt,
-            completion_tokens: self.completion_tokens.unwrap_or(0),
-            cached_tokens: self
-                .prompt_tokens_details
-                .as_ref()
-                .and_then(|d| d.cached_tokens)
-                .unwrap_or(0),
-            source: TokenSource::Upstream,
-        })
+            completion_tokens: completion,
+            ..Usage::NONE
+        }
+    }
+
+    /// Details that cannot exceed their totals, as a provider might claim.
+    pub fn clamped(mut self) -> Usage {
+        let mut left = self.prompt_tokens;
+        for n in [
+            &mut self.cached_tokens,
+            &mut self.cache_write_tokens,
+            &mut self.cache_write_1h_tokens,
+            &mut self.audio_prompt_tokens,
+            &mut self.image_prompt_tokens,
+        ] {
+            *n = (*n).min(left);
+            left -= *n;
+        }
+        let mut left = self.completion_tokens;
+        for n in [
+            &mut self.audio_completion_tokens,
+            &mut self.image_completion_tokens,
+        ] {
+            *n = (*n).min(left);
+            left -= *n;
+        }
+        self.reasoning_tokens = self.reasoning_tokens.min(left);
+        self
+    }
+}
+
+/// Built-in tool calls billed per call (SPEC 9 `[tool_calls]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ToolCalls {
+    pub web_search: u32,
+    pub file_search: u32,
+}
+
+impl ToolCalls {
+    pub const NONE: ToolCalls = ToolCalls {
+        web_search: 0,
+        file_search: 0,
+    };
+    /// The call types, as `[tool_calls]` keys name them.
+    pub const KINDS: [&'static str; 2] = ["web_search", "file_search"];
+
+    pub fn count(&self, kind: &str) -> u32 {
+        match kind {
+            "web_search" => self.web_search,
+            "file_search" => self.file_search,
+            _ => 0,
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        u64::from(self.web_search) + u64::from(self.file_search)
+    }
+
+    /// Counts one item of a Responses API `output` by its `type`.
+    pub fn count_item(&mut self, item_type: &str) {
+        match item_type {
+            "web_search_call" => self.web_search = self.web_search.saturating_add(1),
+            "file_search_call" => self.file_search = self.file_search.saturating_add(1),
+            _ => {}
+        }
+    }
+}
+
+/// The service tier a response says it was served at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ServiceTier {
+    /// `default`, `auto` or absent: standard prices.
+    Standard,
+    Flex,
+    Priority,
+    Batch,
+    Scale,
+    /// A tier tollgate has no prices for (priced as standard, counted).
+    Other,
+}
+
+impl ServiceTier {
+    pub fn parse(s: &str) -> ServiceTier {
+        match s {
+            "default" | "auto" | "standard" | "" => ServiceTier::Standard,
+            "flex" => ServiceTier::Flex,
+            "priority" => ServiceTier::Priority,
+            "batch" => ServiceTier::Batch,
+            "scale" => ServiceTier::Scale,
+            _ => ServiceTier::Other,
+        }
+    }
+
+    /// The `service_tier` column (NULL for standard).
+    pub fn label(self) -> Option<&'static str> {
+        match self {
+            ServiceTier::Standard => None,
+            ServiceTier::Flex => Some("flex"),
+            ServiceTier::Priority => Some("priority"),
+            ServiceTier::Batch => Some("batch"),
+            ServiceTier::Scale => Some("scale"),
+            ServiceTier::Other => Some("other"),
+        }
     }
 }
 

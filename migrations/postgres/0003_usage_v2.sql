@@ -1,0 +1,10 @@
+-- Usage v2 (SPEC 9); see migrations/sqlite/0005_usage_v2.sql.
+ALTER TABLE usage ADD COLUMN service_tier TEXT;
+ALTER TABLE usage ADD COLUMN reasoning_tokens BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE usage ADD COLUMN audio_prompt_tokens BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE usage ADD COLUMN audio_completion_tokens BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE usage ADD COLUMN cache_write_tokens BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE usage ADD COLUMN image_tokens BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE usage ADD COLUMN tool_calls BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE usage ADD COLUMN provider TEXT NOT NULL DEFAULT 'openai';
+ALTER TABLE usage ADD COLUMN cost_breakdown JSONB NOT NULL DEFAULT '{}';

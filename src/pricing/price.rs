@@ -1,0 +1,710 @@
+//! One model's prices (SPEC 9) and the exact cost of a request at them:
+//! named components, service-tier tables, long-context prices and built-in
+//! tool-call fees, priced from what the response says was served, summed
+//! exactly and rounded once, with a breakdown per component.
+
+use super::money::{div_round_half_up, CostAccumulator, NanoUsd, Rate, ZEPTO_PER_NANO};
+use crate::usage::{Encoding, ServiceTier, Usage};
+
+/// A price a catalog row can set, in USD per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component {
+    Input,
+    Output,
+    CachedInput,
+    CacheWrite,
+    CacheWrite1h,
+    AudioInput,
+    AudioOutput,
+    ImageInput,
+    ImageOutput,
+}
+
+impl Component {
+    pub const COUNT: usize = 9;
+    pub const ALL: [Component; Component::COUNT] = [
+        Component::Input,
+        Component::Output,
+        Component::CachedInput,
+        Component::CacheWrite,
+        Component::CacheWrite1h,
+        Component::AudioInput,
+        Component::AudioOutput,
+        Component::ImageInput,
+        Component::ImageOutput,
+    ];
+
+    /// The catalog key.
+    pub fn key(self) -> &'static str {
+        match self {
+            Component::Input => "input",
+            Component::Output => "output",
+            Component::CachedInput => "cached_input",
+            Component::CacheWrite => "cache_write",
+            Component::CacheWrite1h => "cache_write_1h",
+            Component::AudioInput => "audio_input",
+            Component::AudioOutput => "audio_output",
+            Component::ImageInput => "image_input",
+            Component::ImageOutput => "image_output",
+        }
+    }
+
+    /// The price used when a row does not set this one: the nearest text
+    /// rate (SPEC 9).
+    fn fallback(self) -> Option<Component> {
+        match self {
+            Component::Input | Component::Output => None,
+            Component::CachedInput
+            | Component::CacheWrite
+            | Component::AudioInput
+            | Component::ImageInput => Some(Component::Input),
+            Component::CacheWrite1h => Some(Component::CacheWrite),
+            Component::AudioOutput | Component::ImageOutput => Some(Component::Output),
+        }
+    }
+
+    /// The line of the cost breakdown its tokens are billed on.
+    fn line(self) -> Line {
+        match self {
+            Component::Input => Line::Input,
+            Component::Output => Line::Output,
+            Component::CachedInput => Line::CachedInput,
+            Component::CacheWrite | Component::CacheWrite1h => Line::CacheWrite,
+            Component::AudioInput => Line::AudioInput,
+            Component::AudioOutput => Line::AudioOutput,
+            Component::ImageInput => Line::ImageInput,
+            Component::ImageOutput => Line::ImageOutput,
+        }
+    }
+
+    /// Tokens of `usage` billed at this component. Every token of the
+    /// totals is billed exactly once: the prompt's plain text is what its
+    /// cached, cache-written, audio and image parts leave.
+    pub fn tokens(self, u: &Usage) -> u64 {
+        let u = u.clamped();
+        match self {
+            Component::Input => {
+                u.prompt_tokens
+                    - u.cached_tokens
+                    - u.cache_write_tokens
+                    - u.cache_write_1h_tokens
+                    - u.audio_prompt_tokens
+                    - u.image_prompt_tokens
+            }
+            Component::CachedInput => u.cached_tokens,
+            Component::CacheWrite => u.cache_write_tokens,
+            Component::CacheWrite1h => u.cache_write_1h_tokens,
+            Component::AudioInput => u.audio_prompt_tokens,
+            Component::ImageInput => u.image_prompt_tokens,
+            Component::Output => {
+                u.completion_tokens - u.audio_completion_tokens - u.image_completion_tokens
+            }
+            Component::AudioOutput => u.audio_completion_tokens,
+            Component::ImageOutput => u.image_completion_tokens,
+        }
+    }
+
+    /// Prompt-side (true) or completion-side.
+    pub fn is_prompt(self) -> bool {
+        !matches!(
+            self,
+            Component::Output | Component::AudioOutput | Component::ImageOutput
+        )
+    }
+}
+
+/// A line of a request's cost breakdown (the `cost_breakdown` keys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Line {
+    Input,
+    CachedInput,
+    CacheWrite,
+    Output,
+    AudioInput,
+    AudioOutput,
+    ImageInput,
+    ImageOutput,
+    ToolCalls,
+}
+
+impl Line {
+    pub const COUNT: usize = 9;
+    pub const ALL: [Line; Line::COUNT] = [
+        Line::Input,
+        Line::CachedInput,
+        Line::CacheWrite,
+        Line::Output,
+        Line::AudioInput,
+        Line::AudioOutput,
+        Line::ImageInput,
+        Line::ImageOutput,
+        Line::ToolCalls,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Line::Input => "input",
+            Line::CachedInput => "cached_input",
+            Line::CacheWrite => "cache_write",
+            Line::Output => "output",
+            Line::AudioInput => "audio_input",
+            Line::AudioOutput => "audio_output",
+            Line::ImageInput => "image_input",
+            Line::ImageOutput => "image_output",
+            Line::ToolCalls => "tool_calls",
+        }
+    }
+}
+
+/// Nano-USD per breakdown line; the lines sum to the request's total.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Breakdown(pub [u64; Line::COUNT]);
+
+impl Breakdown {
+    pub fn get(&self, line: Line) -> u64 {
+        self.0[line as usize]
+    }
+
+    /// Non-zero lines, in `Line::ALL` order.
+    pub fn lines(&self) -> impl Iterator<Item = (Line, u64)> + '_ {
+        Line::ALL
+            .into_iter()
+            .map(|l| (l, self.0[l as usize]))
+            .filter(|(_, n)| *n > 0)
+    }
+
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+
+    /// `{"input": 123, ...}`, zero lines omitted (the `cost_breakdown` column).
+    pub fn to_json(&self) -> String {
+        let mut out = String::from("{");
+        for (i, (line, n)) in self.lines().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push('"');
+            out.push_str(line.name());
+            out.push_str("\":");
+            out.push_str(&n.to_string());
+        }
+        out.push('}');
+        out
+    }
+}
+
+/// Optional rates per component.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Rates(pub [Option<Rate>; Component::COUNT]);
+
+impl Rates {
+    pub fn get(&self, c: Component) -> Option<Rate> {
+        self.0[c as usize]
+    }
+
+    pub fn set(&mut self, c: Component, r: Option<Rate>) {
+        self.0[c as usize] = r;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(Option::is_none)
+    }
+
+    /// `self` with every component `over` sets replaced.
+    fn overridden_by(&self, over: &Rates) -> Rates {
+        let mut out = *self;
+        for c in Component::ALL {
+            if let Some(r) = over.get(c) {
+                out.set(c, Some(r));
+            }
+        }
+        out
+    }
+
+    fn map(&self, f: impl Fn(Rate) -> Rate) -> Rates {
+        Rates(self.0.map(|r| r.map(&f)))
+    }
+
+    /// The rate a component is billed at: its own, else its fallback's.
+    fn effective(&self, c: Component) -> Rate {
+        let mut c = c;
+        loop {
+            if let Some(r) = self.get(c) {
+                return r;
+            }
+            match c.fallback() {
+                Some(next) => c = next,
+                None => return Rate::default(),
+            }
+        }
+    }
+}
+
+/// Prices that apply to the whole request past a prompt size.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LongContext {
+    pub above_input_tokens: u64,
+    pub rates: Rates,
+}
+
+/// A built-in tool call fee: zepto-USD per call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CallFee(pub u128);
+
+impl CallFee {
+    /// From USD per 1000 calls, exactly.
+    pub fn from_usd_per_1000(text: &str) -> Result<CallFee, String> {
+        super::money::decimal_scaled(text, 18).map(CallFee)
+    }
+
+    pub fn usd_per_1000_string(self) -> String {
+        super::money::format_decimal(self.0, 18)
+    }
+}
+
+/// One catalog row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelPrice {
+    pub provider: Option<String>,
+    /// Standard prices (`input` and `output` always set).
+    pub rates: Rates,
+    pub flex: Option<Rates>,
+    pub priority: Option<Rates>,
+    pub batch: Option<Rates>,
+    pub long_context: Option<LongContext>,
+    /// The row's own tool-call fees; the catalog's `[tool_calls]` otherwise.
+    pub tool_calls: Vec<(String, CallFee)>,
+    pub max_output_tokens: Option<u64>,
+    pub encoding: Option<Encoding>,
+}
+
+/// A request's exact cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Priced {
+    pub total: NanoUsd,
+    pub breakdown: Breakdown,
+    /// Why standard or derived prices stood in for the served tier.
+    pub fallback: Option<&'static str>,
+}
+
+impl ModelPrice {
+    /// A row of plain text prices.
+    pub fn text(input: Rate, output: Rate) -> ModelPrice {
+        let mut rates = Rates::default();
+        rates.set(Component::Input, Some(input));
+        rates.set(Component::Output, Some(output));
+        ModelPrice {
+            provider: None,
+            rates,
+            flex: None,
+            priority: None,
+            batch: None,
+            long_context: None,
+            tool_calls: Vec::new(),
+            max_output_tokens: None,
+            encoding: None,
+        }
+    }
+
+    pub fn input(&self) -> Rate {
+        self.rates.effective(Component::Input)
+    }
+
+    pub fn output(&self) -> Rate {
+        self.rates.effective(Component::Output)
+    }
+
+    /// The rates for a served tier, and whether they stand in for a table
+    /// the row does not have (SPEC 9: flex falls back to the batch table,
+    /// batch to half of every standard price, priority and scale to
+    /// standard).
+    fn tier_rates(&self, tier: ServiceTier) -> (Rates, Option<&'static str>) {
+        let std = self.rates;
+        let half = || std.map(|r| Rate(div_round_half_up(r.0, 2)));
+        match tier {
+            ServiceTier::Standard => (std, None),
+            ServiceTier::Flex => match (&self.flex, &self.batch) {
+                (Some(f), _) => (std.overridden_by(f), None),
+                (None, Some(b)) => (std.overridden_by(b), Some("tier")),
+                (None, None) => (half(), Some("tier")),
+            },
+            ServiceTier::Batch => match &self.batch {
+                Some(b) => (std.overridden_by(b), None),
+                None => (half(), Some("tier")),
+            },
+            ServiceTier::Priority => match &self.priority {
+                Some(p) => (std.overridden_by(p), None),
+                None => (std, Some("tier")),
+            },
+            ServiceTier::Scale | ServiceTier::Other => (std, Some("tier")),
+        }
+    }
+
+    /// The rates that apply to a request with `prompt_tokens` at `tier`.
+    pub fn rates_for(
+        &self,
+        tier: ServiceTier,
+        prompt_tokens: u64,
+    ) -> (Rates, Option<&'static str>) {
+        let (rates, fallback) = self.tier_rates(tier);
+        match &self.long_context {
+            Some(lc) if prompt_tokens > lc.above_input_tokens => {
+                (rates.overridden_by(&lc.rates), fallback)
+            }
+            _ => (rates, fallback),
+        }
+    }
+
+    /// The fee per call of a built-in tool, the row's own first.
+    pub fn call_fee(&self, kind: &str, global: &[(String, CallFee)]) -> CallFee {
+        self.tool_calls
+            .iter()
+            .chain(global)
+            .find(|(k, _)| k == kind)
+            .map_or(CallFee::default(), |(_, f)| *f)
+    }
+
+    /// The exact cost of `usage` served at `tier`, rounded once; the
+    /// breakdown's lines sum to the total (largest remainders get the
+    /// rounding).
+    pub fn price(&self, usage: &Usage, tier: ServiceTier, global: &[(String, CallFee)]) -> Priced {
+        let (rates, fallback) = self.rates_for(tier, usage.prompt_tokens);
+        let mut zepto = [0u128; Line::COUNT];
+        for c in Component::ALL {
+            let n = c.tokens(usage);
+            if n > 0 {
+                let z = u128::from(n).saturating_mul(rates.effective(c).0);
+                let line = &mut zepto[c.line() as usize];
+                *line = line.saturating_add(z);
+            }
+        }
+        for kind in crate::usage::ToolCalls::KINDS {
+            let calls = usage.tool_calls.count(kind);
+            if calls > 0 {
+                let z = u128::from(calls).saturating_mul(self.call_fee(kind, global).0);
+                let line = &mut zepto[Line::ToolCalls as usize];
+                *line = line.saturating_add(z);
+            }
+        }
+        let mut acc = CostAccumulator::default();
+        for z in zepto {
+            acc.add_zepto(z);
+        }
+        let total = acc.nano_usd();
+        Priced {
+            total,
+            breakdown: apportion(&zepto, total.0),
+            fallback,
+        }
+    }
+
+    /// Cost of plain usage at standard prices (fine-tune premiums, tests).
+    pub fn cost(&self, usage: &Usage) -> NanoUsd {
+        self.price(usage, ServiceTier::Standard, &[]).total
+    }
+
+    /// The highest prompt-side and completion-side rate over the tiers a
+    /// request may be served at: a true upper bound per token, whatever the
+    /// response turns out to be.
+    pub fn worst_rates(&self, tiers: &[ServiceTier], prompt_tokens: u64) -> (Rate, Rate) {
+        let (mut p, mut c) = (Rate::default(), Rate::default());
+        for &tier in tiers {
+            for long in [0, prompt_tokens] {
+                let (rates, _) = self.rates_for(tier, long);
+                for comp in Component::ALL {
+                    let r = rates.effective(comp);
+                    if comp.is_prompt() {
+                        p = p.max(r);
+                    } else {
+                        c = c.max(r);
+                    }
+                }
+            }
+        }
+        (p, c)
+    }
+
+    /// A true upper bound of what a request can cost before its response
+    /// says what was served: every prompt token at the highest prompt-side
+    /// rate and every completion token at the highest completion-side rate
+    /// of the tiers it may be served at, plus the built-in tool calls it
+    /// may make (`calls`: kind and count).
+    pub fn worst_case(
+        &self,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+        tiers: &[ServiceTier],
+        calls: &[(&str, u64)],
+        global: &[(String, CallFee)],
+    ) -> NanoUsd {
+        let (p, c) = self.worst_rates(tiers, prompt_tokens);
+        let mut acc = CostAccumulator::default();
+        acc.add(prompt_tokens, p);
+        acc.add(completion_tokens, c);
+        for (kind, n) in calls {
+            acc.add_zepto(u128::from(*n).saturating_mul(self.call_fee(kind, global).0));
+        }
+        // Rounded up: the bound must not fall short by the rounding.
+        NanoUsd(acc.nano_usd().0.saturating_add(1))
+    }
+
+    /// The row scaled by a decimal factor in millionths (fine-tuned models
+    /// priced as a multiple of their base).
+    pub fn times_ppm(&self, ppm: u128) -> ModelPrice {
+        let scale = |r: &Rates| r.map(|x| x.times_ppm(ppm));
+        ModelPrice {
+            provider: self.provider.clone(),
+            rates: scale(&self.rates),
+            flex: self.flex.as_ref().map(scale),
+            priority: self.priority.as_ref().map(scale),
+            batch: self.batch.as_ref().map(scale),
+            long_context: self.long_context.as_ref().map(|lc| LongContext {
+                above_input_tokens: lc.above_input_tokens,
+                rates: scale(&lc.rates),
+            }),
+            tool_calls: self.tool_calls.clone(),
+            max_output_tokens: self.max_output_tokens,
+            encoding: self.encoding,
+        }
+    }
+}
+
+impl Rates {
+    /// `{"input_usd_per_million": "1.25", ...}` for the components set.
+    pub fn to_json(&self) -> serde_json::Map<String, serde_json::Value> {
+        Component::ALL
+            .into_iter()
+            .filter_map(|c| {
+                self.get(c).map(|r| {
+                    (
+                        format!("{}_usd_per_million", c.key()),
+                        serde_json::Value::String(r.usd_per_million_string()),
+                    )
+                })
+            })
+            .collect()
+    }
+}
+
+impl ModelPrice {
+    /// The row as `catalog show --format json` prints it.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut out = self.rates.to_json();
+        // Keys older scripts read, always present.
+        for c in [Component::Input, Component::Output, Component::CachedInput] {
+            out.entry(format!("{}_usd_per_million", c.key()))
+                .or_insert(serde_json::Value::Null);
+        }
+        let mut put = |k: &str, v: serde_json::Value| {
+            out.insert(k.to_string(), v);
+        };
+        put("provider", self.provider.clone().into());
+        put("max_output_tokens", self.max_output_tokens.into());
+        put("encoding", self.encoding.map(|e| e.name()).into());
+        for (name, tier) in [
+            ("flex", &self.flex),
+            ("priority", &self.priority),
+            ("batch", &self.batch),
+        ] {
+            if let Some(t) = tier {
+                put(name, serde_json::Value::Object(t.to_json()));
+            }
+        }
+        if let Some(lc) = &self.long_context {
+            let mut m = lc.rates.to_json();
+            m.insert("above_input_tokens".into(), lc.above_input_tokens.into());
+            put("long_context", serde_json::Value::Object(m));
+        }
+        if !self.tool_calls.is_empty() {
+            let fees: serde_json::Map<String, serde_json::Value> = self
+                .tool_calls
+                .iter()
+                .map(|(k, f)| (k.clone(), f.usd_per_1000_string().into()))
+                .collect();
+            put("tool_calls_usd_per_1000", serde_json::Value::Object(fees));
+        }
+        serde_json::Value::Object(out)
+    }
+
+    /// The tier tables the row has (`flex,priority,batch,long`), for tables.
+    pub fn tier_names(&self) -> String {
+        let mut names = Vec::new();
+        for (name, present) in [
+            ("flex", self.flex.is_some()),
+            ("priority", self.priority.is_some()),
+            ("batch", self.batch.is_some()),
+            ("long", self.long_context.is_some()),
+        ] {
+            if present {
+                names.push(name);
+            }
+        }
+        if names.is_empty() {
+            "-".to_string()
+        } else {
+            names.join(",")
+        }
+    }
+}
+
+/// Whole nano-USD per line summing exactly to `total`: each line rounded
+/// down, the difference handed to the lines with the largest remainders.
+fn apportion(zepto: &[u128; Line::COUNT], total: u64) -> Breakdown {
+    let mut out = [0u64; Line::COUNT];
+    let mut rest: Vec<(u128, usize)> = Vec::with_capacity(Line::COUNT);
+    for (i, z) in zepto.iter().enumerate() {
+        out[i] = u64::try_from(z / ZEPTO_PER_NANO).unwrap_or(u64::MAX);
+        if z % ZEPTO_PER_NANO > 0 {
+            rest.push((z % ZEPTO_PER_NANO, i));
+        }
+    }
+    let floor: u64 = out.iter().fold(0u64, |a, b| a.saturating_add(*b));
+    let mut extra = total.saturating_sub(floor);
+    rest.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    for (_, i) in rest {
+        if extra == 0 {
+            break;
+        }
+        out[i] += 1;
+        extra -= 1;
+    }
+    Breakdown(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rate(usd_per_m: &str) -> Rate {
+        Rate::from_usd_per_million(usd_per_m).unwrap_or_default()
+    }
+
+    fn gpt5() -> ModelPrice {
+        let mut p = ModelPrice::text(rate("1.25"), rate("10"));
+        p.rates.set(Component::CachedInput, Some(rate("0.125")));
+        let mut flex = Rates::default();
+        flex.set(Component::Input, Some(rate("0.625")));
+        flex.set(Component::Output, Some(rate("5")));
+        let mut prio = Rates::default();
+        prio.set(Component::Input, Some(rate("2.5")));
+        prio.set(Component::Output, Some(rate("20")));
+        p.flex = Some(flex);
+        p.priority = Some(prio);
+        p
+    }
+
+    #[test]
+    fn the_served_tier_picks_the_prices() {
+        let u = Usage::tokens(10_000, 2_000);
+        let p = gpt5();
+        let std = p.price(&u, ServiceTier::Standard, &[]);
+        assert_eq!(std.total, NanoUsd(32_500_000));
+        let prio = p.price(&u, ServiceTier::Priority, &[]);
+        assert_eq!((prio.total, prio.fallback), (NanoUsd(65_000_000), None));
+        let flex = p.price(&u, ServiceTier::Flex, &[]);
+        assert_eq!(flex.total, NanoUsd(16_250_000));
+        // No batch table: half of every standard price, counted.
+        let batch = p.price(&u, ServiceTier::Batch, &[]);
+        assert_eq!(
+            (batch.total, batch.fallback),
+            (NanoUsd(16_250_000), Some("tier"))
+        );
+        let scale = p.price(&u, ServiceTier::Scale, &[]);
+        assert_eq!(
+            (scale.total, scale.fallback),
+            (NanoUsd(32_500_000), Some("tier"))
+        );
+    }
+
+    #[test]
+    fn audio_and_cache_tokens_are_billed_once_at_their_own_rates() {
+        // gpt-4o-audio-preview: 800 of 1000 prompt audio, 400 of 500 completion audio.
+        let mut p = ModelPrice::text(rate("2.5"), rate("10"));
+        p.rates.set(Component::AudioInput, Some(rate("40")));
+        p.rates.set(Component::AudioOutput, Some(rate("80")));
+        let u = Usage {
+            audio_prompt_tokens: 800,
+            audio_completion_tokens: 400,
+            ..Usage::tokens(1_000, 500)
+        };
+        let priced = p.price(&u, ServiceTier::Standard, &[]);
+        assert_eq!(priced.total, NanoUsd(65_500_000));
+        assert_eq!(priced.breakdown.get(Line::Input), 500_000);
+        assert_eq!(priced.breakdown.get(Line::AudioInput), 32_000_000);
+        assert_eq!(priced.breakdown.get(Line::Output), 1_000_000);
+        assert_eq!(priced.breakdown.get(Line::AudioOutput), 32_000_000);
+        assert_eq!(
+            priced.breakdown.to_json(),
+            r#"{"input":500000,"output":1000000,"audio_input":32000000,"audio_output":32000000}"#
+        );
+        // A row without an audio price bills audio at the text rate.
+        let plain = ModelPrice::text(rate("2.5"), rate("10"));
+        assert_eq!(plain.cost(&u), NanoUsd(7_500_000));
+    }
+
+    #[test]
+    fn long_context_moves_the_whole_request() {
+        let mut p = ModelPrice::text(rate("1.25"), rate("10"));
+        let mut lc = Rates::default();
+        lc.set(Component::Input, Some(rate("2.5")));
+        lc.set(Component::Output, Some(rate("15")));
+        p.long_context = Some(LongContext {
+            above_input_tokens: 200_000,
+            rates: lc,
+        });
+        assert_eq!(p.cost(&Usage::tokens(200_000, 1_000)), NanoUsd(260_000_000));
+        assert_eq!(p.cost(&Usage::tokens(200_001, 1_000)), NanoUsd(515_002_500));
+    }
+
+    #[test]
+    fn tool_calls_are_billed_per_call_the_rows_own_fee_first() {
+        let global = vec![(
+            "web_search".to_string(),
+            CallFee::from_usd_per_1000("10").unwrap_or_default(),
+        )];
+        let mut p = ModelPrice::text(rate("0"), rate("0"));
+        let u = Usage {
+            tool_calls: crate::usage::ToolCalls {
+                web_search: 3,
+                file_search: 0,
+            },
+            ..Usage::tokens(0, 0)
+        };
+        assert_eq!(
+            p.price(&u, ServiceTier::Standard, &global).total,
+            NanoUsd(30_000_000)
+        );
+        p.tool_calls.push((
+            "web_search".into(),
+            CallFee::from_usd_per_1000("25").unwrap_or_default(),
+        ));
+        let priced = p.price(&u, ServiceTier::Standard, &global);
+        assert_eq!(priced.total, NanoUsd(75_000_000));
+        assert_eq!(priced.breakdown.get(Line::ToolCalls), 75_000_000);
+    }
+
+    #[test]
+    fn the_breakdown_sums_to_the_total_rounded_once() {
+        // Three lines of 0.4 nano each: total 1.2 -> 1; the breakdown gives
+        // the one nano to one line.
+        let mut p = ModelPrice::text(rate("0.0004"), rate("0.0004"));
+        p.rates.set(Component::CachedInput, Some(rate("0.0004")));
+        let u = Usage {
+            cached_tokens: 1,
+            ..Usage::tokens(2, 1)
+        };
+        let priced = p.price(&u, ServiceTier::Standard, &[]);
+        assert_eq!(priced.total, NanoUsd(1));
+        assert_eq!(priced.breakdown.total(), 1);
+    }
+
+    #[test]
+    fn the_worst_rate_covers_every_tier_and_component() {
+        let mut p = gpt5();
+        p.rates.set(Component::AudioInput, Some(rate("40")));
+        let (prompt, completion) =
+            p.worst_rates(&[ServiceTier::Standard, ServiceTier::Priority], 10);
+        assert_eq!((prompt, completion), (rate("40"), rate("20")));
+    }
+}

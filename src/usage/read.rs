@@ -1,0 +1,351 @@
+//! Usage and the served facts (model, service tier, built-in tool calls)
+//! read from an upstream response, in every spelling SPEC 9 lists.
+//!
+//! Lenient by design: a usage object that spells a field twice, adds
+//! fields, or uses strings or floats for counts is read as well as it can
+//! be, and one that cannot be read yields `None` (tollgate then estimates).
+//! Nothing here can turn a provider's successful response into an error.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{ServiceTier, TokenSource, ToolCalls, Usage};
+
+/// What a response says was served.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Served {
+    /// The response's `model` (a dated snapshot may cost more than its alias).
+    pub model: Option<String>,
+    pub tier: Option<ServiceTier>,
+    /// Built-in tool calls the response made (Responses API output items).
+    pub tool_calls: ToolCalls,
+}
+
+impl Served {
+    /// Notes a `model` seen in a response or a stream chunk.
+    pub fn see_model(&mut self, model: &str) {
+        if !model.is_empty() && self.model.as_deref() != Some(model) {
+            self.model = Some(model.chars().take(256).collect());
+        }
+    }
+
+    pub fn see_tier(&mut self, tier: &str) {
+        self.tier = Some(ServiceTier::parse(tier));
+    }
+}
+
+/// What a non-streaming response body says.
+#[derive(Debug, Clone, Default)]
+pub struct BodyFacts {
+    pub usage: Option<Usage>,
+    pub served: Served,
+    /// The body was JSON tollgate could read at all.
+    pub readable: bool,
+}
+
+/// The fields read from a response body; everything else is skipped.
+#[derive(Deserialize)]
+struct Body {
+    #[serde(default)]
+    usage: Option<Value>,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    service_tier: Option<Value>,
+    #[serde(default)]
+    output: Option<Vec<OutputItem>>,
+}
+
+#[derive(Deserialize)]
+struct OutputItem {
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+}
+
+/// Reads a non-streaming response body. A body whose top level repeats a
+/// key is read again as a plain JSON value (the last one wins).
+pub fn read_body(body: &[u8]) -> BodyFacts {
+    match serde_json::from_slice::<Body>(body) {
+        Ok(b) => {
+            let mut served = Served::default();
+            if let Some(m) = &b.model {
+                served.see_model(m);
+            }
+            if let Some(Value::String(t)) = &b.service_tier {
+                served.see_tier(t);
+            }
+            for item in b.output.iter().flatten() {
+                if let Some(kind) = &item.kind {
+                    served.tool_calls.count_item(kind);
+                }
+            }
+            BodyFacts {
+                usage: b.usage.as_ref().and_then(usage_from_value),
+                served,
+                readable: true,
+            }
+        }
+        Err(_) => match serde_json::from_slice::<Value>(body) {
+            Ok(v) if v.is_object() => facts_from_value(&v),
+            _ => BodyFacts::default(),
+        },
+    }
+}
+
+/// The facts of a response object already parsed (a Responses API stream's
+/// `response.completed` event, or a body with duplicate keys).
+pub fn facts_from_value(v: &Value) -> BodyFacts {
+    let mut served = Served::default();
+    if let Some(m) = v.get("model").and_then(Value::as_str) {
+        served.see_model(m);
+    }
+    if let Some(t) = v.get("service_tier").and_then(Value::as_str) {
+        served.see_tier(t);
+    }
+    for item in v
+        .get("output")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(kind) = item.get("type").and_then(Value::as_str) {
+            served.tool_calls.count_item(kind);
+        }
+    }
+    BodyFacts {
+        usage: v.get("usage").and_then(usage_from_value),
+        served,
+        readable: true,
+    }
+}
+
+/// A count, however the provider spelled it: an integer, an integral
+/// float, or a numeric string. Negative or fractional values are not counts.
+fn count(v: Option<&Value>) -> Option<u64> {
+    match v? {
+        Value::Number(n) => n.as_u64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.is_finite() && *f >= 0.0 && f.fract() == 0.0 && *f < 1e18)
+                .map(|f| f as u64)
+        }),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// `obj.a.b`, for the nested details objects.
+fn at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
+    path.iter().try_fold(v, |v, k| v.get(*k))
+}
+
+/// The first of several spellings that is present.
+fn first(v: &Value, paths: &[&[&str]]) -> Option<u64> {
+    paths.iter().find_map(|p| count(at(v, p)))
+}
+
+/// A usage object in any spelling of SPEC 9: OpenAI chat/completions
+/// (`prompt_tokens`, `*_details`), Responses (`input_tokens`, ...),
+/// DeepSeek (`prompt_cache_hit_tokens`) and Anthropic (`input_tokens` plus
+/// `cache_creation_input_tokens` and `cache_read_input_tokens`, which
+/// Anthropic counts outside `input_tokens`). `None` unless it reports a
+/// prompt (or input) count.
+pub fn usage_from_value(v: &Value) -> Option<Usage> {
+    if !v.is_object() {
+        return None;
+    }
+    let openai_prompt = count(v.get("prompt_tokens"));
+    let input = count(v.get("input_tokens"));
+    let cache_read = count(v.get("cache_read_input_tokens"));
+    let cache_created = count(v.get("cache_creation_input_tokens"));
+    let (cw_5m, cw_1h) = match v.get("cache_creation") {
+        Some(c) if c.is_object() => (
+            count(c.get("ephemeral_5m_input_tokens")).unwrap_or(0),
+            count(c.get("ephemeral_1h_input_tokens")).unwrap_or(0),
+        ),
+        _ => (cache_created.unwrap_or(0), 0),
+    };
+    // Anthropic's input_tokens leaves out what was read from or written to
+    // the cache; everyone else's prompt total includes cached tokens.
+    let anthropic = openai_prompt.is_none()
+        && input.is_some()
+        && (cache_read.is_some() || cache_created.is_some() || v.get("cache_creation").is_some());
+    let prompt = match (openai_prompt, input) {
+        (Some(p), _) => p,
+        (None, Some(i)) if anthropic => i
+            .saturating_add(cache_read.unwrap_or(0))
+            .saturating_add(cw_5m)
+            .saturating_add(cw_1h),
+        (None, Some(i)) => i,
+        (None, None) => return None,
+    };
+    let cached = first(
+        v,
+        &[
+            &["prompt_tokens_details", "cached_tokens"],
+            &["input_tokens_details", "cached_tokens"],
+            &["prompt_cache_hit_tokens"],
+            &["cache_read_input_tokens"],
+        ],
+    )
+    .unwrap_or(0);
+    let usage = Usage {
+        prompt_tokens: prompt,
+        completion_tokens: first(v, &[&["completion_tokens"], &["output_tokens"]]).unwrap_or(0),
+        cached_tokens: cached,
+        cache_write_tokens: cw_5m,
+        cache_write_1h_tokens: cw_1h,
+        audio_prompt_tokens: first(
+            v,
+            &[
+                &["prompt_tokens_details", "audio_tokens"],
+                &["input_tokens_details", "audio_tokens"],
+            ],
+        )
+        .unwrap_or(0),
+        image_prompt_tokens: first(
+            v,
+            &[
+                &["input_tokens_details", "image_tokens"],
+                &["prompt_tokens_details", "image_tokens"],
+            ],
+        )
+        .unwrap_or(0),
+        reasoning_tokens: first(
+            v,
+            &[
+                &["completion_tokens_details", "reasoning_tokens"],
+                &["output_tokens_details", "reasoning_tokens"],
+            ],
+        )
+        .unwrap_or(0),
+        audio_completion_tokens: first(
+            v,
+            &[
+                &["completion_tokens_details", "audio_tokens"],
+                &["output_tokens_details", "audio_tokens"],
+            ],
+        )
+        .unwrap_or(0),
+        image_completion_tokens: first(
+            v,
+            &[
+                &["output_tokens_details", "image_tokens"],
+                &["completion_tokens_details", "image_tokens"],
+            ],
+        )
+        .unwrap_or(0),
+        tool_calls: ToolCalls {
+            web_search: first(v, &[&["server_tool_use", "web_search_requests"]])
+                .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX)),
+            file_search: 0,
+        },
+        source: TokenSource::Upstream,
+    };
+    Some(usage.clamped())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn read(v: Value) -> Usage {
+        usage_from_value(&v).unwrap_or_else(|| panic!("no usage in {v}"))
+    }
+
+    #[test]
+    fn chat_usage_with_every_detail() {
+        let u = read(
+            json!({"prompt_tokens": 1000, "completion_tokens": 500, "total_tokens": 1500,
+            "prompt_tokens_details": {"cached_tokens": 100, "audio_tokens": 800},
+            "completion_tokens_details": {"reasoning_tokens": 50, "audio_tokens": 400}}),
+        );
+        assert_eq!(
+            (u.prompt_tokens, u.cached_tokens, u.audio_prompt_tokens),
+            (1000, 100, 800)
+        );
+        assert_eq!(
+            (
+                u.completion_tokens,
+                u.reasoning_tokens,
+                u.audio_completion_tokens
+            ),
+            (500, 50, 400)
+        );
+    }
+
+    #[test]
+    fn responses_usage_and_output_items() {
+        let body = br#"{"object":"response","model":"gpt-5-2025-08-07","service_tier":"priority",
+            "output":[{"type":"web_search_call","id":"ws_1"},{"type":"web_search_call"},{"type":"message","content":[]},{"type":"file_search_call"}],
+            "usage":{"input_tokens":36,"output_tokens":87,"input_tokens_details":{"cached_tokens":4,"image_tokens":10},
+            "output_tokens_details":{"reasoning_tokens":20},"total_tokens":123}}"#;
+        let f = read_body(body);
+        let u = f.usage.unwrap_or(Usage::NONE);
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.cached_tokens),
+            (36, 87, 4)
+        );
+        assert_eq!((u.image_prompt_tokens, u.reasoning_tokens), (10, 20));
+        assert_eq!(f.served.model.as_deref(), Some("gpt-5-2025-08-07"));
+        assert_eq!(f.served.tier, Some(ServiceTier::Priority));
+        assert_eq!(
+            f.served.tool_calls,
+            ToolCalls {
+                web_search: 2,
+                file_search: 1
+            }
+        );
+    }
+
+    #[test]
+    fn deepseek_cache_hits() {
+        let u = read(json!({"prompt_tokens": 10000, "completion_tokens": 10,
+            "prompt_cache_hit_tokens": 9000, "prompt_cache_miss_tokens": 1000}));
+        assert_eq!((u.prompt_tokens, u.cached_tokens), (10000, 9000));
+    }
+
+    #[test]
+    fn anthropic_counts_cache_outside_input() {
+        let u = read(json!({"input_tokens": 100, "output_tokens": 50,
+            "cache_read_input_tokens": 1000, "cache_creation_input_tokens": 300,
+            "cache_creation": {"ephemeral_5m_input_tokens": 200, "ephemeral_1h_input_tokens": 100},
+            "server_tool_use": {"web_search_requests": 2}}));
+        assert_eq!(u.prompt_tokens, 1400);
+        assert_eq!(
+            (
+                u.cached_tokens,
+                u.cache_write_tokens,
+                u.cache_write_1h_tokens
+            ),
+            (1000, 200, 100)
+        );
+        assert_eq!(u.tool_calls.web_search, 2);
+        let u = read(
+            json!({"input_tokens": 100, "output_tokens": 5, "cache_creation_input_tokens": 40}),
+        );
+        assert_eq!((u.prompt_tokens, u.cache_write_tokens), (140, 40));
+    }
+
+    #[test]
+    fn odd_spellings_are_read_not_refused() {
+        // A field spelled twice: the last one wins, as in any JSON reader.
+        let f = read_body(br#"{"model":"m","usage":{"prompt_tokens":10,"input_tokens":12,"prompt_tokens":11,"completion_tokens":"5"},"model":"m2"}"#);
+        let u = f.usage.unwrap_or(Usage::NONE);
+        assert!(f.readable);
+        assert_eq!((u.prompt_tokens, u.completion_tokens), (11, 5));
+        assert_eq!(f.served.model.as_deref(), Some("m2"));
+        // Floats, negative and nonsense counts.
+        let u = read(json!({"prompt_tokens": 10.0, "completion_tokens": -3,
+            "prompt_tokens_details": {"cached_tokens": 99}}));
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.cached_tokens),
+            (10, 0, 10)
+        );
+        assert_eq!(usage_from_value(&json!({"completion_tokens": 5})), None);
+        assert_eq!(usage_from_value(&json!("usage")), None);
+        assert!(!read_body(b"<html>").readable);
+        assert!(read_body(br#"{"choices":[]}"#).usage.is_none());
+        assert!(read_body(br#"{"usage":null}"#).usage.is_none());
+    }
+}
