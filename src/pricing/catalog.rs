@@ -303,18 +303,21 @@ impl Catalog {
     }
 
     /// Exact id, then the id without its date suffix.
+    /// Exact id, then the id without its date suffix. A dated snapshot
+    /// priced exactly like its alias is reported as the alias (one
+    /// `base_model` per price, as SPEC 8's example shows); one priced
+    /// differently (`gpt-4o-2024-05-13`) keeps its own id.
     fn lookup(&self, id: &str) -> Option<(&str, &Arc<ModelPrice>)> {
-        if let Some((k, v)) = self.models.get_key_value(id) {
-            return Some((k.as_str(), v));
-        }
         let stripped = strip_date_suffix(id);
-        if stripped.len() != id.len() {
-            return self
-                .models
-                .get_key_value(stripped)
-                .map(|(k, v)| (k.as_str(), v));
+        let alias = (stripped.len() != id.len())
+            .then(|| self.models.get_key_value(stripped))
+            .flatten();
+        match (self.models.get_key_value(id), alias) {
+            (Some((_, exact)), Some((k, v))) if exact.same_prices(v) => Some((k.as_str(), v)),
+            (Some((k, v)), _) => Some((k.as_str(), v)),
+            (None, Some((k, v))) => Some((k.as_str(), v)),
+            (None, None) => None,
         }
-        None
     }
 
     pub fn resolve(&self, model: &str) -> Resolved {

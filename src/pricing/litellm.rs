@@ -1,23 +1,20 @@
 //! `tollgate catalog import-litellm`: converts LiteLLM's public cost map
-//! (USD per token, JSON) into tollgate's catalog TOML (USD per million).
+//! (USD per token, JSON) into tollgate's catalog TOML v2 (USD per million
+//! tokens, SPEC 9): every LiteLLM price key that maps to a component, its
+//! `_flex`, `_priority` and `_batches` tiers, the first `_above_Nk_tokens`
+//! threshold as `long_context`, and search fees as `tool_calls`.
+//!
+//! Exact: every price is converted from the decimal text of the JSON number
+//! and must read back unchanged; an entry that cannot is skipped and named.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use serde::Deserialize;
+use serde_json::Value;
 
 use super::money::Rate;
+use super::price::{CallFee, Component};
 use crate::usage::Encoding;
-
-#[derive(Debug, Deserialize)]
-struct Entry {
-    input_cost_per_token: Option<f64>,
-    output_cost_per_token: Option<f64>,
-    cache_read_input_token_cost: Option<f64>,
-    max_output_tokens: Option<serde_json::Value>,
-    litellm_provider: Option<String>,
-    mode: Option<String>,
-}
 
 pub struct Imported {
     pub toml: String,
@@ -27,64 +24,247 @@ pub struct Imported {
     pub problems: Vec<String>,
 }
 
-/// One model's catalog table, or why its prices cannot be used. Every price
-/// must come back exactly when the catalog is loaded.
-fn model_block(id: &str, input: f64, entry: &Entry) -> Result<String, String> {
-    let line = |name: &str, x: f64| -> Result<String, String> {
-        let text = Rate::from_f64_usd_per_token(x)
-            .map(|r| r.usd_per_million_string())
-            .map_err(|e| format!("{id}: {name}: {e}"))?;
-        Rate::from_usd_per_million(&text).map_err(|e| format!("{id}: {name}: {e}"))?;
-        let text = if text.contains('.') {
-            text
-        } else {
-            format!("{text}.0")
-        };
-        Ok(format!("{name} = {text}\n"))
-    };
-    let mut out = format!("\n[models.{}]\n", toml_key(id));
-    out.push_str(&line("input", input)?);
-    out.push_str(&line("output", entry.output_cost_per_token.unwrap_or(0.0))?);
-    if let Some(cached) = entry.cache_read_input_token_cost {
-        out.push_str(&line("cached_input", cached)?);
+/// LiteLLM's key for a component (USD per token), before any tier suffix.
+fn litellm_key(c: Component) -> &'static str {
+    match c {
+        Component::Input => "input_cost_per_token",
+        Component::Output => "output_cost_per_token",
+        Component::CachedInput => "cache_read_input_token_cost",
+        Component::CacheWrite => "cache_creation_input_token_cost",
+        Component::CacheWrite1h => "cache_creation_input_token_cost_above_1hr",
+        Component::AudioInput => "input_cost_per_audio_token",
+        Component::AudioOutput => "output_cost_per_audio_token",
+        Component::ImageInput => "input_cost_per_image_token",
+        Component::ImageOutput => "output_cost_per_image_token",
     }
-    if let Some(max) = entry.max_output_tokens.as_ref().and_then(|v| v.as_u64()) {
-        let _ = writeln!(out, "max_output_tokens = {max}");
+}
+
+/// Modes whose prices are per token (text, audio or image tokens).
+const MODES: [&str; 8] = [
+    "chat",
+    "completion",
+    "responses",
+    "embedding",
+    "image_generation",
+    "audio_transcription",
+    "audio_speech",
+    "realtime",
+];
+
+/// tollgate's provider name for a LiteLLM one.
+fn provider_name(litellm: &str) -> &str {
+    match litellm {
+        "vertex_ai-language-models" | "gemini" => "google",
+        "together_ai" => "together",
+        "fireworks_ai" => "fireworks",
+        "azure" | "azure_ai" => "azure",
+        other => other,
     }
-    let base = super::catalog::finetune_base(id).unwrap_or(id);
-    let _ = writeln!(out, "encoding = \"{}\"", Encoding::for_model(base).name());
-    if let Some(mode) = entry.mode.as_deref() {
-        let _ = writeln!(out, "mode = \"{mode}\"");
+}
+
+/// A USD-per-token price as an exact catalog number (USD per million).
+fn per_million(x: f64) -> Result<String, String> {
+    let text = Rate::from_f64_usd_per_token(x)?.usd_per_million_string();
+    Rate::from_usd_per_million(&text)?;
+    Ok(if text.contains('.') {
+        text
+    } else {
+        format!("{text}.0")
+    })
+}
+
+fn price(entry: &serde_json::Map<String, Value>, key: &str) -> Option<f64> {
+    entry.get(key).and_then(Value::as_f64)
+}
+
+/// `key = value` lines for the components `entry` prices with `suffix`.
+fn rate_lines(entry: &serde_json::Map<String, Value>, suffix: &str) -> Result<String, String> {
+    let mut out = String::new();
+    for c in Component::ALL {
+        let mut key = litellm_key(c).to_string();
+        key.push_str(suffix);
+        let value = price(entry, &key).or_else(|| {
+            // DeepSeek names its cache-hit price this way.
+            (c == Component::CachedInput)
+                .then(|| price(entry, &format!("input_cost_per_token_cache_hit{suffix}")))
+                .flatten()
+        });
+        if let Some(x) = value {
+            let _ = writeln!(
+                out,
+                "{} = {}",
+                c.key(),
+                per_million(x).map_err(|e| format!("{key}: {e}"))?
+            );
+        }
     }
     Ok(out)
 }
 
-/// Keeps `provider`'s text models (chat, completion, responses, embedding)
-/// that have an input price.
+/// The lowest `_above_Nk_tokens` threshold the entry prices (N x 1000).
+fn long_context_threshold(entry: &serde_json::Map<String, Value>) -> Option<(u64, String)> {
+    entry
+        .keys()
+        .filter_map(|k| {
+            let rest = k.split("_above_").nth(1)?;
+            let n = rest.strip_suffix("k_tokens")?;
+            let n: u64 = n.parse().ok()?;
+            Some((n * 1000, format!("_above_{n}k_tokens")))
+        })
+        .min()
+}
+
+/// One model's catalog table, or why its prices cannot be used.
+fn model_block(
+    id: &str,
+    entry: &serde_json::Map<String, Value>,
+    provider: &str,
+) -> Result<String, String> {
+    let named = |e: String| format!("{id}: {e}");
+    let mut out = format!("\n[models.{}]\n", toml_key(id));
+    let _ = writeln!(out, "provider = \"{}\"", provider_name(provider));
+    let mut standard = rate_lines(entry, "").map_err(named)?;
+    // Every row has input and output: image and audio models bill output
+    // as image or audio tokens, so their text output price stands in.
+    if price(entry, "output_cost_per_token").is_none() {
+        let stand_in = price(entry, "output_cost_per_image_token")
+            .or_else(|| price(entry, "output_cost_per_audio_token"))
+            .unwrap_or(0.0);
+        let _ = writeln!(
+            standard,
+            "output = {}",
+            per_million(stand_in).map_err(named)?
+        );
+    }
+    if price(entry, "input_cost_per_token").is_none() {
+        let stand_in = price(entry, "input_cost_per_audio_token").unwrap_or(0.0);
+        let _ = writeln!(
+            standard,
+            "input = {}",
+            per_million(stand_in).map_err(named)?
+        );
+    }
+    out.push_str(&standard);
+    if let Some(max) = entry.get("max_output_tokens").and_then(Value::as_u64) {
+        let _ = writeln!(out, "max_output_tokens = {max}");
+    }
+    let base = super::catalog::finetune_base(id).unwrap_or(id);
+    let _ = writeln!(out, "encoding = \"{}\"", Encoding::for_model(base).name());
+    if let Some(mode) = entry.get("mode").and_then(Value::as_str) {
+        let _ = writeln!(out, "mode = \"{mode}\"");
+    }
+    for (tier, suffix) in [
+        ("flex", "_flex"),
+        ("priority", "_priority"),
+        ("batch", "_batches"),
+    ] {
+        let lines = rate_lines(entry, suffix).map_err(named)?;
+        // A tier priced like standard says nothing (LiteLLM has a few).
+        let same = lines.lines().all(|l| standard.lines().any(|s| s == l));
+        if !lines.is_empty() && !same {
+            let _ = write!(out, "\n[models.{}.{tier}]\n{lines}", toml_key(id));
+        }
+    }
+    if let Some((above, suffix)) = long_context_threshold(entry) {
+        let lines = rate_lines(entry, &suffix).map_err(named)?;
+        if !lines.is_empty() {
+            let _ = write!(
+                out,
+                "\n[models.{}.long_context]\nabove_input_tokens = {above}\n{lines}",
+                toml_key(id)
+            );
+        }
+    }
+    let mut fees = String::new();
+    if let Some(search) = entry.get("search_context_cost_per_query") {
+        // USD per query, by search context size: the medium size is the default.
+        let per_query = search
+            .get("search_context_size_medium")
+            .or_else(|| search.get("search_context_size_low"))
+            .and_then(Value::as_f64);
+        if let Some(usd) = per_query {
+            let _ = writeln!(fees, "web_search = {}", per_thousand(usd).map_err(named)?);
+        }
+    }
+    if let Some(usd) = price(entry, "file_search_cost_per_1k_calls") {
+        let _ = writeln!(fees, "file_search = {}", thousand_text(usd).map_err(named)?);
+    }
+    if !fees.is_empty() {
+        let _ = write!(out, "\n[models.{}.tool_calls]\n{fees}", toml_key(id));
+    }
+    Ok(out)
+}
+
+/// USD per call as USD per 1000 calls, exactly.
+fn per_thousand(usd_per_call: f64) -> Result<String, String> {
+    if !usd_per_call.is_finite() || usd_per_call < 0.0 {
+        return Err(format!("{usd_per_call} is not a non-negative price"));
+    }
+    let fee = super::money::decimal_scaled(&format!("{usd_per_call}"), 21)?;
+    let text = super::money::format_decimal(fee, 18);
+    Ok(if text.contains('.') {
+        text
+    } else {
+        format!("{text}.0")
+    })
+}
+
+fn thousand_text(usd_per_1000: f64) -> Result<String, String> {
+    if !usd_per_1000.is_finite() || usd_per_1000 < 0.0 {
+        return Err(format!("{usd_per_1000} is not a non-negative price"));
+    }
+    let fee = CallFee::from_usd_per_1000(&format!("{usd_per_1000}"))?;
+    let text = fee.usd_per_1000_string();
+    Ok(if text.contains('.') {
+        text
+    } else {
+        format!("{text}.0")
+    })
+}
+
+/// Keeps `provider`'s token-priced models (chat, completion, responses,
+/// embedding, image, audio and realtime models with per-token prices). A
+/// key `provider/model` becomes `model` (which may hold a `/` itself, as
+/// Groq's and Together's ids do); other keys with a `/` (other providers'
+/// routes, per-size image prices) are skipped.
 pub fn import(json: &str, provider: &str) -> Result<Imported, String> {
-    let map: BTreeMap<String, serde_json::Value> =
+    let map: BTreeMap<String, Value> =
         serde_json::from_str(json).map_err(|e| format!("not a LiteLLM cost map: {e}"))?;
     let mut out = String::from(
         "# Converted by `tollgate catalog import-litellm` from LiteLLM's cost map.\n\
-         # Prices in USD per million tokens.\n",
+         # Prices in USD per million tokens; tool calls in USD per 1000 calls.\n",
     );
     let (mut models, mut skipped, mut problems) = (0, 0, Vec::new());
-    for (id, value) in map {
-        let Ok(entry) = serde_json::from_value::<Entry>(value) else {
+    let prefix = format!("{provider}/");
+    let mut seen = std::collections::HashSet::new();
+    // Bare keys first: they win over `provider/` duplicates.
+    let mut keys: Vec<(&String, &Value)> = map.iter().collect();
+    keys.sort_by_key(|(k, _)| k.contains('/'));
+    for (key, value) in keys {
+        let Some(entry) = value.as_object() else {
             skipped += 1;
             continue;
         };
-        let wanted = entry.litellm_provider.as_deref() == Some(provider)
-            && matches!(
-                entry.mode.as_deref(),
-                Some("chat" | "completion" | "responses" | "embedding")
-            )
-            && !id.contains('/');
-        let (Some(input), true) = (entry.input_cost_per_token, wanted) else {
+        // `groq/openai/gpt-oss-120b` is Groq's `openai/gpt-oss-120b`; a `/`
+        // without the provider's prefix is another route or a size variant.
+        let (id, routed) = match key.strip_prefix(&prefix) {
+            Some(rest) => (rest, false),
+            None => (key.as_str(), key.contains('/')),
+        };
+        let wanted = entry.get("litellm_provider").and_then(Value::as_str) == Some(provider)
+            && entry
+                .get("mode")
+                .and_then(Value::as_str)
+                .is_some_and(|m| MODES.contains(&m))
+            && !routed
+            && !id.is_empty()
+            && (price(entry, "input_cost_per_token").is_some()
+                || price(entry, "input_cost_per_audio_token").is_some());
+        if !wanted || !seen.insert(id.to_string()) {
             skipped += 1;
             continue;
-        };
-        match model_block(&id, input, &entry) {
+        }
+        match model_block(id, entry, provider) {
             Ok(block) => out.push_str(&block),
             Err(e) => {
                 // One unusable entry (a negative or absurd price) does not
@@ -113,7 +293,7 @@ fn toml_key(id: &str) -> String {
 mod tests {
     use super::*;
     use crate::pricing::{Catalog, NanoUsd};
-    use crate::usage::Usage;
+    use crate::usage::{ServiceTier, ToolCalls, Usage};
 
     #[test]
     fn converts_per_token_prices_exactly() {
@@ -144,5 +324,101 @@ mod tests {
             .price
             .map(|p| p.cost(&usage));
         assert_eq!(ft, Some(NanoUsd(9_000_000_000)));
+    }
+
+    #[test]
+    fn tiers_long_context_audio_cache_writes_and_search_fees_come_across() {
+        let json = r#"{
+          "gpt-5": {"input_cost_per_token": 1.25e-06, "output_cost_per_token": 1e-05,
+              "cache_read_input_token_cost": 1.25e-07,
+              "input_cost_per_token_flex": 6.25e-07, "output_cost_per_token_flex": 5e-06,
+              "input_cost_per_token_priority": 2.5e-06, "output_cost_per_token_priority": 2e-05,
+              "input_cost_per_token_batches": 6.25e-07, "output_cost_per_token_batches": 5e-06,
+              "search_context_cost_per_query": {"search_context_size_low": 0.01, "search_context_size_medium": 0.01},
+              "litellm_provider": "openai", "mode": "chat"},
+          "gpt-4o-audio-preview-2025-06-03": {"input_cost_per_audio_token": 4e-05, "input_cost_per_token": 2.5e-06,
+              "output_cost_per_audio_token": 8e-05, "output_cost_per_token": 1e-05, "litellm_provider": "openai", "mode": "chat"},
+          "gpt-5.4": {"input_cost_per_token": 2.5e-06, "output_cost_per_token": 1.5e-05,
+              "input_cost_per_token_above_272k_tokens": 5e-06, "output_cost_per_token_above_272k_tokens": 2.25e-05,
+              "litellm_provider": "openai", "mode": "chat"},
+          "claude-sonnet-4-5": {"input_cost_per_token": 3e-06, "output_cost_per_token": 1.5e-05,
+              "cache_creation_input_token_cost": 3.75e-06, "cache_creation_input_token_cost_above_1hr": 6e-06,
+              "cache_read_input_token_cost": 3e-07, "litellm_provider": "anthropic", "mode": "chat"},
+          "deepseek/deepseek-chat": {"input_cost_per_token": 2.8e-07, "output_cost_per_token": 4.2e-07,
+              "input_cost_per_token_cache_hit": 2.8e-08, "litellm_provider": "deepseek", "mode": "chat"}
+        }"#;
+        let openai = import(json, "openai").unwrap_or_else(|e| panic!("{e}"));
+        let c =
+            Catalog::parse(&openai.toml, 6.0).unwrap_or_else(|e| panic!("{e}\n{}", openai.toml));
+        assert_eq!(c.problems(), Vec::<String>::new(), "{}", openai.toml);
+        let p = c
+            .resolve("gpt-5")
+            .price
+            .unwrap_or_else(|| panic!("no gpt-5"));
+        let u = Usage::tokens(10_000, 2_000);
+        assert_eq!(
+            p.price(&u, ServiceTier::Flex, &[]).total,
+            NanoUsd(16_250_000)
+        );
+        assert_eq!(
+            p.price(&u, ServiceTier::Priority, &[]).total,
+            NanoUsd(65_000_000)
+        );
+        let searched = Usage {
+            tool_calls: ToolCalls {
+                web_search: 3,
+                file_search: 0,
+            },
+            ..Usage::tokens(0, 0)
+        };
+        assert_eq!(p.cost(&searched), NanoUsd(30_000_000));
+        let audio = c
+            .resolve("gpt-4o-audio-preview-2025-06-03")
+            .price
+            .unwrap_or_else(|| panic!("no audio"));
+        let u = Usage {
+            audio_prompt_tokens: 800,
+            audio_completion_tokens: 400,
+            ..Usage::tokens(1_000, 500)
+        };
+        assert_eq!(audio.cost(&u), NanoUsd(65_500_000));
+        let long = c
+            .resolve("gpt-5.4")
+            .price
+            .unwrap_or_else(|| panic!("no gpt-5.4"));
+        assert_eq!(
+            long.cost(&Usage::tokens(272_001, 0)),
+            NanoUsd(1_360_005_000)
+        );
+        assert_eq!(
+            long.cost(&Usage::tokens(10_000, 2_000)),
+            NanoUsd(55_000_000)
+        );
+
+        let anthropic = import(json, "anthropic").unwrap_or_else(|e| panic!("{e}"));
+        let c = Catalog::parse(&anthropic.toml, 6.0).unwrap_or_else(|e| panic!("{e}"));
+        let claude = c
+            .resolve("claude-sonnet-4-5")
+            .price
+            .unwrap_or_else(|| panic!("no claude"));
+        assert_eq!(claude.provider.as_deref(), Some("anthropic"));
+        let u = Usage {
+            cache_write_tokens: 1_000_000,
+            cache_write_1h_tokens: 1_000_000,
+            ..Usage::tokens(2_000_000, 0)
+        };
+        assert_eq!(claude.cost(&u), NanoUsd(9_750_000_000));
+
+        let deepseek = import(json, "deepseek").unwrap_or_else(|e| panic!("{e}"));
+        let c = Catalog::parse(&deepseek.toml, 6.0).unwrap_or_else(|e| panic!("{e}"));
+        let ds = c
+            .resolve("deepseek-chat")
+            .price
+            .unwrap_or_else(|| panic!("no deepseek"));
+        let u = Usage {
+            cached_tokens: 9_000,
+            ..Usage::tokens(10_000, 0)
+        };
+        assert_eq!(ds.cost(&u), NanoUsd(532_000));
     }
 }

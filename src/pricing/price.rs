@@ -307,6 +307,16 @@ impl ModelPrice {
         }
     }
 
+    /// Every price equal (limits and encodings aside).
+    pub fn same_prices(&self, other: &ModelPrice) -> bool {
+        self.rates == other.rates
+            && self.flex == other.flex
+            && self.priority == other.priority
+            && self.batch == other.batch
+            && self.long_context == other.long_context
+            && self.tool_calls == other.tool_calls
+    }
+
     pub fn input(&self) -> Rate {
         self.rates.effective(Component::Input)
     }

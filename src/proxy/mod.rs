@@ -604,8 +604,12 @@ async fn reserve(
     };
     let tiers = meta.possible_tiers();
     let mut calls = meta.tool_call_bound(state.config.budget.tool_call_allowance);
+    let search_model = ctx
+        .resolved
+        .as_ref()
+        .is_some_and(|r| settle::is_search_model(&r.base_model));
     if ctx.endpoint == Endpoint::ChatCompletions
-        && price.tool_calls.iter().any(|(k, _)| k == "web_search")
+        && search_model
         && !calls.iter().any(|(k, _)| *k == "web_search")
     {
         // A chat search model searches once per answer.

@@ -110,16 +110,17 @@ pub fn settle(
     let tier = served.tier.unwrap_or(ServiceTier::Standard);
     usage.tool_calls = merged_tool_calls(usage.tool_calls, served.tool_calls);
     let price = ctx.resolved.as_ref().and_then(|r| r.price.as_deref());
-    if let Some(p) = price {
-        // A chat search model searches once per answer (its own row names
-        // a web_search fee; the response lists no calls).
-        let searched = ctx.endpoint == crate::usage::Endpoint::ChatCompletions
-            && status == 200
-            && usage.tool_calls.web_search == 0
-            && p.tool_calls.iter().any(|(k, _)| k == "web_search");
-        if searched {
-            usage.tool_calls.web_search = 1;
-        }
+    // A chat search model (`gpt-4o-search-preview`, `gpt-5-search-api`)
+    // searches once per answer; its response lists no calls.
+    let searched = ctx.endpoint == crate::usage::Endpoint::ChatCompletions
+        && status == 200
+        && usage.tool_calls.web_search == 0
+        && ctx
+            .resolved
+            .as_ref()
+            .is_some_and(|r| is_search_model(&r.base_model));
+    if searched {
+        usage.tool_calls.web_search = 1;
     }
     let priced = price.map_or_else(Priced::default, |p| {
         p.price(&usage, tier, state.catalog.tool_call_fees())
@@ -219,6 +220,11 @@ pub fn settle(
         ack,
     );
     cost
+}
+
+/// Chat models that search the web on every answer (OpenAI's `*-search-*`).
+pub fn is_search_model(model: &str) -> bool {
+    model.contains("-search-")
 }
 
 /// Tool calls reported twice (the usage object and the output items) are
