@@ -13,6 +13,10 @@
 //! - `x-mock-cut-after: N`       break the connection after N content chunks
 //! - `x-mock-gate: 1`            after the first chunk, wait for `open_gate()`
 //! - `x-mock-garbage: 1`         200 with a body that is not JSON
+//! - `x-mock-usage-raw: JSON`    the usage object, verbatim (any spelling, duplicate keys)
+//! - `x-mock-model: NAME`        the model the response says served it
+//! - `x-mock-service-tier: T`    `service_tier` in the body (streams: first chunk only)
+//! - `x-mock-output-items: a,b`  Responses API output items of these types
 #![allow(dead_code)]
 
 use std::convert::Infallible;
@@ -132,7 +136,14 @@ struct Behaviour {
     gate: bool,
     garbage: bool,
     repeat: usize,
+    usage_raw: Option<String>,
+    model: Option<String>,
+    service_tier: Option<String>,
+    output_items: Vec<String>,
 }
+
+/// Stands in for the raw usage text until the body is rendered.
+const RAW_USAGE: &str = "__RAW_USAGE__";
 
 impl Behaviour {
     fn from(headers: &HeaderMap) -> Behaviour {
@@ -157,10 +168,28 @@ impl Behaviour {
             gate: get("x-mock-gate").is_some(),
             garbage: get("x-mock-garbage").is_some(),
             repeat: num("x-mock-repeat", 1) as usize,
+            usage_raw: get("x-mock-usage-raw"),
+            model: get("x-mock-model"),
+            service_tier: get("x-mock-service-tier"),
+            output_items: get("x-mock-output-items")
+                .map(|v| v.split(',').map(str::to_string).collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// A body or chunk as text, the raw usage spliced in.
+    fn render(&self, value: &Value) -> String {
+        let text = value.to_string();
+        match &self.usage_raw {
+            Some(raw) => text.replace(&format!("\"{RAW_USAGE}\""), raw),
+            None => text,
         }
     }
 
     fn usage(&self) -> Value {
+        if self.usage_raw.is_some() {
+            return Value::String(RAW_USAGE.into());
+        }
         json!({
             "prompt_tokens": self.prompt,
             "completion_tokens": self.completion,
@@ -236,19 +265,28 @@ async fn chat(State(state): State<Arc<MockState>>, req: Request) -> Response {
     let n = body["n"].as_u64().unwrap_or(1) as usize;
     if body["stream"] == json!(true) {
         let wants_usage = body["stream_options"]["include_usage"] == json!(true) && !b.omit_usage;
-        return stream(state, b, n, wants_usage, |i, piece| {
-            json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": "mock",
+        let model = b.model.clone().unwrap_or_else(|| "mock".into());
+        return stream(state, b, n, wants_usage, move |i, piece| {
+            json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": model,
                    "choices": [{"index": i, "delta": {"content": piece}, "finish_reason": null}]})
         });
     }
     let choices: Vec<Value> = (0..n)
         .map(|i| json!({"index": i, "message": {"role": "assistant", "content": b.content}, "finish_reason": "stop"}))
         .collect();
-    let mut out = json!({"id": "chatcmpl-mock", "object": "chat.completion", "created": 1, "model": body["model"], "choices": choices});
+    let model = b.model.clone().map_or(body["model"].clone(), Value::String);
+    let mut out = json!({"id": "chatcmpl-mock", "object": "chat.completion", "created": 1, "model": model, "choices": choices});
+    if let Some(t) = &b.service_tier {
+        out["service_tier"] = json!(t);
+    }
     if !b.omit_usage {
         out["usage"] = b.usage();
     }
-    json_response(out)
+    rendered(b.render(&out))
+}
+
+fn rendered(text: String) -> Response {
+    ([("content-type", "application/json")], text).into_response()
 }
 
 async fn completions(State(state): State<Arc<MockState>>, req: Request) -> Response {
@@ -295,22 +333,50 @@ async fn responses(State(state): State<Arc<MockState>>, req: Request) -> Respons
     if let Some(r) = early_answer(&b) {
         return r;
     }
-    let usage = json!({"input_tokens": b.prompt, "output_tokens": b.completion, "total_tokens": b.prompt + b.completion,
-                       "input_tokens_details": {"cached_tokens": b.cached}, "output_tokens_details": {"reasoning_tokens": 0}});
+    let usage = if b.usage_raw.is_some() {
+        b.usage()
+    } else {
+        json!({"input_tokens": b.prompt, "output_tokens": b.completion, "total_tokens": b.prompt + b.completion,
+               "input_tokens_details": {"cached_tokens": b.cached}, "output_tokens_details": {"reasoning_tokens": 0}})
+    };
+    let model = b
+        .model
+        .clone()
+        .map_or(rec.json()["model"].clone(), Value::String);
+    let mut output: Vec<Value> = b
+        .output_items
+        .iter()
+        .enumerate()
+        .map(|(i, t)| json!({"type": t, "id": format!("item_{i}"), "status": "completed"}))
+        .collect();
+    output.push(json!({"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": b.content}]}));
+    let mut response = json!({"id": "resp-mock", "object": "response", "status": "completed", "model": model, "output": output});
+    if let Some(t) = &b.service_tier {
+        response["service_tier"] = json!(t);
+    }
+    if !b.omit_usage {
+        response["usage"] = usage;
+    }
     if rec.json()["stream"] == json!(true) {
-        let text = b.content.clone();
-        let omit = b.omit_usage;
-        let events = vec![
-            format!(
-                "event: response.output_text.delta\ndata: {}\n\n",
-                json!({"type": "response.output_text.delta", "delta": text})
-            ),
-            format!(
-                "event: response.completed\ndata: {}\n\n",
-                json!({"type": "response.completed",
-                "response": if omit { json!({"id": "resp"}) } else { json!({"id": "resp", "usage": usage}) }})
-            ),
-        ];
+        let mut events = vec![format!(
+            "event: response.created\ndata: {}\n\n",
+            json!({"type": "response.created", "response": {"id": "resp-mock", "model": response["model"], "status": "in_progress"}})
+        )];
+        for (i, t) in b.output_items.iter().enumerate() {
+            events.push(format!(
+                "event: response.output_item.done\ndata: {}\n\n",
+                json!({"type": "response.output_item.done", "output_index": i, "item": {"type": t, "id": format!("item_{i}"), "status": "completed"}})
+            ));
+        }
+        events.push(format!(
+            "event: response.output_text.delta\ndata: {}\n\n",
+            json!({"type": "response.output_text.delta", "delta": b.content})
+        ));
+        let completed = json!({"type": "response.completed", "response": response});
+        events.push(format!(
+            "event: response.completed\ndata: {}\n\n",
+            b.render(&completed)
+        ));
         let stream = tokio_stream::iter(
             events
                 .into_iter()
@@ -322,12 +388,7 @@ async fn responses(State(state): State<Arc<MockState>>, req: Request) -> Respons
         )
             .into_response();
     }
-    let mut out = json!({"id": "resp-mock", "object": "response", "status": "completed",
-        "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": b.content}]}]});
-    if !b.omit_usage {
-        out["usage"] = usage;
-    }
-    json_response(out)
+    rendered(b.render(&response))
 }
 
 async fn models(State(state): State<Arc<MockState>>, req: Request) -> Response {
@@ -370,7 +431,13 @@ fn stream(
                     let _ = tx.send(Err(std::io::Error::other("mock cut"))).await;
                     return;
                 }
-                let event = format!("data: {}\n\n", chunk(i, word));
+                let mut value = chunk(i, word);
+                if sent == 0 {
+                    if let Some(t) = &b.service_tier {
+                        value["service_tier"] = json!(t);
+                    }
+                }
+                let event = format!("data: {}\n\n", value);
                 if tx.send(Ok(Bytes::from(event))).await.is_err() {
                     return;
                 }
@@ -388,7 +455,9 @@ fn stream(
         }
         if wants_usage {
             let usage = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "choices": [], "usage": b.usage()});
-            let _ = tx.send(Ok(Bytes::from(format!("data: {usage}\n\n")))).await;
+            let _ = tx
+                .send(Ok(Bytes::from(format!("data: {}\n\n", b.render(&usage)))))
+                .await;
         }
         let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
     });

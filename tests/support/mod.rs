@@ -272,6 +272,15 @@ pub struct UsageRow {
     pub latency_ms: i64,
     pub end_user: Option<String>,
     pub created_at: String,
+    pub service_tier: Option<String>,
+    pub reasoning_tokens: i64,
+    pub audio_prompt_tokens: i64,
+    pub audio_completion_tokens: i64,
+    pub cache_write_tokens: i64,
+    pub image_tokens: i64,
+    pub tool_calls: i64,
+    pub provider: String,
+    pub cost_breakdown: String,
 }
 
 async fn fetch_rows(pool: &sqlx::SqlitePool) -> Vec<UsageRow> {
@@ -301,6 +310,15 @@ async fn fetch_rows(pool: &sqlx::SqlitePool) -> Vec<UsageRow> {
             latency_ms: r.get("latency_ms"),
             end_user: r.get("end_user"),
             created_at: r.get("created_at"),
+            service_tier: r.try_get("service_tier").unwrap_or(None),
+            reasoning_tokens: r.try_get("reasoning_tokens").unwrap_or(0),
+            audio_prompt_tokens: r.try_get("audio_prompt_tokens").unwrap_or(0),
+            audio_completion_tokens: r.try_get("audio_completion_tokens").unwrap_or(0),
+            cache_write_tokens: r.try_get("cache_write_tokens").unwrap_or(0),
+            image_tokens: r.try_get("image_tokens").unwrap_or(0),
+            tool_calls: r.try_get("tool_calls").unwrap_or(0),
+            provider: r.try_get("provider").unwrap_or_default(),
+            cost_breakdown: r.try_get("cost_breakdown").unwrap_or_default(),
         })
         .collect()
 }
