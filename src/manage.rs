@@ -8,7 +8,7 @@ use crate::auth;
 use crate::budget::{Budget, BudgetStatus, Period};
 use crate::glob::Glob;
 use crate::pricing::money::decimal_scaled;
-use crate::pricing::NanoUsd;
+use crate::pricing::{Line, NanoUsd};
 use crate::store::{now_text, KeyRow, ReportBy, ReportRow, Store, StoreError, TeamRow};
 
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +136,17 @@ pub fn parse_since(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, Mana
         .map_err(|_| bad())
 }
 
+/// `{"input": 123, ...}`: a report row's cost by component, zeros left out.
+fn components_json(r: &ReportRow) -> Value {
+    let map: serde_json::Map<String, Value> = Line::ALL
+        .iter()
+        .zip(r.components)
+        .filter(|(_, n)| *n != 0)
+        .map(|(l, n)| (l.name().to_string(), json!(n)))
+        .collect();
+    Value::Object(map)
+}
+
 pub fn report_json(by: ReportBy, rows: &[ReportRow]) -> Value {
     let total: i64 = rows.iter().map(|r| r.cost_nano_usd).sum();
     json!({
@@ -148,6 +159,7 @@ pub fn report_json(by: ReportBy, rows: &[ReportRow]) -> Value {
             "cached_tokens": r.cached_tokens,
             "cost_nano_usd": r.cost_nano_usd,
             "cost_usd": NanoUsd(u64::try_from(r.cost_nano_usd).unwrap_or(0)).to_string(),
+            "cost_breakdown_nano_usd": components_json(r),
         })).collect::<Vec<_>>(),
         "total_cost_nano_usd": total,
         "total_cost_usd": NanoUsd(u64::try_from(total).unwrap_or(0)).to_string(),
@@ -157,18 +169,30 @@ pub fn report_json(by: ReportBy, rows: &[ReportRow]) -> Value {
 pub fn report_text(rows: &[ReportRow], csv: bool) -> String {
     let mut out = String::new();
     if csv {
-        out.push_str("group,requests,prompt_tokens,completion_tokens,cached_tokens,cost_usd\n");
+        out.push_str("group,requests,prompt_tokens,completion_tokens,cached_tokens,cost_usd");
+        for line in Line::ALL {
+            out.push_str(&format!(",cost_{}_usd", line.name()));
+        }
+        out.push('\n');
+        let usd = |n: i64| NanoUsd(u64::try_from(n).unwrap_or(0));
         for r in rows {
-            let cost = NanoUsd(u64::try_from(r.cost_nano_usd).unwrap_or(0));
             let group = if r.group.contains([',', '"']) {
                 format!("\"{}\"", r.group.replace('"', "\"\""))
             } else {
                 r.group.clone()
             };
             out.push_str(&format!(
-                "{group},{},{},{},{},{cost}\n",
-                r.requests, r.prompt_tokens, r.completion_tokens, r.cached_tokens
+                "{group},{},{},{},{},{}",
+                r.requests,
+                r.prompt_tokens,
+                r.completion_tokens,
+                r.cached_tokens,
+                usd(r.cost_nano_usd)
             ));
+            for n in r.components {
+                out.push_str(&format!(",{}", usd(n)));
+            }
+            out.push('\n');
         }
         return out;
     }

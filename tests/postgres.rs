@@ -369,3 +369,92 @@ async fn an_unreachable_shared_budget_fails_closed_with_503() {
     pool.close().await;
     db.drop_db().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stores_every_billed_dimension_and_reports_it() {
+    let Some(db) = PgDb::create("dimensions").await else {
+        return;
+    };
+    let mock = MockUpstream::start().await;
+    let tg = start(&mock, &db).await;
+    stdout(&tg.cli(&["teams", "create", "t"]));
+    let key = first_line(&stdout(&tg.cli(&["keys", "create", "--team", "t"])));
+    wait_for_key(&tg, &key).await;
+    let body = json!({"model": "o3", "messages": [{"role": "user", "content": "hi"}]});
+    let resp = post_chat(
+        &tg,
+        &key,
+        &body,
+        &[
+            ("x-mock-prompt-tokens", "10000"),
+            ("x-mock-completion-tokens", "2000"),
+            ("x-mock-service-tier", "flex"),
+        ],
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let usage = r#"{"prompt_tokens":1000,"completion_tokens":500,"prompt_tokens_details":{"audio_tokens":800},"completion_tokens_details":{"audio_tokens":400,"reasoning_tokens":7}}"#;
+    let body =
+        json!({"model": "gpt-4o-audio-preview", "messages": [{"role": "user", "content": "hi"}]});
+    let resp = post_chat(&tg, &key, &body, &[("x-mock-usage-raw", usage)]).await;
+    assert_eq!(resp.status(), 200);
+    let pool = db.pool().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let rows = loop {
+        let rows = sqlx::query(
+            "SELECT model, service_tier, audio_prompt_tokens, audio_completion_tokens, reasoning_tokens, \
+             provider, cost_nano_usd, cost_breakdown::text AS breakdown FROM usage \
+             WHERE endpoint = 'chat.completions' ORDER BY id",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap_or_default();
+        if rows.len() >= 2 || std::time::Instant::now() > deadline {
+            break rows;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(rows.len(), 2);
+    let get_s = |i: usize, c: &str| rows[i].try_get::<Option<String>, _>(c).ok().flatten();
+    let get_i = |i: usize, c: &str| rows[i].try_get::<i64, _>(c).unwrap_or(-1);
+    assert_eq!(get_s(0, "service_tier").as_deref(), Some("flex"));
+    assert_eq!(get_i(0, "cost_nano_usd"), 18_000_000);
+    let breakdown: Value =
+        serde_json::from_str(&get_s(0, "breakdown").unwrap_or_default()).unwrap_or(Value::Null);
+    assert_eq!(breakdown, json!({"input": 10_000_000, "output": 8_000_000}));
+    assert_eq!(get_s(1, "service_tier"), None);
+    assert_eq!(
+        (
+            get_i(1, "audio_prompt_tokens"),
+            get_i(1, "audio_completion_tokens"),
+            get_i(1, "reasoning_tokens")
+        ),
+        (800, 400, 7)
+    );
+    assert_eq!(get_i(1, "cost_nano_usd"), 65_500_000);
+    assert_eq!(get_s(1, "provider").as_deref(), Some("openai"));
+    let report: Value = serde_json::from_str(&stdout(&tg.cli(&[
+        "report",
+        "--by",
+        "component",
+        "--since",
+        "1h",
+        "--format",
+        "json",
+    ])))
+    .unwrap_or(Value::Null);
+    let audio_out = report["rows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["group"] == "audio_output")
+        .map(|r| r["cost_nano_usd"].clone());
+    assert_eq!(audio_out, Some(json!(32_000_000)));
+    assert_eq!(
+        report["total_cost_nano_usd"],
+        json!(18_000_000 + 65_500_000)
+    );
+    drop(tg);
+    pool.close().await;
+    db.drop_db().await;
+}

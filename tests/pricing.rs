@@ -272,3 +272,86 @@ async fn a_budgeted_team_cannot_use_an_unpriced_model() {
     let r = send(&free).await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(r.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_show_the_breakdown_by_component_tier_and_provider() {
+    let mock = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let config = support::base_config(&mock, dir.path())
+        .replace("[server]\n", "[server]\nadmin_token = \"adm\"\n");
+    let tg = Tollgate::start_with_config(dir, &config).await;
+    let tokens = [
+        ("x-mock-prompt-tokens", "10000"),
+        ("x-mock-completion-tokens", "2000"),
+    ];
+    chat(
+        &tg,
+        "o3",
+        false,
+        &[tokens[0], tokens[1], ("x-mock-service-tier", "flex")],
+    )
+    .await;
+    let ds = r#"{"prompt_tokens":10000,"completion_tokens":100,"prompt_cache_hit_tokens":9000}"#;
+    chat(&tg, "deepseek-chat", false, &[("x-mock-usage-raw", ds)]).await;
+    tg.wait_rows(2).await;
+    let report = |by: &str, format: &str| {
+        stdout(&tg.cli(&["report", "--by", by, "--since", "1h", "--format", format]))
+    };
+    let v: Value = serde_json::from_str(&report("component", "json")).unwrap_or(Value::Null);
+    let by: std::collections::BTreeMap<String, i64> = v["rows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            (
+                r["group"].as_str().unwrap_or("").to_string(),
+                r["cost_nano_usd"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    let want: std::collections::BTreeMap<String, i64> = [
+        ("input", 10_000_000 + 280_000),
+        ("output", 8_000_000 + 42_000),
+        ("cached_input", 252_000),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    assert_eq!(by, want);
+    assert_eq!(v["total_cost_nano_usd"], json!(18_574_000));
+    let v: Value = serde_json::from_str(&report("tier", "json")).unwrap_or(Value::Null);
+    let groups: Vec<&str> = v["rows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["group"].as_str())
+        .collect();
+    assert_eq!(groups, ["flex", "standard"]);
+    let v: Value = serde_json::from_str(&report("provider", "json")).unwrap_or(Value::Null);
+    assert_eq!(v["rows"][0]["group"], "deepseek");
+    assert_eq!(
+        v["rows"][0]["cost_breakdown_nano_usd"],
+        json!({"input": 280_000, "cached_input": 252_000, "output": 42_000})
+    );
+    let csv = report("model", "csv");
+    let header = csv.lines().next().unwrap_or("");
+    assert!(header.ends_with(",cost_input_usd,cost_cached_input_usd,cost_cache_write_usd,cost_output_usd,cost_audio_input_usd,cost_audio_output_usd,cost_image_input_usd,cost_image_output_usd,cost_tool_calls_usd"), "{header}");
+    assert!(
+        csv.contains(
+            "o3,1,10000,2000,0,0.018000000,0.010000000,0.000000000,0.000000000,0.008000000"
+        ),
+        "{csv}"
+    );
+    // The admin API answers the same.
+    let v: Value = client()
+        .get(tg.url("/admin/usage?by=component&since=1h"))
+        .bearer_auth("adm")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .json()
+        .await
+        .unwrap_or(Value::Null);
+    assert_eq!(v["by"], "component");
+    assert_eq!(v["total_cost_nano_usd"], json!(18_574_000));
+}

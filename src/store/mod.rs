@@ -194,6 +194,12 @@ pub enum ReportBy {
     Model,
     Key,
     Day,
+    /// The cost breakdown's components (input, output, cached_input, ...).
+    Component,
+    /// The provider that answered (`openai`, `deepseek`, ...).
+    Provider,
+    /// The service tier served (`standard`, `flex`, `priority`, ...).
+    Tier,
 }
 
 /// One line of a usage report; money as exact nano-USD.
@@ -205,6 +211,42 @@ pub struct ReportRow {
     pub completion_tokens: i64,
     pub cached_tokens: i64,
     pub cost_nano_usd: i64,
+    /// Nano-USD per breakdown component, in `pricing::Line::ALL` order.
+    pub components: [i64; crate::pricing::Line::COUNT],
+}
+
+/// `SUM(<extract>) AS c0, ...` for every breakdown component; `extract`
+/// turns a component name into the SQL of its value in one row.
+pub(crate) fn component_sums(extract: impl Fn(&str) -> String, cast: &str) -> String {
+    crate::pricing::Line::ALL
+        .iter()
+        .enumerate()
+        .map(|(i, l)| format!("COALESCE(SUM({}), 0){cast} AS c{i}", extract(l.name())))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The per-component sums of a report row (`c0`..), or only the row's own
+/// component when the report is by component.
+pub(crate) fn row_components(
+    by: ReportBy,
+    group: &str,
+    cost: i64,
+    get: impl Fn(&str) -> i64,
+) -> [i64; crate::pricing::Line::COUNT] {
+    let mut out = [0i64; crate::pricing::Line::COUNT];
+    for (i, line) in crate::pricing::Line::ALL.iter().enumerate() {
+        out[i] = if by == ReportBy::Component {
+            if line.name() == group {
+                cost
+            } else {
+                0
+            }
+        } else {
+            get(&format!("c{i}"))
+        };
+    }
+    out
 }
 
 /// Counts and money as stored: the databases' integers are signed.

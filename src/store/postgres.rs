@@ -10,8 +10,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Row};
 
 use super::{
-    time_text, to_i64, to_u64, ColumnType, KeyRow, ReportBy, ReportRow, StoreError, TeamRow,
-    UsageRecord, Value, USAGE_COLUMNS,
+    component_sums, row_components, time_text, to_i64, to_u64, ColumnType, KeyRow, ReportBy,
+    ReportRow, StoreError, TeamRow, UsageRecord, Value, USAGE_COLUMNS,
 };
 use crate::budget::{Budget, Period};
 use crate::pricing::NanoUsd;
@@ -417,31 +417,51 @@ impl PostgresStore {
         by: ReportBy,
         since: DateTime<Utc>,
     ) -> Result<Vec<ReportRow>, StoreError> {
-        let group = match by {
-            ReportBy::Team => "team",
-            ReportBy::Model => "model",
-            ReportBy::Key => "COALESCE(key_id, '-')",
-            ReportBy::Day => "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
-        };
-        let sql = format!(
-            "SELECT {group} AS grp, COUNT(*) AS requests, \
-             COALESCE(SUM(prompt_tokens), 0)::BIGINT AS p, COALESCE(SUM(completion_tokens), 0)::BIGINT AS c, \
-             COALESCE(SUM(cached_tokens), 0)::BIGINT AS ca, COALESCE(SUM(cost_nano_usd), 0)::BIGINT AS cost \
-             FROM usage WHERE ($1::timestamptz IS NULL OR created_at >= $1) GROUP BY grp ORDER BY grp"
+        let sums = component_sums(
+            |name| format!("(cost_breakdown->>'{name}')::BIGINT"),
+            "::BIGINT",
         );
+        let sql = match by {
+            ReportBy::Component => "SELECT j.key AS grp, COUNT(*) AS requests, 0::BIGINT AS p, \
+                 0::BIGINT AS c, 0::BIGINT AS ca, COALESCE(SUM(j.value::BIGINT), 0)::BIGINT AS cost \
+                 FROM usage, jsonb_each_text(usage.cost_breakdown) AS j \
+                 WHERE ($1::timestamptz IS NULL OR created_at >= $1) GROUP BY grp ORDER BY grp"
+                .to_string(),
+            _ => {
+                let group = match by {
+                    ReportBy::Team => "team",
+                    ReportBy::Model => "model",
+                    ReportBy::Key => "COALESCE(key_id, '-')",
+                    ReportBy::Day => "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+                    ReportBy::Provider => "provider",
+                    ReportBy::Tier | ReportBy::Component => "COALESCE(service_tier, 'standard')",
+                };
+                format!(
+                    "SELECT {group} AS grp, COUNT(*) AS requests, \
+                     COALESCE(SUM(prompt_tokens), 0)::BIGINT AS p, COALESCE(SUM(completion_tokens), 0)::BIGINT AS c, \
+                     COALESCE(SUM(cached_tokens), 0)::BIGINT AS ca, COALESCE(SUM(cost_nano_usd), 0)::BIGINT AS cost, \
+                     {sums} FROM usage WHERE ($1::timestamptz IS NULL OR created_at >= $1) GROUP BY grp ORDER BY grp"
+                )
+            }
+        };
         let rows = sqlx::query(&sql)
             .bind(pg_time(since))
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
             .map(|r| {
+                let group: String = r.try_get("grp")?;
+                let cost: i64 = r.try_get("cost")?;
                 Ok(ReportRow {
-                    group: r.try_get("grp")?,
+                    components: row_components(by, &group, cost, |c| {
+                        r.try_get::<i64, _>(c).unwrap_or(0)
+                    }),
+                    group,
                     requests: r.try_get("requests")?,
                     prompt_tokens: r.try_get("p")?,
                     completion_tokens: r.try_get("c")?,
                     cached_tokens: r.try_get("ca")?,
-                    cost_nano_usd: r.try_get("cost")?,
+                    cost_nano_usd: cost,
                 })
             })
             .collect()

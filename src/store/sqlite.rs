@@ -10,8 +10,8 @@ use chrono::{DateTime, Utc};
 use sqlx::Row;
 
 use super::{
-    now_text, time_text, to_i64, KeyRow, ReportBy, ReportRow, StoreError, TeamRow, UsageRecord,
-    Value, USAGE_COLUMNS,
+    component_sums, now_text, row_components, time_text, to_i64, KeyRow, ReportBy, ReportRow,
+    StoreError, TeamRow, UsageRecord, Value, USAGE_COLUMNS,
 };
 use crate::budget::{Budget, Period};
 use crate::pricing::NanoUsd;
@@ -279,30 +279,51 @@ impl SqliteStore {
         by: ReportBy,
         since: DateTime<Utc>,
     ) -> Result<Vec<ReportRow>, StoreError> {
-        let group = match by {
-            ReportBy::Team => "team",
-            ReportBy::Model => "model",
-            ReportBy::Key => "COALESCE(key_id, '-')",
-            ReportBy::Day => "substr(created_at, 1, 10)",
-        };
-        let sql = format!(
-            "SELECT {group} AS grp, COUNT(*) AS requests, SUM(prompt_tokens) AS p, SUM(completion_tokens) AS c, \
-             SUM(cached_tokens) AS ca, SUM(cost_nano_usd) AS cost FROM usage WHERE created_at >= ? \
-             GROUP BY grp ORDER BY grp"
+        let sums = component_sums(
+            |name| format!("json_extract(cost_breakdown, '$.{name}')"),
+            "",
         );
+        let sql = match by {
+            ReportBy::Component => {
+                "SELECT j.key AS grp, COUNT(*) AS requests, 0 AS p, 0 AS c, 0 AS ca, \
+                 SUM(j.value) AS cost FROM usage, json_each(usage.cost_breakdown) AS j \
+                 WHERE created_at >= ? GROUP BY grp ORDER BY grp"
+                    .to_string()
+            }
+            _ => {
+                let group = match by {
+                    ReportBy::Team => "team",
+                    ReportBy::Model => "model",
+                    ReportBy::Key => "COALESCE(key_id, '-')",
+                    ReportBy::Day => "substr(created_at, 1, 10)",
+                    ReportBy::Provider => "provider",
+                    ReportBy::Tier | ReportBy::Component => "COALESCE(service_tier, 'standard')",
+                };
+                format!(
+                    "SELECT {group} AS grp, COUNT(*) AS requests, SUM(prompt_tokens) AS p, \
+                     SUM(completion_tokens) AS c, SUM(cached_tokens) AS ca, SUM(cost_nano_usd) AS cost, \
+                     {sums} FROM usage WHERE created_at >= ? GROUP BY grp ORDER BY grp"
+                )
+            }
+        };
         let rows = sqlx::query(&sql)
             .bind(time_text(since))
             .fetch_all(&self.pool)
             .await?;
         Ok(rows
             .iter()
-            .map(|r| ReportRow {
-                group: r.get("grp"),
-                requests: r.get("requests"),
-                prompt_tokens: r.get("p"),
-                completion_tokens: r.get("c"),
-                cached_tokens: r.get("ca"),
-                cost_nano_usd: r.get("cost"),
+            .map(|r| {
+                let group: String = r.get("grp");
+                let cost: i64 = r.get("cost");
+                ReportRow {
+                    components: row_components(by, &group, cost, |c| r.try_get(c).unwrap_or(0)),
+                    group,
+                    requests: r.get("requests"),
+                    prompt_tokens: r.get("p"),
+                    completion_tokens: r.get("c"),
+                    cached_tokens: r.get("ca"),
+                    cost_nano_usd: cost,
+                }
             })
             .collect())
     }
