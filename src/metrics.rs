@@ -195,6 +195,8 @@ pub struct Series {
     tokens: [OnceLock<IntCounter>; TOKEN_KINDS.len()],
     cost: OnceLock<Arc<AtomicU64>>,
     component_cost: [OnceLock<Arc<AtomicU64>>; crate::pricing::Line::COUNT],
+    tier_cost: [OnceLock<Arc<AtomicU64>>; TIERS.len()],
+    cache_savings: OnceLock<Arc<AtomicU64>>,
     time_to_first_byte: OnceLock<Histogram>,
     endpoints: [OnceLock<EndpointSeries>; Endpoint::COUNT],
 }
@@ -205,6 +207,21 @@ struct EndpointSeries {
     ok: OnceLock<IntCounter>,
     duration: Histogram,
     overhead: Histogram,
+}
+
+/// `service_tier` label values of `tollgate_cost_by_tier_usd_total`.
+pub const TIERS: [&str; 6] = ["standard", "flex", "priority", "batch", "scale", "other"];
+
+fn tier_index(tier: crate::usage::ServiceTier) -> usize {
+    use crate::usage::ServiceTier;
+    match tier {
+        ServiceTier::Standard => 0,
+        ServiceTier::Flex => 1,
+        ServiceTier::Priority => 2,
+        ServiceTier::Batch => 3,
+        ServiceTier::Scale => 4,
+        ServiceTier::Other => 5,
+    }
 }
 
 /// Token kinds in `tollgate_tokens_total`, in `Series::tokens` order
@@ -274,6 +291,24 @@ impl Series {
         );
     }
 
+    /// Adds to `tollgate_cost_by_tier_usd_total` for the served tier.
+    pub fn add_tier_cost(&self, m: &Metrics, tier: crate::usage::ServiceTier, cost: NanoUsd) {
+        let i = tier_index(tier);
+        add_nano(
+            self.tier_cost[i]
+                .get_or_init(|| m.cost_by_tier.cell(&[&self.team, &self.model, TIERS[i]])),
+            cost,
+        );
+    }
+
+    pub fn add_cache_savings(&self, m: &Metrics, saved: NanoUsd) {
+        add_nano(
+            self.cache_savings
+                .get_or_init(|| m.cache_savings.cell(&[&self.team, &self.model])),
+            saved,
+        );
+    }
+
     pub fn observe_first_byte(&self, m: &Metrics, seconds: f64) {
         self.time_to_first_byte
             .get_or_init(|| m.time_to_first_byte.with_label_values(&[&self.model]))
@@ -315,6 +350,8 @@ pub struct Metrics {
     pub finetune_premium: Arc<MoneyCounter>,
     pub unpriced: IntCounterVec,
     pub cost_by_component: Arc<MoneyCounter>,
+    pub cost_by_tier: Arc<MoneyCounter>,
+    pub cache_savings: Arc<MoneyCounter>,
     pub price_fallbacks: IntCounterVec,
     pub budget_overrun: Arc<MoneyCounter>,
     pub estimated_usage: IntCounterVec,
@@ -411,6 +448,16 @@ impl Metrics {
             "Cost by price component (input, cached_input, cache_write, output, audio_input, audio_output, image_input, image_output, tool_calls), in USD.",
             &["team", "model", "component"],
         )?);
+        let cost_by_tier = Arc::new(MoneyCounter::new(
+            "tollgate_cost_by_tier_usd_total",
+            "Cost by the service tier the response says it was served at (standard, flex, priority, batch, scale), in USD.",
+            &["team", "model", "service_tier"],
+        )?);
+        let cache_savings = Arc::new(MoneyCounter::new(
+            "tollgate_cache_savings_usd_total",
+            "What prompt caching saved: cached tokens x (input price - cached input price), in USD.",
+            &["team", "model"],
+        )?);
         let price_fallbacks = IntCounterVec::new(
             Opts::new(
                 "tollgate_price_fallbacks_total",
@@ -473,6 +520,8 @@ impl Metrics {
         registry.register(Box::new(ArcCollector(finetune_premium.clone())))?;
         registry.register(Box::new(unpriced.clone()))?;
         registry.register(Box::new(ArcCollector(cost_by_component.clone())))?;
+        registry.register(Box::new(ArcCollector(cost_by_tier.clone())))?;
+        registry.register(Box::new(ArcCollector(cache_savings.clone())))?;
         registry.register(Box::new(price_fallbacks.clone()))?;
         registry.register(Box::new(ArcCollector(budget_overrun.clone())))?;
         registry.register(Box::new(estimated_usage.clone()))?;
@@ -494,6 +543,8 @@ impl Metrics {
             finetune_premium,
             unpriced,
             cost_by_component,
+            cost_by_tier,
+            cache_savings,
             price_fallbacks,
             budget_overrun,
             estimated_usage,
@@ -539,6 +590,8 @@ impl Metrics {
                 tokens: Default::default(),
                 cost: OnceLock::new(),
                 component_cost: Default::default(),
+                tier_cost: Default::default(),
+                cache_savings: OnceLock::new(),
                 time_to_first_byte: OnceLock::new(),
                 endpoints: Default::default(),
             })

@@ -113,6 +113,28 @@ async fn generate_traffic(tg: &Tollgate) {
         500
     );
     assert_eq!(send("broke", chat_body("gpt-4o"), None).await, 429);
+    // What you pay for: cached tokens, a tier without a table, usage the
+    // upstream did not report, and a request beyond its reservation.
+    let cached = ("x-mock-cached-tokens", "6");
+    assert_eq!(
+        send("search", chat_body("gpt-4o-mini"), Some(cached)).await,
+        200
+    );
+    let flex = ("x-mock-service-tier", "flex");
+    assert_eq!(send("search", chat_body("gpt-4o"), Some(flex)).await, 200);
+    let omit = ("x-mock-usage", "omit");
+    assert_eq!(send("ml", chat_body("gpt-4o-mini"), Some(omit)).await, 200);
+    // Reserved for one web search (max_tool_calls), served three.
+    let r = client()
+        .post(tg.url("/v1/responses"))
+        .header("x-tollgate-team", "search")
+        .header("x-mock-output-items", "web_search_call,web_search_call,web_search_call")
+        .json(&json!({"model": "gpt-5", "input": "news?", "tools": [{"type": "web_search"}], "max_tool_calls": 1, "max_output_tokens": 5}))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

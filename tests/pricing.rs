@@ -355,3 +355,48 @@ async fn reports_show_the_breakdown_by_component_tier_and_provider() {
     assert_eq!(v["by"], "component");
     assert_eq!(v["total_cost_nano_usd"], json!(18_574_000));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cost_beyond_its_reservation_is_settled_in_full_and_counted() {
+    let mock = MockUpstream::start().await;
+    let tg = Tollgate::start(&mock, "[auth]\nmode = \"virtual-keys\"\n").await;
+    stdout(&tg.cli(&["teams", "create", "t", "--budget-usd", "1"]));
+    let key = stdout(&tg.cli(&["keys", "create", "--team", "t"]))
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    wait_for_key(&tg, &key).await;
+    // The request allows one web search (max_tool_calls); the provider
+    // bills three.
+    let resp = client()
+        .post(tg.url("/v1/responses"))
+        .bearer_auth(&key)
+        .header("x-mock-prompt-tokens", "100")
+        .header("x-mock-completion-tokens", "5")
+        .header(
+            "x-mock-output-items",
+            "web_search_call,web_search_call,web_search_call",
+        )
+        .json(
+            &json!({"model": "gpt-5", "input": "news?", "tools": [{"type": "web_search"}],
+                      "max_tool_calls": 1, "max_output_tokens": 5}),
+        )
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), 200);
+    let remaining = resp
+        .headers()
+        .get("x-tollgate-budget-remaining-usd")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let cost: i64 = 100 * 1_250 + 5 * 10_000 + 30_000_000;
+    let rows = tg.wait_rows_where(1, |r| r.endpoint == "responses").await;
+    assert_eq!(rows[0].cost_nano_usd, cost, "settled in full");
+    assert_eq!(remaining, Some(format!("0.{:09}", 1_000_000_000 - cost)));
+    let m = tg.metrics().await;
+    let overrun = metric(&m, "tollgate_budget_overrun_usd_total", &[("team", "t")]).unwrap_or(0.0);
+    // Reserved: the prompt bound, 5 output tokens and one search ($0.01).
+    assert!(overrun > 0.019 && overrun < 0.02, "overrun {overrun}");
+}

@@ -286,6 +286,9 @@ pub struct Priced {
     pub breakdown: Breakdown,
     /// Why standard or derived prices stood in for the served tier.
     pub fallback: Option<&'static str>,
+    /// What the cached prompt tokens would have cost more at the input
+    /// price: cached tokens x (input - cached_input), rounded once.
+    pub cache_savings: NanoUsd,
 }
 
 impl ModelPrice {
@@ -402,10 +405,17 @@ impl ModelPrice {
             acc.add_zepto(z);
         }
         let total = acc.nano_usd();
+        let saved_per_token = rates
+            .effective(Component::Input)
+            .0
+            .saturating_sub(rates.effective(Component::CachedInput).0);
+        let mut saved = CostAccumulator::default();
+        saved.add(Component::CachedInput.tokens(usage), Rate(saved_per_token));
         Priced {
             total,
             breakdown: apportion(&zepto, total.0),
             fallback,
+            cache_savings: saved.nano_usd(),
         }
     }
 
@@ -707,6 +717,16 @@ mod tests {
         let priced = p.price(&u, ServiceTier::Standard, &[]);
         assert_eq!(priced.total, NanoUsd(1));
         assert_eq!(priced.breakdown.total(), 1);
+        // Cached and input at the same rate: nothing saved.
+        assert_eq!(priced.cache_savings, NanoUsd(0));
+        let u = Usage {
+            cached_tokens: 1_000,
+            ..Usage::tokens(1_000, 0)
+        };
+        assert_eq!(
+            gpt5().price(&u, ServiceTier::Standard, &[]).cache_savings,
+            NanoUsd(1_125)
+        );
     }
 
     #[test]

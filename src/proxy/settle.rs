@@ -151,6 +151,10 @@ pub fn settle(
             for (line, nano) in priced.breakdown.lines() {
                 series.add_component_cost(m, line, NanoUsd(nano));
             }
+            series.add_tier_cost(m, tier, cost);
+            if priced.cache_savings.0 > 0 {
+                series.add_cache_savings(m, priced.cache_savings);
+            }
         }
         if price.is_none() && ctx.endpoint.is_metered() {
             m.unpriced.with_label_values(&[model]).inc();
