@@ -725,7 +725,7 @@ mod tests {
         };
         assert_eq!(
             gpt5().price(&u, ServiceTier::Standard, &[]).cache_savings,
-            NanoUsd(1_125)
+            NanoUsd(1_125_000)
         );
     }
 
