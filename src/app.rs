@@ -13,7 +13,8 @@ use crate::store::{Store, UsageSink};
 
 pub struct AppState {
     pub config: Config,
-    pub catalog: Arc<Catalog>,
+    /// The catalog in use; swapped whole when its file changes or on SIGHUP.
+    pub catalog: arc_swap::ArcSwap<Catalog>,
     pub metrics: Arc<Metrics>,
     pub upstreams: Upstreams,
     pub usage: UsageSink,

@@ -146,6 +146,14 @@ enum CatalogCommand {
     },
     /// Validate a catalog file (default: the one in use).
     Check { file: Option<PathBuf> },
+    /// Models seen in usage that the catalog cannot price.
+    Unpriced {
+        /// 24h, 7d, 30m, or a date (2026-11-01).
+        #[arg(long, default_value = "7d")]
+        since: String,
+        #[arg(long, value_enum, default_value = "table")]
+        format: OutputFormat,
+    },
     /// Convert LiteLLM's cost map JSON into catalog TOML.
     ImportLitellm {
         file: PathBuf,
@@ -427,8 +435,40 @@ async fn report(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `catalog unpriced`: models in the usage table the catalog in use cannot
+/// price, with how many requests each had (recorded at $0, or refused).
+async fn unpriced(since: &str, format: OutputFormat, config: &Config) -> anyhow::Result<ExitCode> {
+    let since = manage::parse_since(since, chrono::Utc::now())?;
+    let catalog = tollgate::server::load_catalog(config)?;
+    let store = open_store(config, false).await?;
+    let rows = store.report(ReportBy::Model, since).await?;
+    store.close().await;
+    let unpriced: Vec<_> = rows
+        .iter()
+        .filter(|r| !r.group.is_empty() && catalog.resolve(&r.group).price.is_none())
+        .collect();
+    match format {
+        OutputFormat::Json => print_json(&serde_json::Value::Array(
+            unpriced
+                .iter()
+                .map(|r| serde_json::json!({"model": r.group, "requests": r.requests}))
+                .collect(),
+        )),
+        OutputFormat::Table => {
+            println!("{:<48} {:>9}", "model", "requests");
+            for r in &unpriced {
+                println!("{:<48} {:>9}", r.group, r.requests);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn catalog(command: CatalogCommand, config: &Config) -> anyhow::Result<ExitCode> {
     match command {
+        CatalogCommand::Unpriced { since, format } => {
+            runtime()?.block_on(unpriced(&since, format, config))
+        }
         CatalogCommand::Show { format } => {
             let catalog = tollgate::server::load_catalog(config)?;
             print_catalog(&catalog, format);

@@ -609,6 +609,8 @@ impl Metrics {
 
     /// Exports every catalog price and every fine-tuned row's multiple over its base.
     pub fn publish_catalog(&self, catalog: &Catalog) {
+        // A reloaded catalog may have dropped models: start afresh.
+        self.model_price.reset();
         for (model, price) in catalog.rows() {
             self.model_price
                 .with_label_values(&[model, "input"])

@@ -400,3 +400,120 @@ async fn a_cost_beyond_its_reservation_is_settled_in_full_and_counted() {
     // Reserved: the prompt bound, 5 output tokens and one search ($0.01).
     assert!(overrun > 0.019 && overrun < 0.02, "overrun {overrun}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_catalog_reloads_on_change_and_on_sighup_without_failing_a_request() {
+    let mock = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let catalog = dir.path().join("catalog.toml");
+    let row = |input: &str| {
+        format!(
+            "[models.\"house-model\"]\ninput = {input}\noutput = 0.0\nencoding = \"o200k_base\"\n"
+        )
+    };
+    std::fs::write(&catalog, row("1.0")).unwrap_or_else(|e| panic!("{e}"));
+    let config = format!(
+        "{}\n[catalog]\npath = \"{}\"\n",
+        support::base_config(&mock, dir.path()),
+        catalog.display()
+    );
+    let tg = Tollgate::start_with_config(dir, &config).await;
+    let cost = |tg: &Tollgate| {
+        let url = tg.url("/v1/chat/completions");
+        async move {
+            let r = client()
+                .post(url)
+                .header("x-mock-prompt-tokens", "1000000")
+                .json(&json!({"model": "house-model", "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(r.status(), 200);
+            r.headers()
+                .get("x-tollgate-cost-usd")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+                .unwrap_or_default()
+        }
+    };
+    assert_eq!(cost(&tg).await, "1.000000000");
+    // Load runs through every swap below; not one request may fail.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (stop, url) = (stop.clone(), tg.url("/v1/chat/completions"));
+        tokio::spawn(async move {
+            let (mut ok, c) = (0u32, client());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = c
+                    .post(&url)
+                    .json(&json!({"model": "house-model", "messages": [{"role": "user", "content": "hi"}]}))
+                    .send()
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                assert_eq!(r.status(), 200);
+                ok += 1;
+            }
+            ok
+        })
+    };
+    // The file changes: picked up within the 2 s check.
+    std::fs::write(&catalog, row("2.0")).unwrap_or_else(|e| panic!("{e}"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(8);
+    while cost(&tg).await != "2.000000000" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "file change not picked up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // A broken file is refused; the catalog in use stays.
+    std::fs::write(&catalog, "[models.\"house-model\"]\ninput = -1\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let _ = std::process::Command::new("kill")
+        .args(["-HUP", &tg.pid().to_string()])
+        .status();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(cost(&tg).await, "2.000000000");
+    // SIGHUP: at once, whatever the file's timestamp says.
+    std::fs::write(&catalog, row("3.0")).unwrap_or_else(|e| panic!("{e}"));
+    let _ = std::process::Command::new("kill")
+        .args(["-HUP", &tg.pid().to_string()])
+        .status();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while cost(&tg).await != "3.000000000" {
+        assert!(std::time::Instant::now() < deadline, "SIGHUP not honoured");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let served = load.await.unwrap_or(0);
+    assert!(served > 10, "only {served} requests during the swaps");
+    assert!(
+        tg.log().iter().any(|l| l.contains("catalog not reloaded")),
+        "{:?}",
+        tg.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_unpriced_lists_the_models_the_catalog_cannot_price() {
+    let mock = MockUpstream::start().await;
+    let tg = Tollgate::start(&mock, "").await;
+    for model in [
+        "gpt-4o-mini",
+        "my-local-llama",
+        "my-local-llama",
+        "other-house-model",
+    ] {
+        let (status, _) = chat(&tg, model, false, &[]).await;
+        assert_eq!(status, 200);
+    }
+    tg.wait_rows(4).await;
+    let v: Value = serde_json::from_str(&stdout(
+        &tg.cli(&["catalog", "unpriced", "--since", "1h", "--format", "json"]),
+    ))
+    .unwrap_or(Value::Null);
+    assert_eq!(
+        v,
+        json!([{"model": "my-local-llama", "requests": 2}, {"model": "other-house-model", "requests": 1}])
+    );
+}

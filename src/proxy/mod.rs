@@ -455,7 +455,7 @@ async fn metered_request(
     ctx.model_label = state.metrics.model_label(&ctx.model);
     ctx.stream = meta.is_stream();
     ctx.end_user = meta.user.as_ref().map(|u| u.chars().take(256).collect());
-    let resolved = state.catalog.resolve(&ctx.model);
+    let resolved = state.catalog.load().resolve(&ctx.model);
     let unpriced = resolved.price.is_none();
     ctx.resolved = Some(resolved);
     if unpriced && state.config.catalog.unpriced == UnpricedPolicy::Reject {
@@ -616,7 +616,8 @@ async fn reserve(
         calls.push(("web_search", u64::from(meta.n.unwrap_or(1))));
     }
     let images = request::image_token_bound(body);
-    let fees = state.catalog.tool_call_fees();
+    let catalog = state.catalog.load();
+    let fees = catalog.tool_call_fees();
     let worst = |prompt: u64| {
         price.worst_case(
             prompt.saturating_add(images),

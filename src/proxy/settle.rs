@@ -101,8 +101,9 @@ pub fn settle(
     };
     // The served model prices the request when the catalog knows it (a
     // dated snapshot can cost twice its alias); else the requested one.
+    let catalog = state.catalog.load();
     if let Some(model) = served.model.as_deref().filter(|m| *m != ctx.model) {
-        let resolved = state.catalog.resolve(model);
+        let resolved = catalog.resolve(model);
         if resolved.price.is_some() {
             ctx.resolved = Some(resolved);
         }
@@ -123,7 +124,7 @@ pub fn settle(
         usage.tool_calls.web_search = 1;
     }
     let priced = price.map_or_else(Priced::default, |p| {
-        p.price(&usage, tier, state.catalog.tool_call_fees())
+        p.price(&usage, tier, catalog.tool_call_fees())
     });
     let cost = priced.total;
     if let Some(reservation) = ctx.reservation.take() {
@@ -160,9 +161,7 @@ pub fn settle(
             m.unpriced.with_label_values(&[model]).inc();
         }
         if let (true, Some(ft), Some(base)) = (resolved.finetuned, price, &resolved.base_price) {
-            let on_base = base
-                .price(&usage, tier, state.catalog.tool_call_fees())
-                .total;
+            let on_base = base.price(&usage, tier, catalog.tool_call_fees()).total;
             let premium = NanoUsd(cost.0.saturating_sub(on_base.0));
             m.finetune_premium
                 .add(&[team, model, &resolved.base_model], premium);

@@ -221,7 +221,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let state = Arc::new(AppState {
         config,
-        catalog,
+        catalog: arc_swap::ArcSwap::new(catalog),
         metrics,
         upstreams,
         usage,
@@ -248,6 +248,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             }
         })
     };
+    let reloader = tokio::spawn(reload_catalog(Arc::downgrade(&state)));
     let app = router(state.clone());
     drop(state);
     tracing::info!(?fd_limit, "open-file limit");
@@ -269,6 +270,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(5), alive_rx.recv()).await;
     }
     refresher.abort();
+    reloader.abort();
     // Every sink is gone once the server and its connections are: the
     // writer drains the queue and ends.
     if tokio::time::timeout(Duration::from_secs(60), writer.finish())
@@ -286,6 +288,54 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     store.close().await;
     eprintln!("tollgate stopped");
     Ok(())
+}
+
+/// Re-reads the catalog file (`catalog.path`) on SIGHUP and when it
+/// changes (checked every 2 s), and swaps it in whole: requests in flight
+/// keep the catalog they started with, none fails. A file that does not
+/// load is logged and the catalog in use stays.
+async fn reload_catalog(state: std::sync::Weak<AppState>) {
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let path = state.upgrade().and_then(|s| s.config.catalog.path.clone());
+    let stamp = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut seen = path.as_deref().and_then(stamp);
+    loop {
+        #[cfg(unix)]
+        let signal = async {
+            match hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let signal = std::future::pending::<()>();
+        let why = tokio::select! {
+            _ = signal => "SIGHUP",
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {
+                let now = path.as_deref().and_then(stamp);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                "the file changed"
+            }
+        };
+        let Some(state) = state.upgrade() else { break };
+        match load_catalog(&state.config) {
+            Ok(catalog) => {
+                let models = catalog.len();
+                state.metrics.publish_catalog(&catalog);
+                state.catalog.store(Arc::new(catalog));
+                tracing::info!(models, reason = why, "catalog reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, reason = why, "catalog not reloaded; the one in use stays")
+            }
+        }
+    }
 }
 
 async fn shutdown_signal() {
