@@ -473,3 +473,132 @@ async fn spend_survives_a_restart_and_output_caps_are_enforced() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The 200-way race again, with requests whose cost depends on what the
+/// response says: a priority tier, high-detail images, built-in web
+/// searches, a flex tier. Reservations must be a true upper bound of each,
+/// so the budget holds and nothing is settled beyond its reservation. The
+/// mock reports the prompt tokens tiktoken counts for the text (8 for a
+/// chat "hi"), as the provider would; the image costs 1,500 more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixed_race_of_tiers_images_and_tool_calls_never_overspends() {
+    let mock = MockUpstream::start().await;
+    let tg = Tollgate::start(&mock, VIRTUAL).await;
+    let budget_nano: i64 = 500_000_000;
+    stdout(&tg.cli(&[
+        "teams",
+        "create",
+        "mixed",
+        "--budget-usd",
+        "0.5",
+        "--period",
+        "total",
+    ]));
+    let key = stdout(&tg.cli(&["keys", "create", "--team", "mixed"]))
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    wait_for_key(&tg, &key).await;
+    let probes = mock.request_count();
+    let image = json!([{"type": "text", "text": "what is this"},
+                       {"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": "high"}}]);
+    // (path, body, mock headers, cost of one when it is admitted)
+    let kinds: Vec<(&str, Value, Vec<(&str, &str)>, i64)> = vec![
+        (
+            "/v1/chat/completions",
+            json!({"model": "gpt-5", "service_tier": "priority", "max_completion_tokens": 5,
+                   "messages": [{"role": "user", "content": "hi"}]}),
+            vec![
+                ("x-mock-service-tier", "priority"),
+                ("x-mock-prompt-tokens", "8"),
+            ],
+            8 * 2_500 + 5 * 20_000,
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "gpt-4o", "max_tokens": 5, "messages": [{"role": "user", "content": image}]}),
+            vec![("x-mock-prompt-tokens", "1500")],
+            1_500 * 2_500 + 5 * 10_000,
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "gpt-5", "input": "news?", "max_output_tokens": 5,
+                   "tools": [{"type": "web_search"}], "max_tool_calls": 2}),
+            vec![
+                ("x-mock-prompt-tokens", "4"),
+                ("x-mock-output-items", "web_search_call,web_search_call"),
+            ],
+            4 * 1_250 + 5 * 10_000 + 2 * 10_000_000,
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "o3", "service_tier": "flex", "max_completion_tokens": 5,
+                   "messages": [{"role": "user", "content": "hi"}]}),
+            vec![
+                ("x-mock-service-tier", "flex"),
+                ("x-mock-prompt-tokens", "8"),
+            ],
+            8 * 1_000 + 5 * 4_000,
+        ),
+    ];
+    let c = client();
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let (path, body, headers, _) = &kinds[i % kinds.len()];
+        let mut req = c
+            .post(tg.url(path))
+            .bearer_auth(&key)
+            .header("x-mock-completion-tokens", "5")
+            .header("x-mock-delay-ms", "20")
+            .json(body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        tasks.push(tokio::spawn(async move {
+            (
+                i % 4,
+                req.send().await.map(|r| r.status().as_u16()).unwrap_or(0),
+            )
+        }));
+    }
+    let (mut admitted, mut rejected) = ([0i64; 4], 0);
+    for t in tasks {
+        match t.await.unwrap_or((0, 0)) {
+            (k, 200) => admitted[k] += 1,
+            (_, 429) => rejected += 1,
+            (_, other) => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(
+        rejected > 0 && admitted.iter().all(|&n| n > 0),
+        "admitted {admitted:?}, rejected {rejected}"
+    );
+    let fired: i64 = admitted.iter().sum();
+    assert_eq!(
+        (mock.request_count() - probes) as i64,
+        fired,
+        "refused requests reached the upstream"
+    );
+    let rows = tg.wait_rows(200 + probes).await;
+    let spent: i64 = rows
+        .iter()
+        .filter(|r| r.status == 200)
+        .map(|r| r.cost_nano_usd)
+        .sum();
+    let expected: i64 = kinds.iter().zip(admitted).map(|(k, n)| k.3 * n).sum();
+    assert_eq!(spent, expected, "every admitted request priced exactly");
+    assert!(spent <= budget_nano, "spent {spent} > budget {budget_nano}");
+    let m = tg.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "tollgate_budget_overrun_usd_total",
+            &[("team", "mixed")]
+        )
+        .unwrap_or(0.0),
+        0.0,
+        "a reservation fell short"
+    );
+    println!("mixed race: admitted {admitted:?}, rejected {rejected}, spent {spent} of {budget_nano} nano-USD");
+}
