@@ -42,6 +42,22 @@ def chat_non_stream():
     assert completion.usage.prompt_tokens == 1000
 
 
+def flex_service_tier_is_priced_as_served():
+    # o3 at flex: $1 / $4 per M tokens instead of $2 / $8.
+    raw = client.chat.completions.with_raw_response.create(
+        model="o3",
+        messages=MESSAGES,
+        service_tier="flex",
+        extra_headers={
+            "x-mock-prompt-tokens": "10000",
+            "x-mock-completion-tokens": "2000",
+            "x-mock-service-tier": "flex",
+        },
+    )
+    assert raw.headers["x-tollgate-cost-usd"] == "0.018000000", raw.headers
+    assert raw.parse().service_tier == "flex"
+
+
 def chat_stream_hides_usage():
     chunks = list(client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -137,6 +153,7 @@ def budget_is_rate_limit_error():
 
 for name, fn in [
     ("chat_non_stream", chat_non_stream),
+    ("flex_service_tier_is_priced_as_served", flex_service_tier_is_priced_as_served),
     ("chat_stream_hides_usage", chat_stream_hides_usage),
     ("chat_stream_with_usage", chat_stream_with_usage),
     ("embeddings", embeddings),
