@@ -504,7 +504,8 @@ async fn a_mixed_race_of_tiers_images_and_tool_calls_never_overspends() {
     let image = json!([{"type": "text", "text": "what is this"},
                        {"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": "high"}}]);
     // (path, body, mock headers, cost of one when it is admitted)
-    let kinds: Vec<(&str, Value, Vec<(&str, &str)>, i64)> = vec![
+    type Kind<'a> = (&'a str, Value, Vec<(&'a str, &'a str)>, i64);
+    let kinds: Vec<Kind> = vec![
         (
             "/v1/chat/completions",
             json!({"model": "gpt-5", "service_tier": "priority", "max_completion_tokens": 5,
