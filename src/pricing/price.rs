@@ -572,18 +572,17 @@ impl ModelPrice {
 /// down, the difference handed to the lines with the largest remainders.
 fn apportion(zepto: &[u128; Line::COUNT], total: u64) -> Breakdown {
     let mut out = [0u64; Line::COUNT];
-    let mut rest: Vec<(u128, usize)> = Vec::with_capacity(Line::COUNT);
+    // (remainder, line), on the stack: this runs for every request.
+    let mut rest = [(0u128, 0usize); Line::COUNT];
     for (i, z) in zepto.iter().enumerate() {
         out[i] = u64::try_from(z / ZEPTO_PER_NANO).unwrap_or(u64::MAX);
-        if z % ZEPTO_PER_NANO > 0 {
-            rest.push((z % ZEPTO_PER_NANO, i));
-        }
+        rest[i] = (z % ZEPTO_PER_NANO, i);
     }
     let floor: u64 = out.iter().fold(0u64, |a, b| a.saturating_add(*b));
     let mut extra = total.saturating_sub(floor);
-    rest.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-    for (_, i) in rest {
-        if extra == 0 {
+    rest.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    for (r, i) in rest {
+        if extra == 0 || r == 0 {
             break;
         }
         out[i] += 1;

@@ -43,15 +43,18 @@ pub struct BodyFacts {
     pub readable: bool,
 }
 
-/// The fields read from a response body; everything else is skipped.
+/// The fields read from a response body; everything else is skipped. The
+/// usage object is read typed (no allocation) in the common case; a body
+/// this cannot read (a key spelled twice, counts as strings) is read again
+/// as a plain JSON value.
 #[derive(Deserialize)]
 struct Body {
     #[serde(default)]
-    usage: Option<Value>,
+    usage: Option<Counts>,
     #[serde(default)]
     model: Option<String>,
     #[serde(default)]
-    service_tier: Option<Value>,
+    service_tier: Option<String>,
     #[serde(default)]
     output: Option<Vec<OutputItem>>,
 }
@@ -62,8 +65,107 @@ struct OutputItem {
     kind: Option<String>,
 }
 
-/// Reads a non-streaming response body. A body whose top level repeats a
-/// key is read again as a plain JSON value (the last one wins).
+/// A usage object in every spelling of SPEC 9, as integers.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct Counts {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    prompt_cache_hit_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
+    prompt_tokens_details: Option<Details>,
+    input_tokens_details: Option<Details>,
+    completion_tokens_details: Option<Details>,
+    output_tokens_details: Option<Details>,
+    cache_creation: Option<CacheCreation>,
+    server_tool_use: Option<ServerToolUse>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Details {
+    cached_tokens: Option<u64>,
+    audio_tokens: Option<u64>,
+    image_tokens: Option<u64>,
+    reasoning_tokens: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct CacheCreation {
+    ephemeral_5m_input_tokens: Option<u64>,
+    ephemeral_1h_input_tokens: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ServerToolUse {
+    web_search_requests: Option<u64>,
+}
+
+impl Counts {
+    /// The one reading of a usage object (both paths end here). `None`
+    /// unless it reports a prompt (or input) count.
+    pub(crate) fn to_usage(&self) -> Option<Usage> {
+        let detail = |d: &Option<Details>, f: fn(&Details) -> Option<u64>| d.as_ref().and_then(f);
+        let (cw_5m, cw_1h) = match &self.cache_creation {
+            Some(c) => (
+                c.ephemeral_5m_input_tokens.unwrap_or(0),
+                c.ephemeral_1h_input_tokens.unwrap_or(0),
+            ),
+            None => (self.cache_creation_input_tokens.unwrap_or(0), 0),
+        };
+        // Anthropic's input_tokens leaves out what was read from or written
+        // to the cache; everyone else's prompt total includes cached tokens.
+        let anthropic = self.prompt_tokens.is_none()
+            && self.input_tokens.is_some()
+            && (self.cache_read_input_tokens.is_some()
+                || self.cache_creation_input_tokens.is_some()
+                || self.cache_creation.is_some());
+        let prompt = match (self.prompt_tokens, self.input_tokens) {
+            (Some(p), _) => p,
+            (None, Some(i)) if anthropic => i
+                .saturating_add(self.cache_read_input_tokens.unwrap_or(0))
+                .saturating_add(cw_5m)
+                .saturating_add(cw_1h),
+            (None, Some(i)) => i,
+            (None, None) => return None,
+        };
+        let prompt_side = |f: fn(&Details) -> Option<u64>| {
+            detail(&self.prompt_tokens_details, f).or_else(|| detail(&self.input_tokens_details, f))
+        };
+        let completion_side = |f: fn(&Details) -> Option<u64>| {
+            detail(&self.completion_tokens_details, f)
+                .or_else(|| detail(&self.output_tokens_details, f))
+        };
+        let usage = Usage {
+            prompt_tokens: prompt,
+            completion_tokens: self.completion_tokens.or(self.output_tokens).unwrap_or(0),
+            cached_tokens: prompt_side(|d| d.cached_tokens)
+                .or(self.prompt_cache_hit_tokens)
+                .or(self.cache_read_input_tokens)
+                .unwrap_or(0),
+            cache_write_tokens: cw_5m,
+            cache_write_1h_tokens: cw_1h,
+            audio_prompt_tokens: prompt_side(|d| d.audio_tokens).unwrap_or(0),
+            image_prompt_tokens: prompt_side(|d| d.image_tokens).unwrap_or(0),
+            reasoning_tokens: completion_side(|d| d.reasoning_tokens).unwrap_or(0),
+            audio_completion_tokens: completion_side(|d| d.audio_tokens).unwrap_or(0),
+            image_completion_tokens: completion_side(|d| d.image_tokens).unwrap_or(0),
+            tool_calls: ToolCalls {
+                web_search: self
+                    .server_tool_use
+                    .as_ref()
+                    .and_then(|s| s.web_search_requests)
+                    .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX)),
+                file_search: 0,
+            },
+            source: TokenSource::Upstream,
+        };
+        Some(usage.clamped())
+    }
+}
+
+/// Reads a non-streaming response body.
 pub fn read_body(body: &[u8]) -> BodyFacts {
     match serde_json::from_slice::<Body>(body) {
         Ok(b) => {
@@ -71,7 +173,7 @@ pub fn read_body(body: &[u8]) -> BodyFacts {
             if let Some(m) = &b.model {
                 served.see_model(m);
             }
-            if let Some(Value::String(t)) = &b.service_tier {
+            if let Some(t) = &b.service_tier {
                 served.see_tier(t);
             }
             for item in b.output.iter().flatten() {
@@ -80,7 +182,7 @@ pub fn read_body(body: &[u8]) -> BodyFacts {
                 }
             }
             BodyFacts {
-                usage: b.usage.as_ref().and_then(usage_from_value),
+                usage: b.usage.as_ref().and_then(Counts::to_usage),
                 served,
                 readable: true,
             }
@@ -119,10 +221,40 @@ pub fn facts_from_value(v: &Value) -> BodyFacts {
     }
 }
 
-/// A count, however the provider spelled it: an integer, an integral
-/// float, or a numeric string. Negative or fractional values are not counts.
-fn count(v: Option<&Value>) -> Option<u64> {
-    match v? {
+/// A usage object however it was spelled: counts as integers, integral
+/// floats or numeric strings (negative or fractional ones dropped), keys
+/// spelled twice already settled by the JSON reader (the last wins).
+pub fn usage_from_value(v: &Value) -> Option<Usage> {
+    if !v.is_object() {
+        return None;
+    }
+    serde_json::from_value::<Counts>(as_counts(v))
+        .ok()?
+        .to_usage()
+}
+
+/// `v` with every count a provider may spell oddly made a plain integer,
+/// and every value that is no count (nor an object of them) removed.
+fn as_counts(v: &Value) -> Value {
+    match v {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .filter_map(|(k, v)| {
+                    let v = match v {
+                        Value::Object(_) => as_counts(v),
+                        other => Value::from(count(other)?),
+                    };
+                    Some((k.clone(), v))
+                })
+                .collect(),
+        ),
+        other => count(other).map_or(Value::Null, Value::from),
+    }
+}
+
+/// A count: an integer, an integral float, or a numeric string.
+fn count(v: &Value) -> Option<u64> {
+    match v {
         Value::Number(n) => n.as_u64().or_else(|| {
             n.as_f64()
                 .filter(|f| f.is_finite() && *f >= 0.0 && f.fract() == 0.0 && *f < 1e18)
@@ -131,117 +263,6 @@ fn count(v: Option<&Value>) -> Option<u64> {
         Value::String(s) => s.trim().parse().ok(),
         _ => None,
     }
-}
-
-/// `obj.a.b`, for the nested details objects.
-fn at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
-    path.iter().try_fold(v, |v, k| v.get(*k))
-}
-
-/// The first of several spellings that is present.
-fn first(v: &Value, paths: &[&[&str]]) -> Option<u64> {
-    paths.iter().find_map(|p| count(at(v, p)))
-}
-
-/// A usage object in any spelling of SPEC 9: OpenAI chat/completions
-/// (`prompt_tokens`, `*_details`), Responses (`input_tokens`, ...),
-/// DeepSeek (`prompt_cache_hit_tokens`) and Anthropic (`input_tokens` plus
-/// `cache_creation_input_tokens` and `cache_read_input_tokens`, which
-/// Anthropic counts outside `input_tokens`). `None` unless it reports a
-/// prompt (or input) count.
-pub fn usage_from_value(v: &Value) -> Option<Usage> {
-    if !v.is_object() {
-        return None;
-    }
-    let openai_prompt = count(v.get("prompt_tokens"));
-    let input = count(v.get("input_tokens"));
-    let cache_read = count(v.get("cache_read_input_tokens"));
-    let cache_created = count(v.get("cache_creation_input_tokens"));
-    let (cw_5m, cw_1h) = match v.get("cache_creation") {
-        Some(c) if c.is_object() => (
-            count(c.get("ephemeral_5m_input_tokens")).unwrap_or(0),
-            count(c.get("ephemeral_1h_input_tokens")).unwrap_or(0),
-        ),
-        _ => (cache_created.unwrap_or(0), 0),
-    };
-    // Anthropic's input_tokens leaves out what was read from or written to
-    // the cache; everyone else's prompt total includes cached tokens.
-    let anthropic = openai_prompt.is_none()
-        && input.is_some()
-        && (cache_read.is_some() || cache_created.is_some() || v.get("cache_creation").is_some());
-    let prompt = match (openai_prompt, input) {
-        (Some(p), _) => p,
-        (None, Some(i)) if anthropic => i
-            .saturating_add(cache_read.unwrap_or(0))
-            .saturating_add(cw_5m)
-            .saturating_add(cw_1h),
-        (None, Some(i)) => i,
-        (None, None) => return None,
-    };
-    let cached = first(
-        v,
-        &[
-            &["prompt_tokens_details", "cached_tokens"],
-            &["input_tokens_details", "cached_tokens"],
-            &["prompt_cache_hit_tokens"],
-            &["cache_read_input_tokens"],
-        ],
-    )
-    .unwrap_or(0);
-    let usage = Usage {
-        prompt_tokens: prompt,
-        completion_tokens: first(v, &[&["completion_tokens"], &["output_tokens"]]).unwrap_or(0),
-        cached_tokens: cached,
-        cache_write_tokens: cw_5m,
-        cache_write_1h_tokens: cw_1h,
-        audio_prompt_tokens: first(
-            v,
-            &[
-                &["prompt_tokens_details", "audio_tokens"],
-                &["input_tokens_details", "audio_tokens"],
-            ],
-        )
-        .unwrap_or(0),
-        image_prompt_tokens: first(
-            v,
-            &[
-                &["input_tokens_details", "image_tokens"],
-                &["prompt_tokens_details", "image_tokens"],
-            ],
-        )
-        .unwrap_or(0),
-        reasoning_tokens: first(
-            v,
-            &[
-                &["completion_tokens_details", "reasoning_tokens"],
-                &["output_tokens_details", "reasoning_tokens"],
-            ],
-        )
-        .unwrap_or(0),
-        audio_completion_tokens: first(
-            v,
-            &[
-                &["completion_tokens_details", "audio_tokens"],
-                &["output_tokens_details", "audio_tokens"],
-            ],
-        )
-        .unwrap_or(0),
-        image_completion_tokens: first(
-            v,
-            &[
-                &["output_tokens_details", "image_tokens"],
-                &["completion_tokens_details", "image_tokens"],
-            ],
-        )
-        .unwrap_or(0),
-        tool_calls: ToolCalls {
-            web_search: first(v, &[&["server_tool_use", "web_search_requests"]])
-                .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX)),
-            file_search: 0,
-        },
-        source: TokenSource::Upstream,
-    };
-    Some(usage.clamped())
 }
 
 #[cfg(test)]

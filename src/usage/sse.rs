@@ -11,7 +11,7 @@ use std::borrow::Cow;
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 
-use super::read::{facts_from_value, usage_from_value, Served};
+use super::read::{facts_from_value, Counts, Served};
 use super::{Endpoint, Usage};
 
 /// A line or event larger than this is passed through unparsed.
@@ -48,7 +48,7 @@ struct ChoiceChunk<'a> {
     #[serde(default, borrow)]
     choices: Option<Vec<Choice<'a>>>,
     #[serde(default)]
-    usage: Option<serde_json::Value>,
+    usage: Option<Counts>,
     #[serde(default, borrow)]
     model: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
@@ -295,8 +295,7 @@ impl SseMeter {
             }
             _ => {
                 let Ok(chunk) = serde_json::from_slice::<ChoiceChunk>(data) else {
-                    self.unparsable_events += 1;
-                    return false;
+                    return self.odd_chunk(data);
                 };
                 if let Some(m) = &chunk.model {
                     self.served.see_model(m);
@@ -305,8 +304,8 @@ impl SseMeter {
                     self.served.see_tier(t);
                 }
                 let choices = chunk.choices.unwrap_or_default();
-                let usage_object = chunk.usage.as_ref().filter(|u| u.is_object());
-                let usage = usage_object.and_then(usage_from_value);
+                let usage_object = chunk.usage.as_ref();
+                let usage = usage_object.and_then(Counts::to_usage);
                 for choice in &choices {
                     let i = choice.index;
                     if let Some(t) = &choice.text {
@@ -338,6 +337,25 @@ impl SseMeter {
                 usage_object.is_some() && choices.is_empty()
             }
         }
+    }
+
+    /// A chunk the typed reader refused (a key spelled twice, counts as
+    /// strings): read as a plain JSON value for its usage and served model.
+    /// Returns whether it is the usage-only chunk.
+    fn odd_chunk(&mut self, data: &[u8]) -> bool {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
+            self.unparsable_events += 1;
+            return false;
+        };
+        let facts = facts_from_value(&v);
+        self.see(facts.served);
+        if let Some(u) = facts.usage {
+            self.usage = Some(u);
+        }
+        let no_choices = v
+            .get("choices")
+            .is_none_or(|c| c.as_array().is_some_and(Vec::is_empty));
+        v.get("usage").is_some_and(serde_json::Value::is_object) && no_choices
     }
 
     /// Takes what a `response` object says was served; tool calls counted
