@@ -294,6 +294,66 @@ fn import_litellm_converts_the_public_cost_map() {
     assert_eq!(cost("gpt-4o-mini"), Some(750_000_000));
     assert_eq!(cost("ft:gpt-3.5-turbo:acme::x"), Some(9_000_000_000));
     assert_eq!(cost("text-embedding-3-small"), Some(20_000_000));
+    // Issue 13's table, priced from the import exactly.
+    use tollgate::usage::{ServiceTier, ToolCalls, Usage};
+    let price = |m: &str, u: &Usage, tier: ServiceTier| {
+        catalog
+            .resolve(m)
+            .price
+            .map(|p| p.price(u, tier, catalog.tool_call_fees()).total.0)
+    };
+    let small = Usage::tokens(10_000, 2_000);
+    assert_eq!(price("o3", &small, ServiceTier::Flex), Some(18_000_000));
+    assert_eq!(
+        price("gpt-5", &small, ServiceTier::Priority),
+        Some(65_000_000)
+    );
+    assert_eq!(
+        price("gpt-5.4", &small, ServiceTier::Standard),
+        Some(55_000_000)
+    );
+    let audio = Usage {
+        audio_prompt_tokens: 800,
+        audio_completion_tokens: 400,
+        ..Usage::tokens(1_000, 500)
+    };
+    assert_eq!(
+        price(
+            "gpt-4o-audio-preview-2025-06-03",
+            &audio,
+            ServiceTier::Standard
+        ),
+        Some(65_500_000)
+    );
+    let searches = Usage {
+        tool_calls: ToolCalls {
+            web_search: 3,
+            file_search: 0,
+        },
+        ..Usage::tokens(0, 0)
+    };
+    assert_eq!(
+        price("gpt-5", &searches, ServiceTier::Standard),
+        Some(30_000_000)
+    );
+    let out = Command::new(BIN)
+        .args(["catalog", "import-litellm", "--provider", "deepseek"])
+        .arg(&file)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let deepseek = tollgate::pricing::Catalog::parse(&String::from_utf8_lossy(&out.stdout), 6.0)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let hits = Usage {
+        cached_tokens: 9_000,
+        ..Usage::tokens(10_000, 0)
+    };
+    assert_eq!(
+        deepseek
+            .resolve("deepseek-chat")
+            .price
+            .map(|p| p.cost(&hits).0),
+        Some(532_000)
+    );
     // The imported file passes `catalog check` too.
     let out = Command::new(BIN)
         .args(["catalog", "check"])
@@ -305,4 +365,68 @@ fn import_litellm_converts_the_public_cost_map() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn the_usage_v2_migration_keeps_existing_rows() {
+    // A database as the previous release left it: migrations 0001-0004
+    // and one row.
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let old = dir.path().join("old-migrations");
+    std::fs::create_dir_all(&old).unwrap_or_else(|e| panic!("{e}"));
+    let all = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
+    for entry in std::fs::read_dir(&all)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.as_str() < "0005" {
+            std::fs::copy(entry.path(), old.join(&name)).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    let db = dir.path().join("t.db");
+    let url = format!("sqlite://{}?mode=rwc", db.display());
+    let rt = tokio::runtime::Runtime::new().unwrap_or_else(|e| panic!("{e}"));
+    rt.block_on(async {
+        let pool = sqlx::SqlitePool::connect(&url).await.unwrap_or_else(|e| panic!("{e}"));
+        sqlx::migrate::Migrator::new(old.as_path())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .run(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        sqlx::query(
+            "INSERT INTO usage (created_at, request_id, team, key_id, model, base_model, upstream, endpoint, \
+             stream, status, prompt_tokens, completion_tokens, cached_tokens, cost_nano_usd, token_source, latency_ms) \
+             VALUES ('2026-11-30T10:00:00.000Z', 'req_old', 't', NULL, 'gpt-4o', 'gpt-4o', 'openai', 'chat.completions', \
+             0, 200, 10, 5, 0, 75000, 'upstream', 12)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        pool.close().await;
+    });
+    let out = Command::new(BIN)
+        .arg("migrate")
+        .env(
+            "TOLLGATE_DATABASE_URL",
+            format!("sqlite://{}", db.display()),
+        )
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    rt.block_on(async {
+        let pool = sqlx::SqlitePool::connect(&url).await.unwrap_or_else(|e| panic!("{e}"));
+        let row: (i64, String, String, Option<String>, i64) = sqlx::query_as(
+            "SELECT cost_nano_usd, provider, cost_breakdown, service_tier, reasoning_tokens FROM usage WHERE request_id = 'req_old'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(row, (75_000, "openai".into(), "{}".into(), None, 0));
+    });
 }
