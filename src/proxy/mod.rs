@@ -643,9 +643,14 @@ async fn reserve(
         Err(Refusal::Over(_)) => {}
     }
     let (endpoint, body2) = (ctx.endpoint, body.clone());
+    // The text counted exactly; audio (which tiktoken does not count) at
+    // the most tokens its size allows.
     let exact = tokio::task::spawn_blocking(move || {
         serde_json::from_slice::<serde_json::Value>(&body2)
-            .map(|v| crate::usage::estimate::prompt_tokens(endpoint, encoding, &v))
+            .map(|v| {
+                crate::usage::estimate::prompt_tokens(endpoint, encoding, &v)
+                    .saturating_add(request::audio_token_bound(&v))
+            })
             .unwrap_or(bound)
     })
     .await

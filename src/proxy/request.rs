@@ -226,6 +226,30 @@ pub fn image_token_bound(body: &[u8]) -> u64 {
     total
 }
 
+/// Most prompt tokens the audio inputs of a parsed request can cost. OpenAI
+/// bills audio at 10 tokens a second; no audio encoding carries a second
+/// in fewer than 100 bytes of base64 (800 bits/s), so a tenth of the
+/// base64 length bounds it with room to spare.
+pub fn audio_token_bound(request: &serde_json::Value) -> u64 {
+    let mut total = 0u64;
+    let mut stack = vec![request];
+    while let Some(v) = stack.pop() {
+        match v {
+            serde_json::Value::Array(items) => stack.extend(items.iter()),
+            serde_json::Value::Object(map) => {
+                if let Some(audio) = map.get("input_audio") {
+                    let data = audio.get("data").and_then(serde_json::Value::as_str);
+                    total = total.saturating_add(data.map_or(0, |d| d.len() as u64 / 10 + 1));
+                } else {
+                    stack.extend(map.values());
+                }
+            }
+            _ => {}
+        }
+    }
+    total
+}
+
 /// The request's own output limit, by endpoint.
 fn requested_max_output(meta: &RequestMeta, endpoint: Endpoint) -> (Option<u64>, &'static str) {
     match endpoint {
@@ -332,6 +356,21 @@ mod tests {
             IMAGE_TOKENS_LOW + 2 * IMAGE_TOKENS_HIGH
         );
         assert_eq!(image_token_bound(br#"{"model":"m","messages":[]}"#), 0);
+    }
+
+    #[test]
+    fn audio_inputs_count_by_their_size() {
+        let v: serde_json::Value = serde_json::from_str(&format!(
+            r#"{{"model":"gpt-4o-audio-preview","messages":[{{"role":"user","content":[
+                {{"type":"text","text":"transcribe"}},
+                {{"type":"input_audio","input_audio":{{"data":"{}","format":"wav"}}}}]}}]}}"#,
+            "A".repeat(48_000)
+        ))
+        .unwrap_or_default();
+        // 48,000 bytes of base64 (a second of 16 kHz wav is ~43,000):
+        // 4,801 tokens, where OpenAI bills about 10.
+        assert_eq!(audio_token_bound(&v), 4_801);
+        assert_eq!(audio_token_bound(&serde_json::json!({"messages": []})), 0);
     }
 
     #[test]
