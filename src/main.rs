@@ -564,7 +564,7 @@ fn print_catalog(catalog: &Catalog, format: OutputFormat) {
                         .map_or("-".to_string(), |r| r.usd_per_million_string()),
                     p.max_output_tokens
                         .map_or("-".to_string(), |m| m.to_string()),
-                    p.provider.as_deref().unwrap_or("-"),
+                    p.provider.unwrap_or("-"),
                     p.tier_names(),
                     p.encoding.map_or("-", |e| e.name()),
                 );

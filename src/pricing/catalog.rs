@@ -251,7 +251,7 @@ impl Catalog {
                 None => Vec::new(),
             };
             let price = ModelPrice {
-                provider: raw.provider.clone(),
+                provider: raw.provider.as_deref().map(super::price::intern),
                 rates,
                 flex,
                 priority,
@@ -260,6 +260,7 @@ impl Catalog {
                 tool_calls,
                 max_output_tokens: raw.max_output_tokens,
                 encoding,
+                worst: std::sync::OnceLock::new(),
             };
             models.insert(id, Arc::new(price));
         }
@@ -618,7 +619,7 @@ web_search = 25.0
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.problems(), Vec::<String>::new());
         let p = c.resolve("m").price.unwrap_or_else(|| panic!("unpriced"));
-        assert_eq!(p.provider.as_deref(), Some("openai"));
+        assert_eq!(p.provider, Some("openai"));
         let u = Usage {
             tool_calls: crate::usage::ToolCalls {
                 web_search: 1,

@@ -401,7 +401,7 @@ mod tests {
             .resolve("claude-sonnet-4-5")
             .price
             .unwrap_or_else(|| panic!("no claude"));
-        assert_eq!(claude.provider.as_deref(), Some("anthropic"));
+        assert_eq!(claude.provider, Some("anthropic"));
         let u = Usage {
             cache_write_tokens: 1_000_000,
             cache_write_1h_tokens: 1_000_000,

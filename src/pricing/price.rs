@@ -81,7 +81,11 @@ impl Component {
     /// totals is billed exactly once: the prompt's plain text is what its
     /// cached, cache-written, audio and image parts leave.
     pub fn tokens(self, u: &Usage) -> u64 {
-        let u = u.clamped();
+        self.tokens_of_clamped(&u.clamped())
+    }
+
+    /// `tokens` of a usage already `clamped` (pricing clamps once).
+    fn tokens_of_clamped(self, u: &Usage) -> u64 {
         match self {
             Component::Input => {
                 u.prompt_tokens
@@ -264,9 +268,11 @@ impl CallFee {
 }
 
 /// One catalog row.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct ModelPrice {
-    pub provider: Option<String>,
+    /// Interned (`intern`): copied into every usage row without a
+    /// reference count shared by every request of the model.
+    pub provider: Option<&'static str>,
     /// Standard prices (`input` and `output` always set).
     pub rates: Rates,
     pub flex: Option<Rates>,
@@ -277,6 +283,44 @@ pub struct ModelPrice {
     pub tool_calls: Vec<(String, CallFee)>,
     pub max_output_tokens: Option<u64>,
     pub encoding: Option<Encoding>,
+    /// Highest (prompt-side, completion-side) rate per served tier (in
+    /// `TIERS` order), below the long-context threshold: computed on first
+    /// use, as every reservation needs it.
+    pub(crate) worst: std::sync::OnceLock<[(Rate, Rate); TIERS.len()]>,
+}
+
+/// A provider name as a `&'static str`. Names come from catalogs (a few
+/// dozen distinct ones at most, reloads included), so each is leaked once.
+pub fn intern(name: &str) -> &'static str {
+    static NAMES: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let Ok(mut names) = NAMES.lock() else {
+        return "unknown";
+    };
+    if let Some(n) = names.iter().find(|n| **n == name) {
+        return n;
+    }
+    let leaked: &'static str = Box::leak(name.to_string().into_boxed_str());
+    names.push(leaked);
+    leaked
+}
+
+/// Every tier a response can name, in `ModelPrice::worst` order.
+const TIERS: [ServiceTier; 6] = [
+    ServiceTier::Standard,
+    ServiceTier::Flex,
+    ServiceTier::Priority,
+    ServiceTier::Batch,
+    ServiceTier::Scale,
+    ServiceTier::Other,
+];
+
+impl PartialEq for ModelPrice {
+    fn eq(&self, other: &ModelPrice) -> bool {
+        self.same_prices(other)
+            && self.provider == other.provider
+            && self.max_output_tokens == other.max_output_tokens
+            && self.encoding == other.encoding
+    }
 }
 
 /// A request's exact cost.
@@ -307,6 +351,7 @@ impl ModelPrice {
             tool_calls: Vec::new(),
             max_output_tokens: None,
             encoding: None,
+            worst: std::sync::OnceLock::new(),
         }
     }
 
@@ -383,9 +428,10 @@ impl ModelPrice {
     /// rounding).
     pub fn price(&self, usage: &Usage, tier: ServiceTier, global: &[(String, CallFee)]) -> Priced {
         let (rates, fallback) = self.rates_for(tier, usage.prompt_tokens);
+        let clamped = usage.clamped();
         let mut zepto = [0u128; Line::COUNT];
         for c in Component::ALL {
-            let n = c.tokens(usage);
+            let n = c.tokens_of_clamped(&clamped);
             if n > 0 {
                 let z = u128::from(n).saturating_mul(rates.effective(c).0);
                 let line = &mut zepto[c.line() as usize];
@@ -405,17 +451,22 @@ impl ModelPrice {
             acc.add_zepto(z);
         }
         let total = acc.nano_usd();
-        let saved_per_token = rates
-            .effective(Component::Input)
-            .0
-            .saturating_sub(rates.effective(Component::CachedInput).0);
-        let mut saved = CostAccumulator::default();
-        saved.add(Component::CachedInput.tokens(usage), Rate(saved_per_token));
+        let cache_savings = if clamped.cached_tokens > 0 {
+            let saved_per_token = rates
+                .effective(Component::Input)
+                .0
+                .saturating_sub(rates.effective(Component::CachedInput).0);
+            let mut saved = CostAccumulator::default();
+            saved.add(clamped.cached_tokens, Rate(saved_per_token));
+            saved.nano_usd()
+        } else {
+            NanoUsd(0)
+        };
         Priced {
             total,
             breakdown: apportion(&zepto, total.0),
             fallback,
-            cache_savings: saved.nano_usd(),
+            cache_savings,
         }
     }
 
@@ -428,18 +479,35 @@ impl ModelPrice {
     /// request may be served at: a true upper bound per token, whatever the
     /// response turns out to be.
     pub fn worst_rates(&self, tiers: &[ServiceTier], prompt_tokens: u64) -> (Rate, Rate) {
+        let worst_of = |rates: &Rates| {
+            let (mut p, mut c) = (Rate::default(), Rate::default());
+            for comp in Component::ALL {
+                let r = rates.effective(comp);
+                if comp.is_prompt() {
+                    p = p.max(r);
+                } else {
+                    c = c.max(r);
+                }
+            }
+            (p, c)
+        };
+        let table = self
+            .worst
+            .get_or_init(|| TIERS.map(|t| worst_of(&self.tier_rates(t).0)));
+        let long = self
+            .long_context
+            .as_ref()
+            .filter(|lc| prompt_tokens > lc.above_input_tokens);
         let (mut p, mut c) = (Rate::default(), Rate::default());
         for &tier in tiers {
-            for long in [0, prompt_tokens] {
-                let (rates, _) = self.rates_for(tier, long);
-                for comp in Component::ALL {
-                    let r = rates.effective(comp);
-                    if comp.is_prompt() {
-                        p = p.max(r);
-                    } else {
-                        c = c.max(r);
-                    }
-                }
+            let i = TIERS.iter().position(|t| *t == tier).unwrap_or(0);
+            let (tp, tc) = table[i];
+            p = p.max(tp);
+            c = c.max(tc);
+            if let Some(lc) = long {
+                let (lp, lc) = worst_of(&self.tier_rates(tier).0.overridden_by(&lc.rates));
+                p = p.max(lp);
+                c = c.max(lc);
             }
         }
         (p, c)
@@ -474,7 +542,7 @@ impl ModelPrice {
     pub fn times_ppm(&self, ppm: u128) -> ModelPrice {
         let scale = |r: &Rates| r.map(|x| x.times_ppm(ppm));
         ModelPrice {
-            provider: self.provider.clone(),
+            provider: self.provider,
             rates: scale(&self.rates),
             flex: self.flex.as_ref().map(scale),
             priority: self.priority.as_ref().map(scale),
@@ -486,6 +554,7 @@ impl ModelPrice {
             tool_calls: self.tool_calls.clone(),
             max_output_tokens: self.max_output_tokens,
             encoding: self.encoding,
+            worst: std::sync::OnceLock::new(),
         }
     }
 }
@@ -519,7 +588,7 @@ impl ModelPrice {
         let mut put = |k: &str, v: serde_json::Value| {
             out.insert(k.to_string(), v);
         };
-        put("provider", self.provider.clone().into());
+        put("provider", self.provider.into());
         put("max_output_tokens", self.max_output_tokens.into());
         put("encoding", self.encoding.map(|e| e.name()).into());
         for (name, tier) in [
@@ -572,17 +641,34 @@ impl ModelPrice {
 /// down, the difference handed to the lines with the largest remainders.
 fn apportion(zepto: &[u128; Line::COUNT], total: u64) -> Breakdown {
     let mut out = [0u64; Line::COUNT];
-    // (remainder, line), on the stack: this runs for every request.
+    // (remainder, line), on the stack: this runs for every request. Most
+    // lines are zero, and most amounts fit 64 bits (a 128-bit division is
+    // a library call).
     let mut rest = [(0u128, 0usize); Line::COUNT];
-    for (i, z) in zepto.iter().enumerate() {
-        out[i] = u64::try_from(z / ZEPTO_PER_NANO).unwrap_or(u64::MAX);
-        rest[i] = (z % ZEPTO_PER_NANO, i);
+    let mut with_rest = 0;
+    for (i, &z) in zepto.iter().enumerate() {
+        if z == 0 {
+            continue;
+        }
+        let (whole, part) = match u64::try_from(z) {
+            Ok(z) => (z / ZEPTO_PER_NANO_U64, u128::from(z % ZEPTO_PER_NANO_U64)),
+            Err(_) => (
+                u64::try_from(z / ZEPTO_PER_NANO).unwrap_or(u64::MAX),
+                z % ZEPTO_PER_NANO,
+            ),
+        };
+        out[i] = whole;
+        if part > 0 {
+            rest[with_rest] = (part, i);
+            with_rest += 1;
+        }
     }
     let floor: u64 = out.iter().fold(0u64, |a, b| a.saturating_add(*b));
     let mut extra = total.saturating_sub(floor);
+    let rest = &mut rest[..with_rest];
     rest.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-    for (r, i) in rest {
-        if extra == 0 || r == 0 {
+    for &(_, i) in rest.iter() {
+        if extra == 0 {
             break;
         }
         out[i] += 1;
@@ -590,6 +676,9 @@ fn apportion(zepto: &[u128; Line::COUNT], total: u64) -> Breakdown {
     }
     Breakdown(out)
 }
+
+/// zepto-USD in one nano-USD, for 64-bit arithmetic.
+const ZEPTO_PER_NANO_U64: u64 = 1_000_000_000_000;
 
 #[cfg(test)]
 mod tests {

@@ -583,18 +583,28 @@ async fn reserve(
     meta: &RequestMeta,
     max_output: Option<u64>,
 ) -> Result<(), ApiError> {
-    let Some(price) = ctx.resolved.as_ref().and_then(|r| r.price.clone()) else {
+    // Lent out of `ctx` for the while, not cloned: the price's reference
+    // count is shared by every request of the model.
+    let resolved = ctx.resolved.take();
+    let result = reserve_priced(state, ctx, resolved.as_ref(), body, meta, max_output).await;
+    ctx.resolved = resolved;
+    result
+}
+
+async fn reserve_priced(
+    state: &AppState,
+    ctx: &mut RequestCtx,
+    resolved: Option<&crate::pricing::Resolved>,
+    body: &Bytes,
+    meta: &RequestMeta,
+    max_output: Option<u64>,
+) -> Result<(), ApiError> {
+    let Some(price) = resolved.and_then(|r| r.price.as_deref()) else {
         // Unpriced: nothing to reserve, but the header still tells what is left.
         ctx.budget_remaining = state.ledger.status(&ctx.team).map(|s| s.remaining);
         return Ok(());
     };
-    if !state.ledger.has_budget(&ctx.team) {
-        return Ok(());
-    }
-    let encoding = ctx
-        .resolved
-        .as_ref()
-        .map_or(crate::usage::Encoding::O200kBase, |r| r.encoding());
+    let encoding = resolved.map_or(crate::usage::Encoding::O200kBase, |r| r.encoding());
     let completion = match ctx.endpoint {
         Endpoint::Embeddings => 0,
         _ => max_output
@@ -604,10 +614,7 @@ async fn reserve(
     };
     let tiers = meta.possible_tiers();
     let mut calls = meta.tool_call_bound(state.config.budget.tool_call_allowance);
-    let search_model = ctx
-        .resolved
-        .as_ref()
-        .is_some_and(|r| settle::is_search_model(&r.base_model));
+    let search_model = resolved.is_some_and(|r| settle::is_search_model(&r.base_model));
     if ctx.endpoint == Endpoint::ChatCompletions
         && search_model
         && !calls.iter().any(|(k, _)| *k == "web_search")
@@ -615,7 +622,12 @@ async fn reserve(
         // A chat search model searches once per answer.
         calls.push(("web_search", u64::from(meta.n.unwrap_or(1))));
     }
-    let images = request::image_token_bound(body);
+    // Counting image parts parses the body: only for teams with a budget.
+    let images = if request::mentions_images(body) && state.ledger.has_budget(&ctx.team) {
+        request::image_token_bound(body)
+    } else {
+        0
+    };
     let catalog = state.catalog.load();
     let fees = catalog.tool_call_fees();
     let worst = |prompt: u64| {

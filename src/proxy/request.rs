@@ -189,12 +189,17 @@ impl RequestMeta {
     }
 }
 
+/// Whether a body may hold image parts (a cheap scan before any parse).
+pub fn mentions_images(body: &[u8]) -> bool {
+    memchr::memmem::find(body, b"image").is_some()
+}
+
 /// Most prompt tokens the images of a request can cost: each image part
 /// at the worst its `detail` allows. Images given by URL take a few bytes of
 /// the body but thousands of tokens, so the body's length does not bound
 /// them. Only bodies that mention "image" are parsed for it.
 pub fn image_token_bound(body: &[u8]) -> u64 {
-    if memchr::memmem::find(body, b"image").is_none() {
+    if !mentions_images(body) {
         return 0;
     }
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {

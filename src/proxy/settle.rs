@@ -101,9 +101,8 @@ pub fn settle(
     };
     // The served model prices the request when the catalog knows it (a
     // dated snapshot can cost twice its alias); else the requested one.
-    let catalog = state.catalog.load();
     if let Some(model) = served.model.as_deref().filter(|m| *m != ctx.model) {
-        let resolved = catalog.resolve(model);
+        let resolved = state.catalog.load().resolve(model);
         if resolved.price.is_some() {
             ctx.resolved = Some(resolved);
         }
@@ -123,9 +122,10 @@ pub fn settle(
     if searched {
         usage.tool_calls.web_search = 1;
     }
-    let priced = price.map_or_else(Priced::default, |p| {
-        p.price(&usage, tier, catalog.tool_call_fees())
-    });
+    // The catalog's own tool-call fees, only when there are calls to price.
+    let catalog = (usage.tool_calls.total() > 0).then(|| state.catalog.load());
+    let fees = catalog.as_ref().map_or(&[][..], |c| c.tool_call_fees());
+    let priced = price.map_or_else(Priced::default, |p| p.price(&usage, tier, fees));
     let cost = priced.total;
     if let Some(reservation) = ctx.reservation.take() {
         let over = cost.0.saturating_sub(reservation.amount().0);
@@ -161,7 +161,7 @@ pub fn settle(
             m.unpriced.with_label_values(&[model]).inc();
         }
         if let (true, Some(ft), Some(base)) = (resolved.finetuned, price, &resolved.base_price) {
-            let on_base = base.price(&usage, tier, catalog.tool_call_fees()).total;
+            let on_base = base.price(&usage, tier, fees).total;
             let premium = NanoUsd(cost.0.saturating_sub(on_base.0));
             m.finetune_premium
                 .add(&[team, model, &resolved.base_model], premium);
@@ -185,8 +185,8 @@ pub fn settle(
     let provider = resolved
         .as_ref()
         .and_then(|r| r.price.as_ref())
-        .and_then(|p| p.provider.clone())
-        .unwrap_or_else(|| ctx.provider.to_string());
+        .and_then(|p| p.provider)
+        .unwrap_or(ctx.provider);
     let model = std::mem::take(&mut ctx.model);
     let ack = ctx.durable_ack.take();
     state.usage.record(

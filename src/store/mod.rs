@@ -46,7 +46,7 @@ pub struct UsageRecord {
     pub image_tokens: u64,
     /// Built-in tool calls billed per call.
     pub tool_calls: u64,
-    pub provider: String,
+    pub provider: &'static str,
     /// Nano-USD per component (the `cost_breakdown` JSON column).
     pub cost_breakdown: crate::pricing::Breakdown,
     /// The shared budget period (`budget::period_key`) whose lease paid for
@@ -88,6 +88,19 @@ pub(crate) const USAGE_COLUMNS: [(&str, ColumnType); 26] = [
     ("cost_breakdown", ColumnType::Json),
 ];
 
+/// Columns of `USAGE_COLUMNS` whose database default (0 or NULL) most rows
+/// share: a row with none of these set is written without them (fewer
+/// values to bind and store per row on SQLite's hot path).
+pub(crate) const DETAIL_COLUMNS: [&str; 7] = [
+    "service_tier",
+    "reasoning_tokens",
+    "audio_prompt_tokens",
+    "audio_completion_tokens",
+    "cache_write_tokens",
+    "image_tokens",
+    "tool_calls",
+];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ColumnType {
     Time,
@@ -111,6 +124,17 @@ pub(crate) enum Value<'a> {
 }
 
 impl UsageRecord {
+    /// True when some `DETAIL_COLUMNS` value differs from its default.
+    pub(crate) fn has_details(&self) -> bool {
+        self.service_tier.is_some()
+            || self.reasoning_tokens > 0
+            || self.audio_prompt_tokens > 0
+            || self.audio_completion_tokens > 0
+            || self.cache_write_tokens > 0
+            || self.image_tokens > 0
+            || self.tool_calls > 0
+    }
+
     /// The row's values in `USAGE_COLUMNS` order.
     pub(crate) fn values(&self) -> [Value<'_>; USAGE_COLUMNS.len()] {
         [
@@ -138,7 +162,7 @@ impl UsageRecord {
             Value::Int(to_i64(self.cache_write_tokens)),
             Value::Int(to_i64(self.image_tokens)),
             Value::Int(to_i64(self.tool_calls)),
-            Value::Text(&self.provider),
+            Value::Text(self.provider),
             Value::Json(self.cost_breakdown.to_json()),
         ]
     }

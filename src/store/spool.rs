@@ -92,7 +92,7 @@ impl SpoolRow {
             cache_write_tokens: r.cache_write_tokens,
             image_tokens: r.image_tokens,
             tool_calls: r.tool_calls,
-            provider: r.provider.clone(),
+            provider: r.provider.to_string(),
             cost_breakdown: r.cost_breakdown.0.to_vec(),
             budget_period: r.budget_period.clone(),
             lease_node: r
@@ -141,7 +141,7 @@ impl SpoolRow {
             cache_write_tokens: self.cache_write_tokens,
             image_tokens: self.image_tokens,
             tool_calls: self.tool_calls,
-            provider: self.provider,
+            provider: crate::pricing::price::intern(&self.provider),
             cost_breakdown: {
                 let mut b = crate::pricing::Breakdown::default();
                 for (slot, n) in b.0.iter_mut().zip(self.cost_breakdown) {
@@ -513,7 +513,7 @@ mod tests {
             cache_write_tokens: 0,
             image_tokens: 0,
             tool_calls: 2,
-            provider: "openai".into(),
+            provider: "openai",
             cost_breakdown: crate::pricing::Breakdown([1, 0, 0, 2, 0, 0, 0, 0, 0]),
             budget_period: Some("total".into()),
             lease_node: None,

@@ -11,7 +11,7 @@ use sqlx::Row;
 
 use super::{
     component_sums, now_text, row_components, time_text, to_i64, KeyRow, ReportBy, ReportRow,
-    StoreError, TeamRow, UsageRecord, Value, USAGE_COLUMNS,
+    StoreError, TeamRow, UsageRecord, Value, DETAIL_COLUMNS, USAGE_COLUMNS,
 };
 use crate::budget::{Budget, Period};
 use crate::pricing::NanoUsd;
@@ -35,23 +35,38 @@ const STATEMENT_ROWS: [usize; 9] = [256, 128, 64, 32, 16, 8, 4, 2, 1];
 /// content of every page the statement touches, spilled to a temp file past
 /// 64 KiB (0.44 pwrite calls per row, more than the WAL itself;
 /// bench/PROFILE.md, session 4).
-static INSERT_SQL: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
-    let names: Vec<&str> = USAGE_COLUMNS.iter().map(|(name, _)| *name).collect();
+static INSERT_SQL: std::sync::LazyLock<[Vec<String>; 2]> =
+    std::sync::LazyLock::new(|| [insert_sql(true), insert_sql(false)]);
+
+/// The INSERT texts of every statement size, with the detail columns
+/// (`DETAIL_COLUMNS`) or without them.
+fn insert_sql(details: bool) -> Vec<String> {
+    let names: Vec<&str> = USAGE_COLUMNS
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| details || !DETAIL_COLUMNS.contains(name))
+        .collect();
     let head = format!("INSERT OR IGNORE INTO usage ({}) VALUES ", names.join(", "));
-    let row = format!("({})", vec!["?"; USAGE_COLUMNS.len()].join(", "));
+    let row = format!("({})", vec!["?"; names.len()].join(", "));
     STATEMENT_ROWS
         .iter()
         .map(|&n| format!("{head}{}", vec![row.as_str(); n].join(", ")))
         .collect()
-});
+}
 
-/// `rows` cut into chunks of `STATEMENT_ROWS` sizes, each with its SQL text.
-fn statements<T>(mut rows: &[T]) -> impl Iterator<Item = (&'static str, &[T])> {
+/// Which `USAGE_COLUMNS` a row written without details binds.
+static PLAIN_COLUMNS: std::sync::LazyLock<[bool; USAGE_COLUMNS.len()]> =
+    std::sync::LazyLock::new(|| USAGE_COLUMNS.map(|(name, _)| !DETAIL_COLUMNS.contains(&name)));
+
+/// `rows` cut into chunks of `STATEMENT_ROWS` sizes, each with its SQL text
+/// (with or without the detail columns).
+fn statements<T>(mut rows: &[T], details: bool) -> impl Iterator<Item = (&'static str, &[T])> {
+    let texts = &INSERT_SQL[usize::from(!details)];
     std::iter::from_fn(move || {
         let i = STATEMENT_ROWS.iter().position(|&n| n <= rows.len())?;
         let (chunk, rest) = rows.split_at(STATEMENT_ROWS[i]);
         rows = rest;
-        Some((INSERT_SQL[i].as_str(), chunk))
+        Some((texts[i].as_str(), chunk))
     })
 }
 
@@ -344,24 +359,36 @@ async fn insert_batch(
     conn: &mut sqlx::SqliteConnection,
     rows: &[UsageRecord],
 ) -> Result<(), StoreError> {
-    use sqlx::Connection;
+    use sqlx::{Arguments, Connection};
     let mut tx = conn.begin().await?;
-    for (sql, chunk) in statements(rows) {
-        let mut q = sqlx::query(sql);
-        for r in chunk {
-            for v in r.values() {
-                q = match v {
-                    Value::Time(t) => q.bind(time_text(t)),
-                    Value::Text(t) => q.bind(t),
-                    Value::OptText(t) => q.bind(t),
-                    Value::Bool(b) => q.bind(b),
-                    Value::Int4(n) => q.bind(n),
-                    Value::Int(n) => q.bind(n),
-                    Value::Json(j) => q.bind(j),
-                };
+    // Most rows carry no detail (no tier, audio, reasoning...): they go out
+    // without those columns, the others with them.
+    let (full, plain): (Vec<&UsageRecord>, Vec<&UsageRecord>) =
+        rows.iter().partition(|r| r.has_details());
+    for (group, details) in [(&full, true), (&plain, false)] {
+        for (sql, chunk) in statements(group, details) {
+            // Arguments added in place: `Query::bind` moves the whole query
+            // per value.
+            let mut args = sqlx::sqlite::SqliteArguments::default();
+            for r in chunk {
+                for (v, wanted) in r.values().into_iter().zip(PLAIN_COLUMNS.iter()) {
+                    if !details && !wanted {
+                        continue;
+                    }
+                    let added = match v {
+                        Value::Time(t) => args.add(time_text(t)),
+                        Value::Text(t) => args.add(t),
+                        Value::OptText(t) => args.add(t),
+                        Value::Bool(b) => args.add(b),
+                        Value::Int4(n) => args.add(n),
+                        Value::Int(n) => args.add(n),
+                        Value::Json(j) => args.add(j),
+                    };
+                    added.map_err(sqlx::Error::Encode)?;
+                }
             }
+            sqlx::query_with(sql, args).execute(&mut *tx).await?;
         }
-        q.execute(&mut *tx).await?;
     }
     tx.commit().await?;
     Ok(())
@@ -392,7 +419,7 @@ mod tests {
 
     fn sizes(n: usize) -> Vec<usize> {
         let rows: Vec<usize> = (0..n).collect();
-        let chunks: Vec<_> = statements(&rows).collect();
+        let chunks: Vec<_> = statements(&rows, true).collect();
         // Every row once, in order, each chunk with the SQL of its size.
         let flat: Vec<usize> = chunks.iter().flat_map(|(_, c)| c.iter().copied()).collect();
         assert_eq!(flat, rows);
@@ -428,7 +455,7 @@ mod tests {
             cache_write_tokens: 0,
             image_tokens: 0,
             tool_calls: 0,
-            provider: "openai".into(),
+            provider: "openai",
             cost_breakdown: crate::pricing::Breakdown::default(),
             budget_period: None,
             lease_node: None,

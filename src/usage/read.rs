@@ -25,7 +25,8 @@ impl Served {
     /// Notes a `model` seen in a response or a stream chunk.
     pub fn see_model(&mut self, model: &str) {
         if !model.is_empty() && self.model.as_deref() != Some(model) {
-            self.model = Some(model.chars().take(256).collect());
+            let model = crate::metrics::bounded(model);
+            self.model = Some(model.to_string());
         }
     }
 
@@ -48,21 +49,21 @@ pub struct BodyFacts {
 /// this cannot read (a key spelled twice, counts as strings) is read again
 /// as a plain JSON value.
 #[derive(Deserialize)]
-struct Body {
+struct Body<'a> {
     #[serde(default)]
     usage: Option<Counts>,
-    #[serde(default)]
-    model: Option<String>,
-    #[serde(default)]
-    service_tier: Option<String>,
-    #[serde(default)]
-    output: Option<Vec<OutputItem>>,
+    #[serde(default, borrow)]
+    model: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    service_tier: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    output: Option<Vec<OutputItem<'a>>>,
 }
 
 #[derive(Deserialize)]
-struct OutputItem {
-    #[serde(default, rename = "type")]
-    kind: Option<String>,
+struct OutputItem<'a> {
+    #[serde(default, rename = "type", borrow)]
+    kind: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// A usage object in every spelling of SPEC 9, as integers.
