@@ -345,7 +345,7 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     pub time_to_first_byte: HistogramVec,
     pub overhead: HistogramVec,
-    pub model_price: GaugeVec,
+    pub model_price: Arc<CatalogPrices>,
     pub finetune_multiple: GaugeVec,
     pub finetune_premium: Arc<MoneyCounter>,
     pub unpriced: IntCounterVec,
@@ -417,13 +417,7 @@ impl Metrics {
             .buckets(OVERHEAD_BUCKETS.to_vec()),
             &["endpoint"],
         )?;
-        let model_price = GaugeVec::new(
-            Opts::new(
-                "tollgate_model_price_usd_per_token",
-                "Catalog price per token.",
-            ),
-            &["model", "kind"],
-        )?;
+        let model_price = Arc::new(CatalogPrices::new()?);
         let finetune_multiple = GaugeVec::new(
             Opts::new(
                 "tollgate_finetune_cost_multiple",
@@ -511,19 +505,19 @@ impl Metrics {
         registry.register(Box::new(budget_rejections.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(tokens.clone()))?;
-        registry.register(Box::new(ArcCollector(cost.clone())))?;
+        registry.register(Box::new(SharedCollector(cost.clone())))?;
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(time_to_first_byte.clone()))?;
         registry.register(Box::new(overhead.clone()))?;
-        registry.register(Box::new(model_price.clone()))?;
+        registry.register(Box::new(SharedCollector(model_price.clone())))?;
         registry.register(Box::new(finetune_multiple.clone()))?;
-        registry.register(Box::new(ArcCollector(finetune_premium.clone())))?;
+        registry.register(Box::new(SharedCollector(finetune_premium.clone())))?;
         registry.register(Box::new(unpriced.clone()))?;
-        registry.register(Box::new(ArcCollector(cost_by_component.clone())))?;
-        registry.register(Box::new(ArcCollector(cost_by_tier.clone())))?;
-        registry.register(Box::new(ArcCollector(cache_savings.clone())))?;
+        registry.register(Box::new(SharedCollector(cost_by_component.clone())))?;
+        registry.register(Box::new(SharedCollector(cost_by_tier.clone())))?;
+        registry.register(Box::new(SharedCollector(cache_savings.clone())))?;
         registry.register(Box::new(price_fallbacks.clone()))?;
-        registry.register(Box::new(ArcCollector(budget_overrun.clone())))?;
+        registry.register(Box::new(SharedCollector(budget_overrun.clone())))?;
         registry.register(Box::new(estimated_usage.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(records_dropped.clone()))?;
@@ -608,17 +602,8 @@ impl Metrics {
     }
 
     /// Exports every catalog price and every fine-tuned row's multiple over its base.
-    pub fn publish_catalog(&self, catalog: &Catalog) {
-        // A reloaded catalog may have dropped models: start afresh.
-        self.model_price.reset();
-        for (model, price) in catalog.rows() {
-            self.model_price
-                .with_label_values(&[model, "input"])
-                .set(price.input().usd_per_token());
-            self.model_price
-                .with_label_values(&[model, "output"])
-                .set(price.output().usd_per_token());
-        }
+    pub fn publish_catalog(&self, catalog: &Arc<Catalog>) {
+        self.model_price.publish(catalog);
         for (model, base, ft, base_price) in catalog.finetune_pairs() {
             self.set_finetune_multiple(model, &base, ft, base_price);
         }
@@ -676,9 +661,75 @@ impl Metrics {
     }
 }
 
-struct ArcCollector(Arc<MoneyCounter>);
+/// `tollgate_model_price_usd_per_token{model, kind}`, read from the catalog
+/// in use when scraped: a gauge child per catalog row and kind would keep
+/// ~2 KiB per series resident for the life of the process (~0.7 MiB for the
+/// bundled catalog).
+pub struct CatalogPrices {
+    desc: Desc,
+    catalog: RwLock<Option<Arc<Catalog>>>,
+}
 
-impl Collector for ArcCollector {
+impl CatalogPrices {
+    fn new() -> prometheus::Result<Self> {
+        Ok(CatalogPrices {
+            desc: Desc::new(
+                "tollgate_model_price_usd_per_token".to_string(),
+                "Catalog price per token.".to_string(),
+                vec!["model".to_string(), "kind".to_string()],
+                HashMap::new(),
+            )?,
+            catalog: RwLock::new(None),
+        })
+    }
+
+    /// Exports `catalog` from now on (a reload drops removed models).
+    pub fn publish(&self, catalog: &Arc<Catalog>) {
+        if let Ok(mut c) = self.catalog.write() {
+            *c = Some(catalog.clone());
+        }
+    }
+}
+
+impl Collector for CatalogPrices {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let Some(catalog) = self.catalog.read().ok().and_then(|c| c.clone()) else {
+            return Vec::new();
+        };
+        let label = |name: &str, value: &str| {
+            let mut p = LabelPair::default();
+            p.set_name(name.to_string());
+            p.set_value(value.to_string());
+            p
+        };
+        let mut metrics = Vec::new();
+        for (model, price) in catalog.rows() {
+            for (kind, rate) in [("input", price.input()), ("output", price.output())] {
+                let mut m = Metric::default();
+                m.set_label(vec![label("model", model), label("kind", kind)]);
+                let mut g = prometheus::proto::Gauge::default();
+                g.set_value(rate.usd_per_token());
+                m.set_gauge(g);
+                metrics.push(m);
+            }
+        }
+        let mut family = MetricFamily::default();
+        family.set_name(self.desc.fq_name.clone());
+        family.set_help(self.desc.help.clone());
+        family.set_field_type(MetricType::GAUGE);
+        family.set_metric(metrics);
+        vec![family]
+    }
+}
+
+/// Registers a collector the metrics keep a handle to.
+struct SharedCollector<C>(Arc<C>);
+
+impl<C: Collector> Collector for SharedCollector<C> {
     fn desc(&self) -> Vec<&Desc> {
         self.0.desc()
     }

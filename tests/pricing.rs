@@ -487,6 +487,14 @@ async fn the_catalog_reloads_on_change_and_on_sighup_without_failing_a_request()
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let served = load.await.unwrap_or(0);
     assert!(served > 10, "only {served} requests during the swaps");
+    // The price gauge follows the catalog in use ($3 per M = 3e-6 a token).
+    let m = tg.metrics().await;
+    let price = support::metric(
+        &m,
+        "tollgate_model_price_usd_per_token",
+        &[("model", "house-model"), ("kind", "input")],
+    );
+    assert_eq!(price, Some(3e-6), "{m}");
     assert!(
         tg.log().iter().any(|l| l.contains("catalog not reloaded")),
         "{:?}",
