@@ -183,15 +183,12 @@ impl Breakdown {
 
     /// `{"input": 123, ...}`, zero lines omitted (the `cost_breakdown` column).
     pub fn to_json(&self) -> String {
-        let mut out = String::from("{");
+        use std::fmt::Write;
+        let mut out = String::with_capacity(64);
+        out.push('{');
         for (i, (line, n)) in self.lines().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            out.push('"');
-            out.push_str(line.name());
-            out.push_str("\":");
-            out.push_str(&n.to_string());
+            let comma = if i > 0 { "," } else { "" };
+            let _ = write!(out, "{comma}\"{}\":{n}", line.name());
         }
         out.push('}');
         out

@@ -190,7 +190,7 @@ pub fn settle(
     let model = std::mem::take(&mut ctx.model);
     let ack = ctx.durable_ack.take();
     state.usage.record(
-        UsageRecord {
+        Box::new(UsageRecord {
             created_at: ctx.created_at,
             request_id: std::mem::take(&mut ctx.request_id),
             team: std::mem::take(&mut ctx.team),
@@ -219,7 +219,7 @@ pub fn settle(
             cost_breakdown: priced.breakdown,
             budget_period: ctx.budget_period.take(),
             lease_node: None,
-        },
+        }),
         ack,
     );
     cost

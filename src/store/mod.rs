@@ -10,6 +10,7 @@ mod sqlite;
 pub mod writer;
 
 use chrono::{DateTime, Utc};
+use std::borrow::Borrow;
 
 use crate::budget::Budget;
 
@@ -438,7 +439,12 @@ impl Store {
     /// (a spool replay is idempotent). Returns the request ids skipped, where
     /// the database tells them (Postgres); shared budgets count only rows
     /// actually inserted.
-    pub async fn insert_usage(&self, rows: &[UsageRecord]) -> Result<Vec<String>, StoreError> {
+    /// `rows` may be records or boxes of them (the writer's rows are boxed:
+    /// a pointer moves through its queues instead of a ~450-byte record).
+    pub async fn insert_usage<R: Borrow<UsageRecord> + Sync>(
+        &self,
+        rows: &[R],
+    ) -> Result<Vec<String>, StoreError> {
         self.check_file()?;
         either!(self, s => s.insert_usage(rows).await)
     }

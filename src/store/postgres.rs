@@ -72,14 +72,18 @@ impl PostgresStore {
     /// same transaction, moves the cost of the rows inserted under a shared
     /// budget from the lease that paid for them to the team's recorded
     /// spend. Returns the request ids skipped.
-    pub async fn insert_usage(&self, rows: &[UsageRecord]) -> Result<Vec<String>, StoreError> {
+    pub async fn insert_usage<R: std::borrow::Borrow<UsageRecord> + Sync>(
+        &self,
+        rows: &[R],
+    ) -> Result<Vec<String>, StoreError> {
+        let rows: Vec<&UsageRecord> = rows.iter().map(|r| r.borrow()).collect();
         let mut tx = self.pool.begin().await?;
-        let inserted: Vec<String> = insert_rows(rows).fetch_all(&mut *tx).await?;
+        let inserted: Vec<String> = insert_rows(&rows).fetch_all(&mut *tx).await?;
         let inserted: std::collections::HashSet<String> = inserted.into_iter().collect();
 
         let mut recorded: HashMap<(&str, &str, &str), u64> = HashMap::new();
         let mut skipped = Vec::new();
-        for r in rows {
+        for r in &rows {
             if !inserted.contains(&r.request_id) {
                 skipped.push(r.request_id.clone());
                 continue;
@@ -480,7 +484,7 @@ impl PostgresStore {
 /// The UNNEST insert of `rows`, one array per column of `USAGE_COLUMNS`,
 /// returning the request ids inserted (those already stored are skipped).
 fn insert_rows(
-    rows: &[UsageRecord],
+    rows: &[&UsageRecord],
 ) -> sqlx::query::QueryScalar<'static, sqlx::Postgres, String, sqlx::postgres::PgArguments> {
     static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         let names: Vec<&str> = USAGE_COLUMNS.iter().map(|(n, _)| *n).collect();
@@ -516,8 +520,7 @@ fn insert_rows(
             names.join(", ")
         )
     });
-    let values: Vec<[Value<'_>; USAGE_COLUMNS.len()]> =
-        rows.iter().map(UsageRecord::values).collect();
+    let values: Vec<[Value<'_>; USAGE_COLUMNS.len()]> = rows.iter().map(|r| r.values()).collect();
     let mut q = sqlx::query_scalar::<_, String>(SQL.as_str());
     for (i, (_, ty)) in USAGE_COLUMNS.iter().enumerate() {
         let col = values.iter().map(|v| &v[i]);

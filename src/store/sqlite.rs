@@ -138,7 +138,10 @@ impl SqliteStore {
         Ok(())
     }
 
-    pub async fn insert_usage(&self, rows: &[UsageRecord]) -> Result<Vec<String>, StoreError> {
+    pub async fn insert_usage<R: std::borrow::Borrow<UsageRecord> + Sync>(
+        &self,
+        rows: &[R],
+    ) -> Result<Vec<String>, StoreError> {
         let mut conn = self.writer.acquire().await?;
         let written = insert_batch(&mut conn, rows).await;
         if written.is_err() {
@@ -355,16 +358,18 @@ impl SqliteStore {
 }
 
 /// One batch in one transaction: all rows or none.
-async fn insert_batch(
+async fn insert_batch<R: std::borrow::Borrow<UsageRecord> + Sync>(
     conn: &mut sqlx::SqliteConnection,
-    rows: &[UsageRecord],
+    rows: &[R],
 ) -> Result<(), StoreError> {
     use sqlx::{Arguments, Connection};
     let mut tx = conn.begin().await?;
     // Most rows carry no detail (no tier, audio, reasoning...): they go out
     // without those columns, the others with them.
-    let (full, plain): (Vec<&UsageRecord>, Vec<&UsageRecord>) =
-        rows.iter().partition(|r| r.has_details());
+    let (full, plain): (Vec<&UsageRecord>, Vec<&UsageRecord>) = rows
+        .iter()
+        .map(|r| r.borrow())
+        .partition(|r| r.has_details());
     for (group, details) in [(&full, true), (&plain, false)] {
         for (sql, chunk) in statements(group, details) {
             // Arguments added in place: `Query::bind` moves the whole query
