@@ -272,10 +272,12 @@ pub struct ModelPrice {
     pub provider: Option<&'static str>,
     /// Standard prices (`input` and `output` always set).
     pub rates: Rates,
-    pub flex: Option<Rates>,
-    pub priority: Option<Rates>,
-    pub batch: Option<Rates>,
-    pub long_context: Option<LongContext>,
+    // Boxed: most rows have one tier table or none, and an inline `Rates`
+    // is 288 bytes (the catalog is resident for the life of the process).
+    pub flex: Option<Box<Rates>>,
+    pub priority: Option<Box<Rates>>,
+    pub batch: Option<Box<Rates>>,
+    pub long_context: Option<Box<LongContext>>,
     /// The row's own tool-call fees; the catalog's `[tool_calls]` otherwise.
     pub tool_calls: Vec<(String, CallFee)>,
     pub max_output_tokens: Option<u64>,
@@ -541,12 +543,14 @@ impl ModelPrice {
         ModelPrice {
             provider: self.provider,
             rates: scale(&self.rates),
-            flex: self.flex.as_ref().map(scale),
-            priority: self.priority.as_ref().map(scale),
-            batch: self.batch.as_ref().map(scale),
-            long_context: self.long_context.as_ref().map(|lc| LongContext {
-                above_input_tokens: lc.above_input_tokens,
-                rates: scale(&lc.rates),
+            flex: self.flex.as_ref().map(|r| Box::new(scale(r))),
+            priority: self.priority.as_ref().map(|r| Box::new(scale(r))),
+            batch: self.batch.as_ref().map(|r| Box::new(scale(r))),
+            long_context: self.long_context.as_ref().map(|lc| {
+                Box::new(LongContext {
+                    above_input_tokens: lc.above_input_tokens,
+                    rates: scale(&lc.rates),
+                })
             }),
             tool_calls: self.tool_calls.clone(),
             max_output_tokens: self.max_output_tokens,
@@ -694,8 +698,8 @@ mod tests {
         let mut prio = Rates::default();
         prio.set(Component::Input, Some(rate("2.5")));
         prio.set(Component::Output, Some(rate("20")));
-        p.flex = Some(flex);
-        p.priority = Some(prio);
+        p.flex = Some(Box::new(flex));
+        p.priority = Some(Box::new(prio));
         p
     }
 
@@ -754,10 +758,10 @@ mod tests {
         let mut lc = Rates::default();
         lc.set(Component::Input, Some(rate("2.5")));
         lc.set(Component::Output, Some(rate("15")));
-        p.long_context = Some(LongContext {
+        p.long_context = Some(Box::new(LongContext {
             above_input_tokens: 200_000,
             rates: lc,
-        });
+        }));
         assert_eq!(p.cost(&Usage::tokens(200_000, 1_000)), NanoUsd(260_000_000));
         assert_eq!(p.cost(&Usage::tokens(200_001, 1_000)), NanoUsd(515_002_500));
     }
