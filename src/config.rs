@@ -142,9 +142,18 @@ pub struct CatalogConfig {
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     pub name: String,
+    /// The wire format and addressing the provider speaks (SPEC 10).
+    #[serde(default)]
+    pub kind: ProviderKind,
     pub base_url: String,
     #[serde(default)]
     pub api_key: Option<String>,
+    /// Azure: the `api-version` query parameter sent up.
+    #[serde(default)]
+    pub api_version: Option<String>,
+    /// Azure: deployment name -> catalog model.
+    #[serde(default)]
+    pub deployments: std::collections::BTreeMap<String, String>,
     #[serde(default = "default_models")]
     pub models: Vec<Glob>,
     #[serde(default = "default_true")]
@@ -155,6 +164,19 @@ pub struct UpstreamConfig {
     pub timeout_ms: u64,
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout_ms: u64,
+}
+
+/// `[[upstreams]] kind`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// OpenAI and every OpenAI-compatible API.
+    #[default]
+    Openai,
+    /// Azure OpenAI: deployment paths, `api-key`, `api-version`.
+    Azure,
+    /// Anthropic's Messages API.
+    Anthropic,
 }
 
 fn default_models() -> Vec<Glob> {
@@ -216,10 +238,13 @@ impl UpstreamConfig {
     pub fn openai_default() -> Self {
         Self {
             name: "openai".into(),
+            kind: ProviderKind::Openai,
             base_url: "https://api.openai.com/v1".into(),
             api_key: std::env::var("OPENAI_API_KEY")
                 .ok()
                 .filter(|k| !k.is_empty()),
+            api_version: None,
+            deployments: Default::default(),
             models: default_models(),
             inject_stream_usage: true,
             connect_timeout_ms: default_connect_timeout(),
@@ -367,6 +392,20 @@ impl Config {
                 return Err(bad(
                     &key("name"),
                     format!("duplicate upstream `{}`", u.name),
+                ));
+            }
+            if u.kind == ProviderKind::Anthropic {
+                return Err(bad(
+                    &key("kind"),
+                    "\"anthropic\" is not supported by this build yet (openai or azure)".into(),
+                ));
+            }
+            if u.kind != ProviderKind::Azure
+                && (u.api_version.is_some() || !u.deployments.is_empty())
+            {
+                return Err(bad(
+                    &key("api_version"),
+                    "api_version and deployments apply to kind = \"azure\" only".into(),
                 ));
             }
             match reqwest::Url::parse(&u.base_url) {

@@ -13,6 +13,7 @@ pub mod glob;
 pub mod manage;
 pub mod metrics;
 pub mod pricing;
+pub mod provider;
 pub mod proxy;
 pub mod server;
 pub mod store;

@@ -197,10 +197,13 @@ fn authenticate(
             Ok((team_of(headers)?, None))
         }
         AuthMode::VirtualKeys => {
-            let secret = headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
+            // `Authorization: Bearer` (OpenAI SDKs), `api-key` (Azure's),
+            // `x-api-key` (Anthropic's).
+            let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+            let secret = text("authorization")
                 .and_then(crate::auth::bearer)
+                .or_else(|| text("api-key"))
+                .or_else(|| text("x-api-key"))
                 .ok_or(ApiError::Unauthorized)?;
             let key = state.directory.key(secret).ok_or(ApiError::Unauthorized)?;
             Ok((key.team.clone(), Some(key)))
@@ -317,8 +320,8 @@ fn upstream_headers(mut headers: HeaderMap, upstream: &Upstream, mode: AuthMode)
             || (virtual_keys && crate::auth::CREDENTIAL_HEADERS.contains(&name.as_str()))
     });
     if virtual_keys {
-        if let Some(auth) = &upstream.authorization {
-            headers.insert(header::AUTHORIZATION, auth.clone());
+        if let Some((name, value)) = &upstream.auth {
+            headers.insert(name.clone(), value.clone());
         }
     }
     headers
@@ -450,8 +453,19 @@ async fn metered_request(
 ) -> Result<Forwarded, ApiError> {
     let (mut parts, body) = req.into_parts();
     let body = read_client_body(state, body, &parts.headers).await?;
-    let meta = RequestMeta::parse(&body)?;
-    ctx.model = meta.model().to_string();
+    // What the client asked for: the body's model, else (Azure style) the
+    // deployment in the path. It routes; the catalog model it stands for
+    // (an Azure deployment's model) prices.
+    let deployment = crate::provider::ClientPath::parse(parts.uri.path()).deployment;
+    let meta = RequestMeta::parse_naming(&body, deployment.is_none())?;
+    let requested = match meta.model() {
+        "" => deployment.unwrap_or("").to_string(),
+        m => m.to_string(),
+    };
+    let upstream = pick_upstream(state, &parts.headers, Some(&requested))?;
+    ctx.upstream = upstream.name.clone();
+    ctx.provider = upstream.provider.name();
+    ctx.model = upstream.provider.catalog_model(&requested).to_string();
     ctx.model_label = state.metrics.model_label(&ctx.model);
     ctx.stream = meta.is_stream();
     ctx.end_user = meta.user.as_ref().map(|u| u.chars().take(256).collect());
@@ -477,8 +491,6 @@ async fn metered_request(
             });
         }
     }
-    let upstream = pick_upstream(state, &parts.headers, Some(&ctx.model))?;
-    ctx.upstream = upstream.name.clone();
 
     // The team's output cap, enforced on the way up.
     let cap = state
@@ -501,7 +513,7 @@ async fn metered_request(
 
     let mut request = http::Request::new(Body::from(upstream_body));
     *request.method_mut() = Method::POST;
-    *request.uri_mut() = upstream_uri(upstream, &parts.uri)?;
+    *request.uri_mut() = upstream_uri(upstream, &parts.uri, &requested)?;
     *request.headers_mut() = upstream_headers(
         std::mem::take(&mut parts.headers),
         upstream,
@@ -755,7 +767,7 @@ async fn unmetered(
     };
     let mut request = http::Request::new(body);
     *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = upstream_uri(upstream, &parts.uri)?;
+    *request.uri_mut() = upstream_uri(upstream, &parts.uri, "")?;
     *request.headers_mut() = upstream_headers(
         std::mem::take(&mut parts.headers),
         upstream,
@@ -781,10 +793,14 @@ async fn unmetered(
 }
 
 /// Where a client's request goes on `upstream`.
-fn upstream_uri(upstream: &Upstream, client: &http::Uri) -> Result<http::Uri, ApiError> {
+fn upstream_uri(
+    upstream: &Upstream,
+    client: &http::Uri,
+    model: &str,
+) -> Result<http::Uri, ApiError> {
     let path = client.path_and_query().map_or("/", |p| p.as_str());
     upstream
-        .url_for(path)
+        .url_for(path, model)
         .map_err(|e| ApiError::invalid(format!("The request path cannot be forwarded: {e}"), None))
 }
 

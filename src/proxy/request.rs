@@ -62,6 +62,12 @@ pub struct StreamOptions {
 impl RequestMeta {
     /// Parses and type-checks the body; errors name the offending field.
     pub fn parse(body: &[u8]) -> Result<RequestMeta, ApiError> {
+        Self::parse_naming(body, true)
+    }
+
+    /// `parse`, for a request whose path may name the model instead (an
+    /// Azure deployment path): `model_required` false lets it be absent.
+    pub fn parse_naming(body: &[u8], model_required: bool) -> Result<RequestMeta, ApiError> {
         if body.iter().all(u8::is_ascii_whitespace) {
             return Err(ApiError::invalid(
                 "The request body is empty; expected a JSON object.",
@@ -100,6 +106,7 @@ impl RequestMeta {
                 })
             }
             Some(m) if !m.is_empty() => {}
+            _ if !model_required => {}
             _ => {
                 return Err(ApiError::invalid(
                     "you must provide a model parameter",

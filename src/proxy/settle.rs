@@ -32,7 +32,9 @@ pub struct RequestCtx {
     pub model_label: String,
     pub resolved: Option<Resolved>,
     pub upstream: String,
-    /// The upstream's provider kind (`openai`), unless the catalog row says.
+    /// The upstream's provider (`provider::Provider::name`): `azure` always;
+    /// `openai` gives way to the catalog row's (`deepseek` behind an
+    /// OpenAI-compatible API).
     pub provider: &'static str,
     pub stream: bool,
     pub end_user: Option<String>,
@@ -182,11 +184,14 @@ pub fn settle(
     ctx.series = Some(series);
 
     let resolved = ctx.resolved.take();
-    let provider = resolved
-        .as_ref()
-        .and_then(|r| r.price.as_ref())
-        .and_then(|p| p.provider)
-        .unwrap_or(ctx.provider);
+    let provider = match ctx.provider {
+        "openai" => resolved
+            .as_ref()
+            .and_then(|r| r.price.as_ref())
+            .and_then(|p| p.provider)
+            .unwrap_or("openai"),
+        fixed => fixed,
+    };
     let model = std::mem::take(&mut ctx.model);
     let ack = ctx.durable_ack.take();
     state.usage.record(

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use axum::body::Body;
-use http::{HeaderValue, Uri};
+use http::{HeaderName, HeaderValue, Uri};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::{Client, ResponseFuture};
@@ -12,6 +12,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::UpstreamConfig;
 use crate::glob::Glob;
+use crate::provider::{ClientPath, Provider};
 
 /// The pooled HTTP/1.1 client of one upstream.
 pub enum UpstreamClient {
@@ -60,8 +61,11 @@ pub struct Upstream {
     /// Scheme, authority and path prefix (no trailing slash); request paths
     /// below `/v1` are appended to it.
     base: String,
-    /// `Bearer <api_key>`, sent when the client sends no Authorization.
-    pub authorization: Option<HeaderValue>,
+    /// How the provider is addressed (paths, key header, deployments).
+    pub provider: Provider,
+    /// The server's key in the provider's header (`Authorization: Bearer`,
+    /// Azure's `api-key`); sent in virtual-keys mode only.
+    pub auth: Option<(HeaderName, HeaderValue)>,
     models: Vec<Glob>,
     pub inject_stream_usage: bool,
     pub timeout: Duration,
@@ -85,21 +89,20 @@ impl Upstream {
             uri.scheme_str() == Some("https"),
             Duration::from_millis(config.connect_timeout_ms),
         );
-        let authorization = match config.api_key.as_deref().filter(|k| !k.is_empty()) {
+        let provider = Provider::from_config(config);
+        let auth = match config.api_key.as_deref().filter(|k| !k.is_empty()) {
             Some(key) => Some(
-                HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
-                    format!(
-                        "upstreams.{}.api_key: not a valid header value",
-                        config.name
-                    )
-                })?,
+                provider
+                    .auth_header(key)
+                    .map_err(|e| format!("upstreams.{}.api_key: {e}", config.name))?,
             ),
             None => None,
         };
         Ok(Upstream {
             name: config.name.clone(),
             base,
-            authorization,
+            provider,
+            auth,
             models: config.models.clone(),
             inject_stream_usage: config.inject_stream_usage,
             timeout: Duration::from_millis(config.timeout_ms),
@@ -108,12 +111,15 @@ impl Upstream {
         })
     }
 
-    /// The upstream URI for a client path (`/v1/chat/completions?x=1`).
-    pub fn url_for(&self, path_and_query: &str) -> Result<Uri, http::uri::InvalidUri> {
-        let rest = path_and_query.strip_prefix("/v1").unwrap_or(path_and_query);
+    /// The upstream URI for a client path (`/v1/chat/completions?x=1`, or
+    /// Azure's `/openai/deployments/{d}/...`) naming `model` (may be empty).
+    pub fn url_for(&self, path_and_query: &str, model: &str) -> Result<Uri, http::uri::InvalidUri> {
+        let rest = self
+            .provider
+            .upstream_path(&ClientPath::parse(path_and_query), model);
         let mut uri = String::with_capacity(self.base.len() + rest.len());
         uri.push_str(&self.base);
-        uri.push_str(rest);
+        uri.push_str(&rest);
         uri.parse()
     }
 }
@@ -160,7 +166,7 @@ mod tests {
     fn client_paths_map_below_the_base_url() {
         let u = upstream("http://127.0.0.1:9/v1/");
         assert_eq!(
-            u.url_for("/v1/chat/completions?x=1&y=2")
+            u.url_for("/v1/chat/completions?x=1&y=2", "gpt-4o")
                 .map(|u| u.to_string())
                 .unwrap_or_default(),
             "http://127.0.0.1:9/v1/chat/completions?x=1&y=2"
@@ -169,14 +175,14 @@ mod tests {
         let u = upstream("https://example.com/openai/v1");
         assert!(matches!(u.client, UpstreamClient::Tls(_)));
         assert_eq!(
-            u.url_for("/v1/models")
+            u.url_for("/v1/models", "")
                 .map(|u| u.to_string())
                 .unwrap_or_default(),
             "https://example.com/openai/v1/models"
         );
         let u = upstream("http://localhost:8000");
         assert_eq!(
-            u.url_for("/v1/embeddings")
+            u.url_for("/v1/embeddings", "m")
                 .map(|u| u.to_string())
                 .unwrap_or_default(),
             "http://localhost:8000/embeddings"

@@ -53,7 +53,8 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 async fn proxy_or_not_found(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let path = req.uri().path();
-    if path == "/v1" || path.starts_with("/v1/") {
+    // OpenAI style, and Azure's (`AzureOpenAI(azure_endpoint=tollgate)`).
+    if path == "/v1" || path.starts_with("/v1/") || path.starts_with("/openai/") {
         proxy::handle(state, req).await
     } else {
         not_found(req).await

@@ -364,36 +364,33 @@ async fn insert_batch<R: std::borrow::Borrow<UsageRecord> + Sync>(
 ) -> Result<(), StoreError> {
     use sqlx::{Arguments, Connection};
     let mut tx = conn.begin().await?;
-    // Most rows carry no detail (no tier, audio, reasoning...): they go out
-    // without those columns, the others with them.
-    let (full, plain): (Vec<&UsageRecord>, Vec<&UsageRecord>) = rows
-        .iter()
-        .map(|r| r.borrow())
-        .partition(|r| r.has_details());
-    for (group, details) in [(&full, true), (&plain, false)] {
-        for (sql, chunk) in statements(group, details) {
-            // Arguments added in place: `Query::bind` moves the whole query
-            // per value.
-            let mut args = sqlx::sqlite::SqliteArguments::default();
-            for r in chunk {
-                for (v, wanted) in r.values().into_iter().zip(PLAIN_COLUMNS.iter()) {
-                    if !details && !wanted {
-                        continue;
-                    }
-                    let added = match v {
-                        Value::Time(t) => args.add(time_text(t)),
-                        Value::Text(t) => args.add(t),
-                        Value::OptText(t) => args.add(t),
-                        Value::Bool(b) => args.add(b),
-                        Value::Int4(n) => args.add(n),
-                        Value::Int(n) => args.add(n),
-                        Value::Json(j) => args.add(j),
-                    };
-                    added.map_err(sqlx::Error::Encode)?;
+    // Most batches carry no detail at all (no tier, audio, reasoning...):
+    // they go out without those columns. A batch with any goes out whole
+    // with them, so rows keep their arrival order (`id`) either way.
+    let rows: Vec<&UsageRecord> = rows.iter().map(|r| r.borrow()).collect();
+    let details = rows.iter().any(|r| r.has_details());
+    for (sql, chunk) in statements(&rows, details) {
+        // Arguments added in place: `Query::bind` moves the whole query
+        // per value.
+        let mut args = sqlx::sqlite::SqliteArguments::default();
+        for r in chunk {
+            for (v, wanted) in r.values().into_iter().zip(PLAIN_COLUMNS.iter()) {
+                if !details && !wanted {
+                    continue;
                 }
+                let added = match v {
+                    Value::Time(t) => args.add(time_text(t)),
+                    Value::Text(t) => args.add(t),
+                    Value::OptText(t) => args.add(t),
+                    Value::Bool(b) => args.add(b),
+                    Value::Int4(n) => args.add(n),
+                    Value::Int(n) => args.add(n),
+                    Value::Json(j) => args.add(j),
+                };
+                added.map_err(sqlx::Error::Encode)?;
             }
-            sqlx::query_with(sql, args).execute(&mut *tx).await?;
         }
+        sqlx::query_with(sql, args).execute(&mut *tx).await?;
     }
     tx.commit().await?;
     Ok(())
@@ -467,16 +464,22 @@ mod tests {
         }
     }
 
-    /// A batch replayed after it (or part of it) was written lands exactly
-    /// once; the rest of it still goes in.
-    #[tokio::test]
-    async fn a_replayed_batch_is_written_exactly_once() {
+    /// A migrated store in a fresh directory (`t.db`).
+    async fn migrated_store() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let url = format!("sqlite://{}", dir.path().join("t.db").display());
         let store = SqliteStore::connect(&url)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         store.migrate().await.unwrap_or_else(|e| panic!("{e}"));
+        (dir, store)
+    }
+
+    /// A batch replayed after it (or part of it) was written lands exactly
+    /// once; the rest of it still goes in.
+    #[tokio::test]
+    async fn a_replayed_batch_is_written_exactly_once() {
+        let (dir, store) = migrated_store().await;
         let count = || async {
             sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM usage")
                 .fetch_one(&store.pool)
@@ -512,6 +515,38 @@ mod tests {
             store.check_file(),
             Err(StoreError::FileGone { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_batch_mixing_plain_and_detailed_rows_keeps_its_order() {
+        let (_dir, store) = migrated_store().await;
+        let rows: Vec<_> = (0..5)
+            .map(|i| {
+                let mut r = row(&format!("req_{i}"));
+                if i % 2 == 1 {
+                    r.service_tier = Some("flex");
+                    r.reasoning_tokens = 7;
+                }
+                r
+            })
+            .collect();
+        store
+            .insert_usage(&rows)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let stored: Vec<(String, Option<String>, i64)> = sqlx::query_as(
+            "SELECT request_id, service_tier, reasoning_tokens FROM usage ORDER BY id",
+        )
+        .fetch_all(&store.pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        let expected: Vec<(String, Option<String>, i64)> = (0..5)
+            .map(|i| match i % 2 {
+                1 => (format!("req_{i}"), Some("flex".to_string()), 7),
+                _ => (format!("req_{i}"), None, 0),
+            })
+            .collect();
+        assert_eq!(stored, expected);
     }
 
     #[test]

@@ -24,13 +24,19 @@ impl Endpoint {
     pub const COUNT: usize = 6;
 
     /// From the path below `/v1`.
+    /// From a client path, OpenAI style (`/v1/chat/completions`) or Azure
+    /// style (`/openai/deployments/{d}/chat/completions`).
     pub fn from_path(path: &str) -> Endpoint {
-        match path.trim_end_matches('/') {
-            "/v1/chat/completions" => Endpoint::ChatCompletions,
-            "/v1/completions" => Endpoint::Completions,
-            "/v1/embeddings" => Endpoint::Embeddings,
-            "/v1/responses" => Endpoint::Responses,
-            "/v1/models" => Endpoint::Models,
+        let operation = match path.strip_prefix(crate::provider::AZURE_DEPLOYMENTS) {
+            Some(rest) => rest.find('/').map_or("", |i| &rest[i..]),
+            None => path.strip_prefix("/v1").unwrap_or(""),
+        };
+        match operation.trim_end_matches('/') {
+            "/chat/completions" => Endpoint::ChatCompletions,
+            "/completions" => Endpoint::Completions,
+            "/embeddings" => Endpoint::Embeddings,
+            "/responses" => Endpoint::Responses,
+            "/models" if !path.starts_with(crate::provider::AZURE_DEPLOYMENTS) => Endpoint::Models,
             _ => Endpoint::Other,
         }
     }

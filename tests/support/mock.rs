@@ -81,6 +81,14 @@ impl MockUpstream {
             .route("/v1/responses", post(responses))
             .route("/v1/models", get(models))
             .route("/v1/{*rest}", any(echo))
+            .route(
+                "/openai/deployments/{deployment}/chat/completions",
+                post(azure_chat),
+            )
+            .route(
+                "/openai/deployments/{deployment}/embeddings",
+                post(azure_embeddings),
+            )
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -250,6 +258,55 @@ fn early_answer(b: &Behaviour) -> Option<Response> {
         );
     }
     None
+}
+
+/// Azure OpenAI's front door: an `api-key` header and an `api-version`
+/// query parameter, or Azure's 401 / 404 (before anything is recorded, as
+/// a request Azure refuses never reaches a deployment).
+fn azure_refusal(req: &Request) -> Option<Response> {
+    if req.headers().get("api-key").is_none() {
+        let body = json!({"error": {"code": "401", "message": "Access denied due to invalid subscription key or wrong API endpoint."}});
+        return Some(
+            (
+                StatusCode::UNAUTHORIZED,
+                [("content-type", "application/json")],
+                body.to_string(),
+            )
+                .into_response(),
+        );
+    }
+    let versioned = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p.starts_with("api-version=")));
+    if !versioned {
+        let body = json!({"error": {"code": "404", "message": "Resource not found"}});
+        return Some(
+            (
+                StatusCode::NOT_FOUND,
+                [("content-type", "application/json")],
+                body.to_string(),
+            )
+                .into_response(),
+        );
+    }
+    None
+}
+
+/// Azure's chat: the OpenAI body, and the model of the deployment in
+/// `x-mock-model` (no `model` at all without it).
+async fn azure_chat(state: State<Arc<MockState>>, req: Request) -> Response {
+    if let Some(r) = azure_refusal(&req) {
+        return r;
+    }
+    chat(state, req).await
+}
+
+async fn azure_embeddings(state: State<Arc<MockState>>, req: Request) -> Response {
+    if let Some(r) = azure_refusal(&req) {
+        return r;
+    }
+    embeddings(state, req).await
 }
 
 fn json_response(value: Value) -> Response {

@@ -1,0 +1,277 @@
+//! Provider kinds (SPEC 10): how each provider is addressed. A kind owns the
+//! upstream path of a request (OpenAI's `/v1` paths, Azure's deployment
+//! paths and `api-version`), the header the server's key goes up in, what a
+//! deployment name stands for in the catalog, and the `provider` a usage
+//! row names. It never reads bodies: usage belongs to the wire format
+//! (`usage`), which OpenAI and Azure share.
+
+use http::{HeaderName, HeaderValue};
+
+use crate::config::{ProviderKind, UpstreamConfig};
+
+/// Sent when an Azure upstream's config names no `api_version` and the
+/// client's request carries none either: the current GA version.
+pub const DEFAULT_AZURE_API_VERSION: &str = "2024-10-21";
+
+pub enum Provider {
+    /// OpenAI and every OpenAI-compatible API: `{base_url}/chat/completions`,
+    /// `Authorization: Bearer`.
+    OpenAi,
+    /// Azure OpenAI: `{base_url}/openai/deployments/{d}/chat/completions
+    /// ?api-version=V`, `api-key`.
+    Azure(Azure),
+}
+
+pub struct Azure {
+    api_version: Option<String>,
+    /// Deployment name -> catalog model, as configured.
+    deployments: Vec<(String, String)>,
+}
+
+impl Azure {
+    /// The deployment a client's model names: the deployment itself, else
+    /// the first deployment serving that model, else the name as given
+    /// (deployments are often named after their model).
+    fn deployment_for<'a>(&'a self, model: &'a str) -> &'a str {
+        if self.deployments.iter().any(|(d, _)| d == model) {
+            return model;
+        }
+        self.deployments
+            .iter()
+            .find(|(_, m)| m == model)
+            .map_or(model, |(d, _)| d.as_str())
+    }
+}
+
+/// A client's request path in either style it may come in.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ClientPath<'a> {
+    /// Azure style (`/openai/deployments/{d}/...`): the deployment named.
+    pub deployment: Option<&'a str>,
+    /// What follows `/v1` or the deployment: `/chat/completions`.
+    pub operation: &'a str,
+    pub query: Option<&'a str>,
+}
+
+impl<'a> ClientPath<'a> {
+    pub fn parse(path_and_query: &'a str) -> ClientPath<'a> {
+        let (path, query) = match path_and_query.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path_and_query, None),
+        };
+        if let Some(rest) = path.strip_prefix(AZURE_DEPLOYMENTS) {
+            let (deployment, operation) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            return ClientPath {
+                deployment: Some(deployment),
+                operation,
+                query,
+            };
+        }
+        ClientPath {
+            deployment: None,
+            operation: path.strip_prefix("/v1").unwrap_or(path),
+            query,
+        }
+    }
+}
+
+/// The path prefix of Azure-style client requests.
+pub const AZURE_DEPLOYMENTS: &str = "/openai/deployments/";
+
+impl Provider {
+    pub fn from_config(config: &UpstreamConfig) -> Provider {
+        match config.kind {
+            ProviderKind::Azure => Provider::Azure(Azure {
+                api_version: config.api_version.clone(),
+                deployments: config
+                    .deployments
+                    .iter()
+                    .map(|(d, m)| (d.clone(), m.clone()))
+                    .collect(),
+            }),
+            // Refused by config validation until the Messages format lands.
+            ProviderKind::Openai | ProviderKind::Anthropic => Provider::OpenAi,
+        }
+    }
+
+    /// The `provider` of this upstream's usage rows; `openai` defers to the
+    /// catalog row (`deepseek`, `gemini`, ... behind OpenAI-compatible APIs).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Provider::OpenAi => "openai",
+            Provider::Azure(_) => "azure",
+        }
+    }
+
+    /// The header carrying the server's key.
+    pub fn auth_header(&self, key: &str) -> Result<(HeaderName, HeaderValue), String> {
+        let (name, value) = match self {
+            Provider::OpenAi => (http::header::AUTHORIZATION, format!("Bearer {key}")),
+            Provider::Azure(_) => (HeaderName::from_static("api-key"), key.to_string()),
+        };
+        let mut value =
+            HeaderValue::from_str(&value).map_err(|_| "not a valid header value".to_string())?;
+        value.set_sensitive(true);
+        Ok((name, value))
+    }
+
+    /// The catalog model a client's model or deployment name stands for.
+    pub fn catalog_model<'a>(&'a self, name: &'a str) -> &'a str {
+        match self {
+            Provider::Azure(a) => a
+                .deployments
+                .iter()
+                .find(|(d, _)| d == name)
+                .map_or(name, |(_, m)| m.as_str()),
+            Provider::OpenAi => name,
+        }
+    }
+
+    /// The path and query to append to the upstream's base URL for a client
+    /// request naming `model` (empty when the request names none).
+    pub fn upstream_path(&self, client: &ClientPath<'_>, model: &str) -> String {
+        match self {
+            Provider::OpenAi => {
+                let mut out = client.operation.to_string();
+                if let Some(q) = client.query {
+                    out.push('?');
+                    out.push_str(q);
+                }
+                out
+            }
+            Provider::Azure(azure) => {
+                let deployment = client
+                    .deployment
+                    .unwrap_or_else(|| azure.deployment_for(model));
+                let mut out = if deployment.is_empty() {
+                    format!("/openai{}", client.operation)
+                } else {
+                    format!("{AZURE_DEPLOYMENTS}{deployment}{}", client.operation)
+                };
+                // The configured version wins; else the client's; else GA.
+                let mut client_version = None;
+                let mut rest = Vec::new();
+                for pair in client.query.unwrap_or("").split('&') {
+                    match pair.strip_prefix("api-version=") {
+                        Some(v) => client_version = Some(v),
+                        None if !pair.is_empty() => rest.push(pair),
+                        None => {}
+                    }
+                }
+                let version = azure
+                    .api_version
+                    .as_deref()
+                    .or(client_version)
+                    .unwrap_or(DEFAULT_AZURE_API_VERSION);
+                out.push_str("?api-version=");
+                out.push_str(version);
+                for pair in rest {
+                    out.push('&');
+                    out.push_str(pair);
+                }
+                out
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn azure(version: Option<&str>) -> Provider {
+        Provider::Azure(Azure {
+            api_version: version.map(str::to_string),
+            deployments: vec![
+                ("prod-4o".into(), "gpt-4o".into()),
+                ("prod-mini".into(), "gpt-4o-mini".into()),
+            ],
+        })
+    }
+
+    #[test]
+    fn client_paths_parse_in_both_styles() {
+        assert_eq!(
+            ClientPath::parse("/v1/chat/completions?x=1"),
+            ClientPath {
+                deployment: None,
+                operation: "/chat/completions",
+                query: Some("x=1")
+            }
+        );
+        assert_eq!(
+            ClientPath::parse(
+                "/openai/deployments/prod-4o/chat/completions?api-version=2024-06-01"
+            ),
+            ClientPath {
+                deployment: Some("prod-4o"),
+                operation: "/chat/completions",
+                query: Some("api-version=2024-06-01")
+            }
+        );
+    }
+
+    #[test]
+    fn azure_paths_name_the_deployment_and_the_version() {
+        let a = azure(Some("2024-10-21"));
+        let openai_style = ClientPath::parse("/v1/chat/completions");
+        // A deployment name, a model a deployment serves, a model none does.
+        assert_eq!(
+            a.upstream_path(&openai_style, "prod-4o"),
+            "/openai/deployments/prod-4o/chat/completions?api-version=2024-10-21"
+        );
+        assert_eq!(
+            a.upstream_path(&openai_style, "gpt-4o-mini"),
+            "/openai/deployments/prod-mini/chat/completions?api-version=2024-10-21"
+        );
+        assert_eq!(
+            a.upstream_path(&openai_style, "gpt-4.1"),
+            "/openai/deployments/gpt-4.1/chat/completions?api-version=2024-10-21"
+        );
+        // The configured version replaces the client's; other parameters stay.
+        let azure_style =
+            ClientPath::parse("/openai/deployments/prod-4o/embeddings?api-version=2023-05-15&x=1");
+        assert_eq!(
+            a.upstream_path(&azure_style, ""),
+            "/openai/deployments/prod-4o/embeddings?api-version=2024-10-21&x=1"
+        );
+        // Without one configured, the client's; without either, GA.
+        assert_eq!(
+            azure(None).upstream_path(&azure_style, ""),
+            "/openai/deployments/prod-4o/embeddings?api-version=2023-05-15&x=1"
+        );
+        assert_eq!(
+            azure(None).upstream_path(&openai_style, "prod-4o"),
+            format!("/openai/deployments/prod-4o/chat/completions?api-version={DEFAULT_AZURE_API_VERSION}")
+        );
+    }
+
+    #[test]
+    fn deployments_map_to_catalog_models_and_keys_to_their_header() {
+        let a = azure(None);
+        assert_eq!(a.catalog_model("prod-4o"), "gpt-4o");
+        assert_eq!(a.catalog_model("gpt-4o"), "gpt-4o");
+        assert_eq!(Provider::OpenAi.catalog_model("prod-4o"), "prod-4o");
+        let (name, value) = a.auth_header("az-secret").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (name.as_str(), value.to_str().ok()),
+            ("api-key", Some("az-secret"))
+        );
+        let (name, value) = Provider::OpenAi
+            .auth_header("sk-x")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (name.as_str(), value.to_str().ok()),
+            ("authorization", Some("Bearer sk-x"))
+        );
+    }
+
+    #[test]
+    fn openai_paths_drop_v1_and_keep_the_query() {
+        let p = ClientPath::parse("/v1/chat/completions?x=1&y=2");
+        assert_eq!(
+            Provider::OpenAi.upstream_path(&p, "gpt-4o"),
+            "/chat/completions?x=1&y=2"
+        );
+    }
+}
