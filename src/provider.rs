@@ -127,27 +127,28 @@ impl Provider {
         }
     }
 
-    /// The path and query to append to the upstream's base URL for a client
-    /// request naming `model` (empty when the request names none).
-    pub fn upstream_path(&self, client: &ClientPath<'_>, model: &str) -> String {
+    /// Appends to `out` (the upstream's base URL) the path and query for a
+    /// client request naming `model` (empty when the request names none).
+    pub fn upstream_path(&self, client: &ClientPath<'_>, model: &str, out: &mut String) {
         match self {
             Provider::OpenAi => {
-                let mut out = client.operation.to_string();
+                out.push_str(client.operation);
                 if let Some(q) = client.query {
                     out.push('?');
                     out.push_str(q);
                 }
-                out
             }
             Provider::Azure(azure) => {
                 let deployment = client
                     .deployment
                     .unwrap_or_else(|| azure.deployment_for(model));
-                let mut out = if deployment.is_empty() {
-                    format!("/openai{}", client.operation)
+                if deployment.is_empty() {
+                    out.push_str("/openai");
                 } else {
-                    format!("{AZURE_DEPLOYMENTS}{deployment}{}", client.operation)
-                };
+                    out.push_str(AZURE_DEPLOYMENTS);
+                    out.push_str(deployment);
+                }
+                out.push_str(client.operation);
                 // The configured version wins; else the client's; else GA.
                 let mut client_version = None;
                 let mut rest = Vec::new();
@@ -169,7 +170,6 @@ impl Provider {
                     out.push('&');
                     out.push_str(pair);
                 }
-                out
             }
         }
     }
@@ -178,6 +178,14 @@ impl Provider {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Provider {
+        fn path(&self, client: &ClientPath<'_>, model: &str) -> String {
+            let mut out = String::new();
+            self.upstream_path(client, model, &mut out);
+            out
+        }
+    }
 
     fn azure(version: Option<&str>) -> Provider {
         Provider::Azure(Azure {
@@ -217,31 +225,31 @@ mod tests {
         let openai_style = ClientPath::parse("/v1/chat/completions");
         // A deployment name, a model a deployment serves, a model none does.
         assert_eq!(
-            a.upstream_path(&openai_style, "prod-4o"),
+            a.path(&openai_style, "prod-4o"),
             "/openai/deployments/prod-4o/chat/completions?api-version=2024-10-21"
         );
         assert_eq!(
-            a.upstream_path(&openai_style, "gpt-4o-mini"),
+            a.path(&openai_style, "gpt-4o-mini"),
             "/openai/deployments/prod-mini/chat/completions?api-version=2024-10-21"
         );
         assert_eq!(
-            a.upstream_path(&openai_style, "gpt-4.1"),
+            a.path(&openai_style, "gpt-4.1"),
             "/openai/deployments/gpt-4.1/chat/completions?api-version=2024-10-21"
         );
         // The configured version replaces the client's; other parameters stay.
         let azure_style =
             ClientPath::parse("/openai/deployments/prod-4o/embeddings?api-version=2023-05-15&x=1");
         assert_eq!(
-            a.upstream_path(&azure_style, ""),
+            a.path(&azure_style, ""),
             "/openai/deployments/prod-4o/embeddings?api-version=2024-10-21&x=1"
         );
         // Without one configured, the client's; without either, GA.
         assert_eq!(
-            azure(None).upstream_path(&azure_style, ""),
+            azure(None).path(&azure_style, ""),
             "/openai/deployments/prod-4o/embeddings?api-version=2023-05-15&x=1"
         );
         assert_eq!(
-            azure(None).upstream_path(&openai_style, "prod-4o"),
+            azure(None).path(&openai_style, "prod-4o"),
             format!("/openai/deployments/prod-4o/chat/completions?api-version={DEFAULT_AZURE_API_VERSION}")
         );
     }
@@ -270,7 +278,7 @@ mod tests {
     fn openai_paths_drop_v1_and_keep_the_query() {
         let p = ClientPath::parse("/v1/chat/completions?x=1&y=2");
         assert_eq!(
-            Provider::OpenAi.upstream_path(&p, "gpt-4o"),
+            Provider::OpenAi.path(&p, "gpt-4o"),
             "/chat/completions?x=1&y=2"
         );
     }

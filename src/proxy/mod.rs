@@ -465,7 +465,15 @@ async fn metered_request(
     let upstream = pick_upstream(state, &parts.headers, Some(&requested))?;
     ctx.upstream = upstream.name.clone();
     ctx.provider = upstream.provider.name();
-    ctx.model = upstream.provider.catalog_model(&requested).to_string();
+    // `routed_as`: the deployment name, kept for the upstream path when the
+    // model it stands for differs.
+    let catalog_model = upstream.provider.catalog_model(&requested);
+    let (model, routed_as) = if catalog_model == requested {
+        (requested, None)
+    } else {
+        (catalog_model.to_string(), Some(requested))
+    };
+    ctx.model = model;
     ctx.model_label = state.metrics.model_label(&ctx.model);
     ctx.stream = meta.is_stream();
     ctx.end_user = meta.user.as_ref().map(|u| u.chars().take(256).collect());
@@ -513,7 +521,8 @@ async fn metered_request(
 
     let mut request = http::Request::new(Body::from(upstream_body));
     *request.method_mut() = Method::POST;
-    *request.uri_mut() = upstream_uri(upstream, &parts.uri, &requested)?;
+    let route = routed_as.as_deref().unwrap_or(&ctx.model);
+    *request.uri_mut() = upstream_uri(upstream, &parts.uri, route)?;
     *request.headers_mut() = upstream_headers(
         std::mem::take(&mut parts.headers),
         upstream,
