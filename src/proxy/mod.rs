@@ -22,11 +22,11 @@ use crate::app::AppState;
 use crate::budget::Refusal;
 use crate::config::{AuthMode, UnpricedPolicy};
 use crate::error::ApiError;
-use crate::usage::read::{read_body as read_response, Served};
+use crate::usage::read::read_body as read_response;
 use crate::usage::sse::SseMeter;
 use crate::usage::{Endpoint, TokenSource, Usage};
 use request::RequestMeta;
-use settle::{settle, RequestCtx};
+use settle::{settle, settle_without_usage, RequestCtx};
 use stream::{MeteredStream, StreamSettlement};
 use upstream::Upstream;
 
@@ -78,14 +78,7 @@ pub async fn handle(state: Arc<AppState>, req: http::Request<Body>) -> Response 
     if !metered {
         if let Err(e) = check_unmetered_allowed(&state, &ctx, &req) {
             let overhead = ctx.started.elapsed();
-            settle(
-                &state,
-                &mut ctx,
-                e.status().as_u16(),
-                Usage::NONE,
-                &Served::default(),
-                overhead,
-            );
+            settle_without_usage(&state, &mut ctx, e.status().as_u16(), overhead);
             if let Some(rx) = durable {
                 let _ = rx.await;
             }
@@ -109,14 +102,7 @@ pub async fn handle(state: Arc<AppState>, req: http::Request<Body>) -> Response 
         }
         Err(e) => {
             let overhead = ctx.started.elapsed();
-            settle(
-                &state,
-                &mut ctx,
-                e.status().as_u16(),
-                Usage::NONE,
-                &Served::default(),
-                overhead,
-            );
+            settle_without_usage(&state, &mut ctx, e.status().as_u16(), overhead);
             (e.into_response(), ctx.budget_remaining)
         }
     };
@@ -539,14 +525,7 @@ async fn metered_request(
         // Upstream errors reach the client unchanged, status and body.
         let bytes = read_body(upstream, response).await?;
         let overhead = pre_send;
-        settle(
-            state,
-            ctx,
-            status.as_u16(),
-            Usage::NONE,
-            &Served::default(),
-            overhead,
-        );
+        settle_without_usage(state, ctx, status.as_u16(), overhead);
         return Ok(Forwarded::Done(build_response(
             status,
             headers,
@@ -786,14 +765,7 @@ async fn unmetered(
     let mut response = send(upstream, request).await?;
     let status = response.status();
     let headers = client_headers(std::mem::take(response.headers_mut()));
-    settle(
-        state,
-        ctx,
-        status.as_u16(),
-        Usage::NONE,
-        &Served::default(),
-        pre_send,
-    );
+    settle_without_usage(state, ctx, status.as_u16(), pre_send);
     Ok(Forwarded::Done(build_response(
         status,
         headers,

@@ -81,6 +81,24 @@ impl RequestCtx {
     }
 }
 
+/// `settle` for an answer that carries no usage (an error, an unmetered
+/// path): status and timing are recorded, nothing is billed.
+pub fn settle_without_usage(
+    state: &AppState,
+    ctx: &mut RequestCtx,
+    status: u16,
+    overhead: Duration,
+) -> NanoUsd {
+    settle(
+        state,
+        ctx,
+        status,
+        Usage::NONE,
+        &Served::default(),
+        overhead,
+    )
+}
+
 /// Prices `usage` from what the response says was served (`served`),
 /// records metrics and the usage row; returns the cost.
 ///
