@@ -129,7 +129,16 @@ impl Provider {
 
     /// Appends to `out` (the upstream's base URL) the path and query for a
     /// client request naming `model` (empty when the request names none).
-    pub fn upstream_path(&self, client: &ClientPath<'_>, model: &str, out: &mut String) {
+    /// Refuses a deployment name that is not one (Azure allows letters,
+    /// digits, `-`, `_` and `.`): a model such as `../../x` would otherwise
+    /// become a path the upstream may normalise into another endpoint,
+    /// reached with the server's key.
+    pub fn upstream_path(
+        &self,
+        client: &ClientPath<'_>,
+        model: &str,
+        out: &mut String,
+    ) -> Result<(), String> {
         match self {
             Provider::OpenAi => {
                 out.push_str(client.operation);
@@ -142,6 +151,17 @@ impl Provider {
                 let deployment = client
                     .deployment
                     .unwrap_or_else(|| azure.deployment_for(model));
+                let well_formed = deployment
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+                    && deployment != "."
+                    && deployment != "..";
+                if !well_formed {
+                    return Err(format!(
+                        "`{}` is not an Azure deployment name (letters, digits, '-', '_', '.')",
+                        deployment.chars().take(64).collect::<String>()
+                    ));
+                }
                 if deployment.is_empty() {
                     out.push_str("/openai");
                 } else {
@@ -172,6 +192,7 @@ impl Provider {
                 }
             }
         }
+        Ok(())
     }
 }
 
@@ -182,8 +203,10 @@ mod tests {
     impl Provider {
         fn path(&self, client: &ClientPath<'_>, model: &str) -> String {
             let mut out = String::new();
-            self.upstream_path(client, model, &mut out);
-            out
+            match self.upstream_path(client, model, &mut out) {
+                Ok(()) => out,
+                Err(e) => format!("refused: {e}"),
+            }
         }
     }
 
@@ -251,6 +274,36 @@ mod tests {
         assert_eq!(
             azure(None).path(&openai_style, "prod-4o"),
             format!("/openai/deployments/prod-4o/chat/completions?api-version={DEFAULT_AZURE_API_VERSION}")
+        );
+    }
+
+    #[test]
+    fn a_model_that_is_no_deployment_name_never_becomes_a_path() {
+        let a = azure(None);
+        let openai_style = ClientPath::parse("/v1/chat/completions");
+        for model in [
+            "../../openai/models",
+            "..",
+            ".",
+            "a/b",
+            "x?y=1",
+            "x#y",
+            "x y",
+            "é",
+        ] {
+            assert!(
+                a.path(&openai_style, model).starts_with("refused: "),
+                "{model}"
+            );
+        }
+        assert_eq!(
+            a.path(&openai_style, "gpt-4.1_mini-2"),
+            format!("/openai/deployments/gpt-4.1_mini-2/chat/completions?api-version={DEFAULT_AZURE_API_VERSION}")
+        );
+        // OpenAI-style upstreams never put the model in the path.
+        assert_eq!(
+            Provider::OpenAi.path(&openai_style, "../x"),
+            "/chat/completions"
         );
     }
 

@@ -209,6 +209,42 @@ async fn azure_requests_without_a_tollgate_key_never_reach_the_resource() {
     assert_eq!(mock.request_count(), before);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_is_no_deployment_name_gets_400_before_reaching_azure() {
+    let mock = MockUpstream::start().await;
+    let (tg, _budgeted) = start_azure(&mock).await;
+    // A team without a budget: unpriced models are not refused up front.
+    let out = tg.cli(&["teams", "create", "free"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = tg.cli(&["keys", "create", "--team", "free"]);
+    let key = support::stdout(&out)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    support::wait_for_key(&tg, &key).await;
+    let before = mock.request_count();
+    // "gpt-4o*" routes it to Azure, where it would become the deployment path.
+    for model in ["gpt-4o/../../../openai/models", "gpt-4o?x=1"] {
+        let r = client()
+            .post(tg.url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(&json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.status(), 400, "{model}");
+        let body: serde_json::Value = r.json().await.unwrap_or_default();
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("not an Azure deployment name"), "{body}");
+    }
+    assert_eq!(mock.request_count(), before);
+}
+
 #[test]
 fn anthropic_upstreams_are_refused_until_supported() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));

@@ -113,12 +113,13 @@ impl Upstream {
 
     /// The upstream URI for a client path (`/v1/chat/completions?x=1`, or
     /// Azure's `/openai/deployments/{d}/...`) naming `model` (may be empty).
-    pub fn url_for(&self, path_and_query: &str, model: &str) -> Result<Uri, http::uri::InvalidUri> {
+    pub fn url_for(&self, path_and_query: &str, model: &str) -> Result<Uri, String> {
         let mut uri = String::with_capacity(self.base.len() + path_and_query.len() + 64);
         uri.push_str(&self.base);
         self.provider
-            .upstream_path(&ClientPath::parse(path_and_query), model, &mut uri);
+            .upstream_path(&ClientPath::parse(path_and_query), model, &mut uri)?;
         uri.parse()
+            .map_err(|e: http::uri::InvalidUri| e.to_string())
     }
 }
 
