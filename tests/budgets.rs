@@ -274,11 +274,7 @@ async fn concurrent_requests_never_overspend_the_budget() {
         "--period",
         "total",
     ]));
-    let key = stdout(&tg.cli(&["keys", "create", "--team", "tight"]))
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let key = tg.new_key("tight");
     wait_for_key(&tg, &key).await;
     let probes = mock.request_count();
 
@@ -370,11 +366,7 @@ async fn spend_survives_a_restart_and_output_caps_are_enforced() {
         "--max-output-tokens",
         "50",
     ]));
-    let key = stdout(&tg.cli(&["keys", "create", "--team", "brief"]))
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let key = tg.new_key("brief");
     let tg = tg.restart().await;
     wait_for_key(&tg, &key).await;
     let mut body = chat_body("gpt-4o-mini");
@@ -494,11 +486,7 @@ async fn a_mixed_race_of_tiers_images_and_tool_calls_never_overspends() {
         "--period",
         "total",
     ]));
-    let key = stdout(&tg.cli(&["keys", "create", "--team", "mixed"]))
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let key = tg.new_key("mixed");
     wait_for_key(&tg, &key).await;
     let probes = mock.request_count();
     let image = json!([{"type": "text", "text": "what is this"},

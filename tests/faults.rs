@@ -387,11 +387,7 @@ async fn a_postgres_that_stops_answering_fails_budgeted_requests_fast() {
         "--period",
         "daily",
     ]));
-    let key = stdout(&tg.cli(&["keys", "create", "--team", "budgeted"]))
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let key = tg.new_key("budgeted");
     wait_for_key(&tg, &key).await;
     let body = json!({"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]});
     assert_eq!(post_chat(&tg, &key, &body, &[]).await.status(), 200);

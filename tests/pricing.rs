@@ -245,14 +245,7 @@ async fn a_budgeted_team_cannot_use_an_unpriced_model() {
     let tg = Tollgate::start(&mock, "[auth]\nmode = \"virtual-keys\"\n").await;
     stdout(&tg.cli(&["teams", "create", "capped", "--budget-usd", "1"]));
     stdout(&tg.cli(&["teams", "create", "free"]));
-    let key = |team: &str| {
-        stdout(&tg.cli(&["keys", "create", "--team", team]))
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .to_string()
-    };
-    let (capped, free) = (key("capped"), key("free"));
+    let (capped, free) = (tg.new_key("capped"), tg.new_key("free"));
     wait_for_key(&tg, &capped).await;
     wait_for_key(&tg, &free).await;
     let seen = mock.request_count();
@@ -361,11 +354,7 @@ async fn a_cost_beyond_its_reservation_is_settled_in_full_and_counted() {
     let mock = MockUpstream::start().await;
     let tg = Tollgate::start(&mock, "[auth]\nmode = \"virtual-keys\"\n").await;
     stdout(&tg.cli(&["teams", "create", "t", "--budget-usd", "1"]));
-    let key = stdout(&tg.cli(&["keys", "create", "--team", "t"]))
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let key = tg.new_key("t");
     wait_for_key(&tg, &key).await;
     // The request allows one web search (max_tool_calls); the provider
     // bills three.

@@ -51,17 +51,7 @@ async fn start_azure(mock: &MockUpstream) -> (Tollgate, String) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = tg.cli(&["keys", "create", "--team", "app"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let key = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let key = tg.new_key("app");
     support::wait_for_key(&tg, &key).await;
     (tg, key)
 }
@@ -220,12 +210,7 @@ async fn a_model_that_is_no_deployment_name_gets_400_before_reaching_azure() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = tg.cli(&["keys", "create", "--team", "free"]);
-    let key = support::stdout(&out)
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let key = tg.new_key("free");
     support::wait_for_key(&tg, &key).await;
     let before = mock.request_count();
     // "gpt-4o*" routes it to Azure, where it would become the deployment path.

@@ -152,11 +152,7 @@ async fn client_credentials_never_reach_the_upstream_in_virtual_keys_mode() {
     let mock = MockUpstream::start().await;
     let tg = Tollgate::start(&mock, "[auth]\nmode = \"virtual-keys\"\n").await;
     stdout(&tg.cli(&["teams", "create", "t"]));
-    let key = stdout(&tg.cli(&["keys", "create", "--team", "t"]))
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let key = tg.new_key("t");
     wait_for_key(&tg, &key).await;
     let auth = format!("Bearer {key}");
     let (status, _) = post(
@@ -221,14 +217,7 @@ async fn budgeted_teams_cannot_reach_endpoints_tollgate_cannot_price() {
     .await;
     stdout(&tg.cli(&["teams", "create", "capped", "--budget-usd", "5"]));
     stdout(&tg.cli(&["teams", "create", "free"]));
-    let key_of = |team: &str| {
-        stdout(&tg.cli(&["keys", "create", "--team", team]))
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .to_string()
-    };
-    let (capped, free) = (key_of("capped"), key_of("free"));
+    let (capped, free) = (tg.new_key("capped"), tg.new_key("free"));
     wait_for_key(&tg, &capped).await;
     wait_for_key(&tg, &free).await;
     let send = |method: reqwest::Method, path: &str, key: &str| {

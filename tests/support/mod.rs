@@ -138,6 +138,16 @@ impl Tollgate {
             .unwrap_or_else(|e| panic!("run tollgate {args:?}: {e}"))
     }
 
+    /// A new virtual key of `team`, made with the CLI (the running server
+    /// knows it within its 500 ms refresh: `wait_for_key`).
+    pub fn new_key(&self, team: &str) -> String {
+        stdout(&self.cli(&["keys", "create", "--team", team]))
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    }
+
     /// Stops this server (SIGTERM) and starts a new one on the same config and database.
     pub async fn restart(mut self) -> Tollgate {
         let code = self.terminate();
