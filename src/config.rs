@@ -118,7 +118,12 @@ impl Default for AuthConfig {
     fn default() -> Self {
         Self {
             mode: None,
-            allow_unmetered: vec!["GET /v1/models*".into(), "/v1/files*".into()],
+            allow_unmetered: vec![
+                "GET /v1/models*".into(),
+                "/v1/files*".into(),
+                // Anthropic's token counting is free.
+                "POST /v1/messages/count_tokens".into(),
+            ],
         }
     }
 }
@@ -392,12 +397,6 @@ impl Config {
                 return Err(bad(
                     &key("name"),
                     format!("duplicate upstream `{}`", u.name),
-                ));
-            }
-            if u.kind == ProviderKind::Anthropic {
-                return Err(bad(
-                    &key("kind"),
-                    "\"anthropic\" is not supported by this build yet (openai or azure)".into(),
                 ));
             }
             if u.kind != ProviderKind::Azure

@@ -161,6 +161,26 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The error as Anthropic's API would spell it, for clients of its
+    /// Messages format (the `anthropic` SDKs raise by `error.type`);
+    /// tollgate's own `code` rides along.
+    pub fn into_anthropic_response(self) -> Response {
+        let status = self.status();
+        let body = json!({"type": "error", "error": {
+            "type": crate::usage::anthropic::error_type(status.as_u16()),
+            "message": self.to_string(),
+            "code": self.code(),
+        }});
+        let mut response = (status, body.to_string()).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = self.body().to_string();

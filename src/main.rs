@@ -163,6 +163,10 @@ enum CatalogCommand {
         /// LiteLLM provider whose models to keep.
         #[arg(long, default_value = "openai")]
         provider: String,
+        /// Keep only models whose id matches one of these globs
+        /// (comma-separated, e.g. `accounts/fireworks/models/llama-v3p*`).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
 }
 
@@ -504,10 +508,13 @@ fn catalog(command: CatalogCommand, config: &Config) -> anyhow::Result<ExitCode>
             file,
             out,
             provider,
+            only,
         } => {
             let json = std::fs::read_to_string(&file)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-            let imported = litellm::import(&json, &provider)
+            let only: Vec<tollgate::glob::Glob> =
+                only.iter().map(|g| tollgate::glob::Glob::new(g)).collect();
+            let imported = litellm::import(&json, &provider, &only)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             // The output must load as a catalog; refuse to write one that does not.
             Catalog::parse(&imported.toml, config.catalog.finetune_multiple)

@@ -3,7 +3,8 @@
 //! paths and `api-version`), the header the server's key goes up in, what a
 //! deployment name stands for in the catalog, and the `provider` a usage
 //! row names. It never reads bodies: usage belongs to the wire format
-//! (`usage`), which OpenAI and Azure share.
+//! (`usage`: OpenAI's, which Azure and every OpenAI-compatible API share,
+//! and Anthropic's Messages).
 
 use http::{HeaderName, HeaderValue};
 
@@ -20,6 +21,10 @@ pub enum Provider {
     /// Azure OpenAI: `{base_url}/openai/deployments/{d}/chat/completions
     /// ?api-version=V`, `api-key`.
     Azure(Azure),
+    /// Anthropic: `{base_url}/v1/messages`, `x-api-key`. Its OpenAI-style
+    /// paths (`/v1/chat/completions`) are Anthropic's OpenAI compatibility
+    /// layer and go up the same way.
+    Anthropic,
 }
 
 pub struct Azure {
@@ -89,8 +94,8 @@ impl Provider {
                     .map(|(d, m)| (d.clone(), m.clone()))
                     .collect(),
             }),
-            // Refused by config validation until the Messages format lands.
-            ProviderKind::Openai | ProviderKind::Anthropic => Provider::OpenAi,
+            ProviderKind::Anthropic => Provider::Anthropic,
+            ProviderKind::Openai => Provider::OpenAi,
         }
     }
 
@@ -100,6 +105,7 @@ impl Provider {
         match self {
             Provider::OpenAi => "openai",
             Provider::Azure(_) => "azure",
+            Provider::Anthropic => "anthropic",
         }
     }
 
@@ -108,6 +114,7 @@ impl Provider {
         let (name, value) = match self {
             Provider::OpenAi => (http::header::AUTHORIZATION, format!("Bearer {key}")),
             Provider::Azure(_) => (HeaderName::from_static("api-key"), key.to_string()),
+            Provider::Anthropic => (HeaderName::from_static("x-api-key"), key.to_string()),
         };
         let mut value =
             HeaderValue::from_str(&value).map_err(|_| "not a valid header value".to_string())?;
@@ -123,7 +130,7 @@ impl Provider {
                 .iter()
                 .find(|(d, _)| d == name)
                 .map_or(name, |(_, m)| m.as_str()),
-            Provider::OpenAi => name,
+            Provider::OpenAi | Provider::Anthropic => name,
         }
     }
 
@@ -140,6 +147,16 @@ impl Provider {
         out: &mut String,
     ) -> Result<(), String> {
         match self {
+            // The base URL is the API's root (`https://api.anthropic.com`):
+            // the version segment is part of every path.
+            Provider::Anthropic => {
+                out.push_str("/v1");
+                out.push_str(client.operation);
+                if let Some(q) = client.query {
+                    out.push('?');
+                    out.push_str(q);
+                }
+            }
             Provider::OpenAi => {
                 out.push_str(client.operation);
                 if let Some(q) = client.query {

@@ -239,7 +239,7 @@ proptest! {
     /// The LiteLLM importer never panics, and what it writes loads.
     #[test]
     fn litellm_import_writes_a_loadable_catalog(map in litellm_map()) {
-        if let Ok(imported) = litellm::import(&map, "openai") {
+        if let Ok(imported) = litellm::import(&map, "openai", &[]) {
             prop_assert!(Catalog::parse(&imported.toml, 6.0).is_ok(), "{}", imported.toml);
         }
     }

@@ -1,4 +1,5 @@
-//! Providers other than OpenAI's own API (SPEC 10): Azure OpenAI so far.
+//! Providers other than OpenAI's own API (SPEC 10): Azure OpenAI here,
+//! Anthropic in `anthropic.rs`.
 //! The mock speaks Azure's front door (deployment paths, `api-key`,
 //! `api-version`); tollgate runs as a real server with virtual keys.
 
@@ -230,40 +231,9 @@ async fn a_model_that_is_no_deployment_name_gets_400_before_reaching_azure() {
     assert_eq!(mock.request_count(), before);
 }
 
-#[test]
-fn anthropic_upstreams_are_refused_until_supported() {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let config = dir.path().join("tollgate.toml");
-    std::fs::write(
-        &config,
-        "[[upstreams]]\nname = \"claude\"\nkind = \"anthropic\"\nbase_url = \"https://api.anthropic.com\"\n",
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let out = std::process::Command::new(support::server_bin())
-        .args(["serve", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(err.contains("upstreams[0].kind"), "{err}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_azure_openai_client_works_with_tollgate_as_its_endpoint() {
-    let python = std::env::var_os("TOLLGATE_TEST_PYTHON")
-        .map(std::path::PathBuf::from)
-        .or_else(|| {
-            let venv =
-                std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-            venv.exists().then_some(venv)
-        });
-    let Some(python) = python else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must provide the openai SDK venv"
-        );
-        eprintln!("skipped: no .venv with the openai SDK (run .ci/run once)");
+    let Some(python) = support::sdk_python() else {
         return;
     };
     let mock = MockUpstream::start().await;

@@ -10,24 +10,9 @@ use std::path::PathBuf;
 
 use support::{run_sdk_script, start_for_sdks, MockUpstream};
 
-fn python() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("TOLLGATE_TEST_PYTHON") {
-        return Some(PathBuf::from(p));
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    venv.exists().then_some(venv)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn official_python_sdk_works_unchanged() {
-    let Some(python) = python() else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must provide the openai SDK venv"
-        );
-        eprintln!(
-            "skipped: no .venv with the openai SDK (run .ci/run once, or set TOLLGATE_TEST_PYTHON)"
-        );
+    let Some(python) = support::sdk_python() else {
         return;
     };
     let mock = MockUpstream::start().await;

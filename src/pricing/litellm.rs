@@ -226,8 +226,10 @@ fn thousand_text(usd_per_1000: f64) -> Result<String, String> {
 /// embedding, image, audio and realtime models with per-token prices). A
 /// key `provider/model` becomes `model` (which may hold a `/` itself, as
 /// Groq's and Together's ids do); other keys with a `/` (other providers'
-/// routes, per-size image prices) are skipped.
-pub fn import(json: &str, provider: &str) -> Result<Imported, String> {
+/// routes, per-size image prices) are skipped. With `only`, models whose
+/// id matches none of its globs are skipped too (a provider's popular
+/// models out of hundreds).
+pub fn import(json: &str, provider: &str, only: &[crate::glob::Glob]) -> Result<Imported, String> {
     let map: BTreeMap<String, Value> =
         serde_json::from_str(json).map_err(|e| format!("not a LiteLLM cost map: {e}"))?;
     let mut out = String::from(
@@ -258,6 +260,7 @@ pub fn import(json: &str, provider: &str) -> Result<Imported, String> {
                 .is_some_and(|m| MODES.contains(&m))
             && !routed
             && !id.is_empty()
+            && (only.is_empty() || only.iter().any(|g| g.matches(id)))
             && (price(entry, "input_cost_per_token").is_some()
                 || price(entry, "input_cost_per_audio_token").is_some());
         if !wanted || !seen.insert(id.to_string()) {
@@ -309,7 +312,7 @@ mod tests {
           "negative": {"input_cost_per_token": -1e-6, "litellm_provider": "openai", "mode": "chat"},
           "sample_spec": {"max_output_tokens": "text"}
         }"#;
-        let imported = import(json, "openai").unwrap_or_else(|e| panic!("{e}"));
+        let imported = import(json, "openai", &[]).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(imported.models, 2);
         // Regression (tests/fuzz.rs): an absurd or negative price skips its
         // model instead of writing a catalog that does not load.
@@ -347,7 +350,7 @@ mod tests {
           "deepseek/deepseek-chat": {"input_cost_per_token": 2.8e-07, "output_cost_per_token": 4.2e-07,
               "input_cost_per_token_cache_hit": 2.8e-08, "litellm_provider": "deepseek", "mode": "chat"}
         }"#;
-        let openai = import(json, "openai").unwrap_or_else(|e| panic!("{e}"));
+        let openai = import(json, "openai", &[]).unwrap_or_else(|e| panic!("{e}"));
         let c =
             Catalog::parse(&openai.toml, 6.0).unwrap_or_else(|e| panic!("{e}\n{}", openai.toml));
         assert_eq!(c.problems(), Vec::<String>::new(), "{}", openai.toml);
@@ -395,7 +398,7 @@ mod tests {
             NanoUsd(55_000_000)
         );
 
-        let anthropic = import(json, "anthropic").unwrap_or_else(|e| panic!("{e}"));
+        let anthropic = import(json, "anthropic", &[]).unwrap_or_else(|e| panic!("{e}"));
         let c = Catalog::parse(&anthropic.toml, 6.0).unwrap_or_else(|e| panic!("{e}"));
         let claude = c
             .resolve("claude-sonnet-4-5")
@@ -409,7 +412,7 @@ mod tests {
         };
         assert_eq!(claude.cost(&u), NanoUsd(9_750_000_000));
 
-        let deepseek = import(json, "deepseek").unwrap_or_else(|e| panic!("{e}"));
+        let deepseek = import(json, "deepseek", &[]).unwrap_or_else(|e| panic!("{e}"));
         let c = Catalog::parse(&deepseek.toml, 6.0).unwrap_or_else(|e| panic!("{e}"));
         let ds = c
             .resolve("deepseek-chat")

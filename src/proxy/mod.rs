@@ -60,13 +60,15 @@ pub async fn handle(state: Arc<AppState>, req: http::Request<Body>) -> Response 
     // The header is made now: the id itself moves into the usage row.
     let id_header = HeaderValue::from_str(&request_id).ok();
     let endpoint = Endpoint::from_path(req.uri().path());
+    let anthropic = speaks_anthropic(&state, endpoint, req.uri().path(), req.headers());
     let (team, key) =
         match check_path(req.uri().path()).and_then(|()| authenticate(&state, req.headers())) {
             Ok(who) => who,
-            Err(e) => return with_request_id(e.into_response(), id_header),
+            Err(e) => return with_request_id(render(e, anthropic), id_header),
         };
     let mut ctx = RequestCtx::new(request_id, endpoint, team);
     ctx.key = key;
+    ctx.anthropic = anthropic;
     // Durable mode: the response completes only once its row is on disk.
     let mut durable = None;
     if state.usage.durable() {
@@ -82,7 +84,7 @@ pub async fn handle(state: Arc<AppState>, req: http::Request<Body>) -> Response 
             if let Some(rx) = durable {
                 let _ = rx.await;
             }
-            return with_request_id(e.into_response(), id_header);
+            return with_request_id(render(e, anthropic), id_header);
         }
     }
     // Boxed: hyper keeps a connection's request future allocated for as long
@@ -103,7 +105,7 @@ pub async fn handle(state: Arc<AppState>, req: http::Request<Body>) -> Response 
         Err(e) => {
             let overhead = ctx.started.elapsed();
             settle_without_usage(&state, &mut ctx, e.status().as_u16(), overhead);
-            (e.into_response(), ctx.budget_remaining)
+            (render(e, anthropic), ctx.budget_remaining)
         }
     };
     if let Some(rx) = durable {
@@ -118,6 +120,25 @@ pub async fn handle(state: Arc<AppState>, req: http::Request<Body>) -> Response 
         }
     }
     response
+}
+
+/// Whether a request speaks Anthropic's format: its Messages paths, or an
+/// `anthropic-version` header (the SDKs send it on every request, so
+/// `GET /v1/models` reaches Anthropic) when an Anthropic upstream exists.
+fn speaks_anthropic(state: &AppState, endpoint: Endpoint, path: &str, headers: &HeaderMap) -> bool {
+    endpoint.is_anthropic()
+        || path.starts_with("/v1/messages")
+        || (headers.contains_key("anthropic-version")
+            && state.upstreams.first_anthropic().is_some())
+}
+
+/// tollgate's own error in the shape of the client's API.
+fn render(e: ApiError, anthropic: bool) -> Response {
+    if anthropic {
+        e.into_anthropic_response()
+    } else {
+        e.into_response()
+    }
 }
 
 /// Refuses paths with `.`/`..` segments (raw or percent-encoded) and
@@ -267,6 +288,7 @@ fn pick_upstream<'a>(
     state: &'a AppState,
     headers: &HeaderMap,
     model: Option<&str>,
+    anthropic: bool,
 ) -> Result<&'a Upstream, ApiError> {
     if let Some(name) = headers.get(UPSTREAM_HEADER) {
         let name = name.to_str().unwrap_or("");
@@ -278,12 +300,20 @@ fn pick_upstream<'a>(
             });
     }
     match model {
-        Some(model) => state
-            .upstreams
-            .for_model(model)
-            .ok_or_else(|| ApiError::NoUpstream {
-                model: model.to_string(),
-            }),
+        Some(model) => {
+            state
+                .upstreams
+                .for_model(model, anthropic)
+                .ok_or_else(|| ApiError::NoUpstream {
+                    model: model.to_string(),
+                })
+        }
+        None if anthropic => state.upstreams.first_anthropic().ok_or_else(|| {
+            ApiError::invalid(
+                "No upstream of kind \"anthropic\" is configured for Anthropic's API.",
+                None,
+            )
+        }),
         None => state
             .upstreams
             .default_upstream()
@@ -448,7 +478,7 @@ async fn metered_request(
         "" => deployment.unwrap_or("").to_string(),
         m => m.to_string(),
     };
-    let upstream = pick_upstream(state, &parts.headers, Some(&requested))?;
+    let upstream = pick_upstream(state, &parts.headers, Some(&requested), ctx.anthropic)?;
     ctx.upstream = upstream.name.clone();
     ctx.provider = upstream.provider.name();
     // `routed_as`: the deployment name, kept for the upstream path when the
@@ -641,7 +671,20 @@ async fn reserve_priced(
     };
     // Every token covers at least one byte of its text, and the JSON around
     // the text outweighs the per-message overheads.
-    let bound = body.len() as u64 + 16;
+    let mut bound = body.len() as u64 + 16;
+    let messages = ctx.endpoint == Endpoint::Messages;
+    if messages {
+        // Anthropic adds a system prompt for tools, and a server tool's
+        // results (web pages found) come back as input tokens.
+        if meta.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+            bound = bound.saturating_add(ANTHROPIC_TOOL_PROMPT_TOKENS);
+        }
+        let searches = calls
+            .iter()
+            .find(|(k, _)| *k == "web_search")
+            .map_or(0, |(_, n)| *n);
+        bound = bound.saturating_add(searches.saturating_mul(ANTHROPIC_SEARCH_RESULT_TOKENS));
+    }
     let unavailable = || ApiError::BudgetUnavailable {
         team: ctx.team.clone(),
     };
@@ -656,17 +699,22 @@ async fn reserve_priced(
     }
     let (endpoint, body2) = (ctx.endpoint, body.clone());
     // The text counted exactly; audio (which tiktoken does not count) at
-    // the most tokens its size allows.
-    let exact = tokio::task::spawn_blocking(move || {
-        serde_json::from_slice::<serde_json::Value>(&body2)
-            .map(|v| {
-                crate::usage::estimate::prompt_tokens(endpoint, encoding, &v)
-                    .saturating_add(request::audio_token_bound(&v))
-            })
-            .unwrap_or(bound)
-    })
-    .await
-    .unwrap_or(bound);
+    // the most tokens its size allows. Not for Claude: tiktoken is no
+    // bound on another tokenizer's count, so the byte bound stands.
+    let exact = if messages {
+        bound
+    } else {
+        tokio::task::spawn_blocking(move || {
+            serde_json::from_slice::<serde_json::Value>(&body2)
+                .map(|v| {
+                    crate::usage::estimate::prompt_tokens(endpoint, encoding, &v)
+                        .saturating_add(request::audio_token_bound(&v))
+                })
+                .unwrap_or(bound)
+        })
+        .await
+        .unwrap_or(bound)
+    };
     match reserve_amount(state, &ctx.team, worst(exact)).await {
         Ok(r) => {
             ctx.budget_remaining = r.as_ref().map(|r| r.remaining());
@@ -706,6 +754,12 @@ async fn reserve_amount(
     }
 }
 
+/// Input tokens Anthropic's tool-use system prompt may add (346 at most in
+/// its documentation; doubled).
+const ANTHROPIC_TOOL_PROMPT_TOKENS: u64 = 1_000;
+/// Input tokens one web search's results may add to a Claude request.
+const ANTHROPIC_SEARCH_RESULT_TOKENS: u64 = 50_000;
+
 /// Max output assumed for a model the catalog gives no limit for.
 const DEFAULT_MAX_OUTPUT: u64 = 4096;
 
@@ -744,7 +798,7 @@ async fn unmetered(
     req: http::Request<Body>,
 ) -> Result<Forwarded, ApiError> {
     let (mut parts, body) = req.into_parts();
-    let upstream = pick_upstream(state, &parts.headers, None)?;
+    let upstream = pick_upstream(state, &parts.headers, None, ctx.anthropic)?;
     ctx.upstream = upstream.name.clone();
     ctx.budget_remaining = state.ledger.status(&ctx.team).map(|s| s.remaining);
     let body = if parts.method == Method::GET || parts.method == Method::HEAD {

@@ -52,6 +52,9 @@ pub struct ToolRef {
 /// up to 48,169 for a high-detail one; the patch-based models less).
 const IMAGE_TOKENS_LOW: u64 = 3_000;
 const IMAGE_TOKENS_HIGH: u64 = 50_000;
+/// A document Anthropic fetches itself (by URL or file id): a whole
+/// context window of Claude's.
+const DOCUMENT_TOKENS: u64 = 200_000;
 
 #[derive(Debug, Deserialize)]
 pub struct StreamOptions {
@@ -199,6 +202,7 @@ impl RequestMeta {
 /// Whether a body may hold image parts (a cheap scan before any parse).
 pub fn mentions_images(body: &[u8]) -> bool {
     memchr::memmem::find(body, b"image").is_some()
+        || memchr::memmem::find(body, b"\"document\"").is_some()
 }
 
 /// Most prompt tokens the images of a request can cost: each image part
@@ -219,7 +223,18 @@ pub fn image_token_bound(body: &[u8]) -> u64 {
             serde_json::Value::Array(items) => stack.extend(items.iter()),
             serde_json::Value::Object(map) => {
                 let kind = map.get("type").and_then(serde_json::Value::as_str);
-                if matches!(kind, Some("image_url" | "input_image")) {
+                let source = map
+                    .get("source")
+                    .and_then(|s| s.get("type"))
+                    .and_then(serde_json::Value::as_str);
+                // Anthropic: images at most ~1,600 tokens; base64 ones are
+                // in the body's length already. A document by URL or file
+                // id may fill the context.
+                if kind == Some("image") && source.is_some_and(|s| s != "base64") {
+                    total = total.saturating_add(IMAGE_TOKENS_LOW);
+                } else if kind == Some("document") && matches!(source, Some("url" | "file")) {
+                    total = total.saturating_add(DOCUMENT_TOKENS);
+                } else if matches!(kind, Some("image_url" | "input_image")) {
                     let detail = map
                         .get("detail")
                         .or_else(|| map.get("image_url").and_then(|u| u.get("detail")))
@@ -272,6 +287,7 @@ fn requested_max_output(meta: &RequestMeta, endpoint: Endpoint) -> (Option<u64>,
         },
         Endpoint::Completions => (meta.max_tokens, "max_tokens"),
         Endpoint::Responses => (meta.max_output_tokens, "max_output_tokens"),
+        Endpoint::Messages => (meta.max_tokens, "max_tokens"),
         _ => (None, ""),
     }
 }

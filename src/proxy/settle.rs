@@ -37,6 +37,8 @@ pub struct RequestCtx {
     /// OpenAI-compatible API).
     pub provider: &'static str,
     pub stream: bool,
+    /// The client speaks Anthropic's format (routing, error shape).
+    pub anthropic: bool,
     pub end_user: Option<String>,
     /// The shared budget period the reservation was leased from (Postgres).
     pub budget_period: Option<String>,
@@ -64,6 +66,7 @@ impl RequestCtx {
             upstream: String::new(),
             provider: "openai",
             stream: false,
+            anthropic: false,
             end_user: None,
             budget_period: None,
             durable_ack: None,

@@ -48,12 +48,26 @@ impl StreamSettlement {
         // No usage from the upstream (it omits it, or the stream ended before
         // the usage chunk): count what was sent and what was generated.
         let mut estimate = move || {
-            let mut usage = estimated_usage(&self.ctx, &self.request_body, &summary.texts);
-            usage.completion_tokens = extrapolated(
-                usage.completion_tokens,
-                summary.texts.iter().map(String::len).sum(),
-                summary.text_bytes_dropped,
-            );
+            let kept = summary.texts.iter().map(String::len).sum();
+            let dropped = summary.text_bytes_dropped;
+            let usage = match summary.partial {
+                // The prompt side as reported; only the output is estimated
+                // (and is at least what the provider had counted).
+                Some(reported) => {
+                    let seen = estimate::completion_tokens(encoding_of(&self.ctx), &summary.texts);
+                    Usage {
+                        completion_tokens: extrapolated(seen, kept, dropped)
+                            .max(reported.completion_tokens),
+                        source: crate::usage::TokenSource::Estimated,
+                        ..reported
+                    }
+                }
+                None => {
+                    let mut usage = estimated_usage(&self.ctx, &self.request_body, &summary.texts);
+                    usage.completion_tokens = extrapolated(usage.completion_tokens, kept, dropped);
+                    usage
+                }
+            };
             settle(
                 &self.state,
                 &mut self.ctx,
@@ -84,11 +98,13 @@ fn extrapolated(tokens: u64, kept: usize, dropped: u64) -> u64 {
 }
 
 pub fn estimated_usage(ctx: &RequestCtx, request_body: &[u8], texts: &[String]) -> Usage {
-    let encoding = ctx
-        .resolved
+    estimate::estimate_usage(ctx.endpoint, encoding_of(ctx), request_body, texts)
+}
+
+fn encoding_of(ctx: &RequestCtx) -> crate::usage::Encoding {
+    ctx.resolved
         .as_ref()
-        .map_or(crate::usage::Encoding::O200kBase, |r| r.encoding());
-    estimate::estimate_usage(ctx.endpoint, encoding, request_body, texts)
+        .map_or(crate::usage::Encoding::O200kBase, |r| r.encoding())
 }
 
 pub struct MeteredStream {

@@ -75,7 +75,13 @@ pub struct Upstream {
 
 impl Upstream {
     fn build(config: &UpstreamConfig) -> Result<Upstream, String> {
-        let base = config.base_url.trim_end_matches('/').to_string();
+        let mut base = config.base_url.trim_end_matches('/');
+        if config.kind == crate::config::ProviderKind::Anthropic {
+            // Anthropic paths carry their `/v1`; a base URL given with it
+            // (as OpenAI-style ones are) must not double it.
+            base = base.strip_suffix("/v1").unwrap_or(base);
+        }
+        let base = base.to_string();
         let uri: Uri = base
             .parse()
             .map_err(|e| format!("upstreams.{}.base_url: {e}", config.name))?;
@@ -111,6 +117,10 @@ impl Upstream {
         })
     }
 
+    pub fn is_anthropic(&self) -> bool {
+        matches!(self.provider, Provider::Anthropic)
+    }
+
     /// The upstream URI for a client path (`/v1/chat/completions?x=1`, or
     /// Azure's `/openai/deployments/{d}/...`) naming `model` (may be empty).
     pub fn url_for(&self, path_and_query: &str, model: &str) -> Result<Uri, String> {
@@ -134,11 +144,17 @@ impl Upstreams {
             .map(Upstreams)
     }
 
-    /// The first upstream whose globs match the model.
-    pub fn for_model(&self, model: &str) -> Option<&Upstream> {
+    /// The first upstream whose globs match the model; of `kind =
+    /// "anthropic"` ones only for a request in Anthropic's format.
+    pub fn for_model(&self, model: &str, anthropic: bool) -> Option<&Upstream> {
         self.0
             .iter()
-            .find(|u| u.models.iter().any(|g| g.matches(model)))
+            .find(|u| (!anthropic || u.is_anthropic()) && u.models.iter().any(|g| g.matches(model)))
+    }
+
+    /// Where a request in Anthropic's format that names no model goes.
+    pub fn first_anthropic(&self) -> Option<&Upstream> {
+        self.0.iter().find(|u| u.is_anthropic())
     }
 
     pub fn by_name(&self, name: &str) -> Option<&Upstream> {

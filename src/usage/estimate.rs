@@ -20,6 +20,7 @@ pub fn prompt_tokens(endpoint: Endpoint, enc: Encoding, request: &Value) -> u64 
         Endpoint::Completions => input_tokens(enc, request.get("prompt")),
         Endpoint::Embeddings => input_tokens(enc, request.get("input")),
         Endpoint::Responses => responses_prompt_tokens(enc, request),
+        Endpoint::Messages => super::anthropic::prompt_tokens(enc, request),
         Endpoint::Models | Endpoint::Other => 0,
     }
 }
@@ -252,6 +253,7 @@ pub fn response_texts(endpoint: Endpoint, body: &Value) -> Vec<String> {
             }
             vec![text]
         }
+        Endpoint::Messages => super::anthropic::response_texts(body),
         _ => Vec::new(),
     }
 }

@@ -4,6 +4,7 @@
 //! Never blocks the async runtime: estimates over large inputs run on the
 //! blocking pool (see `proxy`), and the SSE meter works on bounded buffers.
 
+pub mod anthropic;
 pub mod estimate;
 pub mod read;
 pub mod sse;
@@ -17,13 +18,14 @@ pub enum Endpoint {
     Responses,
     Models,
     Other,
+    /// Anthropic's Messages API (`/v1/messages`).
+    Messages,
 }
 
 impl Endpoint {
     /// How many endpoints there are (`endpoint as usize` is below this).
-    pub const COUNT: usize = 6;
+    pub const COUNT: usize = 7;
 
-    /// From the path below `/v1`.
     /// From a client path, OpenAI style (`/v1/chat/completions`) or Azure
     /// style (`/openai/deployments/{d}/chat/completions`).
     pub fn from_path(path: &str) -> Endpoint {
@@ -36,6 +38,7 @@ impl Endpoint {
             "/completions" => Endpoint::Completions,
             "/embeddings" => Endpoint::Embeddings,
             "/responses" => Endpoint::Responses,
+            "/messages" => Endpoint::Messages,
             "/models" if !path.starts_with(crate::provider::AZURE_DEPLOYMENTS) => Endpoint::Models,
             _ => Endpoint::Other,
         }
@@ -50,6 +53,7 @@ impl Endpoint {
             Endpoint::Responses,
             Endpoint::Models,
             Endpoint::Other,
+            Endpoint::Messages,
         ]
         .into_iter()
         .find(|e| e.label() == label)
@@ -64,6 +68,7 @@ impl Endpoint {
             Endpoint::Responses => "responses",
             Endpoint::Models => "models",
             Endpoint::Other => "other",
+            Endpoint::Messages => "messages",
         }
     }
 
@@ -76,7 +81,14 @@ impl Endpoint {
                 | Endpoint::Completions
                 | Endpoint::Embeddings
                 | Endpoint::Responses
+                | Endpoint::Messages
         )
+    }
+
+    /// Endpoints that speak Anthropic's wire format (and go to a
+    /// `kind = "anthropic"` upstream).
+    pub fn is_anthropic(self) -> bool {
+        self == Endpoint::Messages
     }
 
     /// Endpoints that accept `stream_options.include_usage`.

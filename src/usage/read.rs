@@ -104,6 +104,29 @@ struct ServerToolUse {
 }
 
 impl Counts {
+    /// Takes every count `later` reports in place of this one's (an
+    /// Anthropic stream's `message_delta` after its `message_start`).
+    pub(crate) fn update(&mut self, later: Counts) {
+        macro_rules! replace {
+            ($($f:ident),*) => {$(if later.$f.is_some() { self.$f = later.$f; })*};
+        }
+        replace!(
+            prompt_tokens,
+            completion_tokens,
+            input_tokens,
+            output_tokens,
+            prompt_cache_hit_tokens,
+            cache_read_input_tokens,
+            cache_creation_input_tokens,
+            prompt_tokens_details,
+            input_tokens_details,
+            completion_tokens_details,
+            output_tokens_details,
+            cache_creation,
+            server_tool_use
+        );
+    }
+
     /// The one reading of a usage object (both paths end here). `None`
     /// unless it reports a prompt (or input) count.
     pub(crate) fn to_usage(&self) -> Option<Usage> {

@@ -17,6 +17,15 @@
 //! - `x-mock-model: NAME`        the model the response says served it
 //! - `x-mock-service-tier: T`    `service_tier` in the body (streams: first chunk only)
 //! - `x-mock-output-items: a,b`  Responses API output items of these types
+//!
+//! It also speaks Anthropic's Messages API (`/v1/messages`, JSON and SSE:
+//! message_start, content_block_*, ping, message_delta, message_stop),
+//! refusing requests without `x-api-key` (401) or `anthropic-version` (400)
+//! as Anthropic does. There `x-mock-prompt-tokens` is `input_tokens` (the
+//! uncached part), `x-mock-cached-tokens` the cache reads, and:
+//! - `x-mock-cache-write-5m`, `x-mock-cache-write-1h`: cache writes
+//! - `x-mock-web-searches: N`    `server_tool_use.web_search_requests`
+//! - `x-mock-stream-error: 1`    an `error` event (overloaded) after the first delta
 #![allow(dead_code)]
 
 use std::convert::Infallible;
@@ -80,6 +89,8 @@ impl MockUpstream {
             .route("/v1/embeddings", post(embeddings))
             .route("/v1/responses", post(responses))
             .route("/v1/models", get(models))
+            .route("/v1/messages", post(messages))
+            .route("/v1/messages/count_tokens", post(count_tokens))
             .route("/v1/{*rest}", any(echo))
             .route(
                 "/openai/deployments/{deployment}/chat/completions",
@@ -148,6 +159,10 @@ struct Behaviour {
     model: Option<String>,
     service_tier: Option<String>,
     output_items: Vec<String>,
+    cache_write_5m: u64,
+    cache_write_1h: u64,
+    web_searches: u64,
+    stream_error: bool,
 }
 
 /// Stands in for the raw usage text until the body is rendered.
@@ -182,7 +197,31 @@ impl Behaviour {
             output_items: get("x-mock-output-items")
                 .map(|v| v.split(',').map(str::to_string).collect())
                 .unwrap_or_default(),
+            cache_write_5m: num("x-mock-cache-write-5m", 0),
+            cache_write_1h: num("x-mock-cache-write-1h", 0),
+            web_searches: num("x-mock-web-searches", 0),
+            stream_error: get("x-mock-stream-error").is_some(),
         }
+    }
+
+    /// Anthropic's usage object; `output` tokens so far.
+    fn anthropic_usage(&self, output: u64) -> Value {
+        if self.usage_raw.is_some() {
+            return Value::String(RAW_USAGE.into());
+        }
+        let mut usage = json!({
+            "input_tokens": self.prompt,
+            "cache_creation_input_tokens": self.cache_write_5m + self.cache_write_1h,
+            "cache_read_input_tokens": self.cached,
+            "cache_creation": {"ephemeral_5m_input_tokens": self.cache_write_5m,
+                               "ephemeral_1h_input_tokens": self.cache_write_1h},
+            "output_tokens": output,
+            "service_tier": "standard",
+        });
+        if self.web_searches > 0 {
+            usage["server_tool_use"] = json!({"web_search_requests": self.web_searches});
+        }
+        usage
     }
 
     /// A body or chunk as text, the raw usage spliced in.
@@ -517,6 +556,151 @@ fn stream(
                 .await;
         }
         let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+    });
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    ([("content-type", "text/event-stream")], body).into_response()
+}
+
+/// Anthropic's front door: `x-api-key` and `anthropic-version`, else its
+/// 401 / 400 (nothing recorded, as for Azure).
+fn anthropic_refusal(req: &Request) -> Option<Response> {
+    let refuse = |status: StatusCode, kind: &str, message: &str| {
+        let body = json!({"type": "error", "error": {"type": kind, "message": message}});
+        (
+            status,
+            [("content-type", "application/json")],
+            body.to_string(),
+        )
+            .into_response()
+    };
+    if req.headers().get("x-api-key").is_none() {
+        return Some(refuse(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "x-api-key header is required",
+        ));
+    }
+    if req.headers().get("anthropic-version").is_none() {
+        return Some(refuse(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "anthropic-version: header is required",
+        ));
+    }
+    None
+}
+
+fn anthropic_error(status: u16) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let kind = match status {
+        429 => "rate_limit_error",
+        529 | 503 => "overloaded_error",
+        400 => "invalid_request_error",
+        _ => "api_error",
+    };
+    let body = json!({"type": "error", "error": {"type": kind, "message": format!("mock failure {status}")}});
+    (
+        code,
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn messages(State(state): State<Arc<MockState>>, req: Request) -> Response {
+    if let Some(r) = anthropic_refusal(&req) {
+        return r;
+    }
+    let (rec, b) = record(&state, req).await;
+    if let Some(status) = b.status {
+        return anthropic_error(status);
+    }
+    let body = rec.json();
+    let model = b.model.clone().map_or(body["model"].clone(), Value::String);
+    if body["stream"] == json!(true) {
+        return anthropic_stream(state, b, model);
+    }
+    let mut out = json!({"id": "msg_mock", "type": "message", "role": "assistant", "model": model,
+        "content": [{"type": "text", "text": b.content}],
+        "stop_reason": "end_turn", "stop_sequence": null});
+    if !b.omit_usage {
+        out["usage"] = b.anthropic_usage(b.completion);
+    }
+    rendered(b.render(&out))
+}
+
+async fn count_tokens(State(state): State<Arc<MockState>>, req: Request) -> Response {
+    if let Some(r) = anthropic_refusal(&req) {
+        return r;
+    }
+    let (_rec, b) = record(&state, req).await;
+    json_response(json!({"input_tokens": b.prompt}))
+}
+
+/// Anthropic's event sequence, one `content_block_delta` per word.
+fn anthropic_stream(state: Arc<MockState>, b: Behaviour, model: Value) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    tokio::spawn(async move {
+        let event =
+            |name: &str, data: String| Ok(Bytes::from(format!("event: {name}\ndata: {data}\n\n")));
+        let start = json!({"type": "message_start", "message": {"id": "msg_mock", "type": "message",
+            "role": "assistant", "model": model, "content": [], "stop_reason": null, "stop_sequence": null,
+            "usage": if b.omit_usage { Value::Null } else { b.anthropic_usage(1) }}});
+        let head = [
+            event("message_start", b.render(&start)),
+            event("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}).to_string()),
+            event("ping", r#"{"type": "ping"}"#.to_string()),
+        ];
+        for e in head {
+            if tx.send(e).await.is_err() {
+                return;
+            }
+        }
+        let once: Vec<String> = b.content.split_inclusive(' ').map(str::to_string).collect();
+        let words: Vec<String> = std::iter::repeat_n(once, b.repeat.max(1))
+            .flatten()
+            .collect();
+        for (sent, word) in words.iter().enumerate() {
+            if b.cut_after == Some(sent) {
+                let _ = tx.send(Err(std::io::Error::other("mock cut"))).await;
+                return;
+            }
+            let delta = json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": word}});
+            if tx
+                .send(event("content_block_delta", delta.to_string()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            if sent == 0 && b.stream_error {
+                let error = json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}});
+                let _ = tx.send(event("error", error.to_string())).await;
+                return;
+            }
+            if sent == 0 && b.gate {
+                match state.gate.acquire().await {
+                    Ok(permit) => permit.forget(),
+                    Err(_) => return,
+                }
+            }
+            tokio::time::sleep(b.chunk_delay).await;
+        }
+        let mut usage = json!({"output_tokens": b.completion});
+        if b.web_searches > 0 {
+            usage["server_tool_use"] = json!({"web_search_requests": b.web_searches});
+        }
+        let tail = [
+            event("content_block_stop", json!({"type": "content_block_stop", "index": 0}).to_string()),
+            event("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+                "usage": if b.omit_usage { Value::Null } else { usage }}).to_string()),
+            event("message_stop", json!({"type": "message_stop"}).to_string()),
+        ];
+        for e in tail {
+            if tx.send(e).await.is_err() {
+                return;
+            }
+        }
     });
     let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
     ([("content-type", "text/event-stream")], body).into_response()

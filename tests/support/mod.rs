@@ -616,3 +616,25 @@ pub fn config_with_database(mock: &MockUpstream, dir: &std::path::Path, url: &st
     let sqlite = format!("url = \"sqlite://{}\"", dir.join("tollgate.db").display());
     base_config(mock, dir).replace(&sqlite, &format!("url = \"{url}\""))
 }
+
+/// The Python with the official SDKs (`tests/e2e/requirements.txt`):
+/// `TOLLGATE_TEST_PYTHON`, else the repo's `.venv`. `None` (the test is
+/// skipped) only outside CI.
+pub fn sdk_python() -> Option<PathBuf> {
+    let python = std::env::var_os("TOLLGATE_TEST_PYTHON")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+            venv.exists().then_some(venv)
+        });
+    if python.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must provide the SDK venv"
+        );
+        eprintln!(
+            "skipped: no .venv with the SDKs (run .ci/run once, or set TOLLGATE_TEST_PYTHON)"
+        );
+    }
+    python
+}

@@ -1,0 +1,227 @@
+//! Anthropic's Messages wire format (`/v1/messages`): usage and the served
+//! model from its SSE events, the texts and prompt of its bodies for
+//! estimates, and the shape of its errors. OpenAI's formats live in `read`,
+//! `sse` and `estimate`; the SSE framing (`sse::SseMeter`) is shared.
+//!
+//! A stream reports usage twice: `message_start` carries the input side
+//! (input, cache reads and writes) and a first output count;
+//! `message_delta` carries cumulative counts (output always, the others
+//! when they changed, e.g. server tools adding input). Later counts replace
+//! earlier ones, never add to them.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::read::Counts;
+use super::Encoding;
+
+/// One event's data, the fields read; everything else skipped.
+#[derive(Deserialize)]
+struct Event<'a> {
+    #[serde(default, rename = "type", borrow)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    message: Option<StartedMessage<'a>>,
+    #[serde(default)]
+    usage: Option<Counts>,
+    #[serde(default, borrow)]
+    delta: Option<Delta<'a>>,
+}
+
+#[derive(Deserialize)]
+struct StartedMessage<'a> {
+    #[serde(default, borrow)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    usage: Option<Counts>,
+}
+
+#[derive(Deserialize)]
+struct Delta<'a> {
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    partial_json: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    thinking: Option<Cow<'a, str>>,
+}
+
+/// What one event means to the meter.
+pub(crate) enum Seen<'a> {
+    /// `message_start`: the model served and the usage so far.
+    Started {
+        model: Option<Cow<'a, str>>,
+        usage: Option<Counts>,
+    },
+    /// `message_delta`: cumulative counts (final unless the stream goes on).
+    Delta(Counts),
+    /// Generated text (text, tool input JSON, thinking), for estimates.
+    Text(Cow<'a, str>),
+    /// `message_stop`.
+    Stop,
+    /// `ping`, `content_block_start/stop`, `error` and new event types.
+    Other,
+}
+
+/// Reads one event's data; `None` when it is not JSON tollgate can read.
+pub(crate) fn read_event(data: &[u8]) -> Option<Seen<'_>> {
+    let event: Event = serde_json::from_slice(data).ok()?;
+    Some(match event.kind.as_deref() {
+        Some("message_start") => {
+            let message = event.message;
+            let (model, usage) = match message {
+                Some(m) => (m.model, m.usage),
+                None => (None, None),
+            };
+            Seen::Started { model, usage }
+        }
+        Some("message_delta") => match event.usage {
+            Some(u) => Seen::Delta(u),
+            None => Seen::Other,
+        },
+        Some("content_block_delta") => {
+            match event
+                .delta
+                .and_then(|d| d.text.or(d.partial_json).or(d.thinking))
+            {
+                Some(text) => Seen::Text(text),
+                None => Seen::Other,
+            }
+        }
+        Some("message_stop") => Seen::Stop,
+        _ => Seen::Other,
+    })
+}
+
+/// Prompt tokens of a Messages request, estimated: every text of the
+/// system prompt, the messages and the tool definitions. Used only when
+/// the response reports no usage at all.
+pub fn prompt_tokens(enc: Encoding, request: &Value) -> u64 {
+    let mut total = 0u64;
+    for key in ["system", "messages", "tools"] {
+        if let Some(v) = request.get(key) {
+            total = total.saturating_add(text_tokens(enc, v));
+        }
+    }
+    total
+}
+
+/// Tokens of every string in `v` but base64 payloads (images, documents
+/// are billed by their size in pixels or pages, not their encoding).
+fn text_tokens(enc: Encoding, v: &Value) -> u64 {
+    let mut total = 0u64;
+    let mut stack = vec![v];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::String(s) => total = total.saturating_add(enc.count(s)),
+            Value::Array(items) => stack.extend(items.iter()),
+            Value::Object(map) => {
+                let base64 = map.get("type").and_then(Value::as_str) == Some("base64");
+                stack.extend(
+                    map.iter()
+                        .filter(|(k, _)| !(base64 && k.as_str() == "data"))
+                        .filter(|(k, _)| !matches!(k.as_str(), "type" | "media_type" | "id"))
+                        .map(|(_, v)| v),
+                );
+            }
+            _ => {}
+        }
+    }
+    total
+}
+
+/// The generated text of a Messages response body (its content blocks).
+pub fn response_texts(body: &Value) -> Vec<String> {
+    let mut text = String::new();
+    for block in body
+        .get("content")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        for key in ["text", "thinking"] {
+            if let Some(t) = block.get(key).and_then(Value::as_str) {
+                text.push_str(t);
+            }
+        }
+        if let Some(input) = block.get("input") {
+            text.push_str(&input.to_string());
+        }
+    }
+    vec![text]
+}
+
+/// Anthropic's `error.type` for an HTTP status, as its API answers.
+pub fn error_type(status: u16) -> &'static str {
+    match status {
+        400 | 408 | 422 => "invalid_request_error",
+        401 => "authentication_error",
+        402 => "billing_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        504 => "timeout_error",
+        _ => "api_error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn events_are_read_by_type() {
+        let start = br#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5-20250929","content":[],"usage":{"input_tokens":25,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":1}}}"#;
+        match read_event(start) {
+            Some(Seen::Started { model, usage }) => {
+                assert_eq!(model.as_deref(), Some("claude-sonnet-4-5-20250929"));
+                let u = usage.and_then(|u| u.to_usage());
+                assert_eq!(u.map(|u| u.prompt_tokens), Some(25));
+            }
+            _ => panic!("message_start not read"),
+        }
+        let delta =
+            br#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}"#;
+        assert!(matches!(read_event(delta), Some(Seen::Text(t)) if t == "Hi"));
+        let json_delta = br#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"a\""}}"#;
+        assert!(matches!(read_event(json_delta), Some(Seen::Text(t)) if t == "{\"a\""));
+        let md = br#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":15}}"#;
+        assert!(matches!(read_event(md), Some(Seen::Delta(_))));
+        assert!(matches!(
+            read_event(br#"{"type":"message_stop"}"#),
+            Some(Seen::Stop)
+        ));
+        assert!(matches!(
+            read_event(br#"{"type": "ping"}"#),
+            Some(Seen::Other)
+        ));
+        assert!(read_event(b"{not json").is_none());
+    }
+
+    #[test]
+    fn prompts_count_texts_but_not_base64() {
+        let enc = Encoding::O200kBase;
+        let plain = json!({"system": "Be brief.", "messages": [{"role": "user", "content": "Hello there"}]});
+        let with_image = json!({"system": "Be brief.", "messages": [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo".repeat(1000)}},
+            {"type": "text", "text": "Hello there"}]}]});
+        let n = prompt_tokens(enc, &plain);
+        assert_eq!(
+            n,
+            enc.count("Be brief.") + enc.count("user") + enc.count("Hello there")
+        );
+        assert_eq!(prompt_tokens(enc, &with_image), n);
+    }
+
+    #[test]
+    fn error_types_follow_the_status() {
+        assert_eq!(error_type(401), "authentication_error");
+        assert_eq!(error_type(429), "rate_limit_error");
+        assert_eq!(error_type(502), "api_error");
+    }
+}
