@@ -18,7 +18,51 @@ pub struct Config {
     pub auth: AuthConfig,
     pub catalog: CatalogConfig,
     pub budget: BudgetConfig,
+    pub routing: RoutingConfig,
     pub upstreams: Vec<UpstreamConfig>,
+}
+
+/// Fallbacks (SPEC 10): which failures send a request on to the next
+/// upstream whose `models` match, and how many upstreams one request may try.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    pub fallback_on: Vec<FallbackOn>,
+    pub max_attempts: u16,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            fallback_on: [429, 500, 502, 503, 504]
+                .map(FallbackOn::Status)
+                .into_iter()
+                .chain(["connect", "timeout"].map(|e| FallbackOn::Error(e.into())))
+                .collect(),
+            max_attempts: 3,
+        }
+    }
+}
+
+/// An HTTP status, or `"connect"` (the upstream refused or could not be
+/// reached) or `"timeout"` (no response headers within `timeout_ms`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum FallbackOn {
+    Status(u16),
+    Error(String),
+}
+
+impl RoutingConfig {
+    pub fn retries_status(&self, status: u16) -> bool {
+        self.fallback_on.contains(&FallbackOn::Status(status))
+    }
+
+    pub fn retries_error(&self, error: &str) -> bool {
+        self.fallback_on
+            .iter()
+            .any(|f| matches!(f, FallbackOn::Error(e) if e == error))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -385,6 +429,24 @@ impl Config {
             return Err(bad(
                 "catalog.finetune_multiple",
                 format!("{m} is not a positive number"),
+            ));
+        }
+        for (i, f) in self.routing.fallback_on.iter().enumerate() {
+            let ok = match f {
+                FallbackOn::Status(s) => (400..=599).contains(s),
+                FallbackOn::Error(e) => matches!(e.as_str(), "connect" | "timeout"),
+            };
+            if !ok {
+                return Err(bad(
+                    &format!("routing.fallback_on[{i}]"),
+                    format!("{f:?} is neither an HTTP error status (400-599) nor \"connect\" or \"timeout\""),
+                ));
+            }
+        }
+        if self.routing.max_attempts == 0 {
+            return Err(bad(
+                "routing.max_attempts",
+                "must be at least 1 (1: no fallback)".into(),
             ));
         }
         let mut names = std::collections::HashSet::new();

@@ -361,6 +361,9 @@ pub struct Metrics {
     pub budget_remaining: GaugeVec,
     pub budget_rejections: IntCounterVec,
     pub records_dropped: IntCounter,
+    /// Every try of an upstream (SPEC 10 fallbacks). Upstreams keep their
+    /// own `ok` handle (`proxy::upstream::Upstream::attempts_ok`).
+    pub upstream_attempts: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -521,6 +524,14 @@ impl Metrics {
         registry.register(Box::new(estimated_usage.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(records_dropped.clone()))?;
+        let upstream_attempts = IntCounterVec::new(
+            Opts::new(
+                "tollgate_upstream_attempts_total",
+                "Tries of an upstream: outcome=ok (it answered), or the status or error (connect, timeout, unreachable) that failed it, retried or not.",
+            ),
+            &["upstream", "outcome"],
+        )?;
+        registry.register(Box::new(upstream_attempts.clone()))?;
         Ok(Metrics {
             registry,
             model_labels: LabelSet::new(MAX_MODEL_LABELS),
@@ -548,6 +559,7 @@ impl Metrics {
             budget_remaining,
             budget_rejections,
             records_dropped,
+            upstream_attempts,
         })
     }
 

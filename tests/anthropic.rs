@@ -13,16 +13,7 @@ use support::{client, MockUpstream, Tollgate, UsageRow};
 
 /// The README's snippet, the mock standing in for api.anthropic.com.
 fn anthropic_config(mock: &MockUpstream, dir: &std::path::Path) -> String {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let section = &readme[readme
-        .find("## Claude through tollgate")
-        .unwrap_or_else(|| panic!("no Claude section"))..];
-    let start = section
-        .find("```toml\n")
-        .unwrap_or_else(|| panic!("no toml block"))
-        + 8;
-    let snippet = &section[start..start + section[start..].find("```").unwrap_or(0)];
+    let snippet = support::readme_toml("Claude through tollgate");
     assert!(snippet.contains("kind = \"anthropic\""), "{snippet}");
     let snippet = snippet
         .replace(
@@ -30,10 +21,7 @@ fn anthropic_config(mock: &MockUpstream, dir: &std::path::Path) -> String {
             &format!("http://{}", mock.addr),
         )
         .replace("${ANTHROPIC_API_KEY}", "sk-ant-upstream-secret");
-    format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n\n[database]\nurl = \"sqlite://{db}\"\nflush_interval_ms = 20\n\n[auth]\nmode = \"virtual-keys\"\n\n{snippet}",
-        db = dir.join("tollgate.db").display(),
-    )
+    support::config_around(dir, &snippet)
 }
 
 struct Claude {

@@ -11,16 +11,7 @@ use support::{client, MockUpstream, Tollgate, UsageRow};
 /// The README's "Azure OpenAI" snippet as written, with the mock standing
 /// in for the resource and the key's environment variable filled in.
 fn azure_config(mock: &MockUpstream, dir: &std::path::Path) -> String {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let section = &readme[readme
-        .find("## Azure OpenAI")
-        .unwrap_or_else(|| panic!("no Azure section"))..];
-    let start = section
-        .find("```toml\n")
-        .unwrap_or_else(|| panic!("no toml block"))
-        + 8;
-    let snippet = &section[start..start + section[start..].find("```").unwrap_or(0)];
+    let snippet = support::readme_toml("Azure OpenAI");
     assert!(snippet.contains("kind = \"azure\""), "{snippet}");
     let snippet = snippet
         .replace(
@@ -28,10 +19,7 @@ fn azure_config(mock: &MockUpstream, dir: &std::path::Path) -> String {
             &format!("http://{}", mock.addr),
         )
         .replace("${AZURE_OPENAI_API_KEY}", "az-upstream-secret");
-    format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n\n[database]\nurl = \"sqlite://{db}\"\nflush_interval_ms = 20\n\n[auth]\nmode = \"virtual-keys\"\n\n{snippet}",
-        db = dir.join("tollgate.db").display(),
-    )
+    support::config_around(dir, &snippet)
 }
 
 async fn start_azure(mock: &MockUpstream) -> (Tollgate, String) {
@@ -291,4 +279,263 @@ async fn the_official_azure_openai_client_works_with_tollgate_as_its_endpoint() 
         ("chat.completions".into(), 210_000, "azure".into())
     );
     assert_eq!(costs[2].0, "embeddings");
+}
+
+/// The README's "Fallbacks" snippet: `openai` on `primary`, the backup on
+/// `backup` (a mock, or a closed port standing for a refused connection).
+async fn start_fallbacks(primary: &str, backup: &MockUpstream) -> (Tollgate, String) {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let snippet = support::readme_toml("Fallbacks");
+    assert!(snippet.contains("[routing]"), "{snippet}");
+    let snippet = snippet
+        .replace("https://api.openai.com/v1", primary)
+        .replace("https://backup.example.com/v1", &backup.base_url())
+        .replace("${OPENAI_API_KEY}", "sk-primary")
+        .replace("${BACKUP_API_KEY}", "sk-backup");
+    let config = support::config_around(dir.path(), &snippet);
+    let tg = Tollgate::start_with_config(dir, &config).await;
+    support::stdout(&tg.cli(&[
+        "teams",
+        "create",
+        "app",
+        "--budget-usd",
+        "10",
+        "--period",
+        "monthly",
+    ]));
+    let key = tg.new_key("app");
+    support::wait_for_key(&tg, &key).await;
+    (tg, key)
+}
+
+/// gpt-4o-mini, 1,000 in / 100 out: $0.15 / $0.60 per M.
+const MINI: [(&str, &str); 2] = [
+    ("x-mock-prompt-tokens", "1000"),
+    ("x-mock-completion-tokens", "100"),
+];
+const MINI_COST: i64 = 210_000;
+
+async fn ask(tg: &Tollgate, key: &str, stream: bool, extra: &[(&str, &str)]) -> reqwest::Response {
+    let mut body = support::chat_body("gpt-4o-mini");
+    body["stream"] = json!(stream);
+    let headers: Vec<(&str, &str)> = MINI.iter().chain(extra).copied().collect();
+    support::post_chat(tg, key, &body, &headers).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_upstream_falls_back_to_the_next_before_the_first_byte() {
+    let primary = MockUpstream::start().await;
+    let backup = MockUpstream::start().await;
+    let (tg, key) = start_fallbacks(&primary.base_url(), &backup).await;
+    let mut expected = Vec::new();
+
+    // 429 and 503 from the primary: the client sees the backup's answer,
+    // streamed or not, and is billed once.
+    for (status, stream) in [(429, false), (503, false), (503, true)] {
+        primary.force_status(status);
+        let (p0, b0) = (primary.request_count(), backup.request_count());
+        let r = ask(&tg, &key, stream, &[]).await;
+        assert_eq!(r.status(), 200, "after a {status}");
+        let id = request_id(&r);
+        let text = r.text().await.unwrap_or_default();
+        assert!(text.contains("Hello"), "{text}");
+        assert_eq!(primary.request_count(), p0 + 1);
+        assert_eq!(backup.request_count(), b0 + 1);
+        assert_eq!(
+            backup.last().header("authorization").as_deref(),
+            Some("Bearer sk-backup")
+        );
+        expected.push((id, "openai-backup", 2, 200, MINI_COST));
+    }
+
+    // Not a listed status (400): passed through from the primary, no retry.
+    primary.force_status(400);
+    let b0 = backup.request_count();
+    let r = ask(&tg, &key, false, &[]).await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(backup.request_count(), b0);
+    expected.push((request_id(&r), "openai", 1, 400, 0));
+
+    // Both down: the last answer reaches the client.
+    primary.force_status(503);
+    backup.force_status(503);
+    let r = ask(&tg, &key, false, &[]).await;
+    assert_eq!(r.status(), 503);
+    expected.push((request_id(&r), "openai-backup", 2, 503, 0));
+    backup.force_status(0);
+
+    // A stream that breaks mid-way is never retried: the client already
+    // has part of it.
+    primary.force_status(0);
+    let b0 = backup.request_count();
+    let r = ask(
+        &tg,
+        &key,
+        true,
+        &[
+            ("x-mock-content", "one two three"),
+            ("x-mock-cut-after", "2"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let id = request_id(&r);
+    assert!(r.bytes().await.is_err(), "the break reaches the client");
+    assert_eq!(backup.request_count(), b0);
+    expected.push((id, "openai", 1, 502, -1));
+
+    for (id, upstream, attempts, status, cost) in &expected {
+        let row = tg
+            .wait_rows_where(1, |r| &r.request_id == id)
+            .await
+            .remove(0);
+        assert_eq!(
+            (row.upstream.as_str(), row.attempts, row.status),
+            (*upstream, *attempts, *status),
+            "{row:?}"
+        );
+        if *cost >= 0 {
+            assert_eq!(row.cost_nano_usd, *cost, "{row:?}");
+        }
+    }
+    // Reserved once, settled once: the ledger holds exactly what the rows
+    // cost and no reservation is left behind.
+    let rows = tg
+        .wait_rows_where(expected.len(), |r| r.endpoint == "chat.completions")
+        .await;
+    let total: i64 = rows.iter().map(|r| r.cost_nano_usd).sum();
+    let m = tg.metrics().await;
+    let gauge = |name: &str| support::metric(&m, name, &[("team", "app")]).unwrap_or(-1.0);
+    assert!((gauge("tollgate_budget_spent_usd") * 1e9 - total as f64).abs() < 1.0);
+    assert!((gauge("tollgate_budget_remaining_usd") * 1e9 - (10e9 - total as f64)).abs() < 1.0);
+
+    let metrics = tg.metrics().await;
+    let tries = |upstream: &str, outcome: &str| {
+        support::metric(
+            &metrics,
+            "tollgate_upstream_attempts_total",
+            &[("upstream", upstream), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(tries("openai", "429"), Some(1.0));
+    assert_eq!(tries("openai", "503"), Some(3.0));
+    assert_eq!(tries("openai", "400"), Some(1.0));
+    assert_eq!(tries("openai-backup", "503"), Some(1.0));
+    assert_eq!(tries("openai-backup", "ok"), Some(3.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connection_falls_back_and_a_pinned_request_does_not() {
+    // A port nothing listens on: the connection is refused.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let backup = MockUpstream::start().await;
+    let (tg, key) = start_fallbacks(&format!("http://{closed}/v1"), &backup).await;
+    let r = ask(&tg, &key, false, &[]).await;
+    assert_eq!(r.status(), 200);
+    let id = request_id(&r);
+    let row = tg
+        .wait_rows_where(1, |r| r.request_id == id)
+        .await
+        .remove(0);
+    assert_eq!(
+        (row.upstream.as_str(), row.attempts, row.cost_nano_usd),
+        ("openai-backup", 2, MINI_COST)
+    );
+    let metrics = tg.metrics().await;
+    assert_eq!(
+        support::metric(
+            &metrics,
+            "tollgate_upstream_attempts_total",
+            &[("upstream", "openai"), ("outcome", "connect")]
+        ),
+        Some(1.0)
+    );
+    // `x-tollgate-upstream` pins the request: the refusal is the answer.
+    let r = ask(&tg, &key, false, &[("x-tollgate-upstream", "openai")]).await;
+    assert_eq!(r.status(), 502);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_compatible_providers_are_priced_from_their_own_rows() {
+    let mock = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let snippet = support::readme_toml("Other providers")
+        .replace("https://api.deepseek.com/v1", &mock.base_url())
+        .replace(
+            "https://generativelanguage.googleapis.com/v1beta/openai",
+            &mock.base_url(),
+        )
+        .replace("${DEEPSEEK_API_KEY}", "sk-deepseek")
+        .replace("${GEMINI_API_KEY}", "gemini-key");
+    let config = support::config_around(dir.path(), &snippet);
+    let tg = Tollgate::start_with_config(dir, &config).await;
+    support::stdout(&tg.cli(&[
+        "teams",
+        "create",
+        "app",
+        "--budget-usd",
+        "10",
+        "--period",
+        "monthly",
+    ]));
+    let key = tg.new_key("app");
+    support::wait_for_key(&tg, &key).await;
+    // model, extra mock headers, cost, provider
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], i64, &'a str);
+    let cases: [Case; 2] = [
+        // deepseek-chat: $0.28 in, $0.028 cache hits, $0.42 out per M:
+        // 1,000 x 0.28 + 9,000 x 0.028 + 100 x 0.42 = 280,000 + 252,000 + 42,000.
+        (
+            "deepseek-chat",
+            &[(
+                "x-mock-usage-raw",
+                r#"{"prompt_tokens":10000,"completion_tokens":100,"total_tokens":10100,"prompt_cache_hit_tokens":9000,"prompt_cache_miss_tokens":1000}"#,
+            )],
+            574_000,
+            "deepseek",
+        ),
+        // gemini-2.5-flash: $0.30 in, $2.50 out per M: 300,000 + 250,000.
+        (
+            "gemini-2.5-flash",
+            &[
+                ("x-mock-prompt-tokens", "1000"),
+                ("x-mock-completion-tokens", "100"),
+            ],
+            550_000,
+            "google",
+        ),
+    ];
+    for (model, headers, cost, provider) in cases {
+        for stream in [false, true] {
+            let mut body = support::chat_body(model);
+            body["stream"] = json!(stream);
+            let r = support::post_chat(&tg, &key, &body, headers).await;
+            assert_eq!(r.status(), 200, "{model}");
+            let id = request_id(&r);
+            let _ = r.bytes().await;
+            let row = tg
+                .wait_rows_where(1, |r| r.request_id == id)
+                .await
+                .remove(0);
+            assert_eq!(
+                (row.cost_nano_usd, row.provider.as_str(), row.model.as_str()),
+                (cost, provider, model),
+                "{row:?}"
+            );
+        }
+    }
+    let deepseek_calls = mock
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/v1/chat/completions")
+        .filter(|r| r.header("authorization").as_deref() == Some("Bearer sk-deepseek"))
+        .count();
+    assert_eq!(deepseek_calls, 2, "each provider's own key goes up");
+    let report = support::stdout(&tg.cli(&["report", "--by", "provider", "--format", "json"]));
+    assert!(
+        report.contains("\"deepseek\"") && report.contains("\"google\""),
+        "{report}"
+    );
 }

@@ -362,17 +362,39 @@ async fn send(
     upstream: &Upstream,
     request: http::Request<Body>,
 ) -> Result<http::Response<hyper::body::Incoming>, ApiError> {
-    let timed_out = || ApiError::UpstreamTimeout {
-        upstream: upstream.name.clone(),
-        timeout_ms: upstream.timeout.as_millis() as u64,
+    send_attempt(upstream, request).await.map_err(|(e, _)| e)
+}
+
+/// One try of an upstream. A failure says what kind it was, as
+/// `routing.fallback_on` names them: `connect` (no connection was made, so
+/// nothing was sent), `timeout` (no response headers in time), or
+/// `unreachable` (the connection broke after the request went out).
+async fn send_attempt(
+    upstream: &Upstream,
+    request: http::Request<Body>,
+) -> Result<http::Response<hyper::body::Incoming>, (ApiError, &'static str)> {
+    let timed_out = || {
+        let e = ApiError::UpstreamTimeout {
+            upstream: upstream.name.clone(),
+            timeout_ms: upstream.timeout.as_millis() as u64,
+        };
+        (e, "timeout")
     };
     match tokio::time::timeout(upstream.timeout, upstream.client.request(request)).await {
         Err(_) => Err(timed_out()),
         Ok(Err(e)) if is_timeout(&e) => Err(timed_out()),
-        Ok(Err(e)) => Err(ApiError::UpstreamUnreachable {
-            upstream: upstream.name.clone(),
-            reason: error_chain(&e),
-        }),
+        Ok(Err(e)) => {
+            let kind = if e.is_connect() {
+                "connect"
+            } else {
+                "unreachable"
+            };
+            let e = ApiError::UpstreamUnreachable {
+                upstream: upstream.name.clone(),
+                reason: error_chain(&e),
+            };
+            Err((e, kind))
+        }
         Ok(Ok(response)) => Ok(response),
     }
 }
@@ -524,30 +546,74 @@ async fn metered_request(
     let (body, max_output) = request::apply_output_cap(body, &meta, ctx.endpoint, cap)?;
     reserve(state, ctx, &body, &meta, max_output).await?;
 
-    // Ask for stream usage on the client's behalf, and hide it again later.
-    let inject = ctx.stream
-        && ctx.endpoint.accepts_stream_options()
-        && upstream.inject_stream_usage
-        && !meta.client_wants_stream_usage();
-    let upstream_body = if inject {
-        request::with_stream_usage(&body, &meta)?
-    } else {
-        body.clone()
-    };
-
-    let mut request = http::Request::new(Body::from(upstream_body));
-    *request.method_mut() = Method::POST;
+    // Fallbacks: the other upstreams serving the model, in order, unless
+    // the client named one. The client's headers are kept for a retry
+    // only when there is somewhere to retry.
+    let routing = &state.config.routing;
     let route = routed_as.as_deref().unwrap_or(&ctx.model);
-    *request.uri_mut() = upstream_uri(upstream, &parts.uri, route)?;
-    *request.headers_mut() = upstream_headers(
-        std::mem::take(&mut parts.headers),
-        upstream,
-        state.auth.mode(),
-    );
+    let pinned = parts.headers.contains_key(UPSTREAM_HEADER);
+    let fallback = |from: &Upstream, attempts: u16| {
+        if pinned || attempts >= routing.max_attempts {
+            return None;
+        }
+        state.upstreams.next_matching(route, ctx.anthropic, from)
+    };
+    let may_retry = fallback(upstream, 1).is_some();
+    let mut upstream = upstream;
+    let mut attempts = 1u16;
+    let (result, inject, sent_at) = loop {
+        // Ask for stream usage on the client's behalf, and hide it again later.
+        let inject = ctx.stream
+            && ctx.endpoint.accepts_stream_options()
+            && upstream.inject_stream_usage
+            && !meta.client_wants_stream_usage();
+        let upstream_body = if inject {
+            request::with_stream_usage(&body, &meta)?
+        } else {
+            body.clone()
+        };
+        let mut request = http::Request::new(Body::from(upstream_body));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = upstream_uri(upstream, &parts.uri, route)?;
+        let client_headers = if may_retry {
+            parts.headers.clone()
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
+        *request.headers_mut() = upstream_headers(client_headers, upstream, state.auth.mode());
 
-    let sent_at = Instant::now();
+        let sent_at = Instant::now();
+        let result = send_attempt(upstream, request).await;
+        let status = result.as_ref().ok().map(|r| r.status());
+        let (outcome, retriable) = match (&result, &status) {
+            (_, Some(s)) if s.is_success() => {
+                upstream.attempts_ok.inc();
+                break (result, inject, sent_at);
+            }
+            (_, Some(s)) => (s.as_str(), routing.retries_status(s.as_u16())),
+            (Err((_, kind)), None) => (*kind, routing.retries_error(kind)),
+            (Ok(_), None) => ("ok", false),
+        };
+        state
+            .metrics
+            .upstream_attempts
+            .with_label_values(&[&upstream.name, outcome])
+            .inc();
+        match fallback(upstream, attempts).filter(|_| retriable) {
+            // Nothing of this answer reached the client: the next one may.
+            Some(next) => {
+                tracing::warn!(upstream = %upstream.name, outcome, next = %next.name, "upstream failed; falling back");
+                upstream = next;
+                attempts = attempts.saturating_add(1);
+            }
+            _ => break (result, inject, sent_at),
+        }
+    };
+    ctx.upstream.clone_from(&upstream.name);
+    ctx.provider = upstream.provider.name();
+    ctx.attempts = attempts;
+    let mut response = result.map_err(|(e, _)| e)?;
     let pre_send = sent_at - ctx.started;
-    let mut response = send(upstream, request).await?;
     let status = response.status();
     let headers = client_headers(std::mem::take(response.headers_mut()));
 

@@ -39,6 +39,8 @@ pub struct RequestCtx {
     pub stream: bool,
     /// The client speaks Anthropic's format (routing, error shape).
     pub anthropic: bool,
+    /// Upstreams tried, the one that answered included (fallbacks).
+    pub attempts: u16,
     pub end_user: Option<String>,
     /// The shared budget period the reservation was leased from (Postgres).
     pub budget_period: Option<String>,
@@ -67,6 +69,7 @@ impl RequestCtx {
             provider: "openai",
             stream: false,
             anthropic: false,
+            attempts: 1,
             end_user: None,
             budget_period: None,
             durable_ack: None,
@@ -242,6 +245,7 @@ pub fn settle(
             image_tokens: usage.image_prompt_tokens + usage.image_completion_tokens,
             tool_calls: usage.tool_calls.total(),
             provider,
+            attempts: ctx.attempts,
             cost_breakdown: priced.breakdown,
             budget_period: ctx.budget_period.take(),
             lease_node: None,

@@ -71,10 +71,16 @@ pub struct Upstream {
     pub timeout: Duration,
     pub idle_timeout: Duration,
     pub client: UpstreamClient,
+    /// `tollgate_upstream_attempts_total{upstream, outcome="ok"}`, held so
+    /// the common outcome costs no label lookup.
+    pub attempts_ok: prometheus::IntCounter,
 }
 
 impl Upstream {
-    fn build(config: &UpstreamConfig) -> Result<Upstream, String> {
+    fn build(
+        config: &UpstreamConfig,
+        attempts: &prometheus::IntCounterVec,
+    ) -> Result<Upstream, String> {
         let mut base = config.base_url.trim_end_matches('/');
         if config.kind == crate::config::ProviderKind::Anthropic {
             // Anthropic paths carry their `/v1`; a base URL given with it
@@ -114,6 +120,7 @@ impl Upstream {
             timeout: Duration::from_millis(config.timeout_ms),
             idle_timeout: Duration::from_millis(config.idle_timeout_ms),
             client,
+            attempts_ok: attempts.with_label_values(&[config.name.as_str(), "ok"]),
         })
     }
 
@@ -136,10 +143,13 @@ impl Upstream {
 pub struct Upstreams(Vec<Upstream>);
 
 impl Upstreams {
-    pub fn build(configs: &[UpstreamConfig]) -> Result<Upstreams, String> {
+    pub fn build(
+        configs: &[UpstreamConfig],
+        attempts: &prometheus::IntCounterVec,
+    ) -> Result<Upstreams, String> {
         configs
             .iter()
-            .map(Upstream::build)
+            .map(|c| Upstream::build(c, attempts))
             .collect::<Result<_, _>>()
             .map(Upstreams)
     }
@@ -148,6 +158,19 @@ impl Upstreams {
     /// "anthropic"` ones only for a request in Anthropic's format.
     pub fn for_model(&self, model: &str, anthropic: bool) -> Option<&Upstream> {
         self.0
+            .iter()
+            .find(|u| (!anthropic || u.is_anthropic()) && u.models.iter().any(|g| g.matches(model)))
+    }
+
+    /// The next upstream after `after` serving the model (a fallback).
+    pub fn next_matching(
+        &self,
+        model: &str,
+        anthropic: bool,
+        after: &Upstream,
+    ) -> Option<&Upstream> {
+        let start = self.0.iter().position(|u| std::ptr::eq(u, after))? + 1;
+        self.0[start..]
             .iter()
             .find(|u| (!anthropic || u.is_anthropic()) && u.models.iter().any(|g| g.matches(model)))
     }
@@ -174,7 +197,12 @@ mod tests {
     fn upstream(base: &str) -> Upstream {
         let mut config = UpstreamConfig::openai_default();
         config.base_url = base.to_string();
-        Upstream::build(&config).unwrap_or_else(|e| panic!("{e}"))
+        let attempts = prometheus::IntCounterVec::new(
+            prometheus::Opts::new("attempts", "test"),
+            &["upstream", "outcome"],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        Upstream::build(&config, &attempts).unwrap_or_else(|e| panic!("{e}"))
     }
 
     #[test]

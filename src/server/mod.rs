@@ -145,7 +145,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let catalog = Arc::new(catalog.map_err(|_| anyhow::anyhow!("catalog loader panicked"))??);
     let metrics = Arc::new(Metrics::new()?);
     metrics.publish_catalog(&catalog);
-    let upstreams = Upstreams::build(&config.effective_upstreams()).map_err(anyhow::Error::msg)?;
+    let upstreams = Upstreams::build(&config.effective_upstreams(), &metrics.upstream_attempts)
+        .map_err(anyhow::Error::msg)?;
     let store = Store::open(&config.database.url).await?;
     let ledger = match store.shared() {
         Some(_) => Ledger::new_shared(),

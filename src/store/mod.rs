@@ -48,6 +48,8 @@ pub struct UsageRecord {
     /// Built-in tool calls billed per call.
     pub tool_calls: u64,
     pub provider: &'static str,
+    /// Upstreams tried (1 without a fallback).
+    pub attempts: u16,
     /// Nano-USD per component (the `cost_breakdown` JSON column).
     pub cost_breakdown: crate::pricing::Breakdown,
     /// The shared budget period (`budget::period_key`) whose lease paid for
@@ -60,7 +62,7 @@ pub struct UsageRecord {
 
 /// The `usage` columns tollgate writes, in the order both stores bind
 /// them: a new column is one line here and one in `UsageRecord::values`.
-pub(crate) const USAGE_COLUMNS: [(&str, ColumnType); 26] = [
+pub(crate) const USAGE_COLUMNS: [(&str, ColumnType); 27] = [
     ("created_at", ColumnType::Time),
     ("request_id", ColumnType::Text),
     ("team", ColumnType::Text),
@@ -87,12 +89,13 @@ pub(crate) const USAGE_COLUMNS: [(&str, ColumnType); 26] = [
     ("tool_calls", ColumnType::Int),
     ("provider", ColumnType::Text),
     ("cost_breakdown", ColumnType::Json),
+    ("attempts", ColumnType::Int4),
 ];
 
-/// Columns of `USAGE_COLUMNS` whose database default (0 or NULL) most rows
+/// Columns of `USAGE_COLUMNS` whose database default (0, NULL, 1 attempt) most rows
 /// share: a row with none of these set is written without them (fewer
 /// values to bind and store per row on SQLite's hot path).
-pub(crate) const DETAIL_COLUMNS: [&str; 7] = [
+pub(crate) const DETAIL_COLUMNS: [&str; 8] = [
     "service_tier",
     "reasoning_tokens",
     "audio_prompt_tokens",
@@ -100,6 +103,7 @@ pub(crate) const DETAIL_COLUMNS: [&str; 7] = [
     "cache_write_tokens",
     "image_tokens",
     "tool_calls",
+    "attempts",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,6 +138,7 @@ impl UsageRecord {
             || self.cache_write_tokens > 0
             || self.image_tokens > 0
             || self.tool_calls > 0
+            || self.attempts != 1
     }
 
     /// The row's values in `USAGE_COLUMNS` order.
@@ -165,6 +170,7 @@ impl UsageRecord {
             Value::Int(to_i64(self.tool_calls)),
             Value::Text(self.provider),
             Value::Json(self.cost_breakdown.to_json()),
+            Value::Int4(i32::from(self.attempts)),
         ]
     }
 }

@@ -61,8 +61,14 @@ struct SpoolRow {
     /// Nano-USD per breakdown line, in `Line::ALL` order.
     #[serde(default)]
     cost_breakdown: Vec<u64>,
+    #[serde(default = "one")]
+    attempts: u16,
     budget_period: Option<String>,
     lease_node: Option<String>,
+}
+
+fn one() -> u16 {
+    1
 }
 
 impl SpoolRow {
@@ -94,6 +100,7 @@ impl SpoolRow {
             tool_calls: r.tool_calls,
             provider: r.provider.to_string(),
             cost_breakdown: r.cost_breakdown.0.to_vec(),
+            attempts: r.attempts,
             budget_period: r.budget_period.clone(),
             lease_node: r
                 .lease_node
@@ -149,6 +156,7 @@ impl SpoolRow {
                 }
                 b
             },
+            attempts: self.attempts,
             budget_period: self.budget_period,
             lease_node: self.lease_node,
         }
@@ -514,6 +522,7 @@ mod tests {
             image_tokens: 0,
             tool_calls: 2,
             provider: "openai",
+            attempts: 1,
             cost_breakdown: crate::pricing::Breakdown([1, 0, 0, 2, 0, 0, 0, 0, 0]),
             budget_period: Some("total".into()),
             lease_node: None,
@@ -596,7 +605,7 @@ mod tests {
     #[test]
     fn the_spool_is_capped() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let mut spool = Spool::open(dir.path(), 600, None).unwrap_or_else(|e| panic!("{e}"));
+        let mut spool = Spool::open(dir.path(), 700, None).unwrap_or_else(|e| panic!("{e}"));
         let a = row("a");
         assert!(spool.spill(&[&a]).is_ok());
         assert!(matches!(

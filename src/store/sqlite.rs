@@ -458,6 +458,7 @@ mod tests {
             image_tokens: 0,
             tool_calls: 0,
             provider: "openai",
+            attempts: 1,
             cost_breakdown: crate::pricing::Breakdown::default(),
             budget_period: None,
             lease_node: None,

@@ -64,6 +64,8 @@ impl Recorded {
 pub struct MockState {
     pub requests: Mutex<Vec<Recorded>>,
     gate: tokio::sync::Semaphore,
+    /// Answer every request with this status (0: behave normally).
+    forced_status: std::sync::atomic::AtomicU16,
 }
 
 impl Default for MockState {
@@ -71,6 +73,7 @@ impl Default for MockState {
         MockState {
             requests: Mutex::new(Vec::new()),
             gate: tokio::sync::Semaphore::new(0),
+            forced_status: std::sync::atomic::AtomicU16::new(0),
         }
     }
 }
@@ -134,6 +137,14 @@ impl MockUpstream {
         self.requests()
             .pop()
             .unwrap_or_else(|| panic!("the mock received no request"))
+    }
+
+    /// Answers every request with `status` from now on (0: normally), as
+    /// an upstream that is down or rate-limited for everyone.
+    pub fn force_status(&self, status: u16) {
+        self.state
+            .forced_status
+            .store(status, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Lets every gated stream go on past its first chunk.
@@ -264,7 +275,14 @@ async fn record(state: &MockState, req: Request) -> (Recorded, Behaviour) {
     if let Ok(mut r) = state.requests.lock() {
         r.push(rec.clone());
     }
-    let behaviour = Behaviour::from(&parts.headers);
+    let mut behaviour = Behaviour::from(&parts.headers);
+    match state
+        .forced_status
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        0 => {}
+        forced => behaviour.status = Some(forced),
+    }
     tokio::time::sleep(behaviour.delay).await;
     (rec, behaviour)
 }

@@ -291,6 +291,7 @@ pub struct UsageRow {
     pub tool_calls: i64,
     pub provider: String,
     pub cost_breakdown: String,
+    pub attempts: i64,
 }
 
 async fn fetch_rows(pool: &sqlx::SqlitePool) -> Vec<UsageRow> {
@@ -329,6 +330,7 @@ async fn fetch_rows(pool: &sqlx::SqlitePool) -> Vec<UsageRow> {
             tool_calls: r.try_get("tool_calls").unwrap_or(0),
             provider: r.try_get("provider").unwrap_or_default(),
             cost_breakdown: r.try_get("cost_breakdown").unwrap_or_default(),
+            attempts: r.try_get("attempts").unwrap_or(1),
         })
         .collect()
 }
@@ -637,4 +639,28 @@ pub fn sdk_python() -> Option<PathBuf> {
         );
     }
     python
+}
+
+/// The first ```toml block of the README section headed `## {heading}`,
+/// as written: the tests run the snippets users copy.
+pub fn readme_toml(heading: &str) -> String {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let at = readme
+        .find(&format!("## {heading}\n"))
+        .unwrap_or_else(|| panic!("no README section {heading:?}"));
+    let section = &readme[at..];
+    let start = section
+        .find("```toml\n")
+        .unwrap_or_else(|| panic!("no toml block in {heading:?}"))
+        + 8;
+    section[start..start + section[start..].find("```").unwrap_or(0)].to_string()
+}
+
+/// A config around `upstreams` (TOML): SQLite in `dir`, virtual keys.
+pub fn config_around(dir: &std::path::Path, upstreams: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[database]\nurl = \"sqlite://{db}\"\nflush_interval_ms = 20\n\n[auth]\nmode = \"virtual-keys\"\n\n{upstreams}",
+        db = dir.join("tollgate.db").display(),
+    )
 }
