@@ -469,6 +469,12 @@ async fn openai_compatible_providers_are_priced_from_their_own_rows() {
         )
         .replace("${DEEPSEEK_API_KEY}", "sk-deepseek")
         .replace("${GEMINI_API_KEY}", "gemini-key");
+    // Mistral, Groq, xAI, Together and Fireworks through one more
+    // OpenAI-compatible upstream (the mock).
+    let snippet = format!(
+        "{snippet}\n[[upstreams]]\nname = \"compatible\"\nbase_url = \"{}\"\napi_key = \"sk-other\"\nmodels = [\"*\"]\n",
+        mock.base_url()
+    );
     let config = support::config_around(dir.path(), &snippet);
     let tg = Tollgate::start_with_config(dir, &config).await;
     support::stdout(&tg.cli(&[
@@ -482,9 +488,13 @@ async fn openai_compatible_providers_are_priced_from_their_own_rows() {
     ]));
     let key = tg.new_key("app");
     support::wait_for_key(&tg, &key).await;
+    const TOKENS: &[(&str, &str)] = &[
+        ("x-mock-prompt-tokens", "1000"),
+        ("x-mock-completion-tokens", "100"),
+    ];
     // model, extra mock headers, cost, provider
     type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], i64, &'a str);
-    let cases: [Case; 2] = [
+    let cases: [Case; 7] = [
         // deepseek-chat: $0.28 in, $0.028 cache hits, $0.42 out per M:
         // 1,000 x 0.28 + 9,000 x 0.028 + 100 x 0.42 = 280,000 + 252,000 + 42,000.
         (
@@ -505,6 +515,27 @@ async fn openai_compatible_providers_are_priced_from_their_own_rows() {
             ],
             550_000,
             "google",
+        ),
+        // 1,000 in / 100 out at each catalog row's list price (USD per M):
+        // mistral-large-latest $0.50 / $1.50.
+        ("mistral-large-latest", TOKENS, 650_000, "mistral"),
+        // Groq's gpt-oss-120b $0.15 / $0.60.
+        ("openai/gpt-oss-120b", TOKENS, 210_000, "groq"),
+        // xAI's grok-code-fast-1 $1.00 / $2.00 (LiteLLM's map).
+        ("grok-code-fast-1", TOKENS, 1_200_000, "xai"),
+        // Together's Llama 3.3 70B Turbo $1.04 / $1.04.
+        (
+            "meta-llama/Llama-3.3-70B-Instruct-Turbo",
+            TOKENS,
+            1_144_000,
+            "together",
+        ),
+        // Fireworks' Llama 3.3 70B $0.90 / $0.90.
+        (
+            "accounts/fireworks/models/llama-v3p3-70b-instruct",
+            TOKENS,
+            990_000,
+            "fireworks",
         ),
     ];
     for (model, headers, cost, provider) in cases {
@@ -538,4 +569,68 @@ async fn openai_compatible_providers_are_priced_from_their_own_rows() {
         report.contains("\"deepseek\"") && report.contains("\"google\""),
         "{report}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_and_abandoned_azure_streams_bill_what_was_sent_and_seen() {
+    let mock = MockUpstream::start().await;
+    let (tg, key) = start_azure(&mock).await;
+    let url = tg.url("/openai/deployments/prod-mini/chat/completions?api-version=2024-10-21");
+    let body = json!({"messages": [{"role": "user", "content": "hi"}], "stream": true});
+    let content = ("x-mock-content", "one two three four");
+
+    let r = client()
+        .post(&url)
+        .header("api-key", &key)
+        .header(content.0, content.1)
+        .header("x-mock-cut-after", "2")
+        .json(&body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let cut = request_id(&r);
+    assert!(r.bytes().await.is_err());
+
+    let mut r = client()
+        .post(&url)
+        .header("api-key", &key)
+        .header(content.0, content.1)
+        .header("x-mock-gate", "1")
+        .json(&body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let gone = request_id(&r);
+    let first = tokio::time::timeout(std::time::Duration::from_secs(5), r.chunk()).await;
+    assert!(matches!(first, Ok(Ok(Some(_)))), "{first:?}");
+    drop(r);
+    mock.open_gate();
+
+    // Estimated (no usage came): the prompt from the request, the output
+    // from the words that reached the client, at gpt-4o-mini's $0.15 /
+    // $0.60 per M (150 and 600 nano-USD a token).
+    for (id, status, min_output) in [(cut, 502, 2), (gone, 499, 1)] {
+        let row = tg
+            .wait_rows_where(1, |r| r.request_id == id)
+            .await
+            .remove(0);
+        assert_eq!(
+            (row.status, row.token_source.as_str()),
+            (status, "estimated"),
+            "{row:?}"
+        );
+        assert_eq!(
+            (row.provider.as_str(), row.model.as_str()),
+            ("azure", "gpt-4o-mini")
+        );
+        assert!(
+            row.prompt_tokens > 0 && row.completion_tokens >= min_output,
+            "{row:?}"
+        );
+        assert_eq!(
+            row.cost_nano_usd,
+            row.prompt_tokens * 150 + row.completion_tokens * 600,
+            "{row:?}"
+        );
+    }
 }
