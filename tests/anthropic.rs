@@ -487,3 +487,42 @@ async fn the_official_anthropic_sdk_works_with_tollgate_as_its_base_url() {
     let costs: Vec<(bool, i64)> = rows.iter().map(|r| (r.stream, r.cost_nano_usd)).collect();
     assert_eq!(costs, vec![(false, 8_700_000), (true, 8_700_000)]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_passthrough_the_clients_own_anthropic_key_goes_up_and_never_the_servers() {
+    let mock = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let config = anthropic_config(&mock, dir.path())
+        .replace("mode = \"virtual-keys\"", "mode = \"passthrough\"");
+    let tg = Tollgate::start_with_config(dir, &config).await;
+    let r = messages(
+        tg.url("/v1/messages"),
+        "sk-ant-the-clients-own",
+        &body(false),
+        &[("x-tollgate-team", "research")],
+    )
+    .send()
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status(), 200);
+    let id = request_id(&r);
+    let up = mock.last();
+    assert_eq!(
+        up.header("x-api-key").as_deref(),
+        Some("sk-ant-the-clients-own")
+    );
+    let row = row(&tg, &id).await;
+    // 10 in / 5 out (the mock's default) on claude-sonnet-4-5: 30,000 + 75,000.
+    assert_eq!(
+        (row.team.as_str(), row.cost_nano_usd),
+        ("research", 105_000)
+    );
+    // A tollgate key is refused, not forwarded.
+    let r = messages(tg.url("/v1/messages"), "tg-not-here", &body(false), &[])
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status(), 401);
+    let e: Value = r.json().await.unwrap_or_default();
+    assert_eq!(e["error"]["type"], "authentication_error");
+}

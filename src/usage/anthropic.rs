@@ -1,7 +1,8 @@
 //! Anthropic's Messages wire format (`/v1/messages`): usage and the served
 //! model from its SSE events, the texts and prompt of its bodies for
-//! estimates, and the shape of its errors. OpenAI's formats live in `read`,
-//! `sse` and `estimate`; the SSE framing (`sse::SseMeter`) is shared.
+//! estimates, and the shape of its errors. OpenAI's formats live in
+//! `openai` (streams), `read` (bodies, whose usage spellings Anthropic's
+//! share) and `estimate`; the SSE framing (`sse::SseMeter`) is shared.
 //!
 //! A stream reports usage twice: `message_start` carries the input side
 //! (input, cache reads and writes) and a first output count;
@@ -15,6 +16,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::read::Counts;
+use super::sse::StreamFacts;
 use super::Encoding;
 
 /// One event's data, the fields read; everything else skipped.
@@ -49,7 +51,7 @@ struct Delta<'a> {
 }
 
 /// What one event means to the meter.
-pub(crate) enum Seen<'a> {
+enum Seen<'a> {
     /// `message_start`: the model served and the usage so far.
     Started {
         model: Option<Cow<'a, str>>,
@@ -66,7 +68,7 @@ pub(crate) enum Seen<'a> {
 }
 
 /// Reads one event's data; `None` when it is not JSON tollgate can read.
-pub(crate) fn read_event(data: &[u8]) -> Option<Seen<'_>> {
+fn read_event(data: &[u8]) -> Option<Seen<'_>> {
     let event: Event = serde_json::from_slice(data).ok()?;
     Some(match event.kind.as_deref() {
         Some("message_start") => {
@@ -93,6 +95,29 @@ pub(crate) fn read_event(data: &[u8]) -> Option<Seen<'_>> {
         Some("message_stop") => Seen::Stop,
         _ => Seen::Other,
     })
+}
+
+/// Meters one event of a Messages stream.
+pub(super) fn on_event(facts: &mut StreamFacts, data: &[u8]) {
+    match read_event(data) {
+        None => facts.unparsable_events += 1,
+        Some(Seen::Started { model, usage }) => {
+            if let Some(m) = model {
+                facts.served.see_model(&m);
+            }
+            if let Some(u) = usage {
+                facts.counts = Some(Box::new(u));
+            }
+        }
+        Some(Seen::Delta(later)) => {
+            let counts = facts.counts.get_or_insert_with(Box::default);
+            counts.update(later);
+            facts.usage = counts.to_usage();
+        }
+        Some(Seen::Text(text)) => facts.push_text(0, &text),
+        Some(Seen::Stop) => facts.done = true,
+        Some(Seen::Other) => {}
+    }
 }
 
 /// Prompt tokens of a Messages request, estimated: every text of the

@@ -6,6 +6,7 @@
 
 pub mod anthropic;
 pub mod estimate;
+pub mod openai;
 pub mod read;
 pub mod sse;
 

@@ -6,14 +6,10 @@
 //! Buffers are bounded: one partial line, and (only while dropping the usage
 //! chunk) one partial event.
 
-use std::borrow::Cow;
-
 use bytes::{Bytes, BytesMut};
-use serde::Deserialize;
 
-use super::anthropic::{self, Seen};
-use super::read::{facts_from_value, Counts, Served};
-use super::{Endpoint, Usage};
+use super::read::{Counts, Served};
+use super::{anthropic, openai, Endpoint, Usage};
 
 /// A line or event larger than this is passed through unparsed.
 const MAX_BUFFERED: usize = 4 * 1024 * 1024;
@@ -32,83 +28,58 @@ pub struct SseMeter {
     data: Vec<u8>,
     /// Bytes of the current, incomplete event not yet forwarded (strip mode only).
     pending: BytesMut,
-    usage: Option<Usage>,
+    events: u64,
+    facts: StreamFacts,
+}
+
+/// What a stream has said so far, whatever its wire format: the
+/// formats' event readers (`openai`, `anthropic`) write it.
+#[derive(Default)]
+pub struct StreamFacts {
+    pub(super) usage: Option<Usage>,
     /// Anthropic: the counts reported so far (`message_start`, then each
     /// `message_delta` over it). Boxed: most streams are OpenAI's.
-    counts: Option<Box<Counts>>,
+    pub(super) counts: Option<Box<Counts>>,
     /// Model, service tier and tool calls the stream says were served.
-    served: Served,
+    pub(super) served: Served,
     /// Generated text per choice index, for estimates.
     texts: Vec<String>,
     text_bytes: usize,
     text_bytes_dropped: u64,
-    done: bool,
-    events: u64,
-    unparsable_events: u64,
+    pub(super) done: bool,
+    pub(super) unparsable_events: u64,
 }
 
-#[derive(Deserialize)]
-struct ChoiceChunk<'a> {
-    #[serde(default, borrow)]
-    choices: Option<Vec<Choice<'a>>>,
-    #[serde(default)]
-    usage: Option<Counts>,
-    #[serde(default, borrow)]
-    model: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    service_tier: Option<Cow<'a, str>>,
-}
+impl StreamFacts {
+    /// Takes what a `response` object says was served; tool calls counted
+    /// from the whole output replace those counted item by item.
+    pub(super) fn see(&mut self, served: Served) {
+        if let Some(m) = served.model {
+            self.served.see_model(&m);
+        }
+        if served.tier.is_some() {
+            self.served.tier = served.tier;
+        }
+        if served.tool_calls.total() >= self.served.tool_calls.total() {
+            self.served.tool_calls = served.tool_calls;
+        }
+    }
 
-#[derive(Deserialize)]
-struct Choice<'a> {
-    #[serde(default)]
-    index: usize,
-    #[serde(default, borrow)]
-    text: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    delta: Option<Delta<'a>>,
-}
-
-#[derive(Deserialize)]
-struct Delta<'a> {
-    #[serde(default, borrow)]
-    content: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    refusal: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    tool_calls: Option<Vec<ToolCallDelta<'a>>>,
-}
-
-#[derive(Deserialize)]
-struct ToolCallDelta<'a> {
-    #[serde(default, borrow)]
-    function: Option<FunctionDelta<'a>>,
-}
-
-#[derive(Deserialize)]
-struct FunctionDelta<'a> {
-    #[serde(default, borrow)]
-    name: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    arguments: Option<Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-struct ResponsesEvent<'a> {
-    #[serde(default, rename = "type", borrow)]
-    kind: Option<Cow<'a, str>>,
-    #[serde(default)]
-    delta: Option<serde_json::Value>,
-    #[serde(default)]
-    response: Option<serde_json::Value>,
-    #[serde(default, borrow)]
-    item: Option<ItemRef<'a>>,
-}
-
-#[derive(Deserialize)]
-struct ItemRef<'a> {
-    #[serde(default, rename = "type", borrow)]
-    kind: Option<Cow<'a, str>>,
+    /// Keeps generated text for an estimate, up to `MAX_TEXT_BYTES` per
+    /// stream; past it only the byte count grows (see `StreamSummary`).
+    pub(super) fn push_text(&mut self, index: usize, text: &str) {
+        if self.text_bytes + text.len() > MAX_TEXT_BYTES {
+            self.text_bytes_dropped += text.len() as u64;
+            return;
+        }
+        self.text_bytes += text.len();
+        // Bound the index so a hostile upstream cannot make us allocate.
+        let index = index.min(1023);
+        if self.texts.len() <= index {
+            self.texts.resize_with(index + 1, String::new);
+        }
+        self.texts[index].push_str(text);
+    }
 }
 
 /// What the meter learned from a whole stream.
@@ -137,15 +108,8 @@ impl SseMeter {
             line_overflow: false,
             data: Vec::new(),
             pending: BytesMut::new(),
-            usage: None,
-            counts: None,
-            served: Served::default(),
-            texts: Vec::new(),
-            text_bytes: 0,
-            text_bytes_dropped: 0,
-            done: false,
             events: 0,
-            unparsable_events: 0,
+            facts: StreamFacts::default(),
         }
     }
 
@@ -254,184 +218,41 @@ impl SseMeter {
         None
     }
 
-    /// Meters one event's data; true when it is the usage-only chunk.
+    /// Meters one event's data, by the stream's wire format; true when
+    /// it is the usage-only chunk.
     fn on_event(&mut self, data: &[u8]) -> bool {
         self.events += 1;
         if data == b"[DONE]" {
-            self.done = true;
+            self.facts.done = true;
             return false;
         }
         match self.endpoint {
             Endpoint::Messages => {
-                match anthropic::read_event(data) {
-                    None => self.unparsable_events += 1,
-                    Some(Seen::Started { model, usage }) => {
-                        if let Some(m) = model {
-                            self.served.see_model(&m);
-                        }
-                        if let Some(u) = usage {
-                            self.counts = Some(Box::new(u));
-                        }
-                    }
-                    Some(Seen::Delta(later)) => {
-                        let counts = self.counts.get_or_insert_with(Box::default);
-                        counts.update(later);
-                        self.usage = counts.to_usage();
-                    }
-                    Some(Seen::Text(text)) => self.push_text(0, &text),
-                    Some(Seen::Stop) => self.done = true,
-                    Some(Seen::Other) => {}
-                }
+                anthropic::on_event(&mut self.facts, data);
                 false
             }
             Endpoint::Responses => {
-                let Ok(event) = serde_json::from_slice::<ResponsesEvent>(data) else {
-                    self.unparsable_events += 1;
-                    return false;
-                };
-                match event.kind.as_deref() {
-                    Some("response.output_text.delta")
-                    | Some("response.function_call_arguments.delta")
-                    | Some("response.refusal.delta") => {
-                        if let Some(serde_json::Value::String(text)) = &event.delta {
-                            self.push_text(0, text);
-                        }
-                    }
-                    // A tool call finished: counted now, in case the stream
-                    // is cut before its `response.completed`.
-                    Some("response.output_item.done") => {
-                        if let Some(kind) = event.item.as_ref().and_then(|i| i.kind.as_deref()) {
-                            self.served.tool_calls.count_item(kind);
-                        }
-                    }
-                    Some("response.completed" | "response.incomplete" | "response.failed") => {
-                        if let Some(response) = &event.response {
-                            let facts = facts_from_value(response);
-                            self.see(facts.served);
-                            if let Some(u) = facts.usage {
-                                self.usage = Some(u);
-                                self.done = true;
-                            }
-                        }
-                    }
-                    // `response.created` and friends say the model and tier early.
-                    _ => {
-                        if let Some(response) = &event.response {
-                            let facts = facts_from_value(response);
-                            self.see(facts.served);
-                        }
-                    }
-                }
+                openai::on_responses_event(&mut self.facts, data);
                 false
             }
-            _ => {
-                let Ok(chunk) = serde_json::from_slice::<ChoiceChunk>(data) else {
-                    return self.odd_chunk(data);
-                };
-                if let Some(m) = &chunk.model {
-                    self.served.see_model(m);
-                }
-                if let Some(t) = &chunk.service_tier {
-                    self.served.see_tier(t);
-                }
-                let choices = chunk.choices.unwrap_or_default();
-                let usage_object = chunk.usage.as_ref();
-                let usage = usage_object.and_then(Counts::to_usage);
-                for choice in &choices {
-                    let i = choice.index;
-                    if let Some(t) = &choice.text {
-                        self.push_text(i, t);
-                    }
-                    if let Some(delta) = &choice.delta {
-                        for t in [&delta.content, &delta.refusal].into_iter().flatten() {
-                            self.push_text(i, t);
-                        }
-                        for call in delta.tool_calls.iter().flatten() {
-                            let f = call.function.as_ref();
-                            for t in [
-                                f.and_then(|f| f.name.as_ref()),
-                                f.and_then(|f| f.arguments.as_ref()),
-                            ]
-                            .into_iter()
-                            .flatten()
-                            {
-                                self.push_text(i, t);
-                            }
-                        }
-                    }
-                }
-                if let Some(u) = usage {
-                    self.usage = Some(u);
-                }
-                // The usage-only chunk: usage and no choices (even if its
-                // usage could not be read, the client did not ask for it).
-                usage_object.is_some() && choices.is_empty()
-            }
+            _ => openai::on_chunk(&mut self.facts, data),
         }
-    }
-
-    /// A chunk the typed reader refused (a key spelled twice, counts as
-    /// strings): read as a plain JSON value for its usage and served model.
-    /// Returns whether it is the usage-only chunk.
-    fn odd_chunk(&mut self, data: &[u8]) -> bool {
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
-            self.unparsable_events += 1;
-            return false;
-        };
-        let facts = facts_from_value(&v);
-        self.see(facts.served);
-        if let Some(u) = facts.usage {
-            self.usage = Some(u);
-        }
-        let no_choices = v
-            .get("choices")
-            .is_none_or(|c| c.as_array().is_some_and(Vec::is_empty));
-        v.get("usage").is_some_and(serde_json::Value::is_object) && no_choices
-    }
-
-    /// Takes what a `response` object says was served; tool calls counted
-    /// from the whole output replace those counted item by item.
-    fn see(&mut self, served: Served) {
-        if let Some(m) = served.model {
-            self.served.see_model(&m);
-        }
-        if served.tier.is_some() {
-            self.served.tier = served.tier;
-        }
-        if served.tool_calls.total() >= self.served.tool_calls.total() {
-            self.served.tool_calls = served.tool_calls;
-        }
-    }
-
-    /// Keeps generated text for an estimate, up to `MAX_TEXT_BYTES` per
-    /// stream; past it only the byte count grows (see `StreamSummary`).
-    fn push_text(&mut self, index: usize, text: &str) {
-        if self.text_bytes + text.len() > MAX_TEXT_BYTES {
-            self.text_bytes_dropped += text.len() as u64;
-            return;
-        }
-        self.text_bytes += text.len();
-        // Bound the index so a hostile upstream cannot make us allocate.
-        let index = index.min(1023);
-        if self.texts.len() <= index {
-            self.texts.resize_with(index + 1, String::new);
-        }
-        self.texts[index].push_str(text);
     }
 
     pub fn summary(&mut self) -> StreamSummary {
+        let f = &mut self.facts;
         StreamSummary {
-            usage: self.usage,
-            partial: match self.usage {
+            usage: f.usage,
+            partial: match f.usage {
                 Some(_) => None,
-                None => self.counts.as_deref().and_then(Counts::to_usage),
+                None => f.counts.as_deref().and_then(Counts::to_usage),
             },
-            served: std::mem::take(&mut self.served),
-            texts: std::mem::take(&mut self.texts),
-            text_bytes_dropped: self.text_bytes_dropped,
-            done: self.done,
+            served: std::mem::take(&mut f.served),
+            texts: std::mem::take(&mut f.texts),
+            text_bytes_dropped: f.text_bytes_dropped,
+            done: f.done,
             events: self.events,
-            unparsable_events: self.unparsable_events,
+            unparsable_events: f.unparsable_events,
         }
     }
 }
