@@ -526,3 +526,66 @@ async fn in_passthrough_the_clients_own_anthropic_key_goes_up_and_never_the_serv
     let e: Value = r.json().await.unwrap_or_default();
     assert_eq!(e["error"]["type"], "authentication_error");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_anthropic_version_header_routes_to_the_anthropic_upstream() {
+    // OpenAI first, matching every model; Anthropic second.
+    let openai = MockUpstream::start().await;
+    let claude = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let upstreams = format!(
+        "[[upstreams]]\nname = \"openai\"\nbase_url = \"{}\"\napi_key = \"sk-openai\"\nmodels = [\"*\"]\n\n{}",
+        openai.base_url(),
+        support::readme_toml("Claude through tollgate")
+            .replace("https://api.anthropic.com", &format!("http://{}", claude.addr))
+            .replace("${ANTHROPIC_API_KEY}", "sk-ant-upstream-secret"),
+    );
+    let config = support::config_around(dir.path(), &upstreams);
+    let tg = Tollgate::start_with_config(dir, &config).await;
+    support::stdout(&tg.cli(&["teams", "create", "app"]));
+    let key = tg.new_key("app");
+    support::wait_for_key(&tg, &key).await;
+    let (o0, c0) = (openai.request_count(), claude.request_count());
+
+    // The SDKs' `GET /v1/models` carries anthropic-version: Anthropic's list.
+    let r = client()
+        .get(tg.url("/v1/models"))
+        .header("x-api-key", &key)
+        .header("anthropic-version", "2023-06-01")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        (openai.request_count(), claude.request_count()),
+        (o0, c0 + 1)
+    );
+    assert_eq!(
+        claude.last().header("x-api-key").as_deref(),
+        Some("sk-ant-upstream-secret")
+    );
+    // Without it: the first upstream, OpenAI's.
+    let r = client()
+        .get(tg.url("/v1/models"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        (openai.request_count(), claude.request_count()),
+        (o0 + 1, c0 + 1)
+    );
+    assert_eq!(
+        openai.last().header("authorization").as_deref(),
+        Some("Bearer sk-openai")
+    );
+    // Messages go to Anthropic although "*" on OpenAI matches the model.
+    let r = messages(tg.url("/v1/messages"), &key, &body(false), &[])
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status(), 200);
+    assert_eq!(claude.last().path, "/v1/messages");
+    assert_eq!(openai.request_count(), o0 + 1);
+}
