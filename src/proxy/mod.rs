@@ -592,6 +592,7 @@ async fn metered_request(
             }
             (_, Some(s)) => (s.as_str(), routing.retries_status(s.as_u16())),
             (Err((_, kind)), None) => (*kind, routing.retries_error(kind)),
+            // Not reached: a response always has a status.
             (Ok(_), None) => ("ok", false),
         };
         state
