@@ -20,6 +20,36 @@ pub struct Config {
     pub budget: BudgetConfig,
     pub routing: RoutingConfig,
     pub upstreams: Vec<UpstreamConfig>,
+    pub shadow: Vec<ShadowConfig>,
+}
+
+/// Shadow pricing: every request for a model matching `models` is also
+/// priced as each `price_as` model, same token counts
+/// (`tollgate_shadow_cost_usd_total`, `report --shadow`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowConfig {
+    pub models: Vec<Glob>,
+    pub price_as: Vec<String>,
+}
+
+impl Config {
+    /// The models `model` is shadow-priced as, in configuration order
+    /// (each once, never the model itself).
+    pub fn shadows_of<'a>(&'a self, model: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        let mut seen: Vec<&str> = Vec::new();
+        self.shadow
+            .iter()
+            .filter(move |s| s.models.iter().any(|g| g.matches(model)))
+            .flat_map(|s| s.price_as.iter().map(String::as_str))
+            .filter(move |alt| {
+                let new = *alt != model && !seen.contains(alt);
+                if new {
+                    seen.push(alt);
+                }
+                new
+            })
+    }
 }
 
 /// Fallbacks (SPEC 10): which failures send a request on to the next
@@ -448,6 +478,14 @@ impl Config {
                 "routing.max_attempts",
                 "must be at least 1 (1: no fallback)".into(),
             ));
+        }
+        for (i, s) in self.shadow.iter().enumerate() {
+            if s.models.is_empty() || s.price_as.is_empty() {
+                return Err(bad(
+                    &format!("shadow[{i}]"),
+                    "needs `models` (globs) and `price_as` (catalog models)".into(),
+                ));
+            }
         }
         let mut names = std::collections::HashSet::new();
         for (i, u) in self.upstreams.iter().enumerate() {

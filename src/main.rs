@@ -67,6 +67,10 @@ enum Command {
         since: String,
         #[arg(long, value_enum, default_value = "table")]
         format: ReportFormat,
+        /// Price every request again as this model (same tokens): what
+        /// each team and model would have cost on it.
+        #[arg(long)]
+        shadow: Option<String>,
     },
 }
 
@@ -251,9 +255,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Catalog { command } => catalog(command, &config),
         Command::Teams { command } => runtime()?.block_on(teams(command, &config)),
         Command::Keys { command } => runtime()?.block_on(keys(command, &config)),
-        Command::Report { by, since, format } => {
-            runtime()?.block_on(report(by, &since, format, &config))
-        }
+        Command::Report {
+            since,
+            format,
+            shadow: Some(shadow),
+            ..
+        } => runtime()?.block_on(shadow_report(&shadow, &since, format, &config)),
+        Command::Report {
+            by, since, format, ..
+        } => runtime()?.block_on(report(by, &since, format, &config)),
     }
 }
 
@@ -436,6 +446,28 @@ async fn report(
         ReportFormat::Table => print!("{}", manage::report_text(&rows, false)),
     }
     store.close().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `report --shadow MODEL`: every request since `since` priced again as
+/// MODEL, by team and model, next to what it cost.
+async fn shadow_report(
+    shadow: &str,
+    since: &str,
+    format: ReportFormat,
+    config: &Config,
+) -> anyhow::Result<ExitCode> {
+    let since = manage::parse_since(since, chrono::Utc::now())?;
+    let catalog = tollgate::server::load_catalog(config)?;
+    let store = open_store(config, false).await?;
+    let rows = store.counts_since(since).await;
+    store.close().await;
+    let lines = manage::shadow_report(&rows?, &catalog, shadow).map_err(anyhow::Error::msg)?;
+    match format {
+        ReportFormat::Json => print_json(&manage::shadow_json(shadow, &lines)),
+        ReportFormat::Csv => print!("{}", manage::shadow_text(shadow, &lines, true)),
+        ReportFormat::Table => print!("{}", manage::shadow_text(shadow, &lines, false)),
+    }
     Ok(ExitCode::SUCCESS)
 }
 

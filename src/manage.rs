@@ -255,3 +255,105 @@ mod tests {
         assert!(parse_since("yesterday", now).is_err());
     }
 }
+
+/// One (team, model) line of `report --shadow`: what its requests cost,
+/// and what the same tokens would have cost as the shadow model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShadowLine {
+    pub team: String,
+    pub model: String,
+    pub requests: u64,
+    pub cost: NanoUsd,
+    pub shadow_cost: NanoUsd,
+}
+
+/// Prices every row again as `shadow` (each row at the tier it was
+/// served at, one rounding per row, as the shadow metric does) and sums
+/// by team and model. Errors when the catalog cannot price `shadow`.
+pub fn shadow_report(
+    rows: &[crate::store::CountsRow],
+    catalog: &crate::pricing::Catalog,
+    shadow: &str,
+) -> Result<Vec<ShadowLine>, String> {
+    let resolved = catalog.resolve(shadow);
+    let Some(price) = resolved.price.as_deref() else {
+        return Err(format!("`{shadow}` has no price in the catalog in use"));
+    };
+    let mut lines: std::collections::BTreeMap<(&str, &str), ShadowLine> = Default::default();
+    for r in rows {
+        let tier = crate::usage::ServiceTier::parse(r.service_tier.as_deref().unwrap_or(""));
+        let cost = price.price(&r.usage, tier, catalog.tool_call_fees()).total;
+        let line = lines
+            .entry((&r.team, &r.model))
+            .or_insert_with(|| ShadowLine {
+                team: r.team.clone(),
+                model: r.model.clone(),
+                requests: 0,
+                cost: NanoUsd(0),
+                shadow_cost: NanoUsd(0),
+            });
+        line.requests += 1;
+        line.cost = NanoUsd(line.cost.0.saturating_add(r.cost_nano_usd));
+        line.shadow_cost = NanoUsd(line.shadow_cost.0.saturating_add(cost.0));
+    }
+    Ok(lines.into_values().collect())
+}
+
+pub fn shadow_json(shadow: &str, lines: &[ShadowLine]) -> Value {
+    let signed = |a: NanoUsd, b: NanoUsd| i128::from(a.0) - i128::from(b.0);
+    let (cost, shadow_cost) = lines.iter().fold((0u64, 0u64), |(c, s), l| {
+        (
+            c.saturating_add(l.cost.0),
+            s.saturating_add(l.shadow_cost.0),
+        )
+    });
+    json!({
+        "shadow_model": shadow,
+        "rows": lines.iter().map(|l| json!({
+            "team": l.team,
+            "model": l.model,
+            "requests": l.requests,
+            "cost_nano_usd": l.cost.0,
+            "cost_usd": l.cost.to_string(),
+            "shadow_cost_nano_usd": l.shadow_cost.0,
+            "shadow_cost_usd": l.shadow_cost.to_string(),
+            "saving_nano_usd": signed(l.cost, l.shadow_cost).to_string(),
+        })).collect::<Vec<_>>(),
+        "total_cost_nano_usd": cost,
+        "total_shadow_cost_nano_usd": shadow_cost,
+        "total_saving_nano_usd": signed(NanoUsd(cost), NanoUsd(shadow_cost)).to_string(),
+    })
+}
+
+pub fn shadow_text(shadow: &str, lines: &[ShadowLine], csv: bool) -> String {
+    let mut out = String::new();
+    if csv {
+        out.push_str("team,model,requests,cost_usd,shadow_model,shadow_cost_usd\n");
+        for l in lines {
+            out.push_str(&format!(
+                "{},{},{},{},{shadow},{}\n",
+                l.team, l.model, l.requests, l.cost, l.shadow_cost
+            ));
+        }
+        return out;
+    }
+    out.push_str(&format!(
+        "{:<20} {:<32} {:>9} {:>16} {:>20}\n",
+        "team",
+        "model",
+        "requests",
+        "cost_usd",
+        format!("as {shadow}")
+    ));
+    for l in lines {
+        out.push_str(&format!(
+            "{:<20} {:<32} {:>9} {:>16} {:>20}\n",
+            l.team,
+            l.model,
+            l.requests,
+            l.cost.to_string(),
+            l.shadow_cost.to_string()
+        ));
+    }
+    out
+}

@@ -364,6 +364,8 @@ pub struct Metrics {
     /// Every try of an upstream (SPEC 10 fallbacks). Upstreams keep their
     /// own `ok` handle (`proxy::upstream::Upstream::attempts_ok`).
     pub upstream_attempts: IntCounterVec,
+    /// What requests would have cost as another model (`[[shadow]]`).
+    pub shadow_cost: Arc<MoneyCounter>,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -532,6 +534,12 @@ impl Metrics {
             &["upstream", "outcome"],
         )?;
         registry.register(Box::new(upstream_attempts.clone()))?;
+        let shadow_cost = Arc::new(MoneyCounter::new(
+            "tollgate_shadow_cost_usd_total",
+            "What requests would have cost as shadow_model (same tokens, `[[shadow]]` config), in USD.",
+            &["team", "model", "shadow_model"],
+        )?);
+        registry.register(Box::new(SharedCollector(shadow_cost.clone())))?;
         Ok(Metrics {
             registry,
             model_labels: LabelSet::new(MAX_MODEL_LABELS),
@@ -560,6 +568,7 @@ impl Metrics {
             budget_rejections,
             records_dropped,
             upstream_attempts,
+            shadow_cost,
         })
     }
 

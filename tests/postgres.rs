@@ -454,6 +454,29 @@ async fn postgres_stores_every_billed_dimension_and_reports_it() {
         report["total_cost_nano_usd"],
         json!(18_000_000 + 65_500_000)
     );
+    // `report --shadow` reads the counts and the served tier back from
+    // Postgres: the o3 row priced again as o3 at flex is what it cost.
+    let shadow: Value = serde_json::from_str(&stdout(&tg.cli(&[
+        "report", "--shadow", "o3", "--since", "1h", "--format", "json",
+    ])))
+    .unwrap_or(Value::Null);
+    let o3 = shadow["rows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["model"] == "o3")
+        .map(|r| {
+            (
+                r["requests"].clone(),
+                r["cost_nano_usd"].clone(),
+                r["shadow_cost_nano_usd"].clone(),
+            )
+        });
+    assert_eq!(
+        o3,
+        Some((json!(1), json!(18_000_000), json!(18_000_000))),
+        "{shadow}"
+    );
     drop(tg);
     pool.close().await;
     db.drop_db().await;

@@ -194,6 +194,9 @@ pub fn settle(
             m.set_finetune_multiple(model, &resolved.base_model, ft, base);
         }
     }
+    if !state.config.shadow.is_empty() && (usage.prompt_tokens > 0 || usage.completion_tokens > 0) {
+        shadow_price(state, ctx, series.team(), &usage, tier);
+    }
     if usage.source == crate::usage::TokenSource::Estimated && ctx.endpoint.is_metered() {
         m.estimated_usage.with_label_values(&[model]).inc();
     }
@@ -253,6 +256,25 @@ pub fn settle(
         ack,
     );
     cost
+}
+
+/// Prices `usage` as each model `[[shadow]]` names for the request's model
+/// (same tokens, the tier served) into `tollgate_shadow_cost_usd_total`.
+/// Only with shadow rules configured; an alternative the catalog cannot
+/// price is skipped.
+fn shadow_price(state: &AppState, ctx: &RequestCtx, team: &str, usage: &Usage, tier: ServiceTier) {
+    let catalog = state.catalog.load();
+    for alt in state.config.shadows_of(&ctx.model) {
+        let resolved = catalog.resolve(alt);
+        let Some(price) = resolved.price.as_deref() else {
+            continue;
+        };
+        let cost = price.price(usage, tier, catalog.tool_call_fees()).total;
+        state
+            .metrics
+            .shadow_cost
+            .add(&[team, &ctx.model_label, alt], cost);
+    }
 }
 
 /// Chat models that search the web on every answer (OpenAI's `*-search-*`).

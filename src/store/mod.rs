@@ -246,6 +246,62 @@ pub struct ReportRow {
     pub components: [i64; crate::pricing::Line::COUNT],
 }
 
+/// A usage row's counts as `report --shadow` prices them again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CountsRow {
+    pub team: String,
+    pub model: String,
+    pub service_tier: Option<String>,
+    pub usage: crate::usage::Usage,
+    pub cost_nano_usd: u64,
+}
+
+/// The columns `CountsRow` is read from, in both stores.
+pub(crate) const COUNTS_COLUMNS: &str = "team, model, service_tier, prompt_tokens, \
+    completion_tokens, cached_tokens, cache_write_tokens, audio_prompt_tokens, \
+    audio_completion_tokens, image_tokens, reasoning_tokens, tool_calls, cost_nano_usd";
+
+impl CountsRow {
+    /// From a row of `COUNTS_COLUMNS`. What the row merges is priced at its
+    /// first kind: cache writes as 5-minute writes, image tokens as prompt
+    /// images, built-in tool calls as web searches.
+    pub(crate) fn from_row<R>(r: &R) -> Result<CountsRow, sqlx::Error>
+    where
+        R: sqlx::Row,
+        for<'c> &'c str: sqlx::ColumnIndex<R>,
+        for<'q> String: sqlx::Decode<'q, R::Database> + sqlx::Type<R::Database>,
+        for<'q> Option<String>: sqlx::Decode<'q, R::Database> + sqlx::Type<R::Database>,
+        for<'q> i64: sqlx::Decode<'q, R::Database> + sqlx::Type<R::Database>,
+    {
+        let n = |c: &str| {
+            r.try_get::<i64, _>(c)
+                .map(|v| u64::try_from(v).unwrap_or(0))
+        };
+        let usage = crate::usage::Usage {
+            prompt_tokens: n("prompt_tokens")?,
+            completion_tokens: n("completion_tokens")?,
+            cached_tokens: n("cached_tokens")?,
+            cache_write_tokens: n("cache_write_tokens")?,
+            audio_prompt_tokens: n("audio_prompt_tokens")?,
+            audio_completion_tokens: n("audio_completion_tokens")?,
+            image_prompt_tokens: n("image_tokens")?,
+            reasoning_tokens: n("reasoning_tokens")?,
+            tool_calls: crate::usage::ToolCalls {
+                web_search: u32::try_from(n("tool_calls")?).unwrap_or(u32::MAX),
+                file_search: 0,
+            },
+            ..crate::usage::Usage::NONE
+        };
+        Ok(CountsRow {
+            team: r.try_get("team")?,
+            model: r.try_get("model")?,
+            service_tier: r.try_get("service_tier")?,
+            usage: usage.clamped(),
+            cost_nano_usd: n("cost_nano_usd")?,
+        })
+    }
+}
+
 /// `SUM(<extract>) AS c0, ...` for every breakdown component; `extract`
 /// turns a component name into the SQL of its value in one row.
 pub(crate) fn component_sums(extract: impl Fn(&str) -> String, cast: &str) -> String {
@@ -506,6 +562,11 @@ impl Store {
         since: DateTime<Utc>,
     ) -> Result<Vec<ReportRow>, StoreError> {
         either!(self, s => s.report(by, since).await)
+    }
+
+    /// Every usage row since `since`, with its counts (`report --shadow`).
+    pub async fn counts_since(&self, since: DateTime<Utc>) -> Result<Vec<CountsRow>, StoreError> {
+        either!(self, s => s.counts_since(since).await)
     }
 
     pub async fn close(&self) {

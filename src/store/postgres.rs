@@ -10,8 +10,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Row};
 
 use super::{
-    component_sums, row_components, time_text, to_i64, to_u64, ColumnType, KeyRow, ReportBy,
-    ReportRow, StoreError, TeamRow, UsageRecord, Value, USAGE_COLUMNS,
+    component_sums, row_components, time_text, to_i64, to_u64, ColumnType, CountsRow, KeyRow,
+    ReportBy, ReportRow, StoreError, TeamRow, UsageRecord, Value, COUNTS_COLUMNS, USAGE_COLUMNS,
 };
 use crate::budget::{Budget, Period};
 use crate::pricing::NanoUsd;
@@ -414,6 +414,21 @@ impl PostgresStore {
         .fetch_one(&self.pool)
         .await?;
         Ok(to_u64(total))
+    }
+
+    pub async fn counts_since(&self, since: DateTime<Utc>) -> Result<Vec<CountsRow>, StoreError> {
+        let sql = format!(
+            "SELECT {COUNTS_COLUMNS} FROM usage \
+             WHERE ($1::timestamptz IS NULL OR created_at >= $1) ORDER BY id"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(pg_time(since))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(CountsRow::from_row)
+            .collect::<Result<_, _>>()?)
     }
 
     pub async fn report(

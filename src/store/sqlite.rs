@@ -10,8 +10,9 @@ use chrono::{DateTime, Utc};
 use sqlx::Row;
 
 use super::{
-    component_sums, now_text, row_components, time_text, to_i64, KeyRow, ReportBy, ReportRow,
-    StoreError, TeamRow, UsageRecord, Value, DETAIL_COLUMNS, USAGE_COLUMNS,
+    component_sums, now_text, row_components, time_text, to_i64, CountsRow, KeyRow, ReportBy,
+    ReportRow, StoreError, TeamRow, UsageRecord, Value, COUNTS_COLUMNS, DETAIL_COLUMNS,
+    USAGE_COLUMNS,
 };
 use crate::budget::{Budget, Period};
 use crate::pricing::NanoUsd;
@@ -290,6 +291,18 @@ impl SqliteStore {
         .fetch_one(&self.pool)
         .await?;
         Ok(u64::try_from(total.unwrap_or(0)).unwrap_or(0))
+    }
+
+    pub async fn counts_since(&self, since: DateTime<Utc>) -> Result<Vec<CountsRow>, StoreError> {
+        let sql = format!("SELECT {COUNTS_COLUMNS} FROM usage WHERE created_at >= ? ORDER BY id");
+        let rows = sqlx::query(&sql)
+            .bind(time_text(since))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(CountsRow::from_row)
+            .collect::<Result<_, _>>()?)
     }
 
     pub async fn report(
