@@ -12,6 +12,7 @@ pub mod error;
 pub mod glob;
 pub mod manage;
 pub mod metrics;
+pub mod numbers;
 pub mod pricing;
 pub mod provider;
 pub mod proxy;

@@ -58,6 +58,18 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// The numbers every LLM developer should know, measured on this
+    /// traffic: where a change would save money, and how much.
+    Numbers {
+        /// 24h, 7d, 30m, or a date (2026-11-01).
+        #[arg(long, default_value = "30d")]
+        since: String,
+        /// One team's traffic only.
+        #[arg(long)]
+        team: Option<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: OutputFormat,
+    },
     /// Usage and cost from the database.
     Report {
         #[arg(long, value_enum, default_value = "team")]
@@ -255,6 +267,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Catalog { command } => catalog(command, &config),
         Command::Teams { command } => runtime()?.block_on(teams(command, &config)),
         Command::Keys { command } => runtime()?.block_on(keys(command, &config)),
+        Command::Numbers {
+            since,
+            team,
+            format,
+        } => runtime()?.block_on(numbers(&since, team.as_deref(), format, &config)),
         Command::Report {
             since,
             format,
@@ -446,6 +463,30 @@ async fn report(
         ReportFormat::Table => print!("{}", manage::report_text(&rows, false)),
     }
     store.close().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `numbers`: see `tollgate::numbers`.
+async fn numbers(
+    since: &str,
+    team: Option<&str>,
+    format: OutputFormat,
+    config: &Config,
+) -> anyhow::Result<ExitCode> {
+    let since = manage::parse_since(since, chrono::Utc::now())?;
+    let catalog = tollgate::server::load_catalog(config)?;
+    let store = open_store(config, false).await?;
+    let rows = store.counts_since(since).await;
+    store.close().await;
+    let mut rows = rows?;
+    if let Some(team) = team {
+        rows.retain(|r| r.team == team);
+    }
+    let numbers = tollgate::numbers::compute(&rows, &catalog);
+    match format {
+        OutputFormat::Json => print_json(&numbers),
+        OutputFormat::Table => print!("{}", tollgate::numbers::text(&numbers)),
+    }
     Ok(ExitCode::SUCCESS)
 }
 

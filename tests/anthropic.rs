@@ -251,6 +251,9 @@ async fn cut_and_abandoned_claude_streams_bill_their_input_and_the_output_seen()
         ("x-mock-prompt-tokens", "1000"),
         ("x-mock-completion-tokens", "500"),
         ("x-mock-content", "one two three four five six"),
+        // Time for each word to reach tollgate before a cut resets the
+        // connection (a reset can drop bytes still in flight).
+        ("x-mock-chunk-delay-ms", "20"),
     ];
 
     // Cut by the provider after two words.

@@ -584,6 +584,8 @@ async fn cut_and_abandoned_azure_streams_bill_what_was_sent_and_seen() {
         .header("api-key", &key)
         .header(content.0, content.1)
         .header("x-mock-cut-after", "2")
+        // Time for each word to reach tollgate before the cut's reset.
+        .header("x-mock-chunk-delay-ms", "20")
         .json(&body)
         .send()
         .await

@@ -246,23 +246,36 @@ pub struct ReportRow {
     pub components: [i64; crate::pricing::Line::COUNT],
 }
 
-/// A usage row's counts as `report --shadow` prices them again.
+/// A usage row's counts, as `report --shadow` and `numbers` read them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CountsRow {
     pub team: String,
     pub model: String,
+    /// The catalog row that priced it (`usage.base_model`).
+    pub base_model: String,
+    pub endpoint: String,
+    pub stream: bool,
+    pub status: u16,
     pub service_tier: Option<String>,
     pub usage: crate::usage::Usage,
     pub cost_nano_usd: u64,
+    /// Nano-USD per breakdown line, in `pricing::Line::ALL` order.
+    pub breakdown: [u64; crate::pricing::Line::COUNT],
 }
 
-/// The columns `CountsRow` is read from, in both stores.
-pub(crate) const COUNTS_COLUMNS: &str = "team, model, service_tier, prompt_tokens, \
-    completion_tokens, cached_tokens, cache_write_tokens, audio_prompt_tokens, \
-    audio_completion_tokens, image_tokens, reasoning_tokens, tool_calls, cost_nano_usd";
+/// The columns `CountsRow` is read from; `breakdown` is the store's
+/// spelling of `cost_breakdown` as text.
+pub(crate) fn counts_columns(breakdown: &str) -> String {
+    format!(
+        "team, model, base_model, endpoint, stream, status, service_tier, prompt_tokens, \
+         completion_tokens, cached_tokens, cache_write_tokens, audio_prompt_tokens, \
+         audio_completion_tokens, image_tokens, reasoning_tokens, tool_calls, cost_nano_usd, \
+         {breakdown} AS breakdown"
+    )
+}
 
 impl CountsRow {
-    /// From a row of `COUNTS_COLUMNS`. What the row merges is priced at its
+    /// From a row of `counts_columns`. What the row merges is priced at its
     /// first kind: cache writes as 5-minute writes, image tokens as prompt
     /// images, built-in tool calls as web searches.
     pub(crate) fn from_row<R>(r: &R) -> Result<CountsRow, sqlx::Error>
@@ -272,6 +285,8 @@ impl CountsRow {
         for<'q> String: sqlx::Decode<'q, R::Database> + sqlx::Type<R::Database>,
         for<'q> Option<String>: sqlx::Decode<'q, R::Database> + sqlx::Type<R::Database>,
         for<'q> i64: sqlx::Decode<'q, R::Database> + sqlx::Type<R::Database>,
+        for<'q> i32: sqlx::Decode<'q, R::Database> + sqlx::Type<R::Database>,
+        for<'q> bool: sqlx::Decode<'q, R::Database> + sqlx::Type<R::Database>,
     {
         let n = |c: &str| {
             r.try_get::<i64, _>(c)
@@ -292,12 +307,24 @@ impl CountsRow {
             },
             ..crate::usage::Usage::NONE
         };
+        let mut breakdown = [0u64; crate::pricing::Line::COUNT];
+        let text: String = r.try_get("breakdown")?;
+        if let Ok(map) = serde_json::from_str::<std::collections::HashMap<String, u64>>(&text) {
+            for (i, line) in crate::pricing::Line::ALL.iter().enumerate() {
+                breakdown[i] = map.get(line.name()).copied().unwrap_or(0);
+            }
+        }
         Ok(CountsRow {
             team: r.try_get("team")?,
             model: r.try_get("model")?,
+            base_model: r.try_get("base_model")?,
+            endpoint: r.try_get("endpoint")?,
+            stream: r.try_get("stream")?,
+            status: u16::try_from(r.try_get::<i32, _>("status")?).unwrap_or(0),
             service_tier: r.try_get("service_tier")?,
             usage: usage.clamped(),
             cost_nano_usd: n("cost_nano_usd")?,
+            breakdown,
         })
     }
 }

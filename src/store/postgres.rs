@@ -10,8 +10,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Row};
 
 use super::{
-    component_sums, row_components, time_text, to_i64, to_u64, ColumnType, CountsRow, KeyRow,
-    ReportBy, ReportRow, StoreError, TeamRow, UsageRecord, Value, COUNTS_COLUMNS, USAGE_COLUMNS,
+    component_sums, counts_columns, row_components, time_text, to_i64, to_u64, ColumnType,
+    CountsRow, KeyRow, ReportBy, ReportRow, StoreError, TeamRow, UsageRecord, Value, USAGE_COLUMNS,
 };
 use crate::budget::{Budget, Period};
 use crate::pricing::NanoUsd;
@@ -418,8 +418,9 @@ impl PostgresStore {
 
     pub async fn counts_since(&self, since: DateTime<Utc>) -> Result<Vec<CountsRow>, StoreError> {
         let sql = format!(
-            "SELECT {COUNTS_COLUMNS} FROM usage \
-             WHERE ($1::timestamptz IS NULL OR created_at >= $1) ORDER BY id"
+            "SELECT {} FROM usage \
+             WHERE ($1::timestamptz IS NULL OR created_at >= $1) ORDER BY id",
+            counts_columns("cost_breakdown::text")
         );
         let rows = sqlx::query(&sql)
             .bind(pg_time(since))

@@ -10,9 +10,8 @@ use chrono::{DateTime, Utc};
 use sqlx::Row;
 
 use super::{
-    component_sums, now_text, row_components, time_text, to_i64, CountsRow, KeyRow, ReportBy,
-    ReportRow, StoreError, TeamRow, UsageRecord, Value, COUNTS_COLUMNS, DETAIL_COLUMNS,
-    USAGE_COLUMNS,
+    component_sums, counts_columns, now_text, row_components, time_text, to_i64, CountsRow, KeyRow,
+    ReportBy, ReportRow, StoreError, TeamRow, UsageRecord, Value, DETAIL_COLUMNS, USAGE_COLUMNS,
 };
 use crate::budget::{Budget, Period};
 use crate::pricing::NanoUsd;
@@ -294,7 +293,10 @@ impl SqliteStore {
     }
 
     pub async fn counts_since(&self, since: DateTime<Utc>) -> Result<Vec<CountsRow>, StoreError> {
-        let sql = format!("SELECT {COUNTS_COLUMNS} FROM usage WHERE created_at >= ? ORDER BY id");
+        let sql = format!(
+            "SELECT {} FROM usage WHERE created_at >= ? ORDER BY id",
+            counts_columns("cost_breakdown")
+        );
         let rows = sqlx::query(&sql)
             .bind(time_text(since))
             .fetch_all(&self.pool)

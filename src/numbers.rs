@@ -1,0 +1,371 @@
+//! "The numbers every LLM developer should know", measured on the usage
+//! table (`tollgate numbers`): where a change would save money, and how
+//! much. Pure functions over stored rows and the catalog in use; never on
+//! the request path.
+//!
+//! Money is integer nano-USD; ratios are floats rounded to 4 decimals.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
+use crate::pricing::{Catalog, Line, ModelPrice, NanoUsd};
+use crate::store::CountsRow;
+use crate::usage::{ServiceTier, Usage};
+
+/// The seed's low end: "answer briefly" saves 40-90% of output tokens.
+pub const SHORTER_ANSWERS_PERCENT: u64 = 40;
+
+/// Endpoints that generate text (vs embeddings).
+fn generates(endpoint: &str) -> bool {
+    matches!(
+        endpoint,
+        "chat.completions" | "completions" | "responses" | "messages"
+    )
+}
+
+/// Breakdown lines billed for output.
+const OUTPUT_LINES: [Line; 3] = [Line::Output, Line::AudioOutput, Line::ImageOutput];
+
+fn output_cost(row: &CountsRow) -> u64 {
+    Line::ALL
+        .iter()
+        .zip(row.breakdown)
+        .filter(|(l, _)| OUTPUT_LINES.contains(l))
+        .map(|(_, n)| n)
+        .sum()
+}
+
+fn ratio(a: u64, b: u64) -> Value {
+    if b == 0 {
+        return Value::Null;
+    }
+    json!(((a as f64 / b as f64) * 10_000.0).round() / 10_000.0)
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[u64], p: u64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = (p as usize * sorted.len()).div_ceil(100).max(1);
+    sorted[rank - 1]
+}
+
+fn tier_of(row: &CountsRow) -> ServiceTier {
+    ServiceTier::parse(row.service_tier.as_deref().unwrap_or(""))
+}
+
+/// The price that charged a row: its served catalog row, else its model's.
+fn price_of(catalog: &Catalog, row: &CountsRow) -> Option<std::sync::Arc<ModelPrice>> {
+    let resolved = catalog.resolve(&row.model);
+    if resolved.finetuned {
+        return resolved.price;
+    }
+    catalog.resolve(&row.base_model).price.or(resolved.price)
+}
+
+fn price_as(price: &ModelPrice, usage: &Usage, tier: ServiceTier, catalog: &Catalog) -> u64 {
+    price.price(usage, tier, catalog.tool_call_fees()).total.0
+}
+
+/// Every number, as JSON. `rows` are the period's usage rows (one team's
+/// when `--team` is given).
+pub fn compute(rows: &[CountsRow], catalog: &Catalog) -> Value {
+    let metered: Vec<&CountsRow> = rows
+        .iter()
+        .filter(|r| r.usage.prompt_tokens > 0 || r.usage.completion_tokens > 0)
+        .collect();
+    json!({
+        "requests": metered.len(),
+        "cost_nano_usd": metered.iter().map(|r| r.cost_nano_usd).sum::<u64>(),
+        "output": output_numbers(&metered),
+        "models": model_numbers(&metered, catalog),
+        "chat_vs_embeddings": chat_vs_embeddings(&metered),
+        "finetuned": finetuned(&metered, catalog),
+        "caching": caching(&metered, catalog),
+        "batch": batch(&metered, catalog),
+    })
+}
+
+/// Per team: the output share of spend, completion tokens per request
+/// (p50, p90) and what answers 40% shorter would save.
+fn output_numbers(rows: &[&CountsRow]) -> Value {
+    let mut teams: BTreeMap<&str, Vec<&CountsRow>> = BTreeMap::new();
+    for r in rows.iter().filter(|r| generates(&r.endpoint)) {
+        teams.entry(&r.team).or_default().push(r);
+    }
+    Value::Array(
+        teams
+            .into_iter()
+            .map(|(team, rows)| {
+                let cost: u64 = rows.iter().map(|r| r.cost_nano_usd).sum();
+                let output: u64 = rows.iter().map(|r| output_cost(r)).sum();
+                let mut completions: Vec<u64> =
+                    rows.iter().map(|r| r.usage.completion_tokens).collect();
+                completions.sort_unstable();
+                json!({
+                    "team": team,
+                    "requests": rows.len(),
+                    "cost_nano_usd": cost,
+                    "output_cost_nano_usd": output,
+                    "output_share": ratio(output, cost),
+                    "completion_tokens_p50": percentile(&completions, 50),
+                    "completion_tokens_p90": percentile(&completions, 90),
+                    "saving_if_answers_40pct_shorter_nano_usd": output * SHORTER_ANSWERS_PERCENT / 100,
+                })
+            })
+            .collect(),
+    )
+}
+
+/// The models used: cost per 1k tokens at this traffic's prompt /
+/// completion mix, the multiple of the cheapest, and what the top-spending
+/// model's traffic would cost on each cheaper model used.
+fn model_numbers(rows: &[&CountsRow], catalog: &Catalog) -> Value {
+    let mut models: BTreeMap<&str, (u64, u64, u64)> = BTreeMap::new();
+    for r in rows.iter().filter(|r| generates(&r.endpoint)) {
+        let m = models.entry(&r.model).or_default();
+        m.0 += 1;
+        m.1 += r.usage.prompt_tokens + r.usage.completion_tokens;
+        m.2 += r.cost_nano_usd;
+    }
+    let per_1k = |tokens: u64, cost: u64| (cost * 1000).checked_div(tokens).unwrap_or(0);
+    let cheapest = models
+        .values()
+        .map(|(_, t, c)| per_1k(*t, *c))
+        .filter(|p| *p > 0)
+        .min()
+        .unwrap_or(0);
+    let used: Vec<Value> = models
+        .iter()
+        .map(|(model, (requests, tokens, cost))| {
+            json!({
+                "model": model,
+                "requests": requests,
+                "tokens": tokens,
+                "cost_nano_usd": cost,
+                "nano_usd_per_1k_tokens": per_1k(*tokens, *cost),
+                "times_cheapest": ratio(per_1k(*tokens, *cost), cheapest),
+            })
+        })
+        .collect();
+    let top = models
+        .iter()
+        .max_by_key(|(_, (_, _, cost))| *cost)
+        .map(|(m, (_, t, c))| (*m, per_1k(*t, *c), *c));
+    let top_on_cheaper = top.map(|(top, top_per_1k, top_cost)| {
+        let top_rows: Vec<&&CountsRow> = rows.iter().filter(|r| r.model == top).collect();
+        let alternatives: Vec<Value> = models
+            .iter()
+            .filter(|(m, (_, t, c))| **m != top && per_1k(*t, *c) < top_per_1k)
+            .filter_map(|(m, _)| {
+                let price = catalog.resolve(m).price?;
+                let cost: u64 = top_rows
+                    .iter()
+                    .map(|r| price_as(&price, &r.usage, tier_of(r), catalog))
+                    .sum();
+                Some(json!({"model": m, "cost_nano_usd": cost, "saving_nano_usd": top_cost.saturating_sub(cost)}))
+            })
+            .collect();
+        json!({"model": top, "cost_nano_usd": top_cost, "on_cheaper_models": alternatives})
+    });
+    json!({"used": used, "top_model": top_on_cheaper})
+}
+
+/// Generation vs embeddings, cost per 1k tokens each.
+fn chat_vs_embeddings(rows: &[&CountsRow]) -> Value {
+    let sum = |pick: &dyn Fn(&CountsRow) -> bool| {
+        rows.iter()
+            .filter(|r| pick(r))
+            .fold((0u64, 0u64), |(t, c), r| {
+                (
+                    t + r.usage.prompt_tokens + r.usage.completion_tokens,
+                    c + r.cost_nano_usd,
+                )
+            })
+    };
+    let (chat_tokens, chat_cost) = sum(&|r| generates(&r.endpoint));
+    let (emb_tokens, emb_cost) = sum(&|r| r.endpoint == "embeddings");
+    let per_1k = |tokens: u64, cost: u64| (cost * 1000).checked_div(tokens);
+    let chat = per_1k(chat_tokens, chat_cost);
+    let emb = per_1k(emb_tokens, emb_cost);
+    json!({
+        "generation_nano_usd_per_1k_tokens": chat,
+        "embeddings_nano_usd_per_1k_tokens": emb,
+        "generation_times_embeddings": match (chat, emb) {
+            (Some(c), Some(e)) => ratio(c, e),
+            _ => Value::Null,
+        },
+    })
+}
+
+/// Fine-tuned models against their base: the realized multiple (what was
+/// paid / the same tokens on the base) and the premium.
+fn finetuned(rows: &[&CountsRow], catalog: &Catalog) -> Value {
+    let mut models: BTreeMap<&str, (String, u64, u64, u64)> = BTreeMap::new();
+    for r in rows {
+        let resolved = catalog.resolve(&r.model);
+        let (true, Some(base)) = (resolved.finetuned, resolved.base_price.as_ref()) else {
+            continue;
+        };
+        let on_base = price_as(base, &r.usage, tier_of(r), catalog);
+        let m = models
+            .entry(&r.model)
+            .or_insert_with(|| (resolved.base_model.clone(), 0, 0, 0));
+        m.1 += 1;
+        m.2 += r.cost_nano_usd;
+        m.3 += on_base;
+    }
+    Value::Array(
+        models
+            .into_iter()
+            .map(|(model, (base, requests, cost, on_base))| {
+                json!({
+                    "model": model,
+                    "base_model": base,
+                    "requests": requests,
+                    "cost_nano_usd": cost,
+                    "on_base_nano_usd": on_base,
+                    "multiple": ratio(cost, on_base),
+                    "premium_nano_usd": cost.saturating_sub(on_base),
+                })
+            })
+            .collect(),
+    )
+}
+
+/// Prompt caching: the cached share of prompt tokens and what it saved
+/// (cached tokens x (input - cached input price), per request).
+fn caching(rows: &[&CountsRow], catalog: &Catalog) -> Value {
+    let (mut prompt, mut cached, mut saved) = (0u64, 0u64, 0u64);
+    for r in rows {
+        prompt += r.usage.prompt_tokens;
+        cached += r.usage.cached_tokens;
+        if r.usage.cached_tokens > 0 {
+            if let Some(p) = price_of(catalog, r) {
+                saved += p
+                    .price(&r.usage, tier_of(r), catalog.tool_call_fees())
+                    .cache_savings
+                    .0;
+            }
+        }
+    }
+    json!({
+        "prompt_tokens": prompt,
+        "cached_tokens": cached,
+        "cached_share": ratio(cached, prompt),
+        "saved_nano_usd": saved,
+    })
+}
+
+/// Spend on non-streaming requests served at standard prices by models
+/// with batch prices: what the Batch API would have charged for them.
+fn batch(rows: &[&CountsRow], catalog: &Catalog) -> Value {
+    let (mut requests, mut cost, mut at_batch) = (0u64, 0u64, 0u64);
+    for r in rows
+        .iter()
+        .filter(|r| !r.stream && tier_of(r) == ServiceTier::Standard && r.status == 200)
+    {
+        let Some(p) = price_of(catalog, r).filter(|p| p.batch.is_some()) else {
+            continue;
+        };
+        requests += 1;
+        cost += r.cost_nano_usd;
+        at_batch += price_as(&p, &r.usage, ServiceTier::Batch, catalog);
+    }
+    json!({
+        "eligible_requests": requests,
+        "eligible_cost_nano_usd": cost,
+        "at_batch_prices_nano_usd": at_batch,
+        "saving_nano_usd": cost.saturating_sub(at_batch),
+    })
+}
+
+/// A share as a percentage (`0.4661` -> `46.61%`).
+fn percent(v: &Value) -> String {
+    v.as_f64()
+        .map_or_else(|| "-".to_string(), |f| format!("{:.2}%", f * 100.0))
+}
+
+/// The numbers as a short text report.
+pub fn text(v: &Value) -> String {
+    let usd = |v: &Value| NanoUsd(v.as_u64().unwrap_or(0)).to_string();
+    let mut out = format!(
+        "{} requests, ${}\n\nOutput (\"answer briefly\" saves 40-90% of output tokens):\n",
+        v["requests"],
+        usd(&v["cost_nano_usd"])
+    );
+    for t in v["output"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "  {:<20} output {} of ${}, completion tokens p50 {} p90 {}, 40% shorter saves ${}\n",
+            t["team"].as_str().unwrap_or(""),
+            percent(&t["output_share"]),
+            usd(&t["cost_nano_usd"]),
+            t["completion_tokens_p50"],
+            t["completion_tokens_p90"],
+            usd(&t["saving_if_answers_40pct_shorter_nano_usd"]),
+        ));
+    }
+    out.push_str("\nModels (cost per 1k tokens at this traffic's mix):\n");
+    for m in v["models"]["used"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "  {:<32} {:>13} per 1k tokens, {}x the cheapest\n",
+            m["model"].as_str().unwrap_or(""),
+            format!("${}", usd(&m["nano_usd_per_1k_tokens"])),
+            m["times_cheapest"],
+        ));
+    }
+    let top = &v["models"]["top_model"];
+    for alt in top["on_cheaper_models"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "  {}'s traffic (${}) on {}: ${}\n",
+            top["model"].as_str().unwrap_or(""),
+            usd(&top["cost_nano_usd"]),
+            alt["model"].as_str().unwrap_or(""),
+            usd(&alt["cost_nano_usd"]),
+        ));
+    }
+    let ce = &v["chat_vs_embeddings"];
+    out.push_str(&format!(
+        "\nGeneration vs embeddings per 1k tokens: {}x\n",
+        ce["generation_times_embeddings"]
+    ));
+    for f in v["finetuned"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "Fine-tuned {} costs {}x {} (premium ${})\n",
+            f["model"].as_str().unwrap_or(""),
+            f["multiple"],
+            f["base_model"].as_str().unwrap_or(""),
+            usd(&f["premium_nano_usd"]),
+        ));
+    }
+    let c = &v["caching"];
+    out.push_str(&format!(
+        "Prompt caching: {} of prompt tokens cached, saved ${}\n",
+        percent(&c["cached_share"]),
+        usd(&c["saved_nano_usd"])
+    ));
+    let b = &v["batch"];
+    out.push_str(&format!(
+        "Batch: ${} of non-streaming spend could have cost ${} (save ${})\n",
+        usd(&b["eligible_cost_nano_usd"]),
+        usd(&b["at_batch_prices_nano_usd"]),
+        usd(&b["saving_nano_usd"]),
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v = [10, 20, 30, 40, 50, 60, 70, 80, 90, 100];
+        assert_eq!(percentile(&v, 50), 50);
+        assert_eq!(percentile(&v, 90), 90);
+        assert_eq!(percentile(&[7], 90), 7);
+        assert_eq!(percentile(&[], 50), 0);
+    }
+}

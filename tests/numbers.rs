@@ -1,0 +1,193 @@
+//! `tollgate numbers` (issue 15, point 1, the numbers the usage table
+//! already holds): seeded traffic with known tokens, models, caching and
+//! streaming, and every number asserted exactly.
+
+mod support;
+
+use serde_json::{json, Value};
+use support::{client, MockUpstream, Tollgate};
+
+const FT: &str = "ft:gpt-4o-mini-2024-07-18:acme:support:abc123";
+
+async fn send(tg: &Tollgate, team: &str, path: &str, body: Value, headers: &[(&str, &str)]) {
+    let mut req = client()
+        .post(tg.url(path))
+        .header("x-tollgate-team", team)
+        .json(&body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let r = req.send().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status(), 200, "{body}");
+    let _ = r.bytes().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_numbers_are_measured_exactly_on_seeded_traffic() {
+    let mock = MockUpstream::start().await;
+    let tg = Tollgate::start(&mock, "").await;
+    let chat = |model: &str, stream: bool| json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]});
+    // Team a. gpt-4o streamed, 1,000 prompt of which 400 cached, 100 out:
+    // 600 x $2.50 + 400 x $1.25 + 100 x $10 per M = 3,000,000 nano-USD.
+    send(
+        &tg,
+        "a",
+        "/v1/chat/completions",
+        chat("gpt-4o", true),
+        &[
+            ("x-mock-prompt-tokens", "1000"),
+            ("x-mock-cached-tokens", "400"),
+            ("x-mock-completion-tokens", "100"),
+        ],
+    )
+    .await;
+    // gpt-4o, 1,000 / 300, not streamed: 5,500,000 (batch: 2,750,000).
+    send(
+        &tg,
+        "a",
+        "/v1/chat/completions",
+        chat("gpt-4o", false),
+        &[
+            ("x-mock-prompt-tokens", "1000"),
+            ("x-mock-completion-tokens", "300"),
+        ],
+    )
+    .await;
+    // gpt-4o-mini, 1,000 / 100: 210,000 (batch: 105,000).
+    send(
+        &tg,
+        "a",
+        "/v1/chat/completions",
+        chat("gpt-4o-mini", false),
+        &[
+            ("x-mock-prompt-tokens", "1000"),
+            ("x-mock-completion-tokens", "100"),
+        ],
+    )
+    .await;
+    // Team b. Embeddings, 1,000 tokens at $0.02 per M: 20,000 (batch 10,000).
+    send(
+        &tg,
+        "b",
+        "/v1/embeddings",
+        json!({"model": "text-embedding-3-small", "input": "hi"}),
+        &[("x-mock-prompt-tokens", "1000")],
+    )
+    .await;
+    // A fine-tuned gpt-4o-mini, 1,000 / 100 at $0.30 / $1.20: 420,000 (its
+    // base: 210,000; batch: 210,000).
+    send(
+        &tg,
+        "b",
+        "/v1/chat/completions",
+        chat(FT, false),
+        &[
+            ("x-mock-prompt-tokens", "1000"),
+            ("x-mock-completion-tokens", "100"),
+        ],
+    )
+    .await;
+    tg.wait_rows(5).await;
+
+    let out = support::stdout(&tg.cli(&["numbers", "--since", "1h", "--format", "json"]));
+    let n: Value = serde_json::from_str(&out).unwrap_or_default();
+    assert_eq!(n["requests"], 5, "{n:#}");
+    assert_eq!(n["cost_nano_usd"], 9_150_000);
+
+    // Output share, completion tokens per request, answers 40% shorter.
+    assert_eq!(
+        n["output"],
+        json!([
+            {"team": "a", "requests": 3, "cost_nano_usd": 8_710_000,
+             "output_cost_nano_usd": 4_060_000, "output_share": 0.4661,
+             "completion_tokens_p50": 100, "completion_tokens_p90": 300,
+             "saving_if_answers_40pct_shorter_nano_usd": 1_624_000},
+            {"team": "b", "requests": 1, "cost_nano_usd": 420_000,
+             "output_cost_nano_usd": 120_000, "output_share": 0.2857,
+             "completion_tokens_p50": 100, "completion_tokens_p90": 100,
+             "saving_if_answers_40pct_shorter_nano_usd": 48_000},
+        ])
+    );
+
+    // Price per 1k tokens at this traffic's mix, and the top model's
+    // traffic (gpt-4o, 8,500,000) on each cheaper model used.
+    assert_eq!(
+        n["models"]["used"],
+        json!([
+            {"model": FT, "requests": 1, "tokens": 1100, "cost_nano_usd": 420_000,
+             "nano_usd_per_1k_tokens": 381_818, "times_cheapest": 2.0},
+            {"model": "gpt-4o", "requests": 2, "tokens": 2400, "cost_nano_usd": 8_500_000,
+             "nano_usd_per_1k_tokens": 3_541_666, "times_cheapest": 18.5516},
+            {"model": "gpt-4o-mini", "requests": 1, "tokens": 1100, "cost_nano_usd": 210_000,
+             "nano_usd_per_1k_tokens": 190_909, "times_cheapest": 1.0},
+        ])
+    );
+    // As gpt-4o-mini: (90,000 + 30,000 + 60,000) + (150,000 + 180,000);
+    // as the fine-tune: (180,000 + 60,000 + 120,000) + (300,000 + 360,000).
+    assert_eq!(
+        n["models"]["top_model"],
+        json!({"model": "gpt-4o", "cost_nano_usd": 8_500_000, "on_cheaper_models": [
+            {"model": FT, "cost_nano_usd": 1_020_000, "saving_nano_usd": 7_480_000},
+            {"model": "gpt-4o-mini", "cost_nano_usd": 510_000, "saving_nano_usd": 7_990_000},
+        ]})
+    );
+
+    // Generation vs embeddings: 9,130,000 for 4,600 tokens vs 20,000 for 1,000.
+    assert_eq!(
+        n["chat_vs_embeddings"],
+        json!({"generation_nano_usd_per_1k_tokens": 1_984_782,
+               "embeddings_nano_usd_per_1k_tokens": 20_000,
+               "generation_times_embeddings": 99.2391})
+    );
+
+    // Fine-tuned vs base: paid 420,000 where the base charges 210,000.
+    assert_eq!(
+        n["finetuned"],
+        json!([{"model": FT, "base_model": "gpt-4o-mini", "requests": 1,
+                "cost_nano_usd": 420_000, "on_base_nano_usd": 210_000,
+                "multiple": 2.0, "premium_nano_usd": 210_000}])
+    );
+
+    // Caching: 400 of 5,000 prompt tokens, saving 400 x ($2.50 - $1.25).
+    assert_eq!(
+        n["caching"],
+        json!({"prompt_tokens": 5000, "cached_tokens": 400, "cached_share": 0.08,
+               "saved_nano_usd": 500_000})
+    );
+
+    // Batch: the four non-streamed requests at their batch prices.
+    assert_eq!(
+        n["batch"],
+        json!({"eligible_requests": 4, "eligible_cost_nano_usd": 6_150_000,
+               "at_batch_prices_nano_usd": 3_075_000, "saving_nano_usd": 3_075_000})
+    );
+
+    // One team's view, and the text report.
+    let out = support::stdout(&tg.cli(&["numbers", "--team", "b", "--format", "json"]));
+    let b: Value = serde_json::from_str(&out).unwrap_or_default();
+    assert_eq!(
+        (b["requests"].as_u64(), b["cost_nano_usd"].as_u64()),
+        (Some(2), Some(440_000))
+    );
+    let text = support::stdout(&tg.cli(&["numbers"]));
+    println!("{text}");
+    // The README shows this very output.
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .unwrap_or_default();
+    let section = readme
+        .split("## The numbers, on your traffic\n")
+        .nth(1)
+        .unwrap_or_default();
+    let shown = section.split("```\n").nth(1).unwrap_or_default();
+    assert_eq!(shown, text, "README's numbers output is stale");
+    assert!(
+        text.contains(
+            "Fine-tuned ft:gpt-4o-mini-2024-07-18:acme:support:abc123 costs 2.0x gpt-4o-mini "
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("Batch: $0.006150000 of non-streaming spend could have cost $0.003075000"),
+        "{text}"
+    );
+}
