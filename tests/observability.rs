@@ -148,7 +148,12 @@ async fn prometheus_scrapes_and_every_dashboard_and_alert_query_works() {
         return;
     };
     let mock = MockUpstream::start().await;
-    let tg = Tollgate::start(&mock, "[auth]\nmode = \"passthrough\"\n").await;
+    // A shadow rule, so the shadow-pricing panel has data.
+    let tg = Tollgate::start(
+        &mock,
+        "[auth]\nmode = \"passthrough\"\n\n[[shadow]]\nmodels = [\"gpt-4o*\"]\nprice_as = [\"gpt-4o-mini\"]\n",
+    )
+    .await;
     for args in [
         vec![
             "teams",
