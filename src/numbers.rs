@@ -80,6 +80,7 @@ pub fn compute(rows: &[CountsRow], catalog: &Catalog) -> Value {
         "requests": metered.len(),
         "cost_nano_usd": metered.iter().map(|r| r.cost_nano_usd).sum::<u64>(),
         "output": output_numbers(&metered),
+        "choices": choices(&metered),
         "models": model_numbers(&metered, catalog),
         "chat_vs_embeddings": chat_vs_embeddings(&metered),
         "finetuned": finetuned(&metered, catalog),
@@ -112,11 +113,30 @@ fn output_numbers(rows: &[&CountsRow]) -> Value {
                     "output_share": ratio(output, cost),
                     "completion_tokens_p50": percentile(&completions, 50),
                     "completion_tokens_p90": percentile(&completions, 90),
+                    "capped_requests": rows.iter().filter(|r| r.capped).count(),
+                    "capped_share": ratio(rows.iter().filter(|r| r.capped).count() as u64, rows.len() as u64),
                     "saving_if_answers_40pct_shorter_nano_usd": output * SHORTER_ANSWERS_PERCENT / 100,
                 })
             })
             .collect(),
     )
+}
+
+/// Requests asking for several choices (`n > 1`): how many, the choices
+/// per such request, and what the choices beyond the first cost (their
+/// share of the output spend, choices taken as equally long).
+fn choices(rows: &[&CountsRow]) -> Value {
+    let several: Vec<&&CountsRow> = rows.iter().filter(|r| r.choices > 1).collect();
+    let choices: u64 = several.iter().map(|r| u64::from(r.choices)).sum();
+    let extra: u64 = several
+        .iter()
+        .map(|r| output_cost(r) * u64::from(r.choices - 1) / u64::from(r.choices))
+        .sum();
+    json!({
+        "requests": several.len(),
+        "choices_per_request": ratio(choices, several.len() as u64),
+        "extra_choices_cost_nano_usd": extra,
+    })
 }
 
 /// The models used: cost per 1k tokens at this traffic's prompt /
@@ -298,13 +318,25 @@ pub fn text(v: &Value) -> String {
     );
     for t in v["output"].as_array().into_iter().flatten() {
         out.push_str(&format!(
-            "  {:<20} output {} of ${}, completion tokens p50 {} p90 {}, 40% shorter saves ${}\n",
+            "  {:<20} output {} of ${}, completion tokens p50 {} p90 {}, {} hit the output cap, 40% shorter saves ${}\n",
             t["team"].as_str().unwrap_or(""),
             percent(&t["output_share"]),
             usd(&t["cost_nano_usd"]),
             t["completion_tokens_p50"],
             t["completion_tokens_p90"],
+            percent(&t["capped_share"]),
             usd(&t["saving_if_answers_40pct_shorter_nano_usd"]),
+        ));
+    }
+    let ch = &v["choices"];
+    if ch["requests"].as_u64().unwrap_or(0) == 0 {
+        out.push_str("  n > 1: no requests asked for several choices\n");
+    } else {
+        out.push_str(&format!(
+            "  n > 1: {} requests, {} choices each, the extra choices cost ${}\n",
+            ch["requests"],
+            ch["choices_per_request"],
+            usd(&ch["extra_choices_cost_nano_usd"]),
         ));
     }
     out.push_str("\nModels (cost per 1k tokens at this traffic's mix):\n");

@@ -175,7 +175,7 @@ async fn claude_messages_are_priced_exactly_streamed_or_not() {
         assert!(text.contains(&format!("event: {event}\n")), "{text}");
     }
 
-    for (id, stream) in [(json_id, false), (stream_id, true)] {
+    for (id, stream) in [(json_id.clone(), false), (stream_id, true)] {
         let r = row(&c.tg, &id).await;
         assert_eq!(r.cost_nano_usd, EVERY_KIND_COST, "{r:?}");
         assert_eq!(r.stream, stream);
@@ -208,26 +208,36 @@ async fn claude_messages_are_priced_exactly_streamed_or_not() {
         );
     }
 
-    // The served snapshot prices the request when the catalog has it.
-    let r = messages(
-        c.tg.url("/v1/messages"),
-        &c.key,
-        &json!({"model": "claude-haiku-4-5", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}),
-        &[
-            ("x-mock-prompt-tokens", "1000"),
-            ("x-mock-completion-tokens", "100"),
-            ("x-mock-model", "claude-haiku-4-5-20251001"),
-        ],
-    )
-    .send()
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
-    let r = row(&c.tg, &request_id(&r)).await;
-    // $1 / $5 per M: 1,000,000 + 500,000.
-    assert_eq!(
-        (r.cost_nano_usd, r.base_model.as_str()),
-        (1_500_000, "claude-haiku-4-5-20251001")
-    );
+    // The served snapshot prices the request when the catalog has it; an
+    // answer that stopped at max_tokens is marked capped, streamed or not.
+    for stream in [false, true] {
+        let r = messages(
+            c.tg.url("/v1/messages"),
+            &c.key,
+            &json!({"model": "claude-haiku-4-5", "max_tokens": 100, "stream": stream,
+                    "messages": [{"role": "user", "content": "hi"}]}),
+            &[
+                ("x-mock-prompt-tokens", "1000"),
+                ("x-mock-completion-tokens", "100"),
+                ("x-mock-model", "claude-haiku-4-5-20251001"),
+                ("x-mock-finish-reason", "max_tokens"),
+            ],
+        )
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        let id = request_id(&r);
+        let _ = r.bytes().await;
+        let r = row(&c.tg, &id).await;
+        // $1 / $5 per M: 1,000,000 + 500,000.
+        assert_eq!(
+            (r.cost_nano_usd, r.base_model.as_str(), r.capped),
+            (1_500_000, "claude-haiku-4-5-20251001", true)
+        );
+    }
+    // Answers that ended by themselves are not.
+    let r = row(&c.tg, &json_id).await;
+    assert!(!r.capped);
 }
 
 fn headers(pairs: &[(&str, &str)]) -> reqwest::header::HeaderMap {

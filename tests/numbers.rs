@@ -101,10 +101,12 @@ async fn the_numbers_are_measured_exactly_on_seeded_traffic() {
             {"team": "a", "requests": 3, "cost_nano_usd": 8_710_000,
              "output_cost_nano_usd": 4_060_000, "output_share": 0.4661,
              "completion_tokens_p50": 100, "completion_tokens_p90": 300,
+             "capped_requests": 0, "capped_share": 0.0,
              "saving_if_answers_40pct_shorter_nano_usd": 1_624_000},
             {"team": "b", "requests": 1, "cost_nano_usd": 420_000,
              "output_cost_nano_usd": 120_000, "output_share": 0.2857,
              "completion_tokens_p50": 100, "completion_tokens_p90": 100,
+             "capped_requests": 0, "capped_share": 0.0,
              "saving_if_answers_40pct_shorter_nano_usd": 48_000},
         ])
     );
@@ -189,5 +191,75 @@ async fn the_numbers_are_measured_exactly_on_seeded_traffic() {
     assert!(
         text.contains("Batch: $0.006150000 of non-streaming spend could have cost $0.003075000"),
         "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_at_their_output_cap_and_extra_choices_are_counted() {
+    let mock = MockUpstream::start().await;
+    let tg = Tollgate::start(&mock, "").await;
+    let chat = |n: u32, stream: bool| {
+        json!({"model": "gpt-4o-mini", "n": n, "stream": stream, "max_tokens": 200,
+               "messages": [{"role": "user", "content": "hi"}]})
+    };
+    let capped = ("x-mock-finish-reason", "length");
+    // Two choices, stopped at the cap: 1,000 / 200 tokens, of which the
+    // output is 200 x $0.60 per M = 120,000 nano-USD, half of it the
+    // second choice's.
+    send(
+        &tg,
+        "c",
+        "/v1/chat/completions",
+        chat(2, false),
+        &[
+            ("x-mock-prompt-tokens", "1000"),
+            ("x-mock-completion-tokens", "200"),
+            capped,
+        ],
+    )
+    .await;
+    // Streamed, stopped at the cap (the last chunk says so).
+    send(
+        &tg,
+        "c",
+        "/v1/chat/completions",
+        chat(1, true),
+        &[
+            ("x-mock-prompt-tokens", "1000"),
+            ("x-mock-completion-tokens", "100"),
+            capped,
+        ],
+    )
+    .await;
+    // An answer that ended by itself.
+    send(
+        &tg,
+        "c",
+        "/v1/chat/completions",
+        chat(1, false),
+        &[
+            ("x-mock-prompt-tokens", "1000"),
+            ("x-mock-completion-tokens", "100"),
+        ],
+    )
+    .await;
+    let rows = tg.wait_rows(3).await;
+    let flags: Vec<(bool, i64)> = rows.iter().map(|r| (r.capped, r.choices)).collect();
+    assert_eq!(flags, vec![(true, 2), (true, 1), (false, 1)]);
+
+    let out = support::stdout(&tg.cli(&["numbers", "--format", "json"]));
+    let n: Value = serde_json::from_str(&out).unwrap_or_default();
+    let c = &n["output"][0];
+    assert_eq!(
+        (c["team"].as_str(), c["requests"].as_u64()),
+        (Some("c"), Some(3))
+    );
+    assert_eq!(
+        (c["capped_requests"].as_u64(), c["capped_share"].as_f64()),
+        (Some(2), Some(0.6667))
+    );
+    assert_eq!(
+        n["choices"],
+        json!({"requests": 1, "choices_per_request": 2.0, "extra_choices_cost_nano_usd": 60_000})
     );
 }

@@ -514,6 +514,7 @@ async fn metered_request(
     ctx.model = model;
     ctx.model_label = state.metrics.model_label(&ctx.model);
     ctx.stream = meta.is_stream();
+    ctx.choices = meta.n.map_or(1, |n| u16::try_from(n).unwrap_or(u16::MAX));
     ctx.end_user = meta.user.as_ref().map(|u| u.chars().take(256).collect());
     let resolved = state.catalog.load().resolve(&ctx.model);
     let unpriced = resolved.price.is_none();

@@ -41,6 +41,8 @@ pub struct RequestCtx {
     pub anthropic: bool,
     /// Upstreams tried, the one that answered included (fallbacks).
     pub attempts: u16,
+    /// Choices asked for (`n`).
+    pub choices: u16,
     pub end_user: Option<String>,
     /// The shared budget period the reservation was leased from (Postgres).
     pub budget_period: Option<String>,
@@ -70,6 +72,7 @@ impl RequestCtx {
             stream: false,
             anthropic: false,
             attempts: 1,
+            choices: 1,
             end_user: None,
             budget_period: None,
             durable_ack: None,
@@ -249,6 +252,8 @@ pub fn settle(
             tool_calls: usage.tool_calls.total(),
             provider,
             attempts: ctx.attempts,
+            choices: ctx.choices,
+            capped: served.capped,
             cost_breakdown: priced.breakdown,
             budget_period: ctx.budget_period.take(),
             lease_node: None,

@@ -50,6 +50,10 @@ pub struct UsageRecord {
     pub provider: &'static str,
     /// Upstreams tried (1 without a fallback).
     pub attempts: u16,
+    /// Choices asked for (`n`; 1 when not given).
+    pub choices: u16,
+    /// The answer stopped at its output cap.
+    pub capped: bool,
     /// Nano-USD per component (the `cost_breakdown` JSON column).
     pub cost_breakdown: crate::pricing::Breakdown,
     /// The shared budget period (`budget::period_key`) whose lease paid for
@@ -62,7 +66,7 @@ pub struct UsageRecord {
 
 /// The `usage` columns tollgate writes, in the order both stores bind
 /// them: a new column is one line here and one in `UsageRecord::values`.
-pub(crate) const USAGE_COLUMNS: [(&str, ColumnType); 27] = [
+pub(crate) const USAGE_COLUMNS: [(&str, ColumnType); 29] = [
     ("created_at", ColumnType::Time),
     ("request_id", ColumnType::Text),
     ("team", ColumnType::Text),
@@ -90,12 +94,14 @@ pub(crate) const USAGE_COLUMNS: [(&str, ColumnType); 27] = [
     ("provider", ColumnType::Text),
     ("cost_breakdown", ColumnType::Json),
     ("attempts", ColumnType::Int4),
+    ("choices", ColumnType::Int4),
+    ("capped", ColumnType::Bool),
 ];
 
 /// Columns of `USAGE_COLUMNS` whose database default (0, NULL, 1 attempt) most rows
 /// share: a row with none of these set is written without them (fewer
 /// values to bind and store per row on SQLite's hot path).
-pub(crate) const DETAIL_COLUMNS: [&str; 8] = [
+pub(crate) const DETAIL_COLUMNS: [&str; 10] = [
     "service_tier",
     "reasoning_tokens",
     "audio_prompt_tokens",
@@ -104,6 +110,8 @@ pub(crate) const DETAIL_COLUMNS: [&str; 8] = [
     "image_tokens",
     "tool_calls",
     "attempts",
+    "choices",
+    "capped",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +147,8 @@ impl UsageRecord {
             || self.image_tokens > 0
             || self.tool_calls > 0
             || self.attempts != 1
+            || self.choices != 1
+            || self.capped
     }
 
     /// The row's values in `USAGE_COLUMNS` order.
@@ -171,6 +181,8 @@ impl UsageRecord {
             Value::Text(self.provider),
             Value::Json(self.cost_breakdown.to_json()),
             Value::Int4(i32::from(self.attempts)),
+            Value::Int4(i32::from(self.choices)),
+            Value::Bool(self.capped),
         ]
     }
 }
@@ -261,6 +273,8 @@ pub struct CountsRow {
     pub cost_nano_usd: u64,
     /// Nano-USD per breakdown line, in `pricing::Line::ALL` order.
     pub breakdown: [u64; crate::pricing::Line::COUNT],
+    pub choices: u16,
+    pub capped: bool,
 }
 
 /// The columns `CountsRow` is read from; `breakdown` is the store's
@@ -270,7 +284,7 @@ pub(crate) fn counts_columns(breakdown: &str) -> String {
         "team, model, base_model, endpoint, stream, status, service_tier, prompt_tokens, \
          completion_tokens, cached_tokens, cache_write_tokens, audio_prompt_tokens, \
          audio_completion_tokens, image_tokens, reasoning_tokens, tool_calls, cost_nano_usd, \
-         {breakdown} AS breakdown"
+         choices, capped, {breakdown} AS breakdown"
     )
 }
 
@@ -325,6 +339,8 @@ impl CountsRow {
             usage: usage.clamped(),
             cost_nano_usd: n("cost_nano_usd")?,
             breakdown,
+            choices: u16::try_from(r.try_get::<i32, _>("choices")?).unwrap_or(1),
+            capped: r.try_get("capped")?,
         })
     }
 }

@@ -63,6 +63,10 @@ struct SpoolRow {
     cost_breakdown: Vec<u64>,
     #[serde(default = "one")]
     attempts: u16,
+    #[serde(default = "one")]
+    choices: u16,
+    #[serde(default)]
+    capped: bool,
     budget_period: Option<String>,
     lease_node: Option<String>,
 }
@@ -101,6 +105,8 @@ impl SpoolRow {
             provider: r.provider.to_string(),
             cost_breakdown: r.cost_breakdown.0.to_vec(),
             attempts: r.attempts,
+            choices: r.choices,
+            capped: r.capped,
             budget_period: r.budget_period.clone(),
             lease_node: r
                 .lease_node
@@ -157,6 +163,8 @@ impl SpoolRow {
                 b
             },
             attempts: self.attempts,
+            choices: self.choices,
+            capped: self.capped,
             budget_period: self.budget_period,
             lease_node: self.lease_node,
         }
@@ -523,6 +531,8 @@ mod tests {
             tool_calls: 2,
             provider: "openai",
             attempts: 1,
+            choices: 1,
+            capped: false,
             cost_breakdown: crate::pricing::Breakdown([1, 0, 0, 2, 0, 0, 0, 0, 0]),
             budget_period: Some("total".into()),
             lease_node: None,

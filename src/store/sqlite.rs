@@ -474,6 +474,8 @@ mod tests {
             tool_calls: 0,
             provider: "openai",
             attempts: 1,
+            choices: 1,
+            capped: false,
             cost_breakdown: crate::pricing::Breakdown::default(),
             budget_period: None,
             lease_node: None,

@@ -43,6 +43,8 @@ struct StartedMessage<'a> {
 #[derive(Deserialize)]
 struct Delta<'a> {
     #[serde(default, borrow)]
+    stop_reason: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
     text: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     partial_json: Option<Cow<'a, str>>,
@@ -57,8 +59,12 @@ enum Seen<'a> {
         model: Option<Cow<'a, str>>,
         usage: Option<Counts>,
     },
-    /// `message_delta`: cumulative counts (final unless the stream goes on).
-    Delta(Counts),
+    /// `message_delta`: cumulative counts (final unless the stream goes
+    /// on), and why the message stopped.
+    Delta {
+        counts: Option<Counts>,
+        stop_reason: Option<Cow<'a, str>>,
+    },
     /// Generated text (text, tool input JSON, thinking), for estimates.
     Text(Cow<'a, str>),
     /// `message_stop`.
@@ -79,9 +85,9 @@ fn read_event(data: &[u8]) -> Option<Seen<'_>> {
             };
             Seen::Started { model, usage }
         }
-        Some("message_delta") => match event.usage {
-            Some(u) => Seen::Delta(u),
-            None => Seen::Other,
+        Some("message_delta") => Seen::Delta {
+            counts: event.usage,
+            stop_reason: event.delta.and_then(|d| d.stop_reason),
         },
         Some("content_block_delta") => {
             match event
@@ -109,10 +115,18 @@ pub(super) fn on_event(facts: &mut StreamFacts, data: &[u8]) {
                 facts.counts = Some(Box::new(u));
             }
         }
-        Some(Seen::Delta(later)) => {
-            let counts = facts.counts.get_or_insert_with(Box::default);
-            counts.update(later);
-            facts.usage = counts.to_usage();
+        Some(Seen::Delta {
+            counts: later,
+            stop_reason,
+        }) => {
+            if let Some(reason) = stop_reason {
+                facts.served.see_stop(&reason);
+            }
+            if let Some(later) = later {
+                let counts = facts.counts.get_or_insert_with(Box::default);
+                counts.update(later);
+                facts.usage = counts.to_usage();
+            }
         }
         Some(Seen::Text(text)) => facts.push_text(0, &text),
         Some(Seen::Stop) => facts.done = true,
@@ -216,7 +230,10 @@ mod tests {
         let json_delta = br#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"a\""}}"#;
         assert!(matches!(read_event(json_delta), Some(Seen::Text(t)) if t == "{\"a\""));
         let md = br#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":15}}"#;
-        assert!(matches!(read_event(md), Some(Seen::Delta(_))));
+        assert!(matches!(
+            read_event(md),
+            Some(Seen::Delta { counts: Some(_), stop_reason: Some(r) }) if r == "end_turn"
+        ));
         assert!(matches!(
             read_event(br#"{"type":"message_stop"}"#),
             Some(Seen::Stop)

@@ -27,6 +27,8 @@ struct Choice<'a> {
     #[serde(default)]
     index: usize,
     #[serde(default, borrow)]
+    finish_reason: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
     text: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     delta: Option<Delta<'a>>,
@@ -132,6 +134,9 @@ pub(super) fn on_chunk(facts: &mut StreamFacts, data: &[u8]) -> bool {
     let usage = usage_object.and_then(Counts::to_usage);
     for choice in &choices {
         let i = choice.index;
+        if let Some(reason) = &choice.finish_reason {
+            facts.served.see_stop(reason);
+        }
         if let Some(t) = &choice.text {
             facts.push_text(i, t);
         }

@@ -19,6 +19,10 @@ pub struct Served {
     pub tier: Option<ServiceTier>,
     /// Built-in tool calls the response made (Responses API output items).
     pub tool_calls: ToolCalls,
+    /// The answer stopped at its output cap (`finish_reason: "length"`,
+    /// Anthropic's `stop_reason: "max_tokens"`, a Responses answer
+    /// incomplete for `max_output_tokens`).
+    pub capped: bool,
 }
 
 impl Served {
@@ -32,6 +36,13 @@ impl Served {
 
     pub fn see_tier(&mut self, tier: &str) {
         self.tier = Some(ServiceTier::parse(tier));
+    }
+
+    /// Notes why (a choice of) the answer stopped.
+    pub fn see_stop(&mut self, reason: &str) {
+        if matches!(reason, "length" | "max_tokens" | "max_output_tokens") {
+            self.capped = true;
+        }
     }
 }
 
@@ -58,6 +69,26 @@ struct Body<'a> {
     service_tier: Option<std::borrow::Cow<'a, str>>,
     #[serde(default, borrow)]
     output: Option<Vec<OutputItem<'a>>>,
+    #[serde(default, borrow)]
+    choices: Option<Vec<ChoiceEnd<'a>>>,
+    /// Anthropic's Messages.
+    #[serde(default, borrow)]
+    stop_reason: Option<std::borrow::Cow<'a, str>>,
+    /// The Responses API's.
+    #[serde(default, borrow)]
+    incomplete_details: Option<Incomplete<'a>>,
+}
+
+#[derive(Deserialize)]
+struct ChoiceEnd<'a> {
+    #[serde(default, borrow)]
+    finish_reason: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct Incomplete<'a> {
+    #[serde(default, borrow)]
+    reason: Option<std::borrow::Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -205,6 +236,14 @@ pub fn read_body(body: &[u8]) -> BodyFacts {
                     served.tool_calls.count_item(kind);
                 }
             }
+            let reasons = b.choices.iter().flatten().map(|c| &c.finish_reason);
+            let others = [
+                &b.stop_reason,
+                &b.incomplete_details.as_ref().and_then(|i| i.reason.clone()),
+            ];
+            for reason in reasons.chain(others).flatten() {
+                served.see_stop(reason);
+            }
             BodyFacts {
                 usage: b.usage.as_ref().and_then(Counts::to_usage),
                 served,
@@ -236,6 +275,21 @@ pub fn facts_from_value(v: &Value) -> BodyFacts {
     {
         if let Some(kind) = item.get("type").and_then(Value::as_str) {
             served.tool_calls.count_item(kind);
+        }
+    }
+    let finish_reasons = v
+        .get("choices")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.get("finish_reason"));
+    let others = [
+        v.get("stop_reason"),
+        v.get("incomplete_details").and_then(|i| i.get("reason")),
+    ];
+    for reason in finish_reasons.chain(others.into_iter().flatten()) {
+        if let Some(r) = reason.as_str() {
+            served.see_stop(r);
         }
     }
     BodyFacts {
@@ -370,6 +424,29 @@ mod tests {
             json!({"input_tokens": 100, "output_tokens": 5, "cache_creation_input_tokens": 40}),
         );
         assert_eq!((u.prompt_tokens, u.cache_write_tokens), (140, 40));
+    }
+
+    #[test]
+    fn answers_stopped_at_their_cap_are_seen_in_every_format() {
+        for body in [
+            &br#"{"choices":[{"finish_reason":"stop"},{"finish_reason":"length"}]}"#[..],
+            br#"{"type":"message","stop_reason":"max_tokens"}"#,
+            br#"{"object":"response","status":"incomplete","incomplete_details":{"reason":"max_output_tokens"}}"#,
+            br#"{"choices":[{"finish_reason":"length"}],"model":"m","model":"m"}"#,
+        ] {
+            assert!(read_body(body).served.capped, "{}", String::from_utf8_lossy(body));
+        }
+        for body in [
+            &br#"{"choices":[{"finish_reason":"stop"}]}"#[..],
+            br#"{"type":"message","stop_reason":"end_turn"}"#,
+            br#"{"object":"response","status":"completed"}"#,
+        ] {
+            assert!(
+                !read_body(body).served.capped,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
 
     #[test]

@@ -17,6 +17,9 @@
 //! - `x-mock-model: NAME`        the model the response says served it
 //! - `x-mock-service-tier: T`    `service_tier` in the body (streams: first chunk only)
 //! - `x-mock-output-items: a,b`  Responses API output items of these types
+//! - `x-mock-finish-reason: R`   why the answer stopped (`length`: at its
+//!   cap; Anthropic's `stop_reason`, e.g. `max_tokens`); streams put it on
+//!   the last chunk
 //!
 //! It also speaks Anthropic's Messages API (`/v1/messages`, JSON and SSE:
 //! message_start, content_block_*, ping, message_delta, message_stop),
@@ -174,6 +177,7 @@ struct Behaviour {
     cache_write_1h: u64,
     web_searches: u64,
     stream_error: bool,
+    finish_reason: Option<String>,
 }
 
 /// Stands in for the raw usage text until the body is rendered.
@@ -212,6 +216,7 @@ impl Behaviour {
             cache_write_1h: num("x-mock-cache-write-1h", 0),
             web_searches: num("x-mock-web-searches", 0),
             stream_error: get("x-mock-stream-error").is_some(),
+            finish_reason: get("x-mock-finish-reason"),
         }
     }
 
@@ -386,7 +391,10 @@ async fn chat(State(state): State<Arc<MockState>>, req: Request) -> Response {
         });
     }
     let choices: Vec<Value> = (0..n)
-        .map(|i| json!({"index": i, "message": {"role": "assistant", "content": b.content}, "finish_reason": "stop"}))
+        .map(|i| {
+            json!({"index": i, "message": {"role": "assistant", "content": b.content},
+                        "finish_reason": b.finish_reason.as_deref().unwrap_or("stop")})
+        })
         .collect();
     let model = b.model.clone().map_or(body["model"].clone(), Value::String);
     let mut out = json!({"id": "chatcmpl-mock", "object": "chat.completion", "created": 1, "model": model, "choices": choices});
@@ -546,6 +554,11 @@ fn stream(
                     return;
                 }
                 let mut value = chunk(i, word);
+                if w + 1 == words.len() {
+                    if let Some(reason) = &b.finish_reason {
+                        value["choices"][0]["finish_reason"] = json!(reason);
+                    }
+                }
                 if sent == 0 {
                     if let Some(t) = &b.service_tier {
                         value["service_tier"] = json!(t);
@@ -640,7 +653,7 @@ async fn messages(State(state): State<Arc<MockState>>, req: Request) -> Response
     }
     let mut out = json!({"id": "msg_mock", "type": "message", "role": "assistant", "model": model,
         "content": [{"type": "text", "text": b.content}],
-        "stop_reason": "end_turn", "stop_sequence": null});
+        "stop_reason": b.finish_reason.as_deref().unwrap_or("end_turn"), "stop_sequence": null});
     if !b.omit_usage {
         out["usage"] = b.anthropic_usage(b.completion);
     }
@@ -710,7 +723,7 @@ fn anthropic_stream(state: Arc<MockState>, b: Behaviour, model: Value) -> Respon
         }
         let tail = [
             event("content_block_stop", json!({"type": "content_block_stop", "index": 0}).to_string()),
-            event("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+            event("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": b.finish_reason.as_deref().unwrap_or("end_turn"), "stop_sequence": null},
                 "usage": if b.omit_usage { Value::Null } else { usage }}).to_string()),
             event("message_stop", json!({"type": "message_stop"}).to_string()),
         ];

@@ -292,6 +292,8 @@ pub struct UsageRow {
     pub provider: String,
     pub cost_breakdown: String,
     pub attempts: i64,
+    pub choices: i64,
+    pub capped: bool,
 }
 
 async fn fetch_rows(pool: &sqlx::SqlitePool) -> Vec<UsageRow> {
@@ -331,6 +333,8 @@ async fn fetch_rows(pool: &sqlx::SqlitePool) -> Vec<UsageRow> {
             provider: r.try_get("provider").unwrap_or_default(),
             cost_breakdown: r.try_get("cost_breakdown").unwrap_or_default(),
             attempts: r.try_get("attempts").unwrap_or(1),
+            choices: r.try_get("choices").unwrap_or(1),
+            capped: r.try_get::<i64, _>("capped").unwrap_or(0) != 0,
         })
         .collect()
 }
