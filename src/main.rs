@@ -466,6 +466,19 @@ async fn report(
     Ok(ExitCode::SUCCESS)
 }
 
+/// The catalog in use and every usage row since `since` (`24h`, a date).
+async fn counts_since(
+    since: &str,
+    config: &Config,
+) -> anyhow::Result<(Catalog, Vec<tollgate::store::CountsRow>)> {
+    let since = manage::parse_since(since, chrono::Utc::now())?;
+    let catalog = tollgate::server::load_catalog(config)?;
+    let store = open_store(config, false).await?;
+    let rows = store.counts_since(since).await;
+    store.close().await;
+    Ok((catalog, rows?))
+}
+
 /// `numbers`: see `tollgate::numbers`.
 async fn numbers(
     since: &str,
@@ -473,12 +486,7 @@ async fn numbers(
     format: OutputFormat,
     config: &Config,
 ) -> anyhow::Result<ExitCode> {
-    let since = manage::parse_since(since, chrono::Utc::now())?;
-    let catalog = tollgate::server::load_catalog(config)?;
-    let store = open_store(config, false).await?;
-    let rows = store.counts_since(since).await;
-    store.close().await;
-    let mut rows = rows?;
+    let (catalog, mut rows) = counts_since(since, config).await?;
     if let Some(team) = team {
         rows.retain(|r| r.team == team);
     }
@@ -498,12 +506,8 @@ async fn shadow_report(
     format: ReportFormat,
     config: &Config,
 ) -> anyhow::Result<ExitCode> {
-    let since = manage::parse_since(since, chrono::Utc::now())?;
-    let catalog = tollgate::server::load_catalog(config)?;
-    let store = open_store(config, false).await?;
-    let rows = store.counts_since(since).await;
-    store.close().await;
-    let lines = manage::shadow_report(&rows?, &catalog, shadow).map_err(anyhow::Error::msg)?;
+    let (catalog, rows) = counts_since(since, config).await?;
+    let lines = manage::shadow_report(&rows, &catalog, shadow).map_err(anyhow::Error::msg)?;
     match format {
         ReportFormat::Json => print_json(&manage::shadow_json(shadow, &lines)),
         ReportFormat::Csv => print!("{}", manage::shadow_text(shadow, &lines, true)),

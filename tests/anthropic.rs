@@ -460,23 +460,16 @@ async fn the_official_anthropic_sdk_works_with_tollgate_as_its_base_url() {
         std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/anthropic_sdk.py");
     let endpoint = c.tg.url("");
     let (key, broke) = (c.key.clone(), c.broke.clone());
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(python)
-            .arg(script)
-            .env("TOLLGATE_ENDPOINT", endpoint)
-            .env("TG_KEY", key)
-            .env("TG_KEY_BROKE", broke)
-            .output()
-            .unwrap_or_else(|e| panic!("{e}"))
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = support::run_script(
+        python,
+        script,
+        &[
+            ("TOLLGATE_ENDPOINT", endpoint),
+            ("TG_KEY", key),
+            ("TG_KEY_BROKE", broke),
+        ],
+    )
+    .await;
     for line in [
         "create 0.008700000 claude-sonnet-4-5 1000 2000 Hello from the mock",
         "stream Hello from the mock 200",

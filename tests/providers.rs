@@ -25,24 +25,7 @@ fn azure_config(mock: &MockUpstream, dir: &std::path::Path) -> String {
 async fn start_azure(mock: &MockUpstream) -> (Tollgate, String) {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let config = azure_config(mock, dir.path());
-    let tg = Tollgate::start_with_config(dir, &config).await;
-    let out = tg.cli(&[
-        "teams",
-        "create",
-        "app",
-        "--budget-usd",
-        "10",
-        "--period",
-        "monthly",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let key = tg.new_key("app");
-    support::wait_for_key(&tg, &key).await;
-    (tg, key)
+    support::start_with_budgeted_key(dir, &config).await
 }
 
 fn row<'a>(rows: &'a [UsageRow], request_id: &str) -> &'a UsageRow {
@@ -230,22 +213,12 @@ async fn the_official_azure_openai_client_works_with_tollgate_as_its_endpoint() 
     let script =
         std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/azure_sdk.py");
     let endpoint = tg.url("");
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(python)
-            .arg(script)
-            .env("TOLLGATE_ENDPOINT", endpoint)
-            .env("TG_KEY", key)
-            .output()
-            .unwrap_or_else(|e| panic!("{e}"))
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = support::run_script(
+        python,
+        script,
+        &[("TOLLGATE_ENDPOINT", endpoint), ("TG_KEY", key)],
+    )
+    .await;
     assert!(
         stdout.contains("chat 0.006500000 gpt-4o-2024-05-13 1000"),
         "{stdout}"
@@ -293,19 +266,7 @@ async fn start_fallbacks(primary: &str, backup: &MockUpstream) -> (Tollgate, Str
         .replace("${OPENAI_API_KEY}", "sk-primary")
         .replace("${BACKUP_API_KEY}", "sk-backup");
     let config = support::config_around(dir.path(), &snippet);
-    let tg = Tollgate::start_with_config(dir, &config).await;
-    support::stdout(&tg.cli(&[
-        "teams",
-        "create",
-        "app",
-        "--budget-usd",
-        "10",
-        "--period",
-        "monthly",
-    ]));
-    let key = tg.new_key("app");
-    support::wait_for_key(&tg, &key).await;
-    (tg, key)
+    support::start_with_budgeted_key(dir, &config).await
 }
 
 /// gpt-4o-mini, 1,000 in / 100 out: $0.15 / $0.60 per M.
@@ -476,18 +437,7 @@ async fn openai_compatible_providers_are_priced_from_their_own_rows() {
         mock.base_url()
     );
     let config = support::config_around(dir.path(), &snippet);
-    let tg = Tollgate::start_with_config(dir, &config).await;
-    support::stdout(&tg.cli(&[
-        "teams",
-        "create",
-        "app",
-        "--budget-usd",
-        "10",
-        "--period",
-        "monthly",
-    ]));
-    let key = tg.new_key("app");
-    support::wait_for_key(&tg, &key).await;
+    let (tg, key) = support::start_with_budgeted_key(dir, &config).await;
     const TOKENS: &[(&str, &str)] = &[
         ("x-mock-prompt-tokens", "1000"),
         ("x-mock-completion-tokens", "100"),

@@ -475,14 +475,26 @@ pub async fn run_sdk_script(
     tg: &Tollgate,
     keys: SdkKeys,
 ) -> String {
-    let base = tg.url("/v1");
+    let env = [
+        ("TOLLGATE_BASE_URL", tg.url("/v1")),
+        ("TG_KEY", keys.key),
+        ("TG_KEY_RESTRICTED", keys.restricted),
+        ("TG_KEY_BROKE", keys.broke),
+    ];
+    run_script(program, script, &env).await
+}
+
+/// Runs `program script` with `env` off the test's runtime threads;
+/// asserts it exited 0 and returns its stdout.
+pub async fn run_script(program: PathBuf, script: PathBuf, env: &[(&str, String)]) -> String {
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
     let out = tokio::task::spawn_blocking(move || {
         Command::new(&program)
             .arg(script)
-            .env("TOLLGATE_BASE_URL", base)
-            .env("TG_KEY", keys.key)
-            .env("TG_KEY_RESTRICTED", keys.restricted)
-            .env("TG_KEY_BROKE", keys.broke)
+            .envs(env)
             .output()
             .unwrap_or_else(|e| panic!("run {}: {e}", program.display()))
     })
@@ -496,6 +508,24 @@ pub async fn run_sdk_script(
         String::from_utf8_lossy(&out.stderr)
     );
     stdout
+}
+
+/// Starts tollgate with `config` and a team `app` with $10 a month, and
+/// returns a key of that team the server already knows.
+pub async fn start_with_budgeted_key(dir: tempfile::TempDir, config: &str) -> (Tollgate, String) {
+    let tg = Tollgate::start_with_config(dir, config).await;
+    stdout(&tg.cli(&[
+        "teams",
+        "create",
+        "app",
+        "--budget-usd",
+        "10",
+        "--period",
+        "monthly",
+    ]));
+    let key = tg.new_key("app");
+    wait_for_key(&tg, &key).await;
+    (tg, key)
 }
 
 /// A command's stdout, after asserting it succeeded.
