@@ -586,3 +586,36 @@ async fn cut_and_abandoned_azure_streams_bill_what_was_sent_and_seen() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_passthrough_a_clients_key_never_falls_back_to_another_upstream() {
+    let primary = MockUpstream::start().await;
+    let backup = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let snippet = support::readme_toml("Fallbacks")
+        .replace("https://api.openai.com/v1", &primary.base_url())
+        .replace("https://backup.example.com/v1", &backup.base_url())
+        .replace("${OPENAI_API_KEY}", "sk-primary")
+        .replace("${BACKUP_API_KEY}", "sk-backup");
+    let config = support::config_around(dir.path(), &snippet)
+        .replace("mode = \"virtual-keys\"", "mode = \"passthrough\"");
+    let tg = Tollgate::start_with_config(dir, &config).await;
+    primary.force_status(503);
+    let r = support::post_chat(
+        &tg,
+        "sk-the-clients-own-openai-key",
+        &support::chat_body("gpt-4o-mini"),
+        &MINI,
+    )
+    .await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(
+        primary.last().header("authorization").as_deref(),
+        Some("Bearer sk-the-clients-own-openai-key")
+    );
+    assert_eq!(
+        backup.request_count(),
+        0,
+        "the client's key went to a second provider"
+    );
+}

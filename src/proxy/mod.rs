@@ -548,11 +548,14 @@ async fn metered_request(
     reserve(state, ctx, &body, &meta, max_output).await?;
 
     // Fallbacks: the other upstreams serving the model, in order, unless
-    // the client named one. The client's headers are kept for a retry
+    // the client named one or sent its own key. The client's headers are kept for a retry
     // only when there is somewhere to retry.
     let routing = &state.config.routing;
     let route = routed_as.as_deref().unwrap_or(&ctx.model);
-    let pinned = parts.headers.contains_key(UPSTREAM_HEADER);
+    // In passthrough the client's own provider key goes up: never to a
+    // second upstream it was not meant for.
+    let pinned =
+        parts.headers.contains_key(UPSTREAM_HEADER) || state.auth.mode() == AuthMode::Passthrough;
     let fallback = |from: &Upstream, attempts: u16| {
         if pinned || attempts >= routing.max_attempts {
             return None;
