@@ -23,6 +23,8 @@ pub struct AppState {
     pub auth: AuthPolicy,
     pub directory: Directory,
     pub ledger: Arc<Ledger>,
+    /// Samples requests for tokens per word (`words`).
+    pub words: crate::words::WordSampler,
 }
 
 impl AppState {

@@ -21,6 +21,24 @@ pub struct Config {
     pub routing: RoutingConfig,
     pub upstreams: Vec<UpstreamConfig>,
     pub shadow: Vec<ShadowConfig>,
+    pub numbers: NumbersConfig,
+}
+
+/// `tollgate numbers`: what is measured beyond the usage rows.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NumbersConfig {
+    /// Share of requests (0..=1) whose prompt and answer are counted in
+    /// words, off the request path, for tokens per word (0: none).
+    pub word_sample_rate: f64,
+}
+
+impl Default for NumbersConfig {
+    fn default() -> Self {
+        Self {
+            word_sample_rate: 0.01,
+        }
+    }
 }
 
 /// Shadow pricing: every request for a model matching `models` is also
@@ -477,6 +495,13 @@ impl Config {
             return Err(bad(
                 "routing.max_attempts",
                 "must be at least 1 (1: no fallback)".into(),
+            ));
+        }
+        let rate = self.numbers.word_sample_rate;
+        if !(0.0..=1.0).contains(&rate) {
+            return Err(bad(
+                "numbers.word_sample_rate",
+                format!("{rate} is not a share between 0 and 1"),
             ));
         }
         for (i, s) in self.shadow.iter().enumerate() {

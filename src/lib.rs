@@ -19,3 +19,4 @@ pub mod proxy;
 pub mod server;
 pub mod store;
 pub mod usage;
+pub mod words;

@@ -490,7 +490,12 @@ async fn numbers(
     if let Some(team) = team {
         rows.retain(|r| r.team == team);
     }
-    let numbers = tollgate::numbers::compute(&rows, &catalog);
+    let store = open_store(config, false).await?;
+    let words = store
+        .word_counts_since(manage::parse_since(since, chrono::Utc::now())?, team)
+        .await;
+    store.close().await;
+    let numbers = tollgate::numbers::compute(&rows, &words?, &catalog);
     match format {
         OutputFormat::Json => print_json(&numbers),
         OutputFormat::Table => print!("{}", tollgate::numbers::text(&numbers)),

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 
 use crate::pricing::{Catalog, Line, ModelPrice, NanoUsd};
-use crate::store::CountsRow;
+use crate::store::{CountsRow, WordCount};
 use crate::usage::{ServiceTier, Usage};
 
 /// The seed's low end: "answer briefly" saves 40-90% of output tokens.
@@ -36,7 +36,7 @@ fn output_cost(row: &CountsRow) -> u64 {
         .sum()
 }
 
-fn ratio(a: u64, b: u64) -> Value {
+pub(crate) fn ratio(a: u64, b: u64) -> Value {
     if b == 0 {
         return Value::Null;
     }
@@ -71,13 +71,14 @@ fn price_as(price: &ModelPrice, usage: &Usage, tier: ServiceTier, catalog: &Cata
 
 /// Every number, as JSON. `rows` are the period's usage rows (one team's
 /// when `--team` is given).
-pub fn compute(rows: &[CountsRow], catalog: &Catalog) -> Value {
+pub fn compute(rows: &[CountsRow], words: &[WordCount], catalog: &Catalog) -> Value {
     let metered: Vec<&CountsRow> = rows
         .iter()
         .filter(|r| r.usage.prompt_tokens > 0 || r.usage.completion_tokens > 0)
         .collect();
     json!({
         "requests": metered.len(),
+        "tokens_per_word": crate::words::numbers(words),
         "cost_nano_usd": metered.iter().map(|r| r.cost_nano_usd).sum::<u64>(),
         "output": output_numbers(&metered),
         "choices": choices(&metered),
@@ -312,10 +313,35 @@ fn percent(v: &Value) -> String {
 pub fn text(v: &Value) -> String {
     let usd = |v: &Value| NanoUsd(v.as_u64().unwrap_or(0)).to_string();
     let mut out = format!(
-        "{} requests, ${}\n\nOutput (\"answer briefly\" saves 40-90% of output tokens):\n",
+        "{} requests, ${}\n\nTokens per word (~1.3 for English; per character where words are not spaced):\n",
         v["requests"],
         usd(&v["cost_nano_usd"])
     );
+    let words = v["tokens_per_word"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice);
+    if words.is_empty() {
+        out.push_str("  no sampled requests (numbers.word_sample_rate)\n");
+    }
+    for w in words {
+        let side = |s: &str| {
+            let x = &w[s];
+            if x.is_null() {
+                "-".to_string()
+            } else {
+                format!("{} (n={})", x["tokens_per_unit"], x["samples"])
+            }
+        };
+        out.push_str(&format!(
+            "  {:<14} {:<11} per {:<9} prompt {}, completion {}\n",
+            w["family"].as_str().unwrap_or(""),
+            w["script"].as_str().unwrap_or(""),
+            w["per"].as_str().unwrap_or(""),
+            side("prompt"),
+            side("completion"),
+        ));
+    }
+    out.push_str("\nOutput (\"answer briefly\" saves 40-90% of output tokens):\n");
     for t in v["output"].as_array().into_iter().flatten() {
         out.push_str(&format!(
             "  {:<20} output {} of ${}, completion tokens p50 {} p90 {}, {} hit the output cap, 40% shorter saves ${}\n",

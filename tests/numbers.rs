@@ -9,6 +9,25 @@ use support::{client, MockUpstream, Tollgate};
 
 const FT: &str = "ft:gpt-4o-mini-2024-07-18:acme:support:abc123";
 
+/// `n` copies of `word`, space-separated (`sep` = "" for unspaced scripts).
+fn text(word: &str, n: usize, sep: &str) -> String {
+    vec![word; n].join(sep)
+}
+
+/// Waits for the word-counting thread's flush: `numbers` shows `groups`
+/// family/script groups.
+fn wait_word_counts(tg: &Tollgate, groups: usize) {
+    for _ in 0..100 {
+        let out = support::stdout(&tg.cli(&["numbers", "--format", "json"]));
+        let n: Value = serde_json::from_str(&out).unwrap_or_default();
+        if n["tokens_per_word"].as_array().map_or(0, Vec::len) >= groups {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("word counts never reached {groups} groups");
+}
+
 async fn send(tg: &Tollgate, team: &str, path: &str, body: Value, headers: &[(&str, &str)]) {
     let mut req = client()
         .post(tg.url(path))
@@ -25,74 +44,107 @@ async fn send(tg: &Tollgate, team: &str, path: &str, body: Value, headers: &[(&s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_numbers_are_measured_exactly_on_seeded_traffic() {
     let mock = MockUpstream::start().await;
-    let tg = Tollgate::start(&mock, "").await;
-    let chat = |model: &str, stream: bool| json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]});
+    // Every request's words counted (the default samples 1%).
+    let tg = Tollgate::start(&mock, "[numbers]\nword_sample_rate = 1.0\n").await;
+    let chat = |model: &str, stream: bool, prompt: &str| json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": prompt}]});
+    let english = |n| text("fox", n, " ");
     // Team a. gpt-4o streamed, 1,000 prompt of which 400 cached, 100 out:
     // 600 x $2.50 + 400 x $1.25 + 100 x $10 per M = 3,000,000 nano-USD.
+    // 800 English words in, 80 out.
+    let answer = english(80);
     send(
         &tg,
         "a",
         "/v1/chat/completions",
-        chat("gpt-4o", true),
+        chat("gpt-4o", true, &english(800)),
         &[
             ("x-mock-prompt-tokens", "1000"),
             ("x-mock-cached-tokens", "400"),
             ("x-mock-completion-tokens", "100"),
+            ("x-mock-content", &answer),
         ],
     )
     .await;
     // gpt-4o, 1,000 / 300, not streamed: 5,500,000 (batch: 2,750,000).
+    // 800 words in, 240 out.
+    let answer = english(240);
     send(
         &tg,
         "a",
         "/v1/chat/completions",
-        chat("gpt-4o", false),
+        chat("gpt-4o", false, &english(800)),
         &[
             ("x-mock-prompt-tokens", "1000"),
             ("x-mock-completion-tokens", "300"),
+            ("x-mock-content", &answer),
         ],
     )
     .await;
-    // gpt-4o-mini, 1,000 / 100: 210,000 (batch: 105,000).
+    // gpt-4o-mini, 1,000 / 100: 210,000 (batch: 105,000). 750 words in, 75 out.
+    let answer = english(75);
     send(
         &tg,
         "a",
         "/v1/chat/completions",
-        chat("gpt-4o-mini", false),
+        chat("gpt-4o-mini", false, &english(750)),
         &[
             ("x-mock-prompt-tokens", "1000"),
             ("x-mock-completion-tokens", "100"),
+            ("x-mock-content", &answer),
         ],
     )
     .await;
-    // Team b. Embeddings, 1,000 tokens at $0.02 per M: 20,000 (batch 10,000).
+    // Team b. Embeddings, 1,000 tokens at $0.02 per M: 20,000 (batch
+    // 10,000), of 800 Chinese characters.
     send(
         &tg,
         "b",
         "/v1/embeddings",
-        json!({"model": "text-embedding-3-small", "input": "hi"}),
+        json!({"model": "text-embedding-3-small", "input": text("你好", 400, "")}),
         &[("x-mock-prompt-tokens", "1000")],
     )
     .await;
     // A fine-tuned gpt-4o-mini, 1,000 / 100 at $0.30 / $1.20: 420,000 (its
-    // base: 210,000; batch: 210,000).
+    // base: 210,000; batch: 210,000). 400 Russian words in, 40 out.
+    let answer = text("привет", 40, " ");
     send(
         &tg,
         "b",
         "/v1/chat/completions",
-        chat(FT, false),
+        chat(FT, false, &text("привет", 400, " ")),
         &[
             ("x-mock-prompt-tokens", "1000"),
             ("x-mock-completion-tokens", "100"),
+            ("x-mock-content", &answer),
         ],
     )
     .await;
     tg.wait_rows(5).await;
 
+    wait_word_counts(&tg, 3);
+
     let out = support::stdout(&tg.cli(&["numbers", "--since", "1h", "--format", "json"]));
     let n: Value = serde_json::from_str(&out).unwrap_or_default();
     assert_eq!(n["requests"], 5, "{n:#}");
     assert_eq!(n["cost_nano_usd"], 9_150_000);
+
+    // Tokens per word: 3,000 prompt tokens over 2,350 English words, 500
+    // completion tokens over 395; 2,000 over 440 Russian words; 1,000 per
+    // 800 Chinese characters (embeddings have no completion side).
+    assert_eq!(
+        n["tokens_per_word"],
+        json!([
+            {"family": "openai-cl100k", "script": "cjk", "per": "character",
+             "prompt": {"samples": 1, "words": 1, "chars": 800, "tokens": 1000, "tokens_per_unit": 1.25}},
+            {"family": "openai-o200k", "script": "cyrillic", "per": "word",
+             "prompt": {"samples": 1, "words": 400, "chars": 2400, "tokens": 1000, "tokens_per_unit": 2.5},
+             "completion": {"samples": 1, "words": 40, "chars": 240, "tokens": 100, "tokens_per_unit": 2.5}},
+            {"family": "openai-o200k", "script": "latin", "per": "word",
+             "prompt": {"samples": 3, "words": 2350, "chars": 7050, "tokens": 3000, "tokens_per_unit": 1.2766},
+             "completion": {"samples": 3, "words": 395, "chars": 1185, "tokens": 500, "tokens_per_unit": 1.2658}},
+        ]),
+        "{n:#}"
+    );
 
     // Output share, completion tokens per request, answers 40% shorter.
     assert_eq!(
@@ -171,6 +223,13 @@ async fn the_numbers_are_measured_exactly_on_seeded_traffic() {
         (b["requests"].as_u64(), b["cost_nano_usd"].as_u64()),
         (Some(2), Some(440_000))
     );
+    let groups: Vec<&str> = b["tokens_per_word"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|g| g["script"].as_str())
+        .collect();
+    assert_eq!(groups, ["cjk", "cyrillic"], "team b's words only");
     let text = support::stdout(&tg.cli(&["numbers"]));
     println!("{text}");
     // The README shows this very output.

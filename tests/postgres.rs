@@ -15,8 +15,9 @@ const VIRTUAL: &str = "[auth]\nmode = \"virtual-keys\"\n";
 
 async fn start(mock: &MockUpstream, db: &PgDb) -> Tollgate {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    // Every request's words counted (`numbers`' tokens per word).
     let config = format!(
-        "{}\n{VIRTUAL}\n",
+        "{}\n{VIRTUAL}\n[numbers]\nword_sample_rate = 1.0\n",
         config_with_database(mock, dir.path(), &db.url).replace(support::PASSTHROUGH_AUTH, "")
     );
     Tollgate::start_with_config(dir, &config).await
@@ -476,6 +477,25 @@ async fn postgres_stores_every_billed_dimension_and_reports_it() {
         o3,
         Some((json!(1), json!(18_000_000), json!(18_000_000))),
         "{shadow}"
+    );
+    // Word counts go to Postgres too: the o3 request's "hi" (10,000
+    // tokens as the mock reports them) and "Hello from the mock"; the
+    // audio request's sides are not all text and are left out.
+    let mut words = Value::Null;
+    for _ in 0..100 {
+        let n: Value = serde_json::from_str(&stdout(&tg.cli(&["numbers", "--format", "json"])))
+            .unwrap_or(Value::Null);
+        words = n["tokens_per_word"].clone();
+        if words.as_array().is_some_and(|w| !w.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        words,
+        json!([{"family": "openai-o200k", "script": "latin", "per": "word",
+                "prompt": {"samples": 1, "words": 1, "chars": 2, "tokens": 10000, "tokens_per_unit": 10000.0},
+                "completion": {"samples": 1, "words": 4, "chars": 16, "tokens": 2000, "tokens_per_unit": 500.0}}])
     );
     drop(tg);
     pool.close().await;

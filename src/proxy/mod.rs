@@ -659,6 +659,20 @@ async fn metered_request(
         Some(usage) => usage,
         None => estimate_non_stream(ctx, &body, &bytes).await,
     };
+    if status == StatusCode::OK {
+        state.words.offer(|| crate::words::Sample {
+            team: ctx.team.clone(),
+            model: crate::words::sampled_model(
+                &state.catalog.load(),
+                facts.served.model.as_deref(),
+                &ctx.model,
+            ),
+            endpoint: ctx.endpoint,
+            request: body.clone(),
+            answer: crate::words::Answer::Body(bytes.clone()),
+            usage,
+        });
+    }
     let overhead = ctx.started.elapsed().saturating_sub(upstream_wait);
     let cost = settle(state, ctx, status.as_u16(), usage, &facts.served, overhead);
     let first_byte = ctx.started.elapsed().as_secs_f64();

@@ -35,6 +35,21 @@ impl StreamSettlement {
     fn finish(mut self, status: u16, summary: StreamSummary, meter_time: Duration) {
         let overhead = self.overhead + meter_time;
         if let Some(usage) = summary.usage {
+            if status == 200 && summary.text_bytes_dropped == 0 {
+                let ctx = &self.ctx;
+                self.state.words.offer(|| crate::words::Sample {
+                    team: ctx.team.clone(),
+                    model: crate::words::sampled_model(
+                        &self.state.catalog.load(),
+                        summary.served.model.as_deref(),
+                        &ctx.model,
+                    ),
+                    endpoint: ctx.endpoint,
+                    request: self.request_body.clone(),
+                    answer: crate::words::Answer::Texts(summary.texts),
+                    usage,
+                });
+            }
             settle(
                 &self.state,
                 &mut self.ctx,

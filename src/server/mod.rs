@@ -226,6 +226,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             _ => {}
         }
     }
+    let (words, word_counter) = crate::words::WordSampler::spawn(
+        config.numbers.word_sample_rate,
+        store.clone(),
+        Duration::from_millis(config.database.flush_interval_ms.max(1000)),
+    );
     let state = Arc::new(AppState {
         config,
         catalog: arc_swap::ArcSwap::new(catalog),
@@ -237,6 +242,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         auth,
         directory: Directory::default(),
         ledger,
+        words,
     });
     state.refresh().await?;
     tracing::info!(?auth_mode, keys = state.directory.key_count(), "auth");
@@ -285,6 +291,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .is_err()
     {
         tracing::error!("usage writer did not finish within 60 s");
+    }
+    // The sampler went with the state: the counting thread writes its last
+    // counts and ends.
+    if let Some(counter) = word_counter {
+        let joined = tokio::task::spawn_blocking(move || counter.join());
+        if tokio::time::timeout(Duration::from_secs(10), joined)
+            .await
+            .is_err()
+        {
+            tracing::warn!("word counts not written within 10 s");
+        }
     }
     if let Some(pg) = store.shared() {
         // Every row is written: this replica's leases hold nothing more.

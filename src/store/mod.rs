@@ -277,6 +277,45 @@ pub struct CountsRow {
     pub capped: bool,
 }
 
+/// Words, characters and tokens summed over sampled requests of one team,
+/// model family, writing system and side (`word_counts`; see `words`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WordCount {
+    pub team: String,
+    pub family: String,
+    pub script: String,
+    pub side: String,
+    pub samples: u64,
+    pub words: u64,
+    pub chars: u64,
+    pub tokens: u64,
+}
+
+impl WordCount {
+    pub(crate) fn from_row<R>(r: &R) -> Result<WordCount, sqlx::Error>
+    where
+        R: sqlx::Row,
+        for<'c> &'c str: sqlx::ColumnIndex<R>,
+        for<'q> String: sqlx::Decode<'q, R::Database> + sqlx::Type<R::Database>,
+        for<'q> i64: sqlx::Decode<'q, R::Database> + sqlx::Type<R::Database>,
+    {
+        let n = |c: &str| {
+            r.try_get::<i64, _>(c)
+                .map(|v| u64::try_from(v).unwrap_or(0))
+        };
+        Ok(WordCount {
+            team: r.try_get("team")?,
+            family: r.try_get("family")?,
+            script: r.try_get("script")?,
+            side: r.try_get("side")?,
+            samples: n("samples")?,
+            words: n("words")?,
+            chars: n("chars")?,
+            tokens: n("tokens")?,
+        })
+    }
+}
+
 /// The columns `CountsRow` is read from; `breakdown` is the store's
 /// spelling of `cost_breakdown` as text.
 pub(crate) fn counts_columns(breakdown: &str) -> String {
@@ -610,6 +649,22 @@ impl Store {
     /// Every usage row since `since`, with its counts (`report --shadow`).
     pub async fn counts_since(&self, since: DateTime<Utc>) -> Result<Vec<CountsRow>, StoreError> {
         either!(self, s => s.counts_since(since).await)
+    }
+
+    /// Adds sampled word counts (the word-counting thread's flush).
+    pub async fn insert_word_counts(&self, rows: &[WordCount]) -> Result<(), StoreError> {
+        self.check_file()?;
+        either!(self, s => s.insert_word_counts(rows).await)
+    }
+
+    /// Word counts since `since` (one team's, or all), summed per family,
+    /// script and side; `team` is then empty unless one was asked for.
+    pub async fn word_counts_since(
+        &self,
+        since: DateTime<Utc>,
+        team: Option<&str>,
+    ) -> Result<Vec<WordCount>, StoreError> {
+        either!(self, s => s.word_counts_since(since, team).await)
     }
 
     pub async fn close(&self) {

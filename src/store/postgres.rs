@@ -11,7 +11,8 @@ use sqlx::{PgPool, Row};
 
 use super::{
     component_sums, counts_columns, row_components, time_text, to_i64, to_u64, ColumnType,
-    CountsRow, KeyRow, ReportBy, ReportRow, StoreError, TeamRow, UsageRecord, Value, USAGE_COLUMNS,
+    CountsRow, KeyRow, ReportBy, ReportRow, StoreError, TeamRow, UsageRecord, Value, WordCount,
+    USAGE_COLUMNS,
 };
 use crate::budget::{Budget, Period};
 use crate::pricing::NanoUsd;
@@ -429,6 +430,50 @@ impl PostgresStore {
         Ok(rows
             .iter()
             .map(CountsRow::from_row)
+            .collect::<Result<_, _>>()?)
+    }
+
+    pub async fn insert_word_counts(&self, rows: &[WordCount]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for r in rows {
+            sqlx::query(
+                "INSERT INTO word_counts (team, family, script, side, samples, words, chars, tokens) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(&r.team)
+            .bind(&r.family)
+            .bind(&r.script)
+            .bind(&r.side)
+            .bind(to_i64(r.samples))
+            .bind(to_i64(r.words))
+            .bind(to_i64(r.chars))
+            .bind(to_i64(r.tokens))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn word_counts_since(
+        &self,
+        since: DateTime<Utc>,
+        team: Option<&str>,
+    ) -> Result<Vec<WordCount>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT COALESCE($2, '') AS team, family, script, side, SUM(samples)::BIGINT AS samples, \
+             SUM(words)::BIGINT AS words, SUM(chars)::BIGINT AS chars, SUM(tokens)::BIGINT AS tokens \
+             FROM word_counts WHERE ($1::timestamptz IS NULL OR created_at >= $1) \
+             AND ($2::text IS NULL OR team = $2) \
+             GROUP BY family, script, side ORDER BY family, script, side",
+        )
+        .bind(pg_time(since))
+        .bind(team)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(WordCount::from_row)
             .collect::<Result<_, _>>()?)
     }
 

@@ -11,7 +11,8 @@ use sqlx::Row;
 
 use super::{
     component_sums, counts_columns, now_text, row_components, time_text, to_i64, CountsRow, KeyRow,
-    ReportBy, ReportRow, StoreError, TeamRow, UsageRecord, Value, DETAIL_COLUMNS, USAGE_COLUMNS,
+    ReportBy, ReportRow, StoreError, TeamRow, UsageRecord, Value, WordCount, DETAIL_COLUMNS,
+    USAGE_COLUMNS,
 };
 use crate::budget::{Budget, Period};
 use crate::pricing::NanoUsd;
@@ -304,6 +305,53 @@ impl SqliteStore {
         Ok(rows
             .iter()
             .map(CountsRow::from_row)
+            .collect::<Result<_, _>>()?)
+    }
+
+    pub async fn insert_word_counts(&self, rows: &[WordCount]) -> Result<(), StoreError> {
+        let now = now_text();
+        let mut tx = self.writer.begin().await?;
+        for r in rows {
+            sqlx::query(
+                "INSERT INTO word_counts (created_at, team, family, script, side, samples, words, chars, tokens) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&now)
+            .bind(&r.team)
+            .bind(&r.family)
+            .bind(&r.script)
+            .bind(&r.side)
+            .bind(to_i64(r.samples))
+            .bind(to_i64(r.words))
+            .bind(to_i64(r.chars))
+            .bind(to_i64(r.tokens))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn word_counts_since(
+        &self,
+        since: DateTime<Utc>,
+        team: Option<&str>,
+    ) -> Result<Vec<WordCount>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT COALESCE(?, '') AS team, family, script, side, SUM(samples) AS samples, \
+             SUM(words) AS words, SUM(chars) AS chars, SUM(tokens) AS tokens FROM word_counts \
+             WHERE created_at >= ? AND (? IS NULL OR team = ?) \
+             GROUP BY family, script, side ORDER BY family, script, side",
+        )
+        .bind(team)
+        .bind(time_text(since))
+        .bind(team)
+        .bind(team)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(WordCount::from_row)
             .collect::<Result<_, _>>()?)
     }
 

@@ -7,7 +7,7 @@
 //! - `x-mock-usage: omit`        no usage anywhere (JSON or stream)
 //! - `x-mock-prompt-tokens`, `x-mock-completion-tokens`, `x-mock-cached-tokens`:
 //!   the usage to report (default 10 / 5 / 0)
-//! - `x-mock-content: TEXT`      the reply text (default "Hello from the mock")
+//! - `x-mock-content: TEXT`      the reply text, UTF-8 (default "Hello from the mock")
 //! - `x-mock-chunk-delay-ms: N`  pause between stream chunks
 //! - `x-mock-repeat: N`          stream the content N times over (a long stream)
 //! - `x-mock-cut-after: N`       break the connection after N content chunks
@@ -185,10 +185,11 @@ const RAW_USAGE: &str = "__RAW_USAGE__";
 
 impl Behaviour {
     fn from(headers: &HeaderMap) -> Behaviour {
+        // UTF-8 allowed (`x-mock-content` in any script).
         let get = |name: &str| {
             headers
                 .get(name)
-                .and_then(|v| v.to_str().ok())
+                .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
                 .map(str::to_string)
         };
         let num =
