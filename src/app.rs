@@ -25,6 +25,8 @@ pub struct AppState {
     pub ledger: Arc<Ledger>,
     /// Samples requests for tokens per word (`words`).
     pub words: crate::words::WordSampler,
+    /// Trailing windows of the self-hosted models served (`pricing::gpu`).
+    pub gpu: crate::pricing::gpu::GpuMeters,
 }
 
 impl AppState {

@@ -366,6 +366,9 @@ pub struct Metrics {
     pub upstream_attempts: IntCounterVec,
     /// What requests would have cost as another model (`[[shadow]]`).
     pub shadow_cost: Arc<MoneyCounter>,
+    /// Self-hosted models (`pricing::gpu`), set at scrape time.
+    pub selfhosted_usd_per_mtok: GaugeVec,
+    pub selfhosted_tokens_per_second: GaugeVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -429,6 +432,20 @@ impl Metrics {
                 "Fine-tuned model price divided by its base model's price.",
             ),
             &["model", "base_model", "kind"],
+        )?;
+        let selfhosted_usd_per_mtok = GaugeVec::new(
+            Opts::new(
+                "tollgate_selfhosted_usd_per_mtok",
+                "A self-hosted model's effective price now: GPU cost of the trailing window over the tokens it served (at least the floor), USD per million tokens.",
+            ),
+            &["model"],
+        )?;
+        let selfhosted_tokens_per_second = GaugeVec::new(
+            Opts::new(
+                "tollgate_selfhosted_tokens_per_second",
+                "Tokens (prompt + completion) a self-hosted model served per second over its trailing window.",
+            ),
+            &["model"],
         )?;
         let finetune_premium = Arc::new(MoneyCounter::new(
             "tollgate_finetune_premium_usd_total",
@@ -516,6 +533,8 @@ impl Metrics {
         registry.register(Box::new(overhead.clone()))?;
         registry.register(Box::new(SharedCollector(model_price.clone())))?;
         registry.register(Box::new(finetune_multiple.clone()))?;
+        registry.register(Box::new(selfhosted_usd_per_mtok.clone()))?;
+        registry.register(Box::new(selfhosted_tokens_per_second.clone()))?;
         registry.register(Box::new(SharedCollector(finetune_premium.clone())))?;
         registry.register(Box::new(unpriced.clone()))?;
         registry.register(Box::new(SharedCollector(cost_by_component.clone())))?;
@@ -553,6 +572,8 @@ impl Metrics {
             overhead,
             model_price,
             finetune_multiple,
+            selfhosted_usd_per_mtok,
+            selfhosted_tokens_per_second,
             finetune_premium,
             unpriced,
             cost_by_component,
@@ -646,6 +667,21 @@ impl Metrics {
                     .with_label_values(&[model, base_model, kind])
                     .set(f.0 as f64 / b.0 as f64);
             }
+        }
+    }
+
+    /// Self-hosted models' windows, set at scrape time (a model leaves when
+    /// the catalog no longer prices it by GPU).
+    pub fn publish_selfhosted(&self, readings: &[crate::pricing::gpu::GpuReading]) {
+        self.selfhosted_usd_per_mtok.reset();
+        self.selfhosted_tokens_per_second.reset();
+        for r in readings {
+            self.selfhosted_usd_per_mtok
+                .with_label_values(&[&r.model])
+                .set(r.usd_per_mtok);
+            self.selfhosted_tokens_per_second
+                .with_label_values(&[&r.model])
+                .set(r.tokens_per_second);
         }
     }
 

@@ -87,6 +87,7 @@ pub fn compute(rows: &[CountsRow], words: &[WordCount], catalog: &Catalog) -> Va
         "finetuned": finetuned(&metered, catalog),
         "caching": caching(&metered, catalog),
         "batch": batch(&metered, catalog),
+        "selfhosted": selfhosted(&metered, catalog),
     })
 }
 
@@ -303,6 +304,146 @@ fn batch(rows: &[&CountsRow], catalog: &Catalog) -> Value {
     })
 }
 
+/// Self-hosted models (priced from GPU cost): the effective price per
+/// million tokens, charged and at the GPUs' cost over the period they were
+/// in use, their utilization (the share of that period with a request in
+/// flight), and throughput by concurrency: the seed's "batching raises
+/// throughput >10x", measured.
+fn selfhosted(rows: &[&CountsRow], catalog: &Catalog) -> Value {
+    let mut models: BTreeMap<&str, (crate::pricing::gpu::GpuPrice, Vec<&CountsRow>)> =
+        BTreeMap::new();
+    for r in rows.iter().filter(|r| r.status == 200) {
+        let Some(gpu) = price_of(catalog, r).and_then(|p| p.gpu.as_deref().cloned()) else {
+            continue;
+        };
+        models
+            .entry(&r.base_model)
+            .or_insert_with(|| (gpu, Vec::new()))
+            .1
+            .push(r);
+    }
+    let per_mtok =
+        |nano: u128, tokens: u128| (tokens > 0).then(|| (nano * 1_000_000 + tokens / 2) / tokens);
+    Value::Array(
+        models
+            .into_iter()
+            .map(|(model, (gpu, rows))| {
+                let tokens: u64 = rows
+                    .iter()
+                    .map(|r| r.usage.prompt_tokens + r.usage.completion_tokens)
+                    .sum();
+                let cost: u64 = rows.iter().map(|r| r.cost_nano_usd).sum();
+                let flight = in_flight(&rows);
+                let gpu_cost = (gpu.nano_usd_per_hour() * u128::from(flight.span_ms)
+                    + 1_800_000)
+                    / 3_600_000;
+                let levels: Vec<Value> = flight
+                    .levels
+                    .iter()
+                    .map(|(c, ms, toks)| {
+                        let tps = toks * 1000.0 / *ms as f64;
+                        json!({
+                            "concurrency": c,
+                            "seconds": round4(*ms as f64 / 1000.0),
+                            "tokens_per_second": round4(tps),
+                            "nano_usd_per_mtok": (tps > 0.0).then(|| {
+                                (gpu.nano_usd_per_hour() as f64 * 1e6 / (3600.0 * tps)).round() as u64
+                            }),
+                        })
+                    })
+                    .collect();
+                let tps_at = |i: usize| {
+                    flight
+                        .levels
+                        .get(i)
+                        .map(|(_, ms, toks)| toks * 1000.0 / *ms as f64)
+                };
+                let gain = match (tps_at(0), tps_at(flight.levels.len().wrapping_sub(1))) {
+                    (Some(first), Some(last)) if first > 0.0 && flight.levels.len() > 1 => {
+                        json!(round4(last / first))
+                    }
+                    _ => Value::Null,
+                };
+                json!({
+                    "model": model,
+                    "gpus": gpu.gpus,
+                    "requests": rows.len(),
+                    "tokens": tokens,
+                    "cost_nano_usd": cost,
+                    "nano_usd_per_mtok": per_mtok(u128::from(cost), u128::from(tokens)),
+                    "span_seconds": round4(flight.span_ms as f64 / 1000.0),
+                    "busy_seconds": round4(flight.busy_ms as f64 / 1000.0),
+                    "gpu_utilization": ratio(flight.busy_ms, flight.span_ms),
+                    "gpu_cost_nano_usd": gpu_cost,
+                    "nano_usd_per_mtok_at_gpu_cost": per_mtok(gpu_cost, u128::from(tokens)),
+                    "by_concurrency": levels,
+                    "throughput_gain_at_highest_concurrency": gain,
+                })
+            })
+            .collect(),
+    )
+}
+
+fn round4(x: f64) -> f64 {
+    (x * 10_000.0).round() / 10_000.0
+}
+
+/// Requests of one model over time.
+struct InFlight {
+    /// From the first request's start to the last one's end.
+    span_ms: u64,
+    /// Time with at least one request in flight.
+    busy_ms: u64,
+    /// (concurrency, milliseconds at it, tokens served during them), each
+    /// request's tokens spread evenly over its duration.
+    levels: Vec<(usize, u64, f64)>,
+}
+
+fn in_flight(rows: &[&CountsRow]) -> InFlight {
+    // (time, +1 start / -1 end, tokens per ms).
+    let mut events: Vec<(i64, i64, f64)> = Vec::with_capacity(rows.len() * 2);
+    for r in rows {
+        let ms = r.latency_ms.max(1);
+        let rate = (r.usage.prompt_tokens + r.usage.completion_tokens) as f64 / ms as f64;
+        let end = r
+            .started_ms
+            .saturating_add(i64::try_from(ms).unwrap_or(i64::MAX));
+        events.push((r.started_ms, 1, rate));
+        events.push((end, -1, rate));
+    }
+    // Ends before starts at the same instant: back to back is not overlap.
+    events.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+    let span_ms = match (events.first(), events.last()) {
+        (Some(first), Some(last)) => u64::try_from(last.0 - first.0).unwrap_or(0),
+        _ => 0,
+    };
+    let mut levels: BTreeMap<usize, (u64, f64)> = BTreeMap::new();
+    let (mut active, mut rate, mut busy_ms) = (0usize, 0.0f64, 0u64);
+    let mut last = events.first().map_or(0, |e| e.0);
+    for (t, delta, r) in events {
+        let dt = u64::try_from(t - last).unwrap_or(0);
+        if active > 0 && dt > 0 {
+            busy_ms += dt;
+            let level = levels.entry(active).or_default();
+            level.0 += dt;
+            level.1 += rate * dt as f64;
+        }
+        last = t;
+        if delta > 0 {
+            active += 1;
+            rate += r;
+        } else {
+            active = active.saturating_sub(1);
+            rate = if active == 0 { 0.0 } else { rate - r };
+        }
+    }
+    InFlight {
+        span_ms,
+        busy_ms,
+        levels: levels.into_iter().map(|(c, (ms, t))| (c, ms, t)).collect(),
+    }
+}
+
 /// A share as a percentage (`0.4661` -> `46.61%`).
 fn percent(v: &Value) -> String {
     v.as_f64()
@@ -411,6 +552,31 @@ pub fn text(v: &Value) -> String {
         usd(&b["at_batch_prices_nano_usd"]),
         usd(&b["saving_nano_usd"]),
     ));
+    for m in v["selfhosted"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "\nSelf-hosted {} ({} GPUs): ${} per M tokens charged, ${} at GPU cost, {} utilized\n",
+            m["model"].as_str().unwrap_or(""),
+            m["gpus"],
+            usd(&m["nano_usd_per_mtok"]),
+            usd(&m["nano_usd_per_mtok_at_gpu_cost"]),
+            percent(&m["gpu_utilization"]),
+        ));
+        for l in m["by_concurrency"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "  {:>3} in flight: {:>12} tokens/s, ${} per M tokens ({} s)\n",
+                l["concurrency"],
+                l["tokens_per_second"],
+                usd(&l["nano_usd_per_mtok"]),
+                l["seconds"],
+            ));
+        }
+        if !m["throughput_gain_at_highest_concurrency"].is_null() {
+            out.push_str(&format!(
+                "  batching raised throughput {}x\n",
+                m["throughput_gain_at_highest_concurrency"]
+            ));
+        }
+    }
     out
 }
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use super::gpu::GpuPrice;
 use super::money::Rate;
 use super::price::{CallFee, Component, LongContext, ModelPrice, Rates};
 use crate::usage::{Encoding, ToolCalls};
@@ -116,9 +117,48 @@ struct RawModel {
     batch: Option<RawRates>,
     long_context: Option<RawLongContext>,
     tool_calls: Option<BTreeMap<String, f64>>,
+    /// Self-hosted (`pricing::gpu`): instead of token prices.
+    gpu_usd_per_hour: Option<f64>,
+    gpus: Option<u32>,
+    min_tokens_per_second: Option<u64>,
+    window_seconds: Option<u64>,
 }
 
 impl RawModel {
+    /// The GPU price of a self-hosted row; `None` for token-priced rows.
+    fn gpu(&self, at: &str) -> Result<Option<GpuPrice>, String> {
+        let Some(usd) = self.gpu_usd_per_hour else {
+            if self.gpus.is_some()
+                || self.min_tokens_per_second.is_some()
+                || self.window_seconds.is_some()
+            {
+                return Err(format!(
+                    "{at}: gpus, min_tokens_per_second and window_seconds go with gpu_usd_per_hour"
+                ));
+            }
+            return Ok(None);
+        };
+        if self.input.is_some() || self.output.is_some() {
+            return Err(format!(
+                "{at}: a row is priced by tokens (input, output) or by GPU cost (gpu_usd_per_hour), not both"
+            ));
+        }
+        let floor = self.min_tokens_per_second.ok_or_else(|| {
+            format!(
+                "{at}.min_tokens_per_second: missing (the throughput floor gpu_usd_per_hour needs)"
+            )
+        })?;
+        GpuPrice::new(
+            usd,
+            self.gpus.unwrap_or(1),
+            floor,
+            self.window_seconds
+                .unwrap_or(super::gpu::DEFAULT_WINDOW_SECONDS),
+        )
+        .map(Some)
+        .map_err(|e| format!("{at}.{e}"))
+    }
+
     fn standard(&self) -> RawRates {
         RawRates {
             input: self.input,
@@ -181,11 +221,16 @@ impl Catalog {
         let mut empty_tiers = Vec::new();
         for (id, raw) in file.models {
             let at = format!("models.\"{id}\"");
-            let rates = raw.standard().rates(&at)?;
+            let gpu = raw.gpu(&at)?;
+            let mut rates = raw.standard().rates(&at)?;
+            if let Some(g) = &gpu {
+                rates.set(Component::Input, Some(g.ceiling()));
+                rates.set(Component::Output, Some(g.ceiling()));
+            }
             for required in [Component::Input, Component::Output] {
                 if rates.get(required).is_none() {
                     return Err(format!(
-                        "{at}.{}: missing (every row needs input and output)",
+                        "{at}.{}: missing (every row needs input and output, or gpu_usd_per_hour)",
                         required.key()
                     ));
                 }
@@ -260,6 +305,7 @@ impl Catalog {
                 tool_calls,
                 max_output_tokens: raw.max_output_tokens,
                 encoding,
+                gpu: gpu.map(Box::new),
                 worst: std::sync::OnceLock::new(),
             };
             models.insert(id, Arc::new(price));

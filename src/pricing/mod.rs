@@ -1,6 +1,7 @@
 //! Prices: the catalog, model-id resolution and exact cost in nano-USD.
 
 pub mod catalog;
+pub mod gpu;
 pub mod litellm;
 pub mod money;
 pub mod price;

@@ -129,10 +129,12 @@ pub enum Line {
     ImageInput,
     ImageOutput,
     ToolCalls,
+    /// A self-hosted model's share of its GPUs' cost (`pricing::gpu`).
+    Gpu,
 }
 
 impl Line {
-    pub const COUNT: usize = 9;
+    pub const COUNT: usize = 10;
     pub const ALL: [Line; Line::COUNT] = [
         Line::Input,
         Line::CachedInput,
@@ -143,6 +145,7 @@ impl Line {
         Line::ImageInput,
         Line::ImageOutput,
         Line::ToolCalls,
+        Line::Gpu,
     ];
 
     pub fn name(self) -> &'static str {
@@ -156,6 +159,7 @@ impl Line {
             Line::ImageInput => "image_input",
             Line::ImageOutput => "image_output",
             Line::ToolCalls => "tool_calls",
+            Line::Gpu => "gpu",
         }
     }
 }
@@ -282,6 +286,9 @@ pub struct ModelPrice {
     pub tool_calls: Vec<(String, CallFee)>,
     pub max_output_tokens: Option<u64>,
     pub encoding: Option<Encoding>,
+    /// Self-hosted: priced from GPU cost over a trailing window; `rates`
+    /// then hold the ceiling (the price at the floor throughput).
+    pub gpu: Option<Box<super::gpu::GpuPrice>>,
     /// Highest (prompt-side, completion-side) rate per served tier (in
     /// `TIERS` order), below the long-context threshold: computed on first
     /// use, as every reservation needs it.
@@ -319,6 +326,7 @@ impl PartialEq for ModelPrice {
             && self.provider == other.provider
             && self.max_output_tokens == other.max_output_tokens
             && self.encoding == other.encoding
+            && self.gpu == other.gpu
     }
 }
 
@@ -350,6 +358,7 @@ impl ModelPrice {
             tool_calls: Vec::new(),
             max_output_tokens: None,
             encoding: None,
+            gpu: None,
             worst: std::sync::OnceLock::new(),
         }
     }
@@ -555,6 +564,8 @@ impl ModelPrice {
             tool_calls: self.tool_calls.clone(),
             max_output_tokens: self.max_output_tokens,
             encoding: self.encoding,
+            // A fine-tune of a self-hosted model: its multiple of the ceiling.
+            gpu: None,
             worst: std::sync::OnceLock::new(),
         }
     }
@@ -592,6 +603,17 @@ impl ModelPrice {
         put("provider", self.provider.into());
         put("max_output_tokens", self.max_output_tokens.into());
         put("encoding", self.encoding.map(|e| e.name()).into());
+        if let Some(g) = &self.gpu {
+            put(
+                "gpu",
+                serde_json::json!({
+                    "usd_per_gpu_hour": super::money::format_decimal(g.nano_usd_per_gpu_hour, 9),
+                    "gpus": g.gpus,
+                    "min_tokens_per_second": g.min_tokens_per_second,
+                    "window_seconds": g.window_seconds,
+                }),
+            );
+        }
         for (name, tier) in [
             ("flex", &self.flex),
             ("priority", &self.priority),
@@ -625,6 +647,8 @@ impl ModelPrice {
             ("priority", self.priority.is_some()),
             ("batch", self.batch.is_some()),
             ("long", self.long_context.is_some()),
+            // Priced from GPU cost; input and output show the ceiling.
+            ("gpu", self.gpu.is_some()),
         ] {
             if present {
                 names.push(name);

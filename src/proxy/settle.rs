@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 
 use crate::app::AppState;
 use crate::metrics::{Metrics, Series};
-use crate::pricing::{NanoUsd, Priced, Resolved};
+use crate::pricing::{Breakdown, Line, ModelPrice, NanoUsd, Priced, Resolved};
 use crate::store::UsageRecord;
 use crate::usage::read::Served;
 use crate::usage::{Endpoint, ServiceTier, ToolCalls, Usage};
@@ -154,7 +154,13 @@ pub fn settle(
     // The catalog's own tool-call fees, only when there are calls to price.
     let catalog = (usage.tool_calls.total() > 0).then(|| state.catalog.load());
     let fees = catalog.as_ref().map_or(&[][..], |c| c.tool_call_fees());
-    let priced = price.map_or_else(Priced::default, |p| p.price(&usage, tier, fees));
+    let priced = match (price, ctx.resolved.as_ref()) {
+        // Self-hosted: its tokens' share of the GPUs' trailing window.
+        (Some(p), Some(resolved)) if p.gpu.is_some() => {
+            gpu_priced(state, &resolved.base_model, p, &usage)
+        }
+        _ => price.map_or_else(Priced::default, |p| p.price(&usage, tier, fees)),
+    };
     let cost = priced.total;
     if let Some(reservation) = ctx.reservation.take() {
         let over = cost.0.saturating_sub(reservation.amount().0);
@@ -261,6 +267,27 @@ pub fn settle(
         ack,
     );
     cost
+}
+
+/// A self-hosted model's request: prompt and completion tokens at the
+/// effective rate of its trailing window (`pricing::gpu`), all on the
+/// breakdown's `gpu` line.
+fn gpu_priced(state: &AppState, model: &str, price: &ModelPrice, usage: &Usage) -> Priced {
+    let Some(gpu) = price.gpu.as_deref() else {
+        return Priced::default();
+    };
+    let tokens = usage.prompt_tokens.saturating_add(usage.completion_tokens);
+    if tokens == 0 {
+        return Priced::default();
+    }
+    let cost = state.gpu.price_at(model, gpu, tokens, state.gpu.now());
+    let mut breakdown = Breakdown::default();
+    breakdown.0[Line::Gpu as usize] = cost.0;
+    Priced {
+        total: cost,
+        breakdown,
+        ..Priced::default()
+    }
 }
 
 /// Prices `usage` as each model `[[shadow]]` names for the request's model

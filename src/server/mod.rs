@@ -101,6 +101,15 @@ fn not_ready(reason: &str) -> Response {
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     state.metrics.queue_depth.set(state.usage.depth() as i64);
     state.metrics.publish_budgets(&state.ledger.all());
+    let catalog = state.catalog.load();
+    state
+        .metrics
+        .publish_selfhosted(&state.gpu.readings(|model| {
+            catalog
+                .resolve(model)
+                .price
+                .and_then(|p| p.gpu.as_deref().cloned())
+        }));
     match state.metrics.render() {
         Ok(text) => (
             [(
@@ -243,6 +252,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         directory: Directory::default(),
         ledger,
         words,
+        gpu: Default::default(),
     });
     state.refresh().await?;
     tracing::info!(?auth_mode, keys = state.directory.key_count(), "auth");

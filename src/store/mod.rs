@@ -275,6 +275,9 @@ pub struct CountsRow {
     pub breakdown: [u64; crate::pricing::Line::COUNT],
     pub choices: u16,
     pub capped: bool,
+    /// When the request arrived, in Unix milliseconds, and how long it took.
+    pub started_ms: i64,
+    pub latency_ms: u64,
 }
 
 /// Words, characters and tokens summed over sampled requests of one team,
@@ -317,13 +320,14 @@ impl WordCount {
 }
 
 /// The columns `CountsRow` is read from; `breakdown` is the store's
-/// spelling of `cost_breakdown` as text.
-pub(crate) fn counts_columns(breakdown: &str) -> String {
+/// spelling of `cost_breakdown` as text, `started_ms` of `created_at` in
+/// Unix milliseconds.
+pub(crate) fn counts_columns(breakdown: &str, started_ms: &str) -> String {
     format!(
         "team, model, base_model, endpoint, stream, status, service_tier, prompt_tokens, \
          completion_tokens, cached_tokens, cache_write_tokens, audio_prompt_tokens, \
          audio_completion_tokens, image_tokens, reasoning_tokens, tool_calls, cost_nano_usd, \
-         choices, capped, {breakdown} AS breakdown"
+         choices, capped, latency_ms, {breakdown} AS breakdown, {started_ms} AS started_ms"
     )
 }
 
@@ -380,6 +384,8 @@ impl CountsRow {
             breakdown,
             choices: u16::try_from(r.try_get::<i32, _>("choices")?).unwrap_or(1),
             capped: r.try_get("capped")?,
+            started_ms: r.try_get("started_ms")?,
+            latency_ms: n("latency_ms")?,
         })
     }
 }

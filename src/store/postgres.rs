@@ -421,7 +421,10 @@ impl PostgresStore {
         let sql = format!(
             "SELECT {} FROM usage \
              WHERE ($1::timestamptz IS NULL OR created_at >= $1) ORDER BY id",
-            counts_columns("cost_breakdown::text")
+            counts_columns(
+                "cost_breakdown::text",
+                "(EXTRACT(EPOCH FROM created_at) * 1000)::BIGINT",
+            )
         );
         let rows = sqlx::query(&sql)
             .bind(pg_time(since))

@@ -533,7 +533,7 @@ mod tests {
             attempts: 1,
             choices: 1,
             capped: false,
-            cost_breakdown: crate::pricing::Breakdown([1, 0, 0, 2, 0, 0, 0, 0, 0]),
+            cost_breakdown: crate::pricing::Breakdown([1, 0, 0, 2, 0, 0, 0, 0, 0, 0]),
             budget_period: Some("total".into()),
             lease_node: None,
         }

@@ -296,7 +296,11 @@ impl SqliteStore {
     pub async fn counts_since(&self, since: DateTime<Utc>) -> Result<Vec<CountsRow>, StoreError> {
         let sql = format!(
             "SELECT {} FROM usage WHERE created_at >= ? ORDER BY id",
-            counts_columns("cost_breakdown")
+            counts_columns(
+                "cost_breakdown",
+                "(CAST(strftime('%s', created_at) AS INTEGER) * 1000 \
+                 + CAST(substr(created_at, 21, 3) AS INTEGER))",
+            )
         );
         let rows = sqlx::query(&sql)
             .bind(time_text(since))
