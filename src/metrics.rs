@@ -197,6 +197,7 @@ pub struct Series {
     component_cost: [OnceLock<Arc<AtomicU64>>; crate::pricing::Line::COUNT],
     tier_cost: [OnceLock<Arc<AtomicU64>>; TIERS.len()],
     cache_savings: OnceLock<Arc<AtomicU64>>,
+    batch_saving: OnceLock<Arc<AtomicU64>>,
     time_to_first_byte: OnceLock<Histogram>,
     endpoints: [OnceLock<EndpointSeries>; Endpoint::COUNT],
 }
@@ -309,6 +310,16 @@ impl Series {
         );
     }
 
+    /// Adds to `tollgate_batch_saving_usd_total`: what a non-streamed
+    /// standard request would have cost less at its model's Batch prices.
+    pub fn add_batch_saving(&self, m: &Metrics, saved: NanoUsd) {
+        add_nano(
+            self.batch_saving
+                .get_or_init(|| m.batch_saving.cell(&[&self.team, &self.model])),
+            saved,
+        );
+    }
+
     pub fn observe_first_byte(&self, m: &Metrics, seconds: f64) {
         self.time_to_first_byte
             .get_or_init(|| m.time_to_first_byte.with_label_values(&[&self.model]))
@@ -369,6 +380,15 @@ pub struct Metrics {
     /// Self-hosted models (`pricing::gpu`), set at scrape time.
     pub selfhosted_usd_per_mtok: GaugeVec,
     pub selfhosted_tokens_per_second: GaugeVec,
+    /// `tollgate numbers` live: answers at their output cap, choices beyond
+    /// the first (`n > 1`), Batch API savings missed.
+    pub capped: IntCounterVec,
+    pub extra_choices: IntCounterVec,
+    pub batch_saving: Arc<MoneyCounter>,
+    /// Sampled word counts (`words`), by family, script and side.
+    pub words: IntCounterVec,
+    pub word_chars: IntCounterVec,
+    pub word_tokens: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -559,6 +579,44 @@ impl Metrics {
             &["team", "model", "shadow_model"],
         )?);
         registry.register(Box::new(SharedCollector(shadow_cost.clone())))?;
+        let capped = IntCounterVec::new(
+            Opts::new(
+                "tollgate_capped_requests_total",
+                "Answers that stopped at their output cap (finish_reason length, stop_reason max_tokens, incomplete max_output_tokens).",
+            ),
+            &["team", "model"],
+        )?;
+        let extra_choices = IntCounterVec::new(
+            Opts::new(
+                "tollgate_extra_choices_total",
+                "Choices asked for beyond the first (n > 1).",
+            ),
+            &["team", "model"],
+        )?;
+        let batch_saving = Arc::new(MoneyCounter::new(
+            "tollgate_batch_saving_usd_total",
+            "What non-streamed requests served at standard prices would have cost less at their model's Batch API prices, in USD.",
+            &["team", "model"],
+        )?);
+        let word_counter = |name: &str, help: &str| {
+            IntCounterVec::new(Opts::new(name, help), &["family", "script", "side"])
+        };
+        let words = word_counter(
+            "tollgate_words_total",
+            "Words in sampled prompts and answers (numbers.word_sample_rate), by tokenizer family and writing system.",
+        )?;
+        let word_chars = word_counter(
+            "tollgate_word_chars_total",
+            "Characters (not whitespace) in sampled prompts and answers.",
+        )?;
+        let word_tokens = word_counter(
+            "tollgate_word_tokens_total",
+            "Tokens the provider reported for the sampled prompts and answers.",
+        )?;
+        for c in [&capped, &extra_choices, &words, &word_chars, &word_tokens] {
+            registry.register(Box::new(c.clone()))?;
+        }
+        registry.register(Box::new(SharedCollector(batch_saving.clone())))?;
         Ok(Metrics {
             registry,
             model_labels: LabelSet::new(MAX_MODEL_LABELS),
@@ -590,6 +648,12 @@ impl Metrics {
             records_dropped,
             upstream_attempts,
             shadow_cost,
+            capped,
+            extra_choices,
+            batch_saving,
+            words,
+            word_chars,
+            word_tokens,
         })
     }
 
@@ -628,6 +692,7 @@ impl Metrics {
                 component_cost: Default::default(),
                 tier_cost: Default::default(),
                 cache_savings: OnceLock::new(),
+                batch_saving: OnceLock::new(),
                 time_to_first_byte: OnceLock::new(),
                 endpoints: Default::default(),
             })

@@ -564,8 +564,8 @@ pub fn text(v: &Value) -> String {
         for l in m["by_concurrency"].as_array().into_iter().flatten() {
             out.push_str(&format!(
                 "  {:>3} in flight: {:>12} tokens/s, ${} per M tokens ({} s)\n",
-                l["concurrency"],
-                l["tokens_per_second"],
+                l["concurrency"].to_string(),
+                l["tokens_per_second"].to_string(),
                 usd(&l["nano_usd_per_mtok"]),
                 l["seconds"],
             ));

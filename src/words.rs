@@ -10,12 +10,13 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::Value;
 
+use crate::metrics::Metrics;
 use crate::store::{Store, WordCount};
 use crate::usage::{Encoding, Endpoint, Usage};
 
@@ -252,6 +253,7 @@ impl WordSampler {
     pub fn spawn(
         rate: f64,
         store: Store,
+        metrics: Arc<Metrics>,
         flush: Duration,
     ) -> (WordSampler, Option<std::thread::JoinHandle<()>>) {
         if rate <= 0.0 {
@@ -262,7 +264,7 @@ impl WordSampler {
         let handle = tokio::runtime::Handle::current();
         let thread = std::thread::Builder::new()
             .name("tollgate-words".into())
-            .spawn(move || count_loop(rx, store, handle, flush));
+            .spawn(move || count_loop(rx, store, &metrics, handle, flush));
         match thread {
             Ok(thread) => (
                 WordSampler {
@@ -323,6 +325,7 @@ struct Sums {
 fn count_loop(
     rx: mpsc::Receiver<Sample>,
     store: Store,
+    metrics: &Metrics,
     runtime: tokio::runtime::Handle,
     flush: Duration,
 ) {
@@ -333,6 +336,16 @@ fn count_loop(
         let open = match rx.recv_timeout(wait) {
             Ok(sample) => {
                 for (key, s) in count(&sample) {
+                    let labels = [key.1, key.2.label(), key.3.label()];
+                    metrics.words.with_label_values(&labels).inc_by(s.words);
+                    metrics
+                        .word_chars
+                        .with_label_values(&labels)
+                        .inc_by(s.chars);
+                    metrics
+                        .word_tokens
+                        .with_label_values(&labels)
+                        .inc_by(s.tokens);
                     let e = sums.entry(key).or_default();
                     e.samples += 1;
                     e.words += s.words;

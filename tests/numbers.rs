@@ -216,6 +216,18 @@ async fn the_numbers_are_measured_exactly_on_seeded_traffic() {
                "at_batch_prices_nano_usd": 3_075_000, "saving_nano_usd": 3_075_000})
     );
 
+    // The same counts, live, for the dashboard's tokens-per-word panels.
+    let metrics = tg.metrics().await;
+    for (name, value) in [
+        ("tollgate_words_total", 2350),
+        ("tollgate_word_chars_total", 7050),
+        ("tollgate_word_tokens_total", 3000),
+    ] {
+        let line =
+            format!(r#"{name}{{family="openai-o200k",script="latin",side="prompt"}} {value}"#);
+        assert!(metrics.lines().any(|l| l == line), "{line} not in /metrics");
+    }
+
     // One team's view, and the text report.
     let out = support::stdout(&tg.cli(&["numbers", "--team", "b", "--format", "json"]));
     let b: Value = serde_json::from_str(&out).unwrap_or_default();
@@ -320,5 +332,28 @@ async fn answers_at_their_output_cap_and_extra_choices_are_counted() {
     assert_eq!(
         n["choices"],
         json!({"requests": 1, "choices_per_request": 2.0, "extra_choices_cost_nano_usd": 60_000})
+    );
+    // The same, live: two answers at their cap, one extra choice; the Batch
+    // API would have halved the two non-streamed requests' 270,000 +
+    // 210,000 nano-USD (gpt-4o-mini's batch prices are half).
+    let metrics = tg.metrics().await;
+    let value = |prefix: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    assert_eq!(
+        value(r#"tollgate_capped_requests_total{model="gpt-4o-mini",team="c"}"#),
+        Some(2.0)
+    );
+    assert_eq!(
+        value(r#"tollgate_extra_choices_total{model="gpt-4o-mini",team="c"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(r#"tollgate_batch_saving_usd_total{team="c",model="gpt-4o-mini"}"#),
+        Some(0.000_24)
     );
 }

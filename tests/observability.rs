@@ -135,6 +135,19 @@ async fn generate_traffic(tg: &Tollgate) {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(r.status(), 200);
     let _ = r.bytes().await;
+    // The numbers: an answer at its cap, two choices, a Chinese answer
+    // (tokens per character), a self-hosted model.
+    let capped = ("x-mock-finish-reason", "length");
+    assert_eq!(
+        send("ml", chat_body("gpt-4o-mini"), Some(capped)).await,
+        200
+    );
+    let mut two = chat_body("gpt-4o-mini");
+    two["n"] = json!(2);
+    assert_eq!(send("search", two, None).await, 200);
+    let chinese = ("x-mock-content", "你好，世界");
+    assert_eq!(send("ml", chat_body("gpt-4o"), Some(chinese)).await, 200);
+    assert_eq!(send("ml", chat_body("llama-gpu"), None).await, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,10 +161,23 @@ async fn prometheus_scrapes_and_every_dashboard_and_alert_query_works() {
         return;
     };
     let mock = MockUpstream::start().await;
-    // A shadow rule, so the shadow-pricing panel has data.
+    // A shadow rule, so the shadow-pricing panel has data; every request's
+    // words counted; the bundled catalog plus a self-hosted model.
+    let catalog_dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let catalog = catalog_dir.path().join("catalog.toml");
+    let bundled = std::fs::read_to_string(repo("config/catalog.toml")).unwrap_or_default();
+    std::fs::write(
+        &catalog,
+        format!("{bundled}\n[models.\"llama-gpu\"]\ngpu_usd_per_hour = 2.5\nmin_tokens_per_second = 50\n"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let tg = Tollgate::start(
         &mock,
-        "[auth]\nmode = \"passthrough\"\n\n[[shadow]]\nmodels = [\"gpt-4o*\"]\nprice_as = [\"gpt-4o-mini\"]\n",
+        &format!(
+            "[auth]\nmode = \"passthrough\"\n\n[[shadow]]\nmodels = [\"gpt-4o*\"]\nprice_as = [\"gpt-4o-mini\"]\n\n\
+             [numbers]\nword_sample_rate = 1.0\n\n[catalog]\npath = \"{}\"\n",
+            catalog.display()
+        ),
     )
     .await;
     for args in [

@@ -245,4 +245,16 @@ async fn numbers_show_what_batching_does_to_throughput_and_cost() {
         "{text}"
     );
     assert!(text.contains("batching raised throughput 8.0x"), "{text}");
+    // The README shows this part of the output.
+    let shown = text
+        .split("\nSelf-hosted ")
+        .nth(1)
+        .map(|s| format!("Self-hosted {s}"))
+        .unwrap_or_default();
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .unwrap_or_default();
+    assert!(
+        readme.contains(&format!("```\n{shown}```\n")),
+        "README's self-hosted numbers are stale:\n{shown}"
+    );
 }

@@ -203,6 +203,27 @@ pub fn settle(
             m.set_finetune_multiple(model, &resolved.base_model, ft, base);
         }
     }
+    if served.capped {
+        m.capped.with_label_values(&[team, model]).inc();
+    }
+    if ctx.choices > 1 && status == 200 {
+        m.extra_choices
+            .with_label_values(&[team, model])
+            .inc_by(u64::from(ctx.choices - 1));
+    }
+    // What the Batch API would have charged for a request that did not
+    // need an answer now (not streamed, served at standard prices).
+    if let (Some(p), true) = (
+        price,
+        !ctx.stream && status == 200 && served.tier.is_none_or(|t| t == ServiceTier::Standard),
+    ) {
+        if p.batch.is_some() && p.gpu.is_none() {
+            let at_batch = p.price(&usage, ServiceTier::Batch, fees).total;
+            if cost.0 > at_batch.0 {
+                series.add_batch_saving(m, NanoUsd(cost.0 - at_batch.0));
+            }
+        }
+    }
     if !state.config.shadow.is_empty() && (usage.prompt_tokens > 0 || usage.completion_tokens > 0) {
         shadow_price(state, ctx, series.team(), &usage, tier);
     }

@@ -238,6 +238,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let (words, word_counter) = crate::words::WordSampler::spawn(
         config.numbers.word_sample_rate,
         store.clone(),
+        metrics.clone(),
         Duration::from_millis(config.database.flush_interval_ms.max(1000)),
     );
     let state = Arc::new(AppState {
