@@ -408,16 +408,19 @@ fn count(sample: &Sample) -> Vec<(Key, Sums)> {
             ));
         }
     };
+    let request = serde_json::from_slice::<Value>(&sample.request).unwrap_or(Value::Null);
     if u.audio_prompt_tokens == 0 && u.image_prompt_tokens == 0 {
-        if let Some(text) = serde_json::from_slice::<Value>(&sample.request)
-            .ok()
-            .and_then(|r| prompt_text(sample.endpoint, &r))
-        {
+        if let Some(text) = prompt_text(sample.endpoint, &request) {
             side(Side::Prompt, text, u.prompt_tokens);
         }
     }
-    let plain_answer =
-        u.reasoning_tokens == 0 && u.audio_completion_tokens == 0 && u.image_completion_tokens == 0;
+    // Claude's extended thinking bills every thinking token as output but
+    // shows a summary: its answers' words are not their tokens'.
+    let thinking = request["thinking"]["type"] == "enabled";
+    let plain_answer = u.reasoning_tokens == 0
+        && u.audio_completion_tokens == 0
+        && u.image_completion_tokens == 0
+        && !thinking;
     if plain_answer && sample.endpoint != Endpoint::Embeddings {
         let mut text = TextCount::default();
         match &sample.answer {
@@ -636,5 +639,14 @@ mod tests {
             ..Usage::tokens(6, 4)
         };
         assert!(count(&sample(estimated)).is_empty());
+        let mut thinking = sample(Usage::tokens(6, 4));
+        thinking.request = Bytes::from(
+            json!({"thinking": {"type": "enabled", "budget_tokens": 2000},
+                   "messages": [{"role": "user", "content": "one two three"}]})
+            .to_string(),
+        );
+        thinking.endpoint = Endpoint::Messages;
+        let sides: Vec<Side> = count(&thinking).iter().map(|(k, _)| k.3).collect();
+        assert_eq!(sides, vec![Side::Prompt]);
     }
 }
