@@ -7,6 +7,9 @@
 #
 #   bash bench/compare.sh OLD_BIN NEW_BIN [ROUNDS]     (BENCH_DURATION=10s)
 #
+# OLD_EXTRA / NEW_EXTRA: TOML appended to that server's config (one binary
+# against itself with a feature off, e.g. NEW_EXTRA=$'[numbers]\nword_sample_rate = 0').
+#
 # Build the old binary from a worktree of the commit to compare with, e.g.
 #   git worktree add /tmp/base <commit> && (cd /tmp/base && cargo build --release)
 set -euo pipefail
@@ -25,7 +28,7 @@ ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 MOCK=$(free_port)
 target/release/examples/bench_mock "127.0.0.1:$MOCK" >/dev/null & PIDS+=($!)
-start() { # $1 = binary, $2 = name; prints "port pid key"
+start() { # $1 = binary, $2 = name, $3 = extra TOML; prints "port pid key"
   local port dir
   port=$(free_port); dir=$WORK/$2; mkdir -p "$dir"
   cat > "$dir/tollgate.toml" <<TOML
@@ -39,6 +42,7 @@ url = "sqlite://$dir/tollgate.db"
 name = "mock"
 base_url = "http://127.0.0.1:$MOCK/v1"
 api_key = "sk-bench"
+$3
 TOML
   TOLLGATE_LOG=warn "$1" serve --config "$dir/tollgate.toml" 2>"$dir/log" &
   local pid=$!
@@ -48,8 +52,8 @@ TOML
   key=$("$1" keys create --team bench --config "$dir/tollgate.toml" 2>/dev/null | head -1)
   echo "$port $pid $key"
 }
-read -r OLD_PORT OLD_PID OLD_KEY < <(start "$OLD" old); PIDS+=("$OLD_PID")
-read -r NEW_PORT NEW_PID NEW_KEY < <(start "$NEW" new); PIDS+=("$NEW_PID")
+read -r OLD_PORT OLD_PID OLD_KEY < <(start "$OLD" old "${OLD_EXTRA:-}"); PIDS+=("$OLD_PID")
+read -r NEW_PORT NEW_PID NEW_KEY < <(start "$NEW" new "${NEW_EXTRA:-}"); PIDS+=("$NEW_PID")
 sleep 0.7   # both servers load their new key within 500 ms
 echo '{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello in one short sentence."}], "max_tokens": 64}' > "$WORK/chat.json"
 

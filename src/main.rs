@@ -486,16 +486,13 @@ async fn numbers(
     format: OutputFormat,
     config: &Config,
 ) -> anyhow::Result<ExitCode> {
-    let (catalog, mut rows) = counts_since(since, config).await?;
-    if let Some(team) = team {
-        rows.retain(|r| r.team == team);
-    }
+    let (catalog, rows) = counts_since(since, config).await?;
     let store = open_store(config, false).await?;
     let words = store
         .word_counts_since(manage::parse_since(since, chrono::Utc::now())?, team)
         .await;
     store.close().await;
-    let numbers = tollgate::numbers::compute(&rows, &words?, &catalog);
+    let numbers = tollgate::numbers::compute(&rows, team, &words?, &catalog);
     match format {
         OutputFormat::Json => print_json(&numbers),
         OutputFormat::Table => print!("{}", tollgate::numbers::text(&numbers)),

@@ -28,12 +28,25 @@ fn generates(endpoint: &str) -> bool {
 const OUTPUT_LINES: [Line; 3] = [Line::Output, Line::AudioOutput, Line::ImageOutput];
 
 fn output_cost(row: &CountsRow) -> u64 {
-    Line::ALL
+    let lines: u64 = Line::ALL
         .iter()
         .zip(row.breakdown)
         .filter(|(l, _)| OUTPUT_LINES.contains(l))
         .map(|(_, n)| n)
-        .sum()
+        .sum();
+    // A self-hosted row's GPU line: prompt and completion tokens pay the
+    // same rate, so the completion's share of its tokens.
+    let gpu = u128::from(row.breakdown[Line::Gpu as usize]);
+    let tokens = u128::from(row.usage.prompt_tokens) + u128::from(row.usage.completion_tokens);
+    let gpu_output = (gpu * u128::from(row.usage.completion_tokens))
+        .checked_div(tokens)
+        .unwrap_or(0);
+    lines + u64::try_from(gpu_output).unwrap_or(0)
+}
+
+/// Priced from GPU cost (`pricing::gpu`): no token prices to compare.
+fn gpu_priced(price: &ModelPrice) -> bool {
+    price.gpu.is_some()
 }
 
 pub(crate) fn ratio(a: u64, b: u64) -> Value {
@@ -69,12 +82,23 @@ fn price_as(price: &ModelPrice, usage: &Usage, tier: ServiceTier, catalog: &Cata
     price.price(usage, tier, catalog.tool_call_fees()).total.0
 }
 
-/// Every number, as JSON. `rows` are the period's usage rows (one team's
-/// when `--team` is given).
-pub fn compute(rows: &[CountsRow], words: &[WordCount], catalog: &Catalog) -> Value {
-    let metered: Vec<&CountsRow> = rows
+/// Every number, as JSON. `rows` are the period's usage rows; with `team`
+/// the numbers are that team's, but for self-hosted models, whose GPUs
+/// every team shares (their utilization and throughput are all traffic's).
+pub fn compute(
+    rows: &[CountsRow],
+    team: Option<&str>,
+    words: &[WordCount],
+    catalog: &Catalog,
+) -> Value {
+    let all: Vec<&CountsRow> = rows
         .iter()
         .filter(|r| r.usage.prompt_tokens > 0 || r.usage.completion_tokens > 0)
+        .collect();
+    let metered: Vec<&CountsRow> = all
+        .iter()
+        .copied()
+        .filter(|r| team.is_none_or(|t| r.team == t))
         .collect();
     json!({
         "requests": metered.len(),
@@ -87,7 +111,7 @@ pub fn compute(rows: &[CountsRow], words: &[WordCount], catalog: &Catalog) -> Va
         "finetuned": finetuned(&metered, catalog),
         "caching": caching(&metered, catalog),
         "batch": batch(&metered, catalog),
-        "selfhosted": selfhosted(&metered, catalog),
+        "selfhosted": selfhosted(&all, catalog),
     })
 }
 
@@ -182,7 +206,7 @@ fn model_numbers(rows: &[&CountsRow], catalog: &Catalog) -> Value {
             .iter()
             .filter(|(m, (_, t, c))| **m != top && per_1k(*t, *c) < top_per_1k)
             .filter_map(|(m, _)| {
-                let price = catalog.resolve(m).price?;
+                let price = catalog.resolve(m).price.filter(|p| !gpu_priced(p))?;
                 let cost: u64 = top_rows
                     .iter()
                     .map(|r| price_as(&price, &r.usage, tier_of(r), catalog))
@@ -265,7 +289,7 @@ fn caching(rows: &[&CountsRow], catalog: &Catalog) -> Value {
         prompt += r.usage.prompt_tokens;
         cached += r.usage.cached_tokens;
         if r.usage.cached_tokens > 0 {
-            if let Some(p) = price_of(catalog, r) {
+            if let Some(p) = price_of(catalog, r).filter(|p| !gpu_priced(p)) {
                 saved += p
                     .price(&r.usage, tier_of(r), catalog.tool_call_fees())
                     .cache_savings
@@ -289,7 +313,7 @@ fn batch(rows: &[&CountsRow], catalog: &Catalog) -> Value {
         .iter()
         .filter(|r| !r.stream && tier_of(r) == ServiceTier::Standard && r.status == 200)
     {
-        let Some(p) = price_of(catalog, r).filter(|p| p.batch.is_some()) else {
+        let Some(p) = price_of(catalog, r).filter(|p| p.batch.is_some() && !gpu_priced(p)) else {
             continue;
         };
         requests += 1;
@@ -312,7 +336,8 @@ fn batch(rows: &[&CountsRow], catalog: &Catalog) -> Value {
 fn selfhosted(rows: &[&CountsRow], catalog: &Catalog) -> Value {
     let mut models: BTreeMap<&str, (crate::pricing::gpu::GpuPrice, Vec<&CountsRow>)> =
         BTreeMap::new();
-    for r in rows.iter().filter(|r| r.status == 200) {
+    // Every request that used the GPUs, cut streams (499) included.
+    for r in rows {
         let Some(gpu) = price_of(catalog, r).and_then(|p| p.gpu.as_deref().cloned()) else {
             continue;
         };

@@ -232,8 +232,8 @@ pub struct Sample {
 /// Decides which requests are sampled and hands them to the counting
 /// thread.
 pub struct WordSampler {
-    /// Every `every`-th request is sampled; 0: none.
-    every: u64,
+    /// The share sampled, in millionths.
+    ppm: u64,
     seen: AtomicU64,
     tx: Option<mpsc::SyncSender<Sample>>,
 }
@@ -241,7 +241,7 @@ pub struct WordSampler {
 impl WordSampler {
     pub fn disabled() -> WordSampler {
         WordSampler {
-            every: 0,
+            ppm: 0,
             seen: AtomicU64::new(0),
             tx: None,
         }
@@ -256,10 +256,10 @@ impl WordSampler {
         metrics: Arc<Metrics>,
         flush: Duration,
     ) -> (WordSampler, Option<std::thread::JoinHandle<()>>) {
-        if rate <= 0.0 {
+        let ppm = (rate.clamp(0.0, 1.0) * 1e6).round() as u64;
+        if ppm == 0 {
             return (WordSampler::disabled(), None);
         }
-        let every = (1.0 / rate).round().max(1.0) as u64;
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let handle = tokio::runtime::Handle::current();
         let thread = std::thread::Builder::new()
@@ -268,7 +268,7 @@ impl WordSampler {
         match thread {
             Ok(thread) => (
                 WordSampler {
-                    every,
+                    ppm,
                     seen: AtomicU64::new(0),
                     tx: Some(tx),
                 },
@@ -285,15 +285,18 @@ impl WordSampler {
     /// atomic add when sampling is on); dropped when the thread is behind.
     pub fn offer(&self, make: impl FnOnce() -> Sample) {
         if let Some(tx) = &self.tx {
-            if self
-                .seen
-                .fetch_add(1, Ordering::Relaxed)
-                .is_multiple_of(self.every)
-            {
+            if sampled(self.seen.fetch_add(1, Ordering::Relaxed), self.ppm) {
                 let _ = tx.try_send(make());
             }
         }
     }
+}
+
+/// Whether the `n`-th request (from 0) is sampled at `ppm` millionths:
+/// exactly `ppm` of every million, evenly spread.
+fn sampled(n: u64, ppm: u64) -> bool {
+    let (n, ppm) = (u128::from(n), u128::from(ppm));
+    (n + 1) * ppm / 1_000_000 > n * ppm / 1_000_000
 }
 
 /// Key of the in-memory sums: team, family, script, side.
@@ -427,6 +430,9 @@ fn count(sample: &Sample) -> Vec<(Key, Sums)> {
             Answer::Texts(texts) => texts.iter().for_each(|t| text.add(t)),
             Answer::Body(body) => {
                 if let Ok(body) = serde_json::from_slice::<Value>(body) {
+                    if calls_tools(&body) {
+                        return out;
+                    }
                     for t in crate::usage::estimate::response_texts(sample.endpoint, &body) {
                         text.add(&t);
                     }
@@ -436,6 +442,25 @@ fn count(sample: &Sample) -> Vec<(Key, Sums)> {
         side(Side::Completion, text, u.completion_tokens);
     }
     out
+}
+
+/// Whether an answer calls tools (its tokens then include the calls'
+/// names and JSON arguments): chat `tool_calls` / `function_call`,
+/// Anthropic `tool_use` blocks, Responses `function_call` items.
+fn calls_tools(body: &Value) -> bool {
+    let chat = body["choices"].as_array().into_iter().flatten().any(|c| {
+        let m = &c["message"];
+        m["tool_calls"].as_array().is_some_and(|t| !t.is_empty()) || m["function_call"].is_object()
+    });
+    let blocks = ["content", "output"].iter().any(|key| {
+        body[*key].as_array().into_iter().flatten().any(|b| {
+            matches!(
+                b["type"].as_str(),
+                Some("tool_use" | "server_tool_use" | "function_call" | "custom_tool_call")
+            )
+        })
+    });
+    chat || blocks
 }
 
 /// The prompt's words, when all of it is text: `None` when it holds tools,
@@ -478,6 +503,14 @@ fn add_content(text: &mut TextCount, v: &Value) -> Option<()> {
             }
         }
         Value::Object(map) => {
+            // A message with tool calls or results: its tokens are not prose.
+            let role = map.get("role").and_then(Value::as_str);
+            if matches!(role, Some("tool" | "function"))
+                || map.get("tool_calls").is_some_and(|t| !t.is_null())
+                || map.get("function_call").is_some_and(|f| !f.is_null())
+            {
+                return None;
+            }
             if let Some(content) = map.get("content") {
                 add_content(text, content)?;
             } else {
@@ -595,6 +628,12 @@ mod tests {
         let tools = json!({"messages": [{"role": "user", "content": "hi"}],
             "tools": [{"type": "function", "function": {"name": "f"}}]});
         assert!(prompt_text(Endpoint::ChatCompletions, &tools).is_none());
+        let tool_turn = json!({"messages": [
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "c", "type": "function",
+             "function": {"name": "weather", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c", "content": "sunny"}]});
+        assert!(prompt_text(Endpoint::ChatCompletions, &tool_turn).is_none());
         let tokens = json!({"input": [[1, 2, 3]]});
         assert!(prompt_text(Endpoint::Embeddings, &tokens).is_none());
         let claude = json!({"system": [{"type": "text", "text": "Be brief."}],
@@ -603,6 +642,32 @@ mod tests {
         let responses = json!({"instructions": "Be brief.", "input": [
             {"role": "user", "content": [{"type": "input_text", "text": "one two"}]}]});
         assert_eq!(words(Endpoint::Responses, &responses), Some(4));
+    }
+
+    #[test]
+    fn the_sample_rate_is_kept_exactly() {
+        for (rate_ppm, want) in [
+            (10_000, 10),
+            (400_000, 400),
+            (700_000, 700),
+            (1_000_000, 1000),
+        ] {
+            let n = (0..1000).filter(|&i| sampled(i, rate_ppm)).count();
+            assert_eq!(n, want, "{rate_ppm}");
+        }
+        assert!(sampled(0, 1_000_000) && !sampled(0, 10_000) && sampled(99, 10_000));
+    }
+
+    #[test]
+    fn answers_calling_tools_are_recognized() {
+        let chat =
+            json!({"choices": [{"message": {"content": null, "tool_calls": [{"id": "c"}]}}]});
+        let claude = json!({"content": [{"type": "text", "text": "Let me look."},
+                                        {"type": "tool_use", "id": "t", "name": "f", "input": {}}]});
+        let responses = json!({"output": [{"type": "function_call", "arguments": "{}"}]});
+        let plain = json!({"choices": [{"message": {"content": "Hi", "tool_calls": []}}]});
+        assert!(calls_tools(&chat) && calls_tools(&claude) && calls_tools(&responses));
+        assert!(!calls_tools(&plain));
     }
 
     #[test]

@@ -161,6 +161,22 @@ async fn a_gpu_row_without_a_floor_is_refused() {
         err.contains("models.\"llama-local\".min_tokens_per_second: missing"),
         "{err}"
     );
+    // Token prices next to a GPU price would be ignored: refused instead.
+    std::fs::write(
+        &catalog,
+        "[models.\"llama-local\"]\ngpu_usd_per_hour = 2.5\nmin_tokens_per_second = 100\ncached_input = 0.1\n\n[models.\"llama-local\".batch]\ninput = 0.1\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let out = std::process::Command::new(support::BIN)
+        .args(["catalog", "check"])
+        .arg(&catalog)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not both (remove cached_input, batch)"),
+        "{err}"
+    );
 }
 
 /// Inserts a usage row of llama-local that started at `start_ms` (Unix
@@ -239,6 +255,12 @@ async fn numbers_show_what_batching_does_to_throughput_and_cost() {
         }]),
         "{n:#}"
     );
+    // One team's numbers still show the GPUs' whole traffic: every team
+    // shares them.
+    let out = support::stdout(&tg.cli(&["numbers", "--team", "nobody", "--format", "json"]));
+    let other: Value = serde_json::from_str(&out).unwrap_or_default();
+    assert_eq!(other["requests"], 0);
+    assert_eq!(other["selfhosted"], n["selfhosted"]);
     let text = support::stdout(&tg.cli(&["numbers"]));
     assert!(
         text.contains("Self-hosted llama-local (2 GPUs): $3.529411765 per M tokens charged, $1.411764706 at GPU cost, 25.00% utilized"),

@@ -138,9 +138,19 @@ impl RawModel {
             }
             return Ok(None);
         };
-        if self.input.is_some() || self.output.is_some() {
+        let token_prices = Component::ALL
+            .into_iter()
+            .filter(|c| self.standard().get(*c).is_some())
+            .map(Component::key)
+            .chain(self.flex.as_ref().map(|_| "flex"))
+            .chain(self.priority.as_ref().map(|_| "priority"))
+            .chain(self.batch.as_ref().map(|_| "batch"))
+            .chain(self.long_context.as_ref().map(|_| "long_context"))
+            .collect::<Vec<_>>();
+        if !token_prices.is_empty() {
             return Err(format!(
-                "{at}: a row is priced by tokens (input, output) or by GPU cost (gpu_usd_per_hour), not both"
+                "{at}: a row is priced by tokens or by GPU cost (gpu_usd_per_hour), not both (remove {})",
+                token_prices.join(", ")
             ));
         }
         let floor = self.min_tokens_per_second.ok_or_else(|| {

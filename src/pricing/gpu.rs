@@ -21,10 +21,16 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use super::money::{decimal_scaled, div_round_half_up, NanoUsd, Rate, ZEPTO_PER_NANO};
+use super::money::{decimal_scaled, NanoUsd, Rate, ZEPTO_PER_NANO};
 
 /// Seconds in the trailing window when the row sets none.
 pub const DEFAULT_WINDOW_SECONDS: u64 = 300;
+
+// Bounds that keep every product below in u128 (and rows sane).
+const MAX_WINDOW_SECONDS: u64 = 86_400;
+const MAX_GPUS: u32 = 1_000_000;
+const MAX_TOKENS_PER_SECOND: u64 = 1_000_000_000;
+const MAX_NANO_USD_PER_GPU_HOUR: u128 = 1_000_000 * 1_000_000_000;
 
 /// A catalog row's GPU price.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,11 +65,26 @@ impl GpuPrice {
                     .into(),
             );
         }
-        if window_seconds == 0 {
-            return Err("window_seconds: must be at least 1".into());
+        if window_seconds == 0 || window_seconds > MAX_WINDOW_SECONDS {
+            return Err(format!(
+                "window_seconds: must be 1 to {MAX_WINDOW_SECONDS} (a day)"
+            ));
+        }
+        if gpus > MAX_GPUS {
+            return Err(format!("gpus: {gpus} is more than {MAX_GPUS}"));
+        }
+        if min_tokens_per_second > MAX_TOKENS_PER_SECOND {
+            return Err(format!(
+                "min_tokens_per_second: {min_tokens_per_second} is more than {MAX_TOKENS_PER_SECOND}"
+            ));
         }
         let nano = decimal_scaled(&format!("{usd_per_gpu_hour}"), 9)
             .map_err(|e| format!("gpu_usd_per_hour: {e}"))?;
+        if nano > MAX_NANO_USD_PER_GPU_HOUR {
+            return Err(format!(
+                "gpu_usd_per_hour: {usd_per_gpu_hour} is more than $1,000,000 an hour"
+            ));
+        }
         Ok(GpuPrice {
             nano_usd_per_gpu_hour: nano,
             gpus,
@@ -96,7 +117,11 @@ impl GpuPrice {
         let numerator = u128::from(tokens)
             .saturating_mul(self.nano_usd_per_hour())
             .saturating_mul(u128::from(self.window_seconds));
-        let cost = div_round_half_up(numerator, 3600 * served);
+        // Rounded half up without `numerator + d / 2` (the numerator may be
+        // saturated for absurd token counts).
+        let d = 3600 * served;
+        let (q, r) = (numerator / d, numerator % d);
+        let cost = q + u128::from(r >= d - r);
         NanoUsd(u64::try_from(cost).unwrap_or(u64::MAX))
     }
 
@@ -127,13 +152,22 @@ impl Window {
         }
     }
 
+    /// Takes a new length (the catalog was reloaded with another
+    /// `window_seconds`).
+    fn resize(&mut self, seconds: u64, now: u64) {
+        if self.seconds != seconds {
+            self.seconds = seconds;
+            self.slide(now);
+        }
+    }
+
     /// Forgets what is older than the window ending at second `now`.
     fn slide(&mut self, now: u64) {
         while let Some(&(second, tokens)) = self.buckets.front() {
             if second + self.seconds > now {
                 break;
             }
-            self.total -= tokens;
+            self.total = self.total.saturating_sub(tokens);
             self.buckets.pop_front();
         }
     }
@@ -142,10 +176,10 @@ impl Window {
     pub fn record(&mut self, now: u64, tokens: u64) -> u64 {
         self.slide(now);
         match self.buckets.back_mut() {
-            Some((second, n)) if *second >= now => *n += tokens,
+            Some((second, n)) if *second >= now => *n = n.saturating_add(tokens),
             _ => self.buckets.push_back((now, tokens)),
         }
-        self.total += tokens;
+        self.total = self.total.saturating_add(tokens);
         self.total
     }
 
@@ -189,17 +223,24 @@ impl GpuMeters {
 
     fn window(&self, model: &str, seconds: u64) -> Option<Arc<Mutex<Window>>> {
         let mut windows = self.windows.lock().ok()?;
-        let w = windows
-            .entry(model.to_string())
-            .or_insert_with(|| Arc::new(Mutex::new(Window::new(seconds))));
-        Some(w.clone())
+        if let Some(w) = windows.get(model) {
+            return Some(w.clone());
+        }
+        let w = Arc::new(Mutex::new(Window::new(seconds)));
+        windows.insert(model.to_string(), w.clone());
+        Some(w)
     }
 
     /// Prices `tokens` of `model` served at second `now`.
     pub fn price_at(&self, model: &str, price: &GpuPrice, tokens: u64, now: u64) -> NanoUsd {
         let served = self
             .window(model, price.window_seconds)
-            .and_then(|w| w.lock().ok().map(|mut w| w.record(now, tokens)))
+            .and_then(|w| {
+                w.lock().ok().map(|mut w| {
+                    w.resize(price.window_seconds, now);
+                    w.record(now, tokens)
+                })
+            })
             // A poisoned lock: the floor alone (the highest price).
             .unwrap_or(0);
         price.cost(tokens, served)
@@ -215,7 +256,9 @@ impl GpuMeters {
             .iter()
             .filter_map(|(model, w)| {
                 let price = price_of(model)?;
-                let tokens = w.lock().ok()?.tokens(now);
+                let mut w = w.lock().ok()?;
+                w.resize(price.window_seconds, now);
+                let tokens = w.tokens(now);
                 Some(GpuReading {
                     model: model.clone(),
                     window_tokens: tokens,
@@ -231,6 +274,7 @@ impl GpuMeters {
 
 #[cfg(test)]
 mod tests {
+    use super::super::money::div_round_half_up;
     use super::*;
 
     /// $3.60 per GPU-hour, 2 GPUs ($0.002 per second), floor 100 tokens/s,
@@ -258,6 +302,14 @@ mod tests {
         );
         // t = 200: everything left; an idle window prices at the floor.
         assert_eq!(meters.price_at("m", &p, 1, 200), NanoUsd(20_000));
+        // A reload to a 10-second window: what is older leaves at once.
+        let shorter = GpuPrice::new(3.6, 2, 100, 10).unwrap_or_else(|e| panic!("{e}"));
+        meters.price_at("m", &p, 6_000, 300);
+        // Floor 1,000 tokens; the window holds 6,000 + 500 (t = 300, 305).
+        assert_eq!(
+            meters.price_at("m", &shorter, 500, 305),
+            NanoUsd(div_round_half_up(500 * 20_000_000, 6_500) as u64)
+        );
         // Another model has a window of its own.
         assert_eq!(
             meters.price_at("other", &p, 1_200, 200),
@@ -284,5 +336,13 @@ mod tests {
         assert!(GpuPrice::new(1.0, 0, 1, 1).is_err());
         assert!(GpuPrice::new(1.0, 1, 0, 1).is_err());
         assert!(GpuPrice::new(1.0, 1, 1, 0).is_err());
+        assert!(GpuPrice::new(1.0, 1, 1, 86_401).is_err());
+        assert!(GpuPrice::new(2e6, 1, 1, 1).is_err());
+        assert!(GpuPrice::new(1.0, 1, u64::MAX, 1).is_err());
+        // The largest row accepted still prices without overflow.
+        let big = GpuPrice::new(1e6, MAX_GPUS, MAX_TOKENS_PER_SECOND, MAX_WINDOW_SECONDS)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(big.ceiling().0 > 0);
+        assert!(big.cost(u64::MAX, u64::MAX).0 > 0);
     }
 }

@@ -437,23 +437,7 @@ impl ModelPrice {
     pub fn price(&self, usage: &Usage, tier: ServiceTier, global: &[(String, CallFee)]) -> Priced {
         let (rates, fallback) = self.rates_for(tier, usage.prompt_tokens);
         let clamped = usage.clamped();
-        let mut zepto = [0u128; Line::COUNT];
-        for c in Component::ALL {
-            let n = c.tokens_of_clamped(&clamped);
-            if n > 0 {
-                let z = u128::from(n).saturating_mul(rates.effective(c).0);
-                let line = &mut zepto[c.line() as usize];
-                *line = line.saturating_add(z);
-            }
-        }
-        for kind in crate::usage::ToolCalls::KINDS {
-            let calls = usage.tool_calls.count(kind);
-            if calls > 0 {
-                let z = u128::from(calls).saturating_mul(self.call_fee(kind, global).0);
-                let line = &mut zepto[Line::ToolCalls as usize];
-                *line = line.saturating_add(z);
-            }
-        }
+        let zepto = self.line_zepto(&rates, &clamped, usage, global);
         let mut acc = CostAccumulator::default();
         for z in zepto {
             acc.add_zepto(z);
@@ -476,6 +460,45 @@ impl ModelPrice {
             fallback,
             cache_savings,
         }
+    }
+
+    /// `price`'s total alone (no breakdown, no cache savings): what a
+    /// request would cost at another tier, on the request path.
+    pub fn total(&self, usage: &Usage, tier: ServiceTier, global: &[(String, CallFee)]) -> NanoUsd {
+        let (rates, _) = self.rates_for(tier, usage.prompt_tokens);
+        let mut acc = CostAccumulator::default();
+        for z in self.line_zepto(&rates, &usage.clamped(), usage, global) {
+            acc.add_zepto(z);
+        }
+        acc.nano_usd()
+    }
+
+    /// zepto-USD per breakdown line of `clamped` usage at `rates`.
+    fn line_zepto(
+        &self,
+        rates: &Rates,
+        clamped: &Usage,
+        usage: &Usage,
+        global: &[(String, CallFee)],
+    ) -> [u128; Line::COUNT] {
+        let mut zepto = [0u128; Line::COUNT];
+        for c in Component::ALL {
+            let n = c.tokens_of_clamped(clamped);
+            if n > 0 {
+                let z = u128::from(n).saturating_mul(rates.effective(c).0);
+                let line = &mut zepto[c.line() as usize];
+                *line = line.saturating_add(z);
+            }
+        }
+        for kind in crate::usage::ToolCalls::KINDS {
+            let calls = usage.tool_calls.count(kind);
+            if calls > 0 {
+                let z = u128::from(calls).saturating_mul(self.call_fee(kind, global).0);
+                let line = &mut zepto[Line::ToolCalls as usize];
+                *line = line.saturating_add(z);
+            }
+        }
+        zepto
     }
 
     /// Cost of plain usage at standard prices (fine-tune premiums, tests).

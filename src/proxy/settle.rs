@@ -218,7 +218,7 @@ pub fn settle(
         !ctx.stream && status == 200 && served.tier.is_none_or(|t| t == ServiceTier::Standard),
     ) {
         if p.batch.is_some() && p.gpu.is_none() {
-            let at_batch = p.price(&usage, ServiceTier::Batch, fees).total;
+            let at_batch = p.total(&usage, ServiceTier::Batch, fees);
             if cost.0 > at_batch.0 {
                 series.add_batch_saving(m, NanoUsd(cost.0 - at_batch.0));
             }

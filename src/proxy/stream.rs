@@ -35,7 +35,7 @@ impl StreamSettlement {
     fn finish(mut self, status: u16, summary: StreamSummary, meter_time: Duration) {
         let overhead = self.overhead + meter_time;
         if let Some(usage) = summary.usage {
-            if status == 200 && summary.text_bytes_dropped == 0 {
+            if status == 200 && summary.text_bytes_dropped == 0 && !summary.tool_text {
                 let ctx = &self.ctx;
                 self.state.words.offer(|| crate::words::Sample {
                     team: ctx.team.clone(),

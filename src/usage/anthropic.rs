@@ -65,8 +65,10 @@ enum Seen<'a> {
         counts: Option<Counts>,
         stop_reason: Option<Cow<'a, str>>,
     },
-    /// Generated text (text, tool input JSON, thinking), for estimates.
+    /// Generated text (text, thinking), for estimates.
     Text(Cow<'a, str>),
+    /// Generated tool input JSON, for estimates.
+    ToolText(Cow<'a, str>),
     /// `message_stop`.
     Stop,
     /// `ping`, `content_block_start/stop`, `error` and new event types.
@@ -89,15 +91,14 @@ fn read_event(data: &[u8]) -> Option<Seen<'_>> {
             counts: event.usage,
             stop_reason: event.delta.and_then(|d| d.stop_reason),
         },
-        Some("content_block_delta") => {
-            match event
-                .delta
-                .and_then(|d| d.text.or(d.partial_json).or(d.thinking))
-            {
-                Some(text) => Seen::Text(text),
-                None => Seen::Other,
-            }
-        }
+        Some("content_block_delta") => match event.delta {
+            Some(d) => match (d.text.or(d.thinking), d.partial_json) {
+                (Some(text), _) => Seen::Text(text),
+                (None, Some(json)) => Seen::ToolText(json),
+                (None, None) => Seen::Other,
+            },
+            None => Seen::Other,
+        },
         Some("message_stop") => Seen::Stop,
         _ => Seen::Other,
     })
@@ -129,6 +130,7 @@ pub(super) fn on_event(facts: &mut StreamFacts, data: &[u8]) {
             }
         }
         Some(Seen::Text(text)) => facts.push_text(0, &text),
+        Some(Seen::ToolText(json)) => facts.push_tool_text(0, &json),
         Some(Seen::Stop) => facts.done = true,
         Some(Seen::Other) => {}
     }
@@ -228,7 +230,7 @@ mod tests {
             br#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}"#;
         assert!(matches!(read_event(delta), Some(Seen::Text(t)) if t == "Hi"));
         let json_delta = br#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"a\""}}"#;
-        assert!(matches!(read_event(json_delta), Some(Seen::Text(t)) if t == "{\"a\""));
+        assert!(matches!(read_event(json_delta), Some(Seen::ToolText(t)) if t == "{\"a\""));
         let md = br#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":15}}"#;
         assert!(matches!(
             read_event(md),

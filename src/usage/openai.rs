@@ -83,11 +83,14 @@ pub(super) fn on_responses_event(facts: &mut StreamFacts, data: &[u8]) {
         return;
     };
     match event.kind.as_deref() {
-        Some("response.output_text.delta")
-        | Some("response.function_call_arguments.delta")
-        | Some("response.refusal.delta") => {
+        Some("response.output_text.delta") | Some("response.refusal.delta") => {
             if let Some(serde_json::Value::String(text)) = &event.delta {
                 facts.push_text(0, text);
+            }
+        }
+        Some("response.function_call_arguments.delta") => {
+            if let Some(serde_json::Value::String(text)) = &event.delta {
+                facts.push_tool_text(0, text);
             }
         }
         // A tool call finished: counted now, in case the stream
@@ -153,7 +156,7 @@ pub(super) fn on_chunk(facts: &mut StreamFacts, data: &[u8]) -> bool {
                 .into_iter()
                 .flatten()
                 {
-                    facts.push_text(i, t);
+                    facts.push_tool_text(i, t);
                 }
             }
         }
