@@ -209,6 +209,9 @@ async fn the_numbers_are_measured_exactly_on_seeded_traffic() {
                "saved_nano_usd": 500_000})
     );
 
+    // No self-hosted model in this traffic.
+    assert_eq!(n["selfhosted"], json!([]));
+
     // Batch: the four non-streamed requests at their batch prices.
     assert_eq!(
         n["batch"],
