@@ -126,6 +126,21 @@ async fn self_hosted_requests_pay_their_share_of_the_gpu_window() {
         "{gpu_cost:?}"
     );
 
+    // `report --by component` has the gpu line, to the nano-USD.
+    let report: Value = serde_json::from_str(&support::stdout(&tg.cli(&[
+        "report",
+        "--by",
+        "component",
+        "--since",
+        "1h",
+        "--format",
+        "json",
+    ])))
+    .unwrap_or_default();
+    assert_eq!(report["rows"][0]["group"], "gpu", "{report}");
+    assert_eq!(report["rows"][0]["cost_nano_usd"], 7_202_464_606u64);
+    assert_eq!(report["total_cost_nano_usd"], 7_202_464_606u64);
+
     // The row's token prices are the ceiling (the price at the floor,
     // $7.20 / 360,000 tokens = $20 per M): what budgets reserve.
     let catalog: Value = serde_json::from_str(&support::stdout(

@@ -183,6 +183,39 @@ async fn client_disconnect_mid_stream_is_billed_for_what_was_generated() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_closing_on_done_before_the_upstream_closes_is_not_a_disconnect() {
+    let mock = MockUpstream::start().await;
+    let tg = Tollgate::start(&mock, "").await;
+    // The upstream keeps the stream open for 5 s after `[DONE]`; the client
+    // (as SDKs do) stops reading at `[DONE]` and closes.
+    let resp = client()
+        .post(tg.url("/v1/chat/completions"))
+        .header("x-mock-linger-ms", "5000")
+        .header("x-mock-prompt-tokens", "12")
+        .header("x-mock-completion-tokens", "3")
+        .json(&stream_body("gpt-4o-mini"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut stream = resp.bytes_stream();
+    let mut received = String::new();
+    while !received.contains("data: [DONE]") {
+        match stream.next().await {
+            Some(Ok(chunk)) => received.push_str(&String::from_utf8_lossy(&chunk)),
+            _ => panic!("stream ended before [DONE]: {received}"),
+        }
+    }
+    drop(stream);
+    let rows = tg.wait_rows(1).await;
+    assert_eq!(
+        (rows[0].status, rows[0].token_source.as_str()),
+        (200, "upstream")
+    );
+    assert_eq!((rows[0].prompt_tokens, rows[0].completion_tokens), (12, 3));
+    assert_eq!(rows[0].cost_nano_usd, 12 * 150 + 3 * 600);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_cut_mid_stream_is_recorded_with_what_arrived() {
     let mock = MockUpstream::start().await;
     let tg = Tollgate::start(&mock, "").await;

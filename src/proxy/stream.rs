@@ -271,9 +271,17 @@ impl Stream for MeteredStream {
 
 impl Drop for MeteredStream {
     /// The client went away mid-stream: bill what was generated so far.
+    /// After the stream's last event it got the whole answer: a client
+    /// that closes on `[DONE]` before the upstream closes is not a
+    /// disconnect (status 200).
     fn drop(&mut self) {
         if self.settlement.is_some() {
-            self.end(STATUS_CLIENT_CLOSED);
+            let status = if self.meter.done() {
+                200
+            } else {
+                STATUS_CLIENT_CLOSED
+            };
+            self.end(status);
         }
     }
 }

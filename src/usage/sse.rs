@@ -110,6 +110,12 @@ pub struct StreamSummary {
 }
 
 impl SseMeter {
+    /// The stream's last event (`[DONE]`, `message_stop`, a finished
+    /// response) has gone through.
+    pub fn done(&self) -> bool {
+        self.facts.done
+    }
+
     pub fn new(endpoint: Endpoint, strip_usage_chunk: bool) -> SseMeter {
         SseMeter {
             endpoint,

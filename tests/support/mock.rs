@@ -17,6 +17,7 @@
 //! - `x-mock-model: NAME`        the model the response says served it
 //! - `x-mock-service-tier: T`    `service_tier` in the body (streams: first chunk only)
 //! - `x-mock-output-items: a,b`  Responses API output items of these types
+//! - `x-mock-linger-ms: N`       keep an OpenAI stream open N ms after `[DONE]`
 //! - `x-mock-finish-reason: R`   why the answer stopped (`length`: at its
 //!   cap; Anthropic's `stop_reason`, e.g. `max_tokens`); streams put it on
 //!   the last chunk
@@ -178,6 +179,7 @@ struct Behaviour {
     web_searches: u64,
     stream_error: bool,
     finish_reason: Option<String>,
+    linger: Duration,
 }
 
 /// Stands in for the raw usage text until the body is rendered.
@@ -218,6 +220,7 @@ impl Behaviour {
             web_searches: num("x-mock-web-searches", 0),
             stream_error: get("x-mock-stream-error").is_some(),
             finish_reason: get("x-mock-finish-reason"),
+            linger: Duration::from_millis(num("x-mock-linger-ms", 0)),
         }
     }
 
@@ -588,6 +591,9 @@ fn stream(
                 .await;
         }
         let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+        // A server slow to close after its last event: the stream stays
+        // open (the client may leave first).
+        tokio::time::sleep(b.linger).await;
     });
     let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
     ([("content-type", "text/event-stream")], body).into_response()
