@@ -231,6 +231,9 @@ pub enum UnpricedPolicy {
 #[serde(deny_unknown_fields, default)]
 pub struct CatalogConfig {
     pub path: Option<PathBuf>,
+    /// Rows added to the catalog in use (the bundled one, or `path`): a
+    /// self-hosted model, a negotiated price, without copying the rest.
+    pub extra: Option<PathBuf>,
     pub finetune_multiple: f64,
     pub unpriced: UnpricedPolicy,
 }
@@ -325,6 +328,7 @@ impl Default for CatalogConfig {
     fn default() -> Self {
         Self {
             path: None,
+            extra: None,
             finetune_multiple: 6.0,
             unpriced: UnpricedPolicy::Allow,
         }

@@ -162,20 +162,19 @@ async fn prometheus_scrapes_and_every_dashboard_and_alert_query_works() {
     };
     let mock = MockUpstream::start().await;
     // A shadow rule, so the shadow-pricing panel has data; every request's
-    // words counted; the bundled catalog plus a self-hosted model.
+    // words counted; a self-hosted model added to the bundled catalog.
     let catalog_dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let catalog = catalog_dir.path().join("catalog.toml");
-    let bundled = std::fs::read_to_string(repo("config/catalog.toml")).unwrap_or_default();
+    let catalog = catalog_dir.path().join("extra.toml");
     std::fs::write(
         &catalog,
-        format!("{bundled}\n[models.\"llama-gpu\"]\ngpu_usd_per_hour = 2.5\nmin_tokens_per_second = 50\n"),
+        "[models.\"llama-gpu\"]\ngpu_usd_per_hour = 2.5\nmin_tokens_per_second = 50\n",
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let tg = Tollgate::start(
         &mock,
         &format!(
             "[auth]\nmode = \"passthrough\"\n\n[[shadow]]\nmodels = [\"gpt-4o*\"]\nprice_as = [\"gpt-4o-mini\"]\n\n\
-             [numbers]\nword_sample_rate = 1.0\n\n[catalog]\npath = \"{}\"\n",
+             [numbers]\nword_sample_rate = 1.0\n\n[catalog]\nextra = \"{}\"\n",
             catalog.display()
         ),
     )

@@ -12,6 +12,7 @@ use support::{client, MockUpstream, Tollgate};
 
 /// $3.60 per GPU-hour x 2 GPUs = $7.20 an hour = 7,200,000,000 nano-USD per
 /// window of an hour; the floor, 100 tokens/s, is 360,000 tokens a window.
+/// Added to the bundled catalog with `catalog.extra`.
 const CATALOG: &str = r#"
 [models."llama-local"]
 provider = "vllm"
@@ -19,10 +20,6 @@ gpu_usd_per_hour = 3.6
 gpus = 2
 min_tokens_per_second = 100
 window_seconds = 3600
-
-[models."gpt-4o-mini"]
-input = 0.15
-output = 0.6
 "#;
 
 async fn start(mock: &MockUpstream) -> Tollgate {
@@ -30,7 +27,7 @@ async fn start(mock: &MockUpstream) -> Tollgate {
     let catalog = dir.path().join("catalog.toml");
     std::fs::write(&catalog, CATALOG).unwrap_or_else(|e| panic!("{e}"));
     let config = format!(
-        "{}\n[catalog]\npath = \"{}\"\n",
+        "{}\n[catalog]\nextra = \"{}\"\n",
         support::base_config(mock, dir.path()),
         catalog.display()
     );
@@ -154,6 +151,23 @@ async fn self_hosted_requests_pay_their_share_of_the_gpu_window() {
         json!({"usd_per_gpu_hour": "3.6", "gpus": 2, "min_tokens_per_second": 100, "window_seconds": 3600}),
         "{row}"
     );
+
+    // `catalog.extra` reloads like `catalog.path`: the GPUs now cost twice
+    // as much, and the gauge follows within the 2 s check.
+    let extra = tg.dir.path().join("catalog.toml");
+    std::fs::write(&extra, CATALOG.replace("3.6", "7.2")).unwrap_or_else(|e| panic!("{e}"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(8);
+    loop {
+        let usd = gauge(&tg.metrics().await, "tollgate_selfhosted_usd_per_mtok");
+        if usd.is_some_and(|v| (v - 14.4 / 401_200.0 * 1e6).abs() < 1e-6) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "extra catalog not reloaded: {usd:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

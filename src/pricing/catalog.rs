@@ -193,6 +193,10 @@ struct CatalogFile {
     tool_calls: BTreeMap<String, f64>,
 }
 
+fn parse_toml(text: &str) -> Result<toml::Value, String> {
+    toml::from_str(text).map_err(|e| e.message().to_string())
+}
+
 /// Tool-call fees (USD per 1000 calls) as exact per-call amounts.
 fn call_fees(raw: &BTreeMap<String, f64>, at: &str) -> Result<Vec<(String, CallFee)>, String> {
     raw.iter()
@@ -222,7 +226,33 @@ pub type SharedCatalog = Arc<Catalog>;
 impl Catalog {
     /// Parses catalog TOML; errors name the model and the key.
     pub fn parse(text: &str, finetune_multiple: f64) -> Result<Catalog, String> {
-        let value: toml::Value = toml::from_str(text).map_err(|e| e.message().to_string())?;
+        Catalog::from_value(parse_toml(text)?, finetune_multiple)
+    }
+
+    /// `base` with `extra`'s rows added: a row of `extra` replaces the
+    /// base's row of the same id whole, and its `[tool_calls]` fees the
+    /// base's of the same kind. Errors name the file part (`extra: ...`).
+    pub fn parse_with_extra(
+        base: &str,
+        extra: &str,
+        finetune_multiple: f64,
+    ) -> Result<Catalog, String> {
+        let mut value = parse_toml(base)?;
+        let extra = parse_toml(extra).map_err(|e| format!("extra: {e}"))?;
+        if let (Some(into), toml::Value::Table(extra)) = (value.as_table_mut(), extra) {
+            for (key, v) in extra {
+                match (into.get_mut(&key), v) {
+                    (Some(toml::Value::Table(t)), toml::Value::Table(rows)) => t.extend(rows),
+                    (_, v) => {
+                        into.insert(key, v);
+                    }
+                }
+            }
+        }
+        Catalog::from_value(value, finetune_multiple)
+    }
+
+    fn from_value(value: toml::Value, finetune_multiple: f64) -> Result<Catalog, String> {
         let file: CatalogFile = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
             format!("{path}: {}", e.into_inner())
@@ -588,6 +618,32 @@ mod tests {
     #[test]
     fn bundled_catalog_has_no_problems() {
         assert_eq!(catalog().problems(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn extra_rows_add_to_and_replace_the_base_rows() {
+        let base = "[tool_calls]\nweb_search = 10.0\nfile_search = 2.5\n\n\
+                    [models.\"a\"]\ninput = 1.0\noutput = 2.0\ncached_input = 0.5\n\n\
+                    [models.\"b\"]\ninput = 3.0\noutput = 4.0\n";
+        let extra = "[tool_calls]\nweb_search = 25.0\n\n\
+                     [models.\"a\"]\ninput = 0.8\noutput = 1.6\n\n\
+                     [models.\"gpu\"]\ngpu_usd_per_hour = 3.6\nmin_tokens_per_second = 100\n";
+        let c = Catalog::parse_with_extra(base, extra, 6.0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.len(), 3);
+        let price = |m: &str| c.resolve(m).price.unwrap_or_else(|| panic!("{m} unpriced"));
+        // "a" is replaced whole: its cached price went with the old row.
+        assert_eq!(price("a").input().usd_per_million_string(), "0.8");
+        assert_eq!(price("a").rates.get(Component::CachedInput), None);
+        assert_eq!(price("b").output().usd_per_million_string(), "4");
+        assert!(price("gpu").gpu.is_some());
+        let fees: Vec<&str> = c.tool_call_fees().iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(fees, ["file_search", "web_search"]);
+        assert!(
+            Catalog::parse_with_extra(base, "[models.\"x\"]\ninput = 1\n", 6.0)
+                .is_err_and(|e| e.contains("models.\"x\".output: missing"))
+        );
+        assert!(Catalog::parse_with_extra(base, "not toml [", 6.0)
+            .is_err_and(|e| e.starts_with("extra: ")));
     }
 
     #[test]

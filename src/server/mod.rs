@@ -130,17 +130,28 @@ async fn not_found(req: Request) -> Response {
     .into_response()
 }
 
-/// Loads the catalog the config names (or the bundled one).
+/// Loads the catalog the config names (or the bundled one), with
+/// `catalog.extra`'s rows added.
 pub fn load_catalog(config: &Config) -> anyhow::Result<Catalog> {
     let multiple = config.catalog.finetune_multiple;
-    match &config.catalog.path {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| anyhow::anyhow!("catalog {}: {e}", path.display()))?;
-            Catalog::parse(&text, multiple)
-                .map_err(|e| anyhow::anyhow!("catalog {}: {e}", path.display()))
-        }
-        None => Catalog::bundled(multiple).map_err(|e| anyhow::anyhow!("bundled catalog: {e}")),
+    let read = |path: &std::path::Path| {
+        std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("catalog {}: {e}", path.display()))
+    };
+    let (base, base_name) = match &config.catalog.path {
+        Some(path) => (
+            std::borrow::Cow::Owned(read(path)?),
+            path.display().to_string(),
+        ),
+        None => (
+            std::borrow::Cow::Borrowed(crate::pricing::catalog::BUNDLED),
+            "bundled catalog".to_string(),
+        ),
+    };
+    match &config.catalog.extra {
+        None => Catalog::parse(&base, multiple).map_err(|e| anyhow::anyhow!("{base_name}: {e}")),
+        Some(extra) => Catalog::parse_with_extra(&base, &read(extra)?, multiple)
+            .map_err(|e| anyhow::anyhow!("{base_name} + {}: {e}", extra.display())),
     }
 }
 
@@ -325,16 +336,24 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Re-reads the catalog file (`catalog.path`) on SIGHUP and when it
-/// changes (checked every 2 s), and swaps it in whole: requests in flight
+/// Re-reads the catalog files (`catalog.path`, `catalog.extra`) on SIGHUP
+/// and when one changes (checked every 2 s), and swaps the catalog in whole: requests in flight
 /// keep the catalog they started with, none fails. A file that does not
 /// load is logged and the catalog in use stays.
 async fn reload_catalog(state: std::sync::Weak<AppState>) {
     #[cfg(unix)]
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    let path = state.upgrade().and_then(|s| s.config.catalog.path.clone());
-    let stamp = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let mut seen = path.as_deref().and_then(stamp);
+    let paths: Vec<std::path::PathBuf> = state.upgrade().map_or_else(Vec::new, |s| {
+        let c = &s.config.catalog;
+        c.path.iter().chain(c.extra.iter()).cloned().collect()
+    });
+    let stamp = || {
+        paths
+            .iter()
+            .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+            .collect::<Vec<_>>()
+    };
+    let mut seen = stamp();
     loop {
         #[cfg(unix)]
         let signal = async {
@@ -350,7 +369,7 @@ async fn reload_catalog(state: std::sync::Weak<AppState>) {
         let why = tokio::select! {
             _ = signal => "SIGHUP",
             _ = tokio::time::sleep(Duration::from_secs(2)) => {
-                let now = path.as_deref().and_then(stamp);
+                let now = stamp();
                 if now == seen {
                     continue;
                 }
