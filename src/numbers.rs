@@ -362,11 +362,17 @@ fn selfhosted(rows: &[&CountsRow], catalog: &Catalog) -> Value {
                 let gpu_cost = (gpu.nano_usd_per_hour() * u128::from(flight.span_ms)
                     + 1_800_000)
                     / 3_600_000;
+                // Tokens per second at each concurrency level.
+                let tps: Vec<f64> = flight
+                    .levels
+                    .iter()
+                    .map(|(_, ms, toks)| toks * 1000.0 / *ms as f64)
+                    .collect();
                 let levels: Vec<Value> = flight
                     .levels
                     .iter()
-                    .map(|(c, ms, toks)| {
-                        let tps = toks * 1000.0 / *ms as f64;
+                    .zip(&tps)
+                    .map(|((c, ms, _), &tps)| {
                         json!({
                             "concurrency": c,
                             "seconds": round4(*ms as f64 / 1000.0),
@@ -377,14 +383,8 @@ fn selfhosted(rows: &[&CountsRow], catalog: &Catalog) -> Value {
                         })
                     })
                     .collect();
-                let tps_at = |i: usize| {
-                    flight
-                        .levels
-                        .get(i)
-                        .map(|(_, ms, toks)| toks * 1000.0 / *ms as f64)
-                };
-                let gain = match (tps_at(0), tps_at(flight.levels.len().wrapping_sub(1))) {
-                    (Some(first), Some(last)) if first > 0.0 && flight.levels.len() > 1 => {
+                let gain = match (tps.first(), tps.last()) {
+                    (Some(first), Some(last)) if *first > 0.0 && tps.len() > 1 => {
                         json!(round4(last / first))
                     }
                     _ => Value::Null,

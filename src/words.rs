@@ -199,19 +199,6 @@ pub fn family(model: &str) -> &'static str {
     }
 }
 
-/// The model a sample is counted under: the served one when the catalog
-/// knows it (as pricing does), else the one asked for.
-pub fn sampled_model(
-    catalog: &crate::pricing::Catalog,
-    served: Option<&str>,
-    asked: &str,
-) -> String {
-    served
-        .filter(|m| catalog.resolve(m).price.is_some())
-        .unwrap_or(asked)
-        .to_string()
-}
-
 /// The answer's text: a JSON body, or the texts a stream carried.
 pub enum Answer {
     Body(Bytes),

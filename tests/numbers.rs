@@ -14,20 +14,6 @@ fn text(word: &str, n: usize, sep: &str) -> String {
     vec![word; n].join(sep)
 }
 
-/// Waits for the word-counting thread's flush: `numbers` shows `groups`
-/// family/script groups.
-fn wait_word_counts(tg: &Tollgate, groups: usize) {
-    for _ in 0..100 {
-        let out = support::stdout(&tg.cli(&["numbers", "--format", "json"]));
-        let n: Value = serde_json::from_str(&out).unwrap_or_default();
-        if n["tokens_per_word"].as_array().map_or(0, Vec::len) >= groups {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    panic!("word counts never reached {groups} groups");
-}
-
 async fn send(tg: &Tollgate, team: &str, path: &str, body: Value, headers: &[(&str, &str)]) {
     let mut req = client()
         .post(tg.url(path))
@@ -121,7 +107,7 @@ async fn the_numbers_are_measured_exactly_on_seeded_traffic() {
     .await;
     tg.wait_rows(5).await;
 
-    wait_word_counts(&tg, 3);
+    support::wait_word_counts(&tg, 3).await;
 
     let out = support::stdout(&tg.cli(&["numbers", "--since", "1h", "--format", "json"]));
     let n: Value = serde_json::from_str(&out).unwrap_or_default();
@@ -226,9 +212,16 @@ async fn the_numbers_are_measured_exactly_on_seeded_traffic() {
         ("tollgate_word_chars_total", 7050),
         ("tollgate_word_tokens_total", 3000),
     ] {
-        let line =
-            format!(r#"{name}{{family="openai-o200k",script="latin",side="prompt"}} {value}"#);
-        assert!(metrics.lines().any(|l| l == line), "{line} not in /metrics");
+        let labels = [
+            ("family", "openai-o200k"),
+            ("script", "latin"),
+            ("side", "prompt"),
+        ];
+        assert_eq!(
+            support::metric(&metrics, name, &labels),
+            Some(value as f64),
+            "{name}"
+        );
     }
 
     // One team's view, and the text report.
@@ -340,23 +333,9 @@ async fn answers_at_their_output_cap_and_extra_choices_are_counted() {
     // API would have halved the two non-streamed requests' 270,000 +
     // 210,000 nano-USD (gpt-4o-mini's batch prices are half).
     let metrics = tg.metrics().await;
-    let value = |prefix: &str| {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(prefix))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
-    };
-    assert_eq!(
-        value(r#"tollgate_capped_requests_total{model="gpt-4o-mini",team="c"}"#),
-        Some(2.0)
-    );
-    assert_eq!(
-        value(r#"tollgate_extra_choices_total{model="gpt-4o-mini",team="c"}"#),
-        Some(1.0)
-    );
-    assert_eq!(
-        value(r#"tollgate_batch_saving_usd_total{team="c",model="gpt-4o-mini"}"#),
-        Some(0.000_24)
-    );
+    let value =
+        |name: &str| support::metric(&metrics, name, &[("team", "c"), ("model", "gpt-4o-mini")]);
+    assert_eq!(value("tollgate_capped_requests_total"), Some(2.0));
+    assert_eq!(value("tollgate_extra_choices_total"), Some(1.0));
+    assert_eq!(value("tollgate_batch_saving_usd_total"), Some(0.000_24));
 }

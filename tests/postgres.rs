@@ -481,16 +481,7 @@ async fn postgres_stores_every_billed_dimension_and_reports_it() {
     // Word counts go to Postgres too: the o3 request's "hi" (10,000
     // tokens as the mock reports them) and "Hello from the mock"; the
     // audio request's sides are not all text and are left out.
-    let mut words = Value::Null;
-    for _ in 0..100 {
-        let n: Value = serde_json::from_str(&stdout(&tg.cli(&["numbers", "--format", "json"])))
-            .unwrap_or(Value::Null);
-        words = n["tokens_per_word"].clone();
-        if words.as_array().is_some_and(|w| !w.is_empty()) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let words = support::wait_word_counts(&tg, 1).await;
     assert_eq!(
         words,
         json!([{"family": "openai-o200k", "script": "latin", "per": "word",

@@ -59,11 +59,23 @@ async fn chat(tg: &Tollgate, stream: bool, prompt: &str, completion: &str) -> St
 
 /// A gauge's value for `model="llama-local"`.
 fn gauge(metrics: &str, name: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(&format!("{name}{{model=\"llama-local\"}} ")))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+    support::metric(metrics, name, &[("model", "llama-local")])
+}
+
+/// `tollgate catalog check FILE` on `text`: whether it passed, and stderr.
+fn check_catalog(text: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let catalog = dir.path().join("catalog.toml");
+    std::fs::write(&catalog, text).unwrap_or_else(|e| panic!("{e}"));
+    let out = std::process::Command::new(support::BIN)
+        .args(["catalog", "check"])
+        .arg(&catalog)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,15 +121,11 @@ async fn self_hosted_requests_pay_their_share_of_the_gpu_window() {
         "{usd:?}"
     );
     // Both requests' cost is on the `gpu` component.
-    let gpu_cost = metrics
-        .lines()
-        .find(|l| {
-            l.starts_with("tollgate_cost_by_component_usd_total{")
-                && l.contains(r#"component="gpu""#)
-                && l.contains(r#"model="llama-local""#)
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok());
+    let gpu_cost = support::metric(
+        &metrics,
+        "tollgate_cost_by_component_usd_total",
+        &[("component", "gpu"), ("model", "llama-local")],
+    );
     assert!(
         gpu_cost.is_some_and(|v| (v - 7.202_464_606).abs() < 1e-9),
         "{gpu_cost:?}"
@@ -172,38 +180,18 @@ async fn self_hosted_requests_pay_their_share_of_the_gpu_window() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gpu_row_without_a_floor_is_refused() {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let catalog = dir.path().join("catalog.toml");
-    std::fs::write(
-        &catalog,
-        "[models.\"llama-local\"]\ngpu_usd_per_hour = 2.5\n",
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let out = std::process::Command::new(support::BIN)
-        .args(["catalog", "check"])
-        .arg(&catalog)
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (ok, err) = check_catalog("[models.\"llama-local\"]\ngpu_usd_per_hour = 2.5\n");
+    assert!(!ok);
     assert!(
         err.contains("models.\"llama-local\".min_tokens_per_second: missing"),
         "{err}"
     );
     // Token prices next to a GPU price would be ignored: refused instead.
-    std::fs::write(
-        &catalog,
+    let (ok, err) = check_catalog(
         "[models.\"llama-local\"]\ngpu_usd_per_hour = 2.5\nmin_tokens_per_second = 100\ncached_input = 0.1\n\n[models.\"llama-local\".batch]\ninput = 0.1\n",
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let out = std::process::Command::new(support::BIN)
-        .args(["catalog", "check"])
-        .arg(&catalog)
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let err = String::from_utf8_lossy(&out.stderr);
+    );
     assert!(
-        !out.status.success() && err.contains("not both (remove cached_input, batch)"),
+        !ok && err.contains("not both (remove cached_input, batch)"),
         "{err}"
     );
 }

@@ -105,15 +105,17 @@ impl GpuPrice {
         Rate(per_token.div_ceil(3600 * u128::from(self.min_tokens_per_second)))
     }
 
-    /// Tokens the floor stands for over a whole window.
-    fn floor_tokens(&self) -> u128 {
-        u128::from(self.min_tokens_per_second) * u128::from(self.window_seconds)
+    /// The tokens a window's cost is spread over: those it served, at
+    /// least the floor's over the whole window (never 0).
+    fn spread_over(&self, window_tokens: u64) -> u128 {
+        let floor = u128::from(self.min_tokens_per_second) * u128::from(self.window_seconds);
+        u128::from(window_tokens).max(floor).max(1)
     }
 
     /// What `tokens` cost when the window served `window_tokens` (theirs
     /// included): exact, rounded once, half up.
     pub fn cost(&self, tokens: u64, window_tokens: u64) -> NanoUsd {
-        let served = u128::from(window_tokens).max(self.floor_tokens()).max(1);
+        let served = self.spread_over(window_tokens);
         let numerator = u128::from(tokens)
             .saturating_mul(self.nano_usd_per_hour())
             .saturating_mul(u128::from(self.window_seconds));
@@ -127,7 +129,7 @@ impl GpuPrice {
 
     /// The effective price now, USD per million tokens (a gauge).
     pub fn usd_per_mtok(&self, window_tokens: u64) -> f64 {
-        let served = u128::from(window_tokens).max(self.floor_tokens()).max(1) as f64;
+        let served = self.spread_over(window_tokens) as f64;
         let window_cost_usd =
             self.nano_usd_per_hour() as f64 / 1e9 * self.window_seconds as f64 / 3600.0;
         window_cost_usd / served * 1e6

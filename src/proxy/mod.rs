@@ -660,17 +660,15 @@ async fn metered_request(
         None => estimate_non_stream(ctx, &body, &bytes).await,
     };
     if status == StatusCode::OK {
-        state.words.offer(|| crate::words::Sample {
-            team: ctx.team.clone(),
-            model: crate::words::sampled_model(
-                &state.catalog.load(),
+        state.words.offer(|| {
+            settle::word_sample(
+                state,
+                ctx,
                 facts.served.model.as_deref(),
-                &ctx.model,
-            ),
-            endpoint: ctx.endpoint,
-            request: body.clone(),
-            answer: crate::words::Answer::Body(bytes.clone()),
-            usage,
+                body.clone(),
+                crate::words::Answer::Body(bytes.clone()),
+                usage,
+            )
         });
     }
     let overhead = ctx.started.elapsed().saturating_sub(upstream_wait);

@@ -9,7 +9,8 @@ use chrono::{DateTime, Utc};
 
 use crate::app::AppState;
 use crate::metrics::{Metrics, Series};
-use crate::pricing::{Breakdown, Line, ModelPrice, NanoUsd, Priced, Resolved};
+use crate::pricing::gpu::GpuPrice;
+use crate::pricing::{Breakdown, Line, NanoUsd, Priced, Resolved};
 use crate::store::UsageRecord;
 use crate::usage::read::Served;
 use crate::usage::{Endpoint, ServiceTier, ToolCalls, Usage};
@@ -154,11 +155,10 @@ pub fn settle(
     // The catalog's own tool-call fees, only when there are calls to price.
     let catalog = (usage.tool_calls.total() > 0).then(|| state.catalog.load());
     let fees = catalog.as_ref().map_or(&[][..], |c| c.tool_call_fees());
-    let priced = match (price, ctx.resolved.as_ref()) {
+    let gpu = price.and_then(|p| p.gpu.as_deref());
+    let priced = match (gpu, ctx.resolved.as_ref()) {
         // Self-hosted: its tokens' share of the GPUs' trailing window.
-        (Some(p), Some(resolved)) if p.gpu.is_some() => {
-            gpu_priced(state, &resolved.base_model, p, &usage)
-        }
+        (Some(gpu), Some(resolved)) => gpu_priced(state, &resolved.base_model, gpu, &usage),
         _ => price.map_or_else(Priced::default, |p| p.price(&usage, tier, fees)),
     };
     let cost = priced.total;
@@ -217,7 +217,7 @@ pub fn settle(
         price,
         !ctx.stream && status == 200 && served.tier.is_none_or(|t| t == ServiceTier::Standard),
     ) {
-        if p.batch.is_some() && p.gpu.is_none() {
+        if p.batch.is_some() && gpu.is_none() {
             let at_batch = p.total(&usage, ServiceTier::Batch, fees);
             if cost.0 > at_batch.0 {
                 series.add_batch_saving(m, NanoUsd(cost.0 - at_batch.0));
@@ -290,13 +290,35 @@ pub fn settle(
     cost
 }
 
+/// This request as a word-count sample (`words`), built only for the
+/// requests sampled: filed under the served model when the catalog knows
+/// it (as pricing does), else the one asked for.
+pub fn word_sample(
+    state: &AppState,
+    ctx: &RequestCtx,
+    served_model: Option<&str>,
+    request: bytes::Bytes,
+    answer: crate::words::Answer,
+    usage: Usage,
+) -> crate::words::Sample {
+    let catalog = state.catalog.load();
+    let model = served_model
+        .filter(|m| catalog.resolve(m).price.is_some())
+        .unwrap_or(&ctx.model);
+    crate::words::Sample {
+        team: ctx.team.clone(),
+        model: model.to_string(),
+        endpoint: ctx.endpoint,
+        request,
+        answer,
+        usage,
+    }
+}
+
 /// A self-hosted model's request: prompt and completion tokens at the
 /// effective rate of its trailing window (`pricing::gpu`), all on the
 /// breakdown's `gpu` line.
-fn gpu_priced(state: &AppState, model: &str, price: &ModelPrice, usage: &Usage) -> Priced {
-    let Some(gpu) = price.gpu.as_deref() else {
-        return Priced::default();
-    };
+fn gpu_priced(state: &AppState, model: &str, gpu: &GpuPrice, usage: &Usage) -> Priced {
     let tokens = usage.prompt_tokens.saturating_add(usage.completion_tokens);
     if tokens == 0 {
         return Priced::default();

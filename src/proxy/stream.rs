@@ -36,18 +36,15 @@ impl StreamSettlement {
         let overhead = self.overhead + meter_time;
         if let Some(usage) = summary.usage {
             if status == 200 && summary.text_bytes_dropped == 0 && !summary.tool_text {
-                let ctx = &self.ctx;
-                self.state.words.offer(|| crate::words::Sample {
-                    team: ctx.team.clone(),
-                    model: crate::words::sampled_model(
-                        &self.state.catalog.load(),
+                self.state.words.offer(|| {
+                    super::settle::word_sample(
+                        &self.state,
+                        &self.ctx,
                         summary.served.model.as_deref(),
-                        &ctx.model,
-                    ),
-                    endpoint: ctx.endpoint,
-                    request: self.request_body.clone(),
-                    answer: crate::words::Answer::Texts(summary.texts),
-                    usage,
+                        self.request_body.clone(),
+                        crate::words::Answer::Texts(summary.texts),
+                        usage,
+                    )
                 });
             }
             settle(

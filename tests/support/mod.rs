@@ -360,6 +360,22 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         })
 }
 
+/// Waits for the word-counting thread's flush (`numbers.word_sample_rate`):
+/// `tollgate numbers` shows at least `groups` family/script groups, which
+/// it returns (`tokens_per_word`).
+pub async fn wait_word_counts(tg: &Tollgate, groups: usize) -> serde_json::Value {
+    for _ in 0..100 {
+        let n: serde_json::Value =
+            serde_json::from_str(&stdout(&tg.cli(&["numbers", "--format", "json"])))
+                .unwrap_or_default();
+        if n["tokens_per_word"].as_array().map_or(0, Vec::len) >= groups {
+            return n["tokens_per_word"].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("word counts never reached {groups} groups");
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
