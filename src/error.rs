@@ -161,36 +161,21 @@ impl ApiError {
     }
 }
 
-impl ApiError {
-    /// The error as Anthropic's API would spell it, for clients of its
-    /// Messages format (the `anthropic` SDKs raise by `error.type`);
-    /// tollgate's own `code` rides along.
-    pub fn into_anthropic_response(self) -> Response {
-        let status = self.status();
-        let body = json!({"type": "error", "error": {
-            "type": crate::usage::anthropic::error_type(status.as_u16()),
-            "message": self.to_string(),
-            "code": self.code(),
-        }});
-        let mut response = (status, body.to_string()).into_response();
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        response
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        json_response(self.status(), self.body().to_string())
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = self.body().to_string();
-        let mut response = (self.status(), body).into_response();
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        response
-    }
+/// A JSON error body with its status, in whichever format's shape
+/// (`format::*::render`).
+pub fn json_response(status: StatusCode, body: String) -> Response {
+    let mut response = (status, body).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 #[cfg(test)]

@@ -56,6 +56,42 @@ pub(crate) fn ratio(a: u64, b: u64) -> Value {
     json!(((a as f64 / b as f64) * 10_000.0).round() / 10_000.0)
 }
 
+/// Tokens per word (per character where words are not space-separated)
+/// as `numbers` prints them: per family, script and side.
+fn word_numbers(rows: &[WordCount]) -> Value {
+    let mut out: BTreeMap<(&str, &str), serde_json::Map<String, Value>> = BTreeMap::new();
+    for r in rows {
+        let entry = out
+            .entry((r.family.as_str(), r.script.as_str()))
+            .or_insert_with(|| {
+                let mut m = serde_json::Map::new();
+                m.insert("family".into(), Value::from(r.family.clone()));
+                m.insert("script".into(), Value::from(r.script.clone()));
+                let spaced = crate::words::Script::from_label(&r.script)
+                    .is_none_or(crate::words::Script::spaced);
+                m.insert(
+                    "per".into(),
+                    Value::from(if spaced { "word" } else { "character" }),
+                );
+                m
+            });
+        let spaced =
+            crate::words::Script::from_label(&r.script).is_none_or(crate::words::Script::spaced);
+        let units = if spaced { r.words } else { r.chars };
+        entry.insert(
+            r.side.clone(),
+            serde_json::json!({
+                "samples": r.samples,
+                "words": r.words,
+                "chars": r.chars,
+                "tokens": r.tokens,
+                "tokens_per_unit": ratio(r.tokens, units),
+            }),
+        );
+    }
+    Value::Array(out.into_values().map(Value::Object).collect())
+}
+
 /// Nearest-rank percentile of sorted values.
 fn percentile(sorted: &[u64], p: u64) -> u64 {
     if sorted.is_empty() {
@@ -102,7 +138,7 @@ pub fn compute(
         .collect();
     json!({
         "requests": metered.len(),
-        "tokens_per_word": crate::words::numbers(words),
+        "tokens_per_word": word_numbers(words),
         "cost_nano_usd": metered.iter().map(|r| r.cost_nano_usd).sum::<u64>(),
         "output": output_numbers(&metered),
         "choices": choices(&metered),

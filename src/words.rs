@@ -99,7 +99,7 @@ impl Script {
         })
     }
 
-    fn from_label(label: &str) -> Option<Script> {
+    pub fn from_label(label: &str) -> Option<Script> {
         Script::ALL.into_iter().find(|s| s.label() == label)
     }
 }
@@ -211,6 +211,7 @@ pub struct Sample {
     /// The model that served it (its catalog row when priced).
     pub model: String,
     pub endpoint: Endpoint,
+    pub format: crate::format::WireFormat,
     pub request: Bytes,
     pub answer: Answer,
     pub usage: Usage,
@@ -420,7 +421,7 @@ fn count(sample: &Sample) -> Vec<(Key, Sums)> {
                     if calls_tools(&body) {
                         return out;
                     }
-                    for t in crate::usage::estimate::response_texts(sample.endpoint, &body) {
+                    for t in sample.format.response_texts(sample.endpoint, &body) {
                         text.add(&t);
                     }
                 }
@@ -514,40 +515,6 @@ fn add_content(text: &mut TextCount, v: &Value) -> Option<()> {
         _ => return None,
     }
     Some(())
-}
-
-/// Tokens per word (per character where words are not space-separated)
-/// as `numbers` prints them: per family, script and side.
-pub fn numbers(rows: &[WordCount]) -> Value {
-    let mut out: BTreeMap<(&str, &str), serde_json::Map<String, Value>> = BTreeMap::new();
-    for r in rows {
-        let entry = out
-            .entry((r.family.as_str(), r.script.as_str()))
-            .or_insert_with(|| {
-                let mut m = serde_json::Map::new();
-                m.insert("family".into(), Value::from(r.family.clone()));
-                m.insert("script".into(), Value::from(r.script.clone()));
-                let spaced = Script::from_label(&r.script).is_none_or(Script::spaced);
-                m.insert(
-                    "per".into(),
-                    Value::from(if spaced { "word" } else { "character" }),
-                );
-                m
-            });
-        let spaced = Script::from_label(&r.script).is_none_or(Script::spaced);
-        let units = if spaced { r.words } else { r.chars };
-        entry.insert(
-            r.side.clone(),
-            serde_json::json!({
-                "samples": r.samples,
-                "words": r.words,
-                "chars": r.chars,
-                "tokens": r.tokens,
-                "tokens_per_unit": crate::numbers::ratio(r.tokens, units),
-            }),
-        );
-    }
-    Value::Array(out.into_values().map(Value::Object).collect())
 }
 
 #[cfg(test)]
@@ -663,6 +630,7 @@ mod tests {
             team: "t".into(),
             model: "gpt-4o".into(),
             endpoint: Endpoint::ChatCompletions,
+            format: crate::format::WireFormat::OpenAi,
             request: Bytes::from(
                 json!({"messages": [{"role": "user", "content": "one two three"}]}).to_string(),
             ),

@@ -14,6 +14,7 @@ use proptest::prelude::*;
 use serde_json::{json, Value};
 
 use tollgate::config::Config;
+use tollgate::format::WireFormat;
 use tollgate::pricing::{litellm, Catalog};
 use tollgate::proxy::request::{self, RequestMeta};
 use tollgate::usage::read::read_body;
@@ -127,12 +128,12 @@ fn sse_piece() -> impl Strategy<Value = Vec<u8>> {
 }
 
 fn meter_run(
-    endpoint: Endpoint,
+    (format, endpoint): (WireFormat, Endpoint),
     strip: bool,
     stream: &[u8],
     cuts: &[usize],
 ) -> (Vec<u8>, SseMeter) {
-    let mut meter = SseMeter::new(endpoint, strip);
+    let mut meter = SseMeter::new(format.stream_reader(endpoint), strip);
     let mut out = Vec::new();
     let mut at = 0;
     let mut points: Vec<usize> = cuts.iter().map(|c| c % (stream.len() + 1)).collect();
@@ -147,12 +148,15 @@ fn meter_run(
     (out, meter)
 }
 
-const ENDPOINTS: [Endpoint; 4] = [
-    Endpoint::ChatCompletions,
-    Endpoint::Completions,
-    Endpoint::Responses,
-    Endpoint::Embeddings,
+const ENDPOINTS: [(WireFormat, Endpoint); 5] = [
+    (WireFormat::OpenAi, Endpoint::ChatCompletions),
+    (WireFormat::OpenAi, Endpoint::Completions),
+    (WireFormat::OpenAi, Endpoint::Responses),
+    (WireFormat::OpenAi, Endpoint::Embeddings),
+    (WireFormat::Anthropic, Endpoint::Messages),
 ];
+
+const CHAT: (WireFormat, Endpoint) = (WireFormat::OpenAi, Endpoint::ChatCompletions);
 
 proptest! {
     /// Watching a stream never changes it, wherever the chunks are cut.
@@ -160,7 +164,7 @@ proptest! {
     fn sse_meter_passes_every_byte_through(
         pieces in prop::collection::vec(sse_piece(), 0..12),
         cuts in prop::collection::vec(any::<usize>(), 0..8),
-        e in 0usize..4,
+        e in 0usize..ENDPOINTS.len(),
     ) {
         let stream = pieces.concat();
         let (out, mut meter) = meter_run(ENDPOINTS[e], false, &stream, &cuts);
@@ -176,8 +180,8 @@ proptest! {
         cuts in prop::collection::vec(any::<usize>(), 0..8),
     ) {
         let stream = pieces.concat();
-        let (whole, mut m1) = meter_run(Endpoint::ChatCompletions, true, &stream, &[]);
-        let (split, mut m2) = meter_run(Endpoint::ChatCompletions, true, &stream, &cuts);
+        let (whole, mut m1) = meter_run(CHAT, true, &stream, &[]);
+        let (split, mut m2) = meter_run(CHAT, true, &stream, &cuts);
         prop_assert_eq!(&whole, &split);
         prop_assert!(whole.len() <= stream.len());
         let (s1, s2) = (m1.summary(), m2.summary());
@@ -208,7 +212,7 @@ proptest! {
                     let v: Value = serde_json::from_slice(&out).unwrap_or(Value::Null);
                     prop_assert_eq!(&v["stream_options"]["include_usage"], &json!(true));
                 }
-                for e in ENDPOINTS {
+                for (_, e) in ENDPOINTS {
                     let _ = request::apply_output_cap(bytes.clone(), &meta, e, Some(7));
                 }
             }

@@ -12,84 +12,14 @@
 
 pub mod shared;
 
+pub use crate::period::{Budget, Period};
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use chrono::{DateTime, Datelike, Duration, TimeZone, Utc};
-use serde::{Deserialize, Serialize};
+use chrono::{DateTime, Utc};
 
 use crate::pricing::NanoUsd;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Period {
-    Daily,
-    Weekly,
-    Monthly,
-    Total,
-}
-
-impl Period {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Period::Daily => "daily",
-            Period::Weekly => "weekly",
-            Period::Monthly => "monthly",
-            Period::Total => "total",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Period> {
-        match s {
-            "daily" => Some(Period::Daily),
-            "weekly" => Some(Period::Weekly),
-            "monthly" => Some(Period::Monthly),
-            "total" => Some(Period::Total),
-            _ => None,
-        }
-    }
-
-    /// Start of the calendar period (UTC) containing `now`; weeks start Monday.
-    pub fn start(self, now: DateTime<Utc>) -> DateTime<Utc> {
-        let midnight = |y, m, d| {
-            Utc.with_ymd_and_hms(y, m, d, 0, 0, 0)
-                .single()
-                .unwrap_or(DateTime::<Utc>::MIN_UTC)
-        };
-        let day = midnight(now.year(), now.month(), now.day());
-        match self {
-            Period::Daily => day,
-            Period::Weekly => day - Duration::days(i64::from(now.weekday().num_days_from_monday())),
-            Period::Monthly => midnight(now.year(), now.month(), 1),
-            Period::Total => DateTime::<Utc>::MIN_UTC,
-        }
-    }
-
-    /// Start of the next period after the one starting at `start`.
-    pub fn next(self, start: DateTime<Utc>) -> DateTime<Utc> {
-        match self {
-            Period::Daily => start + Duration::days(1),
-            Period::Weekly => start + Duration::days(7),
-            Period::Monthly => {
-                let (y, m) = if start.month() == 12 {
-                    (start.year() + 1, 1)
-                } else {
-                    (start.year(), start.month() + 1)
-                };
-                Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0)
-                    .single()
-                    .unwrap_or(DateTime::<Utc>::MAX_UTC)
-            }
-            Period::Total => DateTime::<Utc>::MAX_UTC,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Budget {
-    pub limit: NanoUsd,
-    pub period: Period,
-}
 
 /// The key of a budget period in the shared tables: `total`, or the
 /// period's start as UTC text.
@@ -533,8 +463,8 @@ mod tests {
         ledger.set_budget("t", Some(budget), |_| 900);
         if let Ok(mut accounts) = ledger.accounts.lock() {
             if let Some(acc) = accounts.get_mut("t") {
-                acc.period_start -= Duration::days(1);
-                acc.period_end -= Duration::days(1);
+                acc.period_start -= chrono::Duration::days(1);
+                acc.period_end -= chrono::Duration::days(1);
             }
         }
         assert_eq!(ledger.status("t").map(|s| s.spent), Some(NanoUsd(0)));

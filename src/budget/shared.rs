@@ -180,7 +180,7 @@ impl Ledger {
     }
 
     /// The writer recorded `cost` of rows paid from the lease of `key`.
-    pub fn written(&self, team: &str, key: &str, cost: u64) {
+    fn lease_paid(&self, team: &str, key: &str, cost: u64) {
         let Ok(mut accounts) = self.accounts.lock() else {
             return;
         };
@@ -261,5 +261,11 @@ fn add_to(acc: &mut super::Account, key: &str, granted: u64, view: BudgetView) {
         lease.db_spent = view.spent;
         lease.db_leased = view.leased;
         lease.answered_at = Some(std::time::Instant::now());
+    }
+}
+
+impl crate::store::RecordedSpend for Ledger {
+    fn written(&self, team: &str, period: &str, cost_nano_usd: u64) {
+        self.lease_paid(team, period, cost_nano_usd);
     }
 }

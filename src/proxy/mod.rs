@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use http_body_util::{BodyExt, Limited};
@@ -22,7 +22,7 @@ use crate::app::AppState;
 use crate::budget::Refusal;
 use crate::config::{AuthMode, UnpricedPolicy};
 use crate::error::ApiError;
-use crate::usage::read::read_body as read_response;
+use crate::format::WireFormat;
 use crate::usage::sse::SseMeter;
 use crate::usage::{Endpoint, TokenSource, Usage};
 use request::RequestMeta;
@@ -59,16 +59,17 @@ pub async fn handle(state: Arc<AppState>, req: http::Request<Body>) -> Response 
     let request_id = state.request_ids.next();
     // The header is made now: the id itself moves into the usage row.
     let id_header = HeaderValue::from_str(&request_id).ok();
-    let endpoint = Endpoint::from_path(req.uri().path());
-    let anthropic = speaks_anthropic(&state, endpoint, req.uri().path(), req.headers());
+    let anthropic_configured = state.upstreams.first_for(WireFormat::Anthropic).is_some();
+    let (format, endpoint) =
+        WireFormat::of_request(req.uri().path(), req.headers(), anthropic_configured);
     let (team, key) =
         match check_path(req.uri().path()).and_then(|()| authenticate(&state, req.headers())) {
             Ok(who) => who,
-            Err(e) => return with_request_id(render(e, anthropic), id_header),
+            Err(e) => return with_request_id(format.render(e), id_header),
         };
     let mut ctx = RequestCtx::new(request_id, endpoint, team);
     ctx.key = key;
-    ctx.anthropic = anthropic;
+    ctx.format = format;
     // Durable mode: the response completes only once its row is on disk.
     let mut durable = None;
     if state.usage.durable() {
@@ -84,7 +85,7 @@ pub async fn handle(state: Arc<AppState>, req: http::Request<Body>) -> Response 
             if let Some(rx) = durable {
                 let _ = rx.await;
             }
-            return with_request_id(render(e, anthropic), id_header);
+            return with_request_id(format.render(e), id_header);
         }
     }
     // Boxed: hyper keeps a connection's request future allocated for as long
@@ -105,7 +106,7 @@ pub async fn handle(state: Arc<AppState>, req: http::Request<Body>) -> Response 
         Err(e) => {
             let overhead = ctx.started.elapsed();
             settle_without_usage(&state, &mut ctx, e.status().as_u16(), overhead);
-            (render(e, anthropic), ctx.budget_remaining)
+            (format.render(e), ctx.budget_remaining)
         }
     };
     if let Some(rx) = durable {
@@ -120,25 +121,6 @@ pub async fn handle(state: Arc<AppState>, req: http::Request<Body>) -> Response 
         }
     }
     response
-}
-
-/// Whether a request speaks Anthropic's format: its Messages paths, or an
-/// `anthropic-version` header (the SDKs send it on every request, so
-/// `GET /v1/models` reaches Anthropic) when an Anthropic upstream exists.
-fn speaks_anthropic(state: &AppState, endpoint: Endpoint, path: &str, headers: &HeaderMap) -> bool {
-    endpoint.is_anthropic()
-        || path.starts_with("/v1/messages")
-        || (headers.contains_key("anthropic-version")
-            && state.upstreams.first_anthropic().is_some())
-}
-
-/// tollgate's own error in the shape of the client's API.
-fn render(e: ApiError, anthropic: bool) -> Response {
-    if anthropic {
-        e.into_anthropic_response()
-    } else {
-        e.into_response()
-    }
 }
 
 /// Refuses paths with `.`/`..` segments (raw or percent-encoded) and
@@ -243,7 +225,10 @@ impl PendingStream {
         ctx: RequestCtx,
         durable: Option<tokio::sync::oneshot::Receiver<()>>,
     ) -> Response {
-        let meter = SseMeter::new(ctx.endpoint, self.strip_usage_chunk);
+        let meter = SseMeter::new(
+            ctx.format.stream_reader(ctx.endpoint),
+            self.strip_usage_chunk,
+        );
         let settlement = StreamSettlement {
             state,
             ctx,
@@ -288,7 +273,7 @@ fn pick_upstream<'a>(
     state: &'a AppState,
     headers: &HeaderMap,
     model: Option<&str>,
-    anthropic: bool,
+    format: WireFormat,
 ) -> Result<&'a Upstream, ApiError> {
     if let Some(name) = headers.get(UPSTREAM_HEADER) {
         let name = name.to_str().unwrap_or("");
@@ -303,21 +288,25 @@ fn pick_upstream<'a>(
         Some(model) => {
             state
                 .upstreams
-                .for_model(model, anthropic)
+                .for_model(model, format)
                 .ok_or_else(|| ApiError::NoUpstream {
                     model: model.to_string(),
                 })
         }
-        None if anthropic => state.upstreams.first_anthropic().ok_or_else(|| {
-            ApiError::invalid(
-                "No upstream of kind \"anthropic\" is configured for Anthropic's API.",
-                None,
-            )
-        }),
         None => state
             .upstreams
-            .default_upstream()
-            .ok_or_else(|| ApiError::Internal("no upstream configured".into())),
+            .first_for(format)
+            .ok_or_else(|| match format {
+                WireFormat::OpenAi => ApiError::Internal("no upstream configured".into()),
+                _ => ApiError::invalid(
+                    format!(
+                        "No upstream of kind \"{}\" is configured for {}'s API.",
+                        format.name().to_ascii_lowercase(),
+                        format.name()
+                    ),
+                    None,
+                ),
+            }),
     }
 }
 
@@ -500,7 +489,7 @@ async fn metered_request(
         "" => deployment.unwrap_or("").to_string(),
         m => m.to_string(),
     };
-    let upstream = pick_upstream(state, &parts.headers, Some(&requested), ctx.anthropic)?;
+    let upstream = pick_upstream(state, &parts.headers, Some(&requested), ctx.format)?;
     ctx.upstream = upstream.name.clone();
     ctx.provider = upstream.provider.name();
     // `routed_as`: the deployment name, kept for the upstream path when the
@@ -560,7 +549,7 @@ async fn metered_request(
         if pinned || attempts >= routing.max_attempts {
             return None;
         }
-        state.upstreams.next_matching(route, ctx.anthropic, from)
+        state.upstreams.next_matching(route, ctx.format, from)
     };
     let may_retry = fallback(upstream, 1).is_some();
     let mut upstream = upstream;
@@ -654,7 +643,7 @@ async fn metered_request(
     let upstream_wait = sent_at.elapsed();
     // Whatever the body says (or fails to say) about usage, the client gets
     // it unchanged; tollgate estimates what it cannot read.
-    let facts = read_response(&bytes);
+    let facts = ctx.format.read_body(&bytes);
     let usage = match facts.usage {
         Some(usage) => usage,
         None => estimate_non_stream(ctx, &body, &bytes).await,
@@ -755,19 +744,12 @@ async fn reserve_priced(
     // Every token covers at least one byte of its text, and the JSON around
     // the text outweighs the per-message overheads.
     let mut bound = body.len() as u64 + 16;
-    let messages = ctx.endpoint == Endpoint::Messages;
-    if messages {
-        // Anthropic adds a system prompt for tools, and a server tool's
-        // results (web pages found) come back as input tokens.
-        if meta.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-            bound = bound.saturating_add(ANTHROPIC_TOOL_PROMPT_TOKENS);
-        }
-        let searches = calls
-            .iter()
-            .find(|(k, _)| *k == "web_search")
-            .map_or(0, |(_, n)| *n);
-        bound = bound.saturating_add(searches.saturating_mul(ANTHROPIC_SEARCH_RESULT_TOKENS));
-    }
+    let searches = calls
+        .iter()
+        .find(|(k, _)| *k == "web_search")
+        .map_or(0, |(_, n)| *n);
+    let has_tools = meta.tools.as_ref().is_some_and(|t| !t.is_empty());
+    bound = bound.saturating_add(ctx.format.added_prompt_bound(has_tools, searches));
     let unavailable = || ApiError::BudgetUnavailable {
         team: ctx.team.clone(),
     };
@@ -782,15 +764,17 @@ async fn reserve_priced(
     }
     let (endpoint, body2) = (ctx.endpoint, body.clone());
     // The text counted exactly; audio (which tiktoken does not count) at
-    // the most tokens its size allows. Not for Claude: tiktoken is no
-    // bound on another tokenizer's count, so the byte bound stands.
-    let exact = if messages {
+    // the most tokens its size allows. Not for another tokenizer's
+    // models: tiktoken is no bound on its count, so the byte bound stands.
+    let format = ctx.format;
+    let exact = if !format.tiktoken_bounds_prompt() {
         bound
     } else {
         tokio::task::spawn_blocking(move || {
             serde_json::from_slice::<serde_json::Value>(&body2)
                 .map(|v| {
-                    crate::usage::estimate::prompt_tokens(endpoint, encoding, &v)
+                    format
+                        .prompt_tokens(endpoint, encoding, &v)
                         .saturating_add(request::audio_token_bound(&v))
                 })
                 .unwrap_or(bound)
@@ -837,12 +821,6 @@ async fn reserve_amount(
     }
 }
 
-/// Input tokens Anthropic's tool-use system prompt may add (346 at most in
-/// its documentation; doubled).
-const ANTHROPIC_TOOL_PROMPT_TOKENS: u64 = 1_000;
-/// Input tokens one web search's results may add to a Claude request.
-const ANTHROPIC_SEARCH_RESULT_TOKENS: u64 = 50_000;
-
 /// Max output assumed for a model the catalog gives no limit for.
 const DEFAULT_MAX_OUTPUT: u64 = 4096;
 
@@ -852,14 +830,14 @@ async fn estimate_non_stream(ctx: &RequestCtx, request: &Bytes, response: &Bytes
         .resolved
         .as_ref()
         .map_or(crate::usage::Encoding::O200kBase, |r| r.encoding());
-    let endpoint = ctx.endpoint;
+    let (format, endpoint) = (ctx.format, ctx.endpoint);
     let (request, response) = (request.clone(), response.clone());
     let ctx_model = ctx.model.clone();
     let task = tokio::task::spawn_blocking(move || {
         let texts = serde_json::from_slice::<serde_json::Value>(&response)
-            .map(|v| crate::usage::estimate::response_texts(endpoint, &v))
+            .map(|v| format.response_texts(endpoint, &v))
             .unwrap_or_default();
-        crate::usage::estimate::estimate_usage(endpoint, encoding, &request, &texts)
+        format.estimate_usage(endpoint, encoding, &request, &texts)
     });
     match task.await {
         Ok(usage) => usage,
@@ -881,7 +859,7 @@ async fn unmetered(
     req: http::Request<Body>,
 ) -> Result<Forwarded, ApiError> {
     let (mut parts, body) = req.into_parts();
-    let upstream = pick_upstream(state, &parts.headers, None, ctx.anthropic)?;
+    let upstream = pick_upstream(state, &parts.headers, None, ctx.format)?;
     ctx.upstream = upstream.name.clone();
     ctx.budget_remaining = state.ledger.status(&ctx.team).map(|s| s.remaining);
     let body = if parts.method == Method::GET || parts.method == Method::HEAD {

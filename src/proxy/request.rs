@@ -8,9 +8,7 @@ use serde::Deserialize;
 use crate::error::ApiError;
 use crate::usage::Endpoint;
 
-/// Longest model id accepted. Ids become metric labels, usage rows and log
-/// fields; real ones (`ft:gpt-4o-mini-2024-07-18:org:suffix:id`) are < 100 bytes.
-pub const MAX_MODEL_BYTES: usize = 256;
+pub use crate::usage::MAX_MODEL_BYTES;
 
 /// The fields tollgate needs; everything else is forwarded untouched.
 #[derive(Debug, Deserialize)]

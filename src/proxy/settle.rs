@@ -38,8 +38,8 @@ pub struct RequestCtx {
     /// OpenAI-compatible API).
     pub provider: &'static str,
     pub stream: bool,
-    /// The client speaks Anthropic's format (routing, error shape).
-    pub anthropic: bool,
+    /// What the client speaks (routing, usage readers, error shape).
+    pub format: crate::format::WireFormat,
     /// Upstreams tried, the one that answered included (fallbacks).
     pub attempts: u16,
     /// Choices asked for (`n`).
@@ -71,7 +71,7 @@ impl RequestCtx {
             upstream: String::new(),
             provider: "openai",
             stream: false,
-            anthropic: false,
+            format: crate::format::WireFormat::OpenAi,
             attempts: 1,
             choices: 1,
             end_user: None,
@@ -309,6 +309,7 @@ pub fn word_sample(
         team: ctx.team.clone(),
         model: model.to_string(),
         endpoint: ctx.endpoint,
+        format: ctx.format,
         request,
         answer,
         usage,

@@ -110,7 +110,8 @@ fn extrapolated(tokens: u64, kept: usize, dropped: u64) -> u64 {
 }
 
 pub fn estimated_usage(ctx: &RequestCtx, request_body: &[u8], texts: &[String]) -> Usage {
-    estimate::estimate_usage(ctx.endpoint, encoding_of(ctx), request_body, texts)
+    ctx.format
+        .estimate_usage(ctx.endpoint, encoding_of(ctx), request_body, texts)
 }
 
 fn encoding_of(ctx: &RequestCtx) -> crate::usage::Encoding {

@@ -11,6 +11,7 @@ use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::UpstreamConfig;
+use crate::format::WireFormat;
 use crate::glob::Glob;
 use crate::provider::{ClientPath, Provider};
 
@@ -66,6 +67,8 @@ pub struct Upstream {
     /// The server's key in the provider's header (`Authorization: Bearer`,
     /// Azure's `api-key`); sent in virtual-keys mode only.
     pub auth: Option<(HeaderName, HeaderValue)>,
+    /// The configured kind: which wire formats it takes.
+    kind: crate::config::ProviderKind,
     models: Vec<Glob>,
     pub inject_stream_usage: bool,
     pub timeout: Duration,
@@ -115,6 +118,7 @@ impl Upstream {
             base,
             provider,
             auth,
+            kind: config.kind,
             models: config.models.clone(),
             inject_stream_usage: config.inject_stream_usage,
             timeout: Duration::from_millis(config.timeout_ms),
@@ -124,8 +128,13 @@ impl Upstream {
         })
     }
 
-    pub fn is_anthropic(&self) -> bool {
-        matches!(self.provider, Provider::Anthropic)
+    /// Whether this upstream takes requests in `format`.
+    pub fn serves(&self, format: WireFormat) -> bool {
+        format.served_by(self.kind)
+    }
+
+    fn matches(&self, format: WireFormat, model: &str) -> bool {
+        self.serves(format) && self.models.iter().any(|g| g.matches(model))
     }
 
     /// The upstream URI for a client path (`/v1/chat/completions?x=1`, or
@@ -154,39 +163,33 @@ impl Upstreams {
             .map(Upstreams)
     }
 
-    /// The first upstream whose globs match the model; of `kind =
-    /// "anthropic"` ones only for a request in Anthropic's format.
-    pub fn for_model(&self, model: &str, anthropic: bool) -> Option<&Upstream> {
-        self.0
-            .iter()
-            .find(|u| (!anthropic || u.is_anthropic()) && u.models.iter().any(|g| g.matches(model)))
+    /// The first upstream taking `format` whose globs match the model.
+    pub fn for_model(&self, model: &str, format: WireFormat) -> Option<&Upstream> {
+        self.0.iter().find(|u| u.matches(format, model))
     }
 
     /// The next upstream after `after` serving the model (a fallback).
     pub fn next_matching(
         &self,
         model: &str,
-        anthropic: bool,
+        format: WireFormat,
         after: &Upstream,
     ) -> Option<&Upstream> {
         let start = self.0.iter().position(|u| std::ptr::eq(u, after))? + 1;
-        self.0[start..]
-            .iter()
-            .find(|u| (!anthropic || u.is_anthropic()) && u.models.iter().any(|g| g.matches(model)))
+        self.0[start..].iter().find(|u| u.matches(format, model))
     }
 
-    /// Where a request in Anthropic's format that names no model goes.
-    pub fn first_anthropic(&self) -> Option<&Upstream> {
-        self.0.iter().find(|u| u.is_anthropic())
+    /// Where a request in `format` that names no model goes (`/v1/models`,
+    /// files, ...): for OpenAI's format the first upstream of all.
+    pub fn first_for(&self, format: WireFormat) -> Option<&Upstream> {
+        if format.any_upstream_for_no_model() {
+            return self.0.first();
+        }
+        self.0.iter().find(|u| u.serves(format))
     }
 
     pub fn by_name(&self, name: &str) -> Option<&Upstream> {
         self.0.iter().find(|u| u.name == name)
-    }
-
-    /// Where requests without a model (`/v1/models`, files, ...) go.
-    pub fn default_upstream(&self) -> Option<&Upstream> {
-        self.0.first()
     }
 }
 

@@ -12,9 +12,9 @@ pub mod writer;
 use chrono::{DateTime, Utc};
 use std::borrow::Borrow;
 
-use crate::budget::Budget;
+use crate::period::Budget;
 
-pub use writer::{UsageSink, UsageWriter, WriterConfig};
+pub use writer::{RecordedSpend, UsageSink, UsageWriter, WriterConfig};
 
 /// One row of the `usage` table (SPEC section 6).
 #[derive(Debug, Clone, PartialEq)]

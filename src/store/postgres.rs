@@ -14,7 +14,7 @@ use super::{
     CountsRow, KeyRow, ReportBy, ReportRow, StoreError, TeamRow, UsageRecord, Value, WordCount,
     USAGE_COLUMNS,
 };
-use crate::budget::{Budget, Period};
+use crate::period::{Budget, Period};
 use crate::pricing::NanoUsd;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");

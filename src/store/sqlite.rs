@@ -14,7 +14,7 @@ use super::{
     ReportBy, ReportRow, StoreError, TeamRow, UsageRecord, Value, WordCount, DETAIL_COLUMNS,
     USAGE_COLUMNS,
 };
-use crate::budget::{Budget, Period};
+use crate::period::{Budget, Period};
 use crate::pricing::NanoUsd;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");

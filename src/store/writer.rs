@@ -23,7 +23,6 @@ use tokio::task::JoinHandle;
 
 use super::spool::Spool;
 use super::{Store, StoreError, UsageRecord};
-use crate::budget::Ledger;
 use crate::metrics::Metrics;
 
 /// Longest wait between retries of a failed batch.
@@ -104,6 +103,13 @@ pub struct WriterConfig {
     pub durable: bool,
 }
 
+/// Told of the spend a shared budget's lease paid for once its rows are in
+/// the database (`budget::Ledger` implements it): the store reports, the
+/// budget decides what that means, and the store never imports the budget.
+pub trait RecordedSpend: Send + Sync {
+    fn written(&self, team: &str, period: &str, cost_nano_usd: u64);
+}
+
 /// The running writer: `finish` makes it stop waiting for fuller batches and
 /// write everything now; it ends once every `UsageSink` is dropped.
 pub struct UsageWriter {
@@ -115,7 +121,7 @@ impl UsageWriter {
     pub fn spawn(
         store: Store,
         metrics: Arc<Metrics>,
-        ledger: Arc<Ledger>,
+        ledger: Arc<dyn RecordedSpend>,
         spool: Spool,
         config: WriterConfig,
     ) -> (UsageSink, UsageWriter) {
@@ -196,7 +202,7 @@ type Inflight = Pin<Box<dyn Future<Output = (Job, Result<Vec<String>, StoreError
 struct Writer {
     store: Store,
     metrics: Arc<Metrics>,
-    ledger: Arc<Ledger>,
+    ledger: Arc<dyn RecordedSpend>,
     spool: Spool,
     config: WriterConfig,
     node: Option<String>,

@@ -13,15 +13,15 @@ const TOKENS_PER_MESSAGE: u64 = 3;
 const TOKENS_PER_NAME: u64 = 1;
 const REPLY_PRIMING: u64 = 3;
 
-/// Prompt tokens of a request body, by endpoint.
+/// Prompt tokens of an OpenAI-format request body, by endpoint.
 pub fn prompt_tokens(endpoint: Endpoint, enc: Encoding, request: &Value) -> u64 {
     match endpoint {
         Endpoint::ChatCompletions => chat_prompt_tokens(enc, request),
         Endpoint::Completions => input_tokens(enc, request.get("prompt")),
         Endpoint::Embeddings => input_tokens(enc, request.get("input")),
         Endpoint::Responses => responses_prompt_tokens(enc, request),
-        Endpoint::Messages => super::anthropic::prompt_tokens(enc, request),
-        Endpoint::Models | Endpoint::Other => 0,
+        // Other formats' requests are counted by their format (`crate::format`).
+        Endpoint::Messages | Endpoint::Models | Endpoint::Other => 0,
     }
 }
 
@@ -169,20 +169,12 @@ fn responses_prompt_tokens(enc: Encoding, request: &Value) -> u64 {
     total
 }
 
-/// The estimated usage of a request whose upstream reported none: prompt
-/// tokens from the request body, completion tokens from the generated texts.
-pub fn estimate_usage(
-    endpoint: Endpoint,
-    enc: Encoding,
-    request_body: &[u8],
-    texts: &[String],
-) -> super::Usage {
-    let prompt = serde_json::from_slice::<Value>(request_body)
-        .map(|v| prompt_tokens(endpoint, enc, &v))
-        .unwrap_or(0);
+/// The usage of an estimate: `prompt` and `completion` tokens counted by
+/// tollgate (see `format::WireFormat::estimate_usage`).
+pub fn estimated(prompt: u64, completion: u64) -> super::Usage {
     super::Usage {
         source: super::TokenSource::Estimated,
-        ..super::Usage::tokens(prompt, completion_tokens(enc, texts))
+        ..super::Usage::tokens(prompt, completion)
     }
 }
 
@@ -191,7 +183,7 @@ pub fn completion_tokens(enc: Encoding, texts: &[String]) -> u64 {
     texts.iter().map(|t| enc.count(t)).sum()
 }
 
-/// The generated text of each choice in a non-streaming response body.
+/// The generated text of each choice in a non-streaming OpenAI-format body.
 pub fn response_texts(endpoint: Endpoint, body: &Value) -> Vec<String> {
     match endpoint {
         Endpoint::ChatCompletions | Endpoint::Completions => body
@@ -253,7 +245,6 @@ pub fn response_texts(endpoint: Endpoint, body: &Value) -> Vec<String> {
             }
             vec![text]
         }
-        Endpoint::Messages => super::anthropic::response_texts(body),
         _ => Vec::new(),
     }
 }

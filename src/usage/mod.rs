@@ -4,11 +4,23 @@
 //! Never blocks the async runtime: estimates over large inputs run on the
 //! blocking pool (see `proxy`), and the SSE meter works on bounded buffers.
 
-pub mod anthropic;
 pub mod estimate;
-pub mod openai;
 pub mod read;
 pub mod sse;
+
+/// Longest model id accepted or stored. Ids become usage rows, metric
+/// labels and log fields; real ones (`ft:gpt-4o-mini-2024-07-18:org:suffix:id`)
+/// are < 100 bytes. A served model longer than this is cut to it.
+pub const MAX_MODEL_BYTES: usize = 256;
+
+/// `model` cut to at most `MAX_MODEL_BYTES`, at a character boundary.
+pub fn bounded_model(model: &str) -> &str {
+    let mut end = model.len().min(MAX_MODEL_BYTES);
+    while !model.is_char_boundary(end) {
+        end -= 1;
+    }
+    &model[..end]
+}
 
 /// Which endpoint a request went to; decides how its usage is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -84,12 +96,6 @@ impl Endpoint {
                 | Endpoint::Responses
                 | Endpoint::Messages
         )
-    }
-
-    /// Endpoints that speak Anthropic's wire format (and go to a
-    /// `kind = "anthropic"` upstream).
-    pub fn is_anthropic(self) -> bool {
-        self == Endpoint::Messages
     }
 
     /// Endpoints that accept `stream_options.include_usage`.

@@ -29,7 +29,7 @@ impl Served {
     /// Notes a `model` seen in a response or a stream chunk.
     pub fn see_model(&mut self, model: &str) {
         if !model.is_empty() && self.model.as_deref() != Some(model) {
-            let model = crate::metrics::bounded(model);
+            let model = super::bounded_model(model);
             self.model = Some(model.to_string());
         }
     }

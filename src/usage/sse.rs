@@ -9,7 +9,7 @@
 use bytes::{Bytes, BytesMut};
 
 use super::read::{Counts, Served};
-use super::{anthropic, openai, Endpoint, Usage};
+use super::Usage;
 
 /// A line or event larger than this is passed through unparsed.
 const MAX_BUFFERED: usize = 4 * 1024 * 1024;
@@ -19,8 +19,12 @@ const MAX_BUFFERED: usize = 4 * 1024 * 1024;
 /// extrapolates from the text kept (`StreamSummary::text_bytes_dropped`).
 pub const MAX_TEXT_BYTES: usize = 64 * 1024;
 
+/// Meters one event's data in a wire format's spelling (`format::*`);
+/// true when it is the usage-only chunk tollgate asked for.
+pub type EventReader = fn(&mut StreamFacts, &[u8]) -> bool;
+
 pub struct SseMeter {
-    endpoint: Endpoint,
+    reader: EventReader,
     /// Drop the usage-only chunk (the client did not ask for usage).
     strip_usage_chunk: bool,
     line: Vec<u8>,
@@ -33,29 +37,29 @@ pub struct SseMeter {
 }
 
 /// What a stream has said so far, whatever its wire format: the
-/// formats' event readers (`openai`, `anthropic`) write it.
+/// formats' event readers (`crate::format`) write it.
 #[derive(Default)]
 pub struct StreamFacts {
-    pub(super) usage: Option<Usage>,
+    pub(crate) usage: Option<Usage>,
     /// Anthropic: the counts reported so far (`message_start`, then each
     /// `message_delta` over it). Boxed: most streams are OpenAI's.
-    pub(super) counts: Option<Box<Counts>>,
+    pub(crate) counts: Option<Box<Counts>>,
     /// Model, service tier and tool calls the stream says were served.
-    pub(super) served: Served,
+    pub(crate) served: Served,
     /// Generated text per choice index, for estimates.
     texts: Vec<String>,
     text_bytes: usize,
     text_bytes_dropped: u64,
     /// Some of `texts` is tool-call arguments.
     tool_text: bool,
-    pub(super) done: bool,
-    pub(super) unparsable_events: u64,
+    pub(crate) done: bool,
+    pub(crate) unparsable_events: u64,
 }
 
 impl StreamFacts {
     /// Takes what a `response` object says was served; tool calls counted
     /// from the whole output replace those counted item by item.
-    pub(super) fn see(&mut self, served: Served) {
+    pub(crate) fn see(&mut self, served: Served) {
         if let Some(m) = served.model {
             self.served.see_model(&m);
         }
@@ -68,14 +72,14 @@ impl StreamFacts {
     }
 
     /// `push_text` for tool-call arguments (names, JSON).
-    pub(super) fn push_tool_text(&mut self, index: usize, text: &str) {
+    pub(crate) fn push_tool_text(&mut self, index: usize, text: &str) {
         self.tool_text = true;
         self.push_text(index, text);
     }
 
     /// Keeps generated text for an estimate, up to `MAX_TEXT_BYTES` per
     /// stream; past it only the byte count grows (see `StreamSummary`).
-    pub(super) fn push_text(&mut self, index: usize, text: &str) {
+    pub(crate) fn push_text(&mut self, index: usize, text: &str) {
         if self.text_bytes + text.len() > MAX_TEXT_BYTES {
             self.text_bytes_dropped += text.len() as u64;
             return;
@@ -116,9 +120,9 @@ impl SseMeter {
         self.facts.done
     }
 
-    pub fn new(endpoint: Endpoint, strip_usage_chunk: bool) -> SseMeter {
+    pub fn new(reader: EventReader, strip_usage_chunk: bool) -> SseMeter {
         SseMeter {
-            endpoint,
+            reader,
             strip_usage_chunk,
             line: Vec::new(),
             line_overflow: false,
@@ -242,17 +246,7 @@ impl SseMeter {
             self.facts.done = true;
             return false;
         }
-        match self.endpoint {
-            Endpoint::Messages => {
-                anthropic::on_event(&mut self.facts, data);
-                false
-            }
-            Endpoint::Responses => {
-                openai::on_responses_event(&mut self.facts, data);
-                false
-            }
-            _ => openai::on_chunk(&mut self.facts, data),
-        }
+        (self.reader)(&mut self.facts, data)
     }
 
     pub fn summary(&mut self) -> StreamSummary {
@@ -271,124 +265,5 @@ impl SseMeter {
             events: self.events,
             unparsable_events: f.unparsable_events,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const CHUNK1: &str = "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"}}],\"usage\":null}\n\n";
-    const CHUNK2: &str = "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo\"}}],\"usage\":null}\n\n";
-    const USAGE: &str = "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2,\"total_tokens\":11}}\n\n";
-    const DONE: &str = "data: [DONE]\n\n";
-
-    fn run(meter: &mut SseMeter, pieces: &[&[u8]]) -> Vec<u8> {
-        let mut out = Vec::new();
-        for p in pieces {
-            out.extend_from_slice(&meter.push(Bytes::copy_from_slice(p)));
-        }
-        out.extend_from_slice(&meter.take_pending());
-        out
-    }
-
-    #[test]
-    fn usage_is_read_and_stream_passes_unchanged_when_not_stripping() {
-        let whole = [CHUNK1, CHUNK2, USAGE, DONE].concat();
-        let mut meter = SseMeter::new(Endpoint::ChatCompletions, false);
-        let out = run(&mut meter, &[whole.as_bytes()]);
-        assert_eq!(out, whole.as_bytes());
-        let s = meter.summary();
-        assert_eq!(
-            s.usage.map(|u| (u.prompt_tokens, u.completion_tokens)),
-            Some((9, 2))
-        );
-        assert_eq!(s.texts, vec!["Hello".to_string()]);
-        assert!(s.done);
-    }
-
-    #[test]
-    fn usage_chunk_is_stripped_at_any_split_point() {
-        let whole = [CHUNK1, CHUNK2, USAGE, DONE].concat();
-        let expected = [CHUNK1, CHUNK2, DONE].concat();
-        let bytes = whole.as_bytes();
-        for split in 0..bytes.len() {
-            for split2 in [split, (split + 7).min(bytes.len()), bytes.len()] {
-                let mut meter = SseMeter::new(Endpoint::ChatCompletions, true);
-                let out = run(
-                    &mut meter,
-                    &[&bytes[..split], &bytes[split..split2], &bytes[split2..]],
-                );
-                assert_eq!(
-                    String::from_utf8_lossy(&out),
-                    expected,
-                    "split at {split}/{split2}"
-                );
-                assert_eq!(meter.summary().usage.map(|u| u.prompt_tokens), Some(9));
-            }
-        }
-    }
-
-    #[test]
-    fn whole_events_in_a_chunk_are_forwarded_at_once() {
-        let mut meter = SseMeter::new(Endpoint::ChatCompletions, true);
-        let out = meter.push(Bytes::from_static(CHUNK1.as_bytes()));
-        assert_eq!(out, CHUNK1.as_bytes());
-        // Half an event is held back until it is complete.
-        let out = meter.push(Bytes::from_static(&CHUNK2.as_bytes()[..10]));
-        assert!(out.is_empty());
-        let out = meter.push(Bytes::from_static(&CHUNK2.as_bytes()[10..]));
-        assert_eq!(out, CHUNK2.as_bytes());
-    }
-
-    #[test]
-    fn crlf_events_and_multiple_choices() {
-        let s = "data: {\"choices\":[{\"index\":1,\"text\":\"b\"},{\"index\":0,\"text\":\"a\"}]}\r\n\r\n";
-        let mut meter = SseMeter::new(Endpoint::Completions, true);
-        let out = run(&mut meter, &[s.as_bytes()]);
-        assert_eq!(out, s.as_bytes());
-        assert_eq!(
-            meter.summary().texts,
-            vec!["a".to_string(), "b".to_string()]
-        );
-    }
-
-    #[test]
-    fn responses_api_completed_event_carries_usage() {
-        let s = "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n\
-                 event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":5,\"output_tokens\":1,\"input_tokens_details\":{\"cached_tokens\":2}}}}\n\n";
-        let mut meter = SseMeter::new(Endpoint::Responses, false);
-        run(&mut meter, &[s.as_bytes()]);
-        let sum = meter.summary();
-        assert_eq!(
-            sum.usage
-                .map(|u| (u.prompt_tokens, u.completion_tokens, u.cached_tokens)),
-            Some((5, 1, 2))
-        );
-        assert_eq!(sum.texts, vec!["Hi".to_string()]);
-    }
-
-    #[test]
-    fn kept_text_is_capped_and_the_rest_counted() {
-        let word = "y".repeat(1000);
-        let event = format!(
-            "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{word}\"}}}}]}}\n\n"
-        );
-        let mut meter = SseMeter::new(Endpoint::ChatCompletions, false);
-        for _ in 0..100 {
-            meter.push(Bytes::from(event.clone()));
-        }
-        let s = meter.summary();
-        let kept: usize = s.texts.iter().map(String::len).sum();
-        assert!(kept <= MAX_TEXT_BYTES && kept > MAX_TEXT_BYTES - 1000);
-        assert_eq!(kept as u64 + s.text_bytes_dropped, 100_000);
-    }
-
-    #[test]
-    fn garbage_is_counted_not_fatal() {
-        let mut meter = SseMeter::new(Endpoint::ChatCompletions, true);
-        let out = run(&mut meter, &[b"data: {not json\n\n", CHUNK1.as_bytes()]);
-        assert_eq!(out.len(), "data: {not json\n\n".len() + CHUNK1.len());
-        assert_eq!(meter.summary().unparsable_events, 1);
     }
 }

@@ -15,9 +15,12 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::read::Counts;
-use super::sse::StreamFacts;
-use super::Encoding;
+use crate::usage::read::Counts;
+use crate::usage::sse::StreamFacts;
+use crate::usage::Encoding;
+use axum::response::Response;
+
+use crate::error::ApiError;
 
 /// One event's data, the fields read; everything else skipped.
 #[derive(Deserialize)]
@@ -105,7 +108,7 @@ fn read_event(data: &[u8]) -> Option<Seen<'_>> {
 }
 
 /// Meters one event of a Messages stream.
-pub(super) fn on_event(facts: &mut StreamFacts, data: &[u8]) {
+pub(crate) fn on_event(facts: &mut StreamFacts, data: &[u8]) -> bool {
     match read_event(data) {
         None => facts.unparsable_events += 1,
         Some(Seen::Started { model, usage }) => {
@@ -134,6 +137,7 @@ pub(super) fn on_event(facts: &mut StreamFacts, data: &[u8]) {
         Some(Seen::Stop) => facts.done = true,
         Some(Seen::Other) => {}
     }
+    false
 }
 
 /// Prompt tokens of a Messages request, estimated: every text of the
@@ -192,6 +196,32 @@ pub fn response_texts(body: &Value) -> Vec<String> {
         }
     }
     vec![text]
+}
+
+/// Input tokens Anthropic's tool-use system prompt may add (346 at most in
+/// its documentation; doubled).
+const TOOL_PROMPT_TOKENS: u64 = 1_000;
+/// Input tokens one web search's results may add to a Claude request.
+const SEARCH_RESULT_TOKENS: u64 = 50_000;
+
+/// Prompt tokens Anthropic may add to a request's own: a system prompt
+/// for tools, and a server tool's results (web pages found) as input.
+pub fn added_prompt_bound(has_tools: bool, web_searches: u64) -> u64 {
+    let tools = if has_tools { TOOL_PROMPT_TOKENS } else { 0 };
+    tools.saturating_add(web_searches.saturating_mul(SEARCH_RESULT_TOKENS))
+}
+
+/// tollgate's error as Anthropic's API would spell it, for clients of its
+/// Messages format (the `anthropic` SDKs raise by `error.type`);
+/// tollgate's own `code` rides along.
+pub fn render(e: ApiError) -> Response {
+    let status = e.status();
+    let body = serde_json::json!({"type": "error", "error": {
+        "type": error_type(status.as_u16()),
+        "message": e.to_string(),
+        "code": e.code(),
+    }});
+    crate::error::json_response(status, body.to_string())
 }
 
 /// Anthropic's `error.type` for an HTTP status, as its API answers.

@@ -7,8 +7,8 @@ use std::borrow::Cow;
 
 use serde::Deserialize;
 
-use super::read::{facts_from_value, Counts};
-use super::sse::StreamFacts;
+use crate::usage::read::{facts_from_value, Counts};
+use crate::usage::sse::StreamFacts;
 
 #[derive(Deserialize)]
 struct ChoiceChunk<'a> {
@@ -77,10 +77,10 @@ struct ItemRef<'a> {
 }
 
 /// One Responses API event.
-pub(super) fn on_responses_event(facts: &mut StreamFacts, data: &[u8]) {
+pub(crate) fn on_responses_event(facts: &mut StreamFacts, data: &[u8]) -> bool {
     let Ok(event) = serde_json::from_slice::<ResponsesEvent>(data) else {
         facts.unparsable_events += 1;
-        return;
+        return false;
     };
     match event.kind.as_deref() {
         Some("response.output_text.delta") | Some("response.refusal.delta") => {
@@ -118,11 +118,12 @@ pub(super) fn on_responses_event(facts: &mut StreamFacts, data: &[u8]) {
             }
         }
     }
+    false
 }
 
 /// One chat or text completion chunk; true when it is the usage-only
 /// chunk (usage and no choices).
-pub(super) fn on_chunk(facts: &mut StreamFacts, data: &[u8]) -> bool {
+pub(crate) fn on_chunk(facts: &mut StreamFacts, data: &[u8]) -> bool {
     let Ok(chunk) = serde_json::from_slice::<ChoiceChunk>(data) else {
         return odd_chunk(facts, data);
     };
@@ -186,4 +187,125 @@ fn odd_chunk(facts: &mut StreamFacts, data: &[u8]) -> bool {
         .get("choices")
         .is_none_or(|c| c.as_array().is_some_and(Vec::is_empty));
     v.get("usage").is_some_and(serde_json::Value::is_object) && no_choices
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::usage::sse::{SseMeter, MAX_TEXT_BYTES};
+    use bytes::Bytes;
+
+    const CHUNK1: &str = "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"}}],\"usage\":null}\n\n";
+    const CHUNK2: &str = "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo\"}}],\"usage\":null}\n\n";
+    const USAGE: &str = "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2,\"total_tokens\":11}}\n\n";
+    const DONE: &str = "data: [DONE]\n\n";
+
+    fn run(meter: &mut SseMeter, pieces: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for p in pieces {
+            out.extend_from_slice(&meter.push(Bytes::copy_from_slice(p)));
+        }
+        out.extend_from_slice(&meter.take_pending());
+        out
+    }
+
+    #[test]
+    fn usage_is_read_and_stream_passes_unchanged_when_not_stripping() {
+        let whole = [CHUNK1, CHUNK2, USAGE, DONE].concat();
+        let mut meter = SseMeter::new(on_chunk, false);
+        let out = run(&mut meter, &[whole.as_bytes()]);
+        assert_eq!(out, whole.as_bytes());
+        let s = meter.summary();
+        assert_eq!(
+            s.usage.map(|u| (u.prompt_tokens, u.completion_tokens)),
+            Some((9, 2))
+        );
+        assert_eq!(s.texts, vec!["Hello".to_string()]);
+        assert!(s.done);
+    }
+
+    #[test]
+    fn usage_chunk_is_stripped_at_any_split_point() {
+        let whole = [CHUNK1, CHUNK2, USAGE, DONE].concat();
+        let expected = [CHUNK1, CHUNK2, DONE].concat();
+        let bytes = whole.as_bytes();
+        for split in 0..bytes.len() {
+            for split2 in [split, (split + 7).min(bytes.len()), bytes.len()] {
+                let mut meter = SseMeter::new(on_chunk, true);
+                let out = run(
+                    &mut meter,
+                    &[&bytes[..split], &bytes[split..split2], &bytes[split2..]],
+                );
+                assert_eq!(
+                    String::from_utf8_lossy(&out),
+                    expected,
+                    "split at {split}/{split2}"
+                );
+                assert_eq!(meter.summary().usage.map(|u| u.prompt_tokens), Some(9));
+            }
+        }
+    }
+
+    #[test]
+    fn whole_events_in_a_chunk_are_forwarded_at_once() {
+        let mut meter = SseMeter::new(on_chunk, true);
+        let out = meter.push(Bytes::from_static(CHUNK1.as_bytes()));
+        assert_eq!(out, CHUNK1.as_bytes());
+        // Half an event is held back until it is complete.
+        let out = meter.push(Bytes::from_static(&CHUNK2.as_bytes()[..10]));
+        assert!(out.is_empty());
+        let out = meter.push(Bytes::from_static(&CHUNK2.as_bytes()[10..]));
+        assert_eq!(out, CHUNK2.as_bytes());
+    }
+
+    #[test]
+    fn crlf_events_and_multiple_choices() {
+        let s = "data: {\"choices\":[{\"index\":1,\"text\":\"b\"},{\"index\":0,\"text\":\"a\"}]}\r\n\r\n";
+        let mut meter = SseMeter::new(on_chunk, true);
+        let out = run(&mut meter, &[s.as_bytes()]);
+        assert_eq!(out, s.as_bytes());
+        assert_eq!(
+            meter.summary().texts,
+            vec!["a".to_string(), "b".to_string()]
+        );
+    }
+
+    #[test]
+    fn responses_api_completed_event_carries_usage() {
+        let s = "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n\
+                 event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":5,\"output_tokens\":1,\"input_tokens_details\":{\"cached_tokens\":2}}}}\n\n";
+        let mut meter = SseMeter::new(on_responses_event, false);
+        run(&mut meter, &[s.as_bytes()]);
+        let sum = meter.summary();
+        assert_eq!(
+            sum.usage
+                .map(|u| (u.prompt_tokens, u.completion_tokens, u.cached_tokens)),
+            Some((5, 1, 2))
+        );
+        assert_eq!(sum.texts, vec!["Hi".to_string()]);
+    }
+
+    #[test]
+    fn kept_text_is_capped_and_the_rest_counted() {
+        let word = "y".repeat(1000);
+        let event = format!(
+            "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{word}\"}}}}]}}\n\n"
+        );
+        let mut meter = SseMeter::new(on_chunk, false);
+        for _ in 0..100 {
+            meter.push(Bytes::from(event.clone()));
+        }
+        let s = meter.summary();
+        let kept: usize = s.texts.iter().map(String::len).sum();
+        assert!(kept <= MAX_TEXT_BYTES && kept > MAX_TEXT_BYTES - 1000);
+        assert_eq!(kept as u64 + s.text_bytes_dropped, 100_000);
+    }
+
+    #[test]
+    fn garbage_is_counted_not_fatal() {
+        let mut meter = SseMeter::new(on_chunk, true);
+        let out = run(&mut meter, &[b"data: {not json\n\n", CHUNK1.as_bytes()]);
+        assert_eq!(out.len(), "data: {not json\n\n".len() + CHUNK1.len());
+        assert_eq!(meter.summary().unparsable_events, 1);
+    }
 }
