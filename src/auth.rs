@@ -111,8 +111,20 @@ pub fn is_tollgate_key(value: &str) -> bool {
     token.starts_with("tg-")
 }
 
-/// Headers a client may carry a credential in (OpenAI, Azure, Anthropic style).
-pub const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "api-key", "x-api-key"];
+/// Headers a client may carry a credential in (OpenAI, Azure, Anthropic,
+/// Gemini style).
+pub const CREDENTIAL_HEADERS: [&str; 4] =
+    ["authorization", "api-key", "x-api-key", "x-goog-api-key"];
+
+/// The query parameter a Gemini client may carry its key in (`?key=`).
+pub const CREDENTIAL_PARAM: &str = "key";
+
+/// The value of `?key=` in a query, if any.
+pub fn query_key(query: Option<&str>) -> Option<&str> {
+    query?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix(CREDENTIAL_PARAM)?.strip_prefix('='))
+}
 
 /// How clients authenticate, decided by configuration and never loosened at
 /// run time: `auth.mode` when set; otherwise `virtual-keys` as soon as any

@@ -215,6 +215,10 @@ impl Default for AuthConfig {
                 "/v1/files*".into(),
                 // Anthropic's token counting is free.
                 "POST /v1/messages/count_tokens".into(),
+                // So is Gemini's, and listing its models.
+                "POST /v1beta/models/*:countTokens".into(),
+                "POST /v1/models/*:countTokens".into(),
+                "GET /v1beta/models*".into(),
             ],
         }
     }
@@ -277,6 +281,8 @@ pub enum ProviderKind {
     Azure,
     /// Anthropic's Messages API.
     Anthropic,
+    /// Google's Gemini API: `x-goog-api-key`, `/v1beta/models/{model}:{op}`.
+    Gemini,
 }
 
 fn default_models() -> Vec<Glob> {

@@ -25,6 +25,10 @@ pub enum Provider {
     /// paths (`/v1/chat/completions`) are Anthropic's OpenAI compatibility
     /// layer and go up the same way.
     Anthropic,
+    /// Google's Gemini API: `{base_url}/v1beta/models/{model}:{op}`,
+    /// `x-goog-api-key`. Client paths go up as they came (less a `key`
+    /// query parameter, which `proxy` removes with the other credentials).
+    Gemini,
 }
 
 pub struct Azure {
@@ -51,6 +55,8 @@ impl Azure {
 /// A client's request path in either style it may come in.
 #[derive(Debug, PartialEq, Eq)]
 pub struct ClientPath<'a> {
+    /// The whole path, without its query.
+    pub path: &'a str,
     /// Azure style (`/openai/deployments/{d}/...`): the deployment named.
     pub deployment: Option<&'a str>,
     /// What follows `/v1` or the deployment: `/chat/completions`.
@@ -67,12 +73,14 @@ impl<'a> ClientPath<'a> {
         if let Some(rest) = path.strip_prefix(AZURE_DEPLOYMENTS) {
             let (deployment, operation) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
             return ClientPath {
+                path,
                 deployment: Some(deployment),
                 operation,
                 query,
             };
         }
         ClientPath {
+            path,
             deployment: None,
             operation: path.strip_prefix("/v1").unwrap_or(path),
             query,
@@ -95,6 +103,7 @@ impl Provider {
                     .collect(),
             }),
             ProviderKind::Anthropic => Provider::Anthropic,
+            ProviderKind::Gemini => Provider::Gemini,
             ProviderKind::Openai => Provider::OpenAi,
         }
     }
@@ -106,6 +115,7 @@ impl Provider {
             Provider::OpenAi => "openai",
             Provider::Azure(_) => "azure",
             Provider::Anthropic => "anthropic",
+            Provider::Gemini => "gemini",
         }
     }
 
@@ -115,6 +125,7 @@ impl Provider {
             Provider::OpenAi => (http::header::AUTHORIZATION, format!("Bearer {key}")),
             Provider::Azure(_) => (HeaderName::from_static("api-key"), key.to_string()),
             Provider::Anthropic => (HeaderName::from_static("x-api-key"), key.to_string()),
+            Provider::Gemini => (HeaderName::from_static("x-goog-api-key"), key.to_string()),
         };
         let mut value =
             HeaderValue::from_str(&value).map_err(|_| "not a valid header value".to_string())?;
@@ -130,7 +141,7 @@ impl Provider {
                 .iter()
                 .find(|(d, _)| d == name)
                 .map_or(name, |(_, m)| m.as_str()),
-            Provider::OpenAi | Provider::Anthropic => name,
+            Provider::OpenAi | Provider::Anthropic | Provider::Gemini => name,
         }
     }
 
@@ -152,6 +163,14 @@ impl Provider {
             Provider::Anthropic => {
                 out.push_str("/v1");
                 out.push_str(client.operation);
+                if let Some(q) = client.query {
+                    out.push('?');
+                    out.push_str(q);
+                }
+            }
+            // The base URL is the API's root, as for Anthropic.
+            Provider::Gemini => {
+                out.push_str(client.path);
                 if let Some(q) = client.query {
                     out.push('?');
                     out.push_str(q);
@@ -242,6 +261,7 @@ mod tests {
         assert_eq!(
             ClientPath::parse("/v1/chat/completions?x=1"),
             ClientPath {
+                path: "/v1/chat/completions",
                 deployment: None,
                 operation: "/chat/completions",
                 query: Some("x=1")
@@ -252,6 +272,7 @@ mod tests {
                 "/openai/deployments/prod-4o/chat/completions?api-version=2024-06-01"
             ),
             ClientPath {
+                path: "/openai/deployments/prod-4o/chat/completions",
                 deployment: Some("prod-4o"),
                 operation: "/chat/completions",
                 query: Some("api-version=2024-06-01")

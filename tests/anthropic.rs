@@ -9,20 +9,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{client, MockUpstream, Tollgate, UsageRow};
-
-/// The README's snippet, the mock standing in for api.anthropic.com.
-fn anthropic_config(mock: &MockUpstream, dir: &std::path::Path) -> String {
-    let snippet = support::readme_toml("Claude through tollgate");
-    assert!(snippet.contains("kind = \"anthropic\""), "{snippet}");
-    let snippet = snippet
-        .replace(
-            "https://api.anthropic.com",
-            &format!("http://{}", mock.addr),
-        )
-        .replace("${ANTHROPIC_API_KEY}", "sk-ant-upstream-secret");
-    support::config_around(dir, &snippet)
-}
+use support::{client, MockUpstream, Tollgate};
 
 struct Claude {
     tg: Tollgate,
@@ -30,25 +17,21 @@ struct Claude {
     broke: String,
 }
 
+/// The README's snippet, the mock standing in for api.anthropic.com.
+fn anthropic_config(mock: &MockUpstream, dir: &std::path::Path) -> String {
+    support::readme_config(
+        "Claude through tollgate",
+        mock,
+        dir,
+        "https://api.anthropic.com",
+        ("${ANTHROPIC_API_KEY}", "sk-ant-upstream-secret"),
+    )
+}
+
 async fn start(mock: &MockUpstream) -> Claude {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let config = anthropic_config(mock, dir.path());
-    let tg = Tollgate::start_with_config(dir, &config).await;
-    for (team, budget, period) in [("app", "10", "monthly"), ("broke", "0.000001", "daily")] {
-        support::stdout(&tg.cli(&[
-            "teams",
-            "create",
-            team,
-            "--budget-usd",
-            budget,
-            "--period",
-            period,
-        ]));
-    }
-    let key = tg.new_key("app");
-    let broke = tg.new_key("broke");
-    support::wait_for_key(&tg, &key).await;
-    support::wait_for_key(&tg, &broke).await;
+    let (tg, key, broke) = support::start_app_and_broke(dir, &config).await;
     Claude { tg, key, broke }
 }
 
@@ -73,21 +56,6 @@ fn messages(
         req = req.header(*k, *v);
     }
     req
-}
-
-fn request_id(r: &reqwest::Response) -> String {
-    r.headers()
-        .get("x-tollgate-request-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string()
-}
-
-async fn row(tg: &Tollgate, id: &str) -> UsageRow {
-    let id = id.to_string();
-    tg.wait_rows_where(1, |r| r.request_id == id)
-        .await
-        .remove(0)
 }
 
 /// 1,000 uncached input, 2,000 read from the cache, 400 written for 5
@@ -122,7 +90,7 @@ async fn claude_messages_are_priced_exactly_streamed_or_not() {
             .and_then(|v| v.to_str().ok()),
         Some("0.028700000")
     );
-    let json_id = request_id(&r);
+    let json_id = support::request_id(&r);
     let answer: Value = r.json().await.unwrap_or_default();
     assert_eq!(answer["content"][0]["text"], "Hello from the mock");
     let up = mock.last();
@@ -149,7 +117,7 @@ async fn claude_messages_are_priced_exactly_streamed_or_not() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(r.status(), 200);
-    let stream_id = request_id(&r);
+    let stream_id = support::request_id(&r);
     let through = r.bytes().await.unwrap_or_default();
     let direct = messages(
         format!("http://{}/v1/messages", mock.addr),
@@ -176,7 +144,7 @@ async fn claude_messages_are_priced_exactly_streamed_or_not() {
     }
 
     for (id, stream) in [(json_id.clone(), false), (stream_id, true)] {
-        let r = row(&c.tg, &id).await;
+        let r = c.tg.row(&id).await;
         assert_eq!(r.cost_nano_usd, EVERY_KIND_COST, "{r:?}");
         assert_eq!(r.stream, stream);
         assert_eq!(
@@ -226,9 +194,9 @@ async fn claude_messages_are_priced_exactly_streamed_or_not() {
         .send()
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-        let id = request_id(&r);
+        let id = support::request_id(&r);
         let _ = r.bytes().await;
-        let r = row(&c.tg, &id).await;
+        let r = c.tg.row(&id).await;
         // $1 / $5 per M: 1,000,000 + 500,000.
         assert_eq!(
             (r.cost_nano_usd, r.base_model.as_str(), r.capped),
@@ -236,7 +204,7 @@ async fn claude_messages_are_priced_exactly_streamed_or_not() {
         );
     }
     // Answers that ended by themselves are not.
-    let r = row(&c.tg, &json_id).await;
+    let r = c.tg.row(&json_id).await;
     assert!(!r.capped);
 }
 
@@ -273,7 +241,7 @@ async fn cut_and_abandoned_claude_streams_bill_their_input_and_the_output_seen()
         .send()
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let cut_id = request_id(&r);
+    let cut_id = support::request_id(&r);
     let got = r.bytes().await;
     assert!(got.is_err(), "the client sees the stream break");
 
@@ -284,7 +252,7 @@ async fn cut_and_abandoned_claude_streams_bill_their_input_and_the_output_seen()
         .send()
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let error_id = request_id(&r);
+    let error_id = support::request_id(&r);
     let text = r.text().await.unwrap_or_default();
     assert!(text.contains("event: error\n"), "{text}");
 
@@ -295,7 +263,7 @@ async fn cut_and_abandoned_claude_streams_bill_their_input_and_the_output_seen()
         .send()
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let gone_id = request_id(&r);
+    let gone_id = support::request_id(&r);
     let mut seen = String::new();
     while !seen.contains("one ") {
         match tokio::time::timeout(Duration::from_secs(5), r.chunk()).await {
@@ -314,7 +282,7 @@ async fn cut_and_abandoned_claude_streams_bill_their_input_and_the_output_seen()
         (error_id, 200, "one "),
         (gone_id, 499, "one "),
     ] {
-        let r = row(&c.tg, &id).await;
+        let r = c.tg.row(&id).await;
         let expected_output = tiktoken_count(words);
         assert_eq!(r.status, status, "{r:?}");
         assert_eq!(r.prompt_tokens, 1000, "{r:?}");
@@ -419,17 +387,7 @@ async fn a_budget_reserves_max_tokens_of_claude_output() {
     let c = start(&mock).await;
     // $0.01 a day: 500 output tokens of claude-sonnet-4-5 are $0.0075, but
     // max_tokens 1000 could cost $0.015 and is refused before it is sent.
-    support::stdout(&c.tg.cli(&[
-        "teams",
-        "create",
-        "small",
-        "--budget-usd",
-        "0.01",
-        "--period",
-        "daily",
-    ]));
-    let key = c.tg.new_key("small");
-    support::wait_for_key(&c.tg, &key).await;
+    let key = c.tg.budgeted_key("small", "0.01", "daily").await;
     let before = mock.request_count();
     let ask = |max_tokens: u64| {
         messages(
@@ -511,13 +469,13 @@ async fn in_passthrough_the_clients_own_anthropic_key_goes_up_and_never_the_serv
     .await
     .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(r.status(), 200);
-    let id = request_id(&r);
+    let id = support::request_id(&r);
     let up = mock.last();
     assert_eq!(
         up.header("x-api-key").as_deref(),
         Some("sk-ant-the-clients-own")
     );
-    let row = row(&tg, &id).await;
+    let row = tg.row(&id).await;
     // 10 in / 5 out (the mock's default) on claude-sonnet-4-5: 30,000 + 75,000.
     assert_eq!(
         (row.team.as_str(), row.cost_nano_usd),

@@ -17,12 +17,31 @@ use tollgate::config::Config;
 use tollgate::format::WireFormat;
 use tollgate::pricing::{litellm, Catalog};
 use tollgate::proxy::request::{self, RequestMeta};
-use tollgate::usage::read::read_body;
 use tollgate::usage::sse::SseMeter;
 use tollgate::usage::Endpoint;
 
 /// Field names tollgate reads, so generated objects hit them.
 const KEYS: &[&str] = &[
+    // Gemini's spellings.
+    "usageMetadata",
+    "promptTokenCount",
+    "candidatesTokenCount",
+    "cachedContentTokenCount",
+    "thoughtsTokenCount",
+    "toolUsePromptTokenCount",
+    "promptTokensDetails",
+    "candidatesTokensDetails",
+    "modality",
+    "tokenCount",
+    "AUDIO",
+    "IMAGE",
+    "candidates",
+    "finishReason",
+    "groundingMetadata",
+    "modelVersion",
+    "generationConfig",
+    "maxOutputTokens",
+    "candidateCount",
     "model",
     "stream",
     "stream_options",
@@ -120,6 +139,10 @@ fn sse_piece() -> impl Strategy<Value = Vec<u8>> {
             json!(t)
         )
         .into_bytes()),
+        (0u64..1000, 0u64..1000, 0u64..100).prop_map(|(p, c, t)| format!(
+            "data: {{\"candidates\":[{{\"content\":{{\"parts\":[{{\"text\":\"w \"}}]}},\"index\":0}}],\"usageMetadata\":{{\"promptTokenCount\":{p},\"candidatesTokenCount\":{c},\"thoughtsTokenCount\":{t}}}}}\r\n\r\n"
+        )
+        .into_bytes()),
         Just(b"data: [DONE]\n\n".to_vec()),
         Just(b": keep-alive\n\n".to_vec()),
         Just(b"event: response.completed\n".to_vec()),
@@ -148,12 +171,13 @@ fn meter_run(
     (out, meter)
 }
 
-const ENDPOINTS: [(WireFormat, Endpoint); 5] = [
+const ENDPOINTS: [(WireFormat, Endpoint); 6] = [
     (WireFormat::OpenAi, Endpoint::ChatCompletions),
     (WireFormat::OpenAi, Endpoint::Completions),
     (WireFormat::OpenAi, Endpoint::Responses),
     (WireFormat::OpenAi, Endpoint::Embeddings),
     (WireFormat::Anthropic, Endpoint::Messages),
+    (WireFormat::Gemini, Endpoint::GenerateContent),
 ];
 
 const CHAT: (WireFormat, Endpoint) = (WireFormat::OpenAi, Endpoint::ChatCompletions);
@@ -192,8 +216,11 @@ proptest! {
     /// Any body: usage or no usage, never a panic, and the details a
     /// usage claims never exceed its totals.
     #[test]
-    fn usage_extraction_never_panics(body in prop_oneof![json_bytes(), prop::collection::vec(any::<u8>(), 0..64)]) {
-        if let Some(u) = read_body(&body).usage {
+    fn usage_extraction_never_panics(
+        body in prop_oneof![json_bytes(), prop::collection::vec(any::<u8>(), 0..64)],
+        format in prop::sample::select(vec![WireFormat::OpenAi, WireFormat::Anthropic, WireFormat::Gemini]),
+    ) {
+        if let Some(u) = format.read_body(&body).usage {
             prop_assert!(u.cached_tokens + u.cache_write_tokens + u.cache_write_1h_tokens
                 + u.audio_prompt_tokens + u.image_prompt_tokens <= u.prompt_tokens);
             prop_assert!(u.reasoning_tokens + u.audio_completion_tokens + u.image_completion_tokens

@@ -11,15 +11,13 @@ use support::{client, MockUpstream, Tollgate, UsageRow};
 /// The README's "Azure OpenAI" snippet as written, with the mock standing
 /// in for the resource and the key's environment variable filled in.
 fn azure_config(mock: &MockUpstream, dir: &std::path::Path) -> String {
-    let snippet = support::readme_toml("Azure OpenAI");
-    assert!(snippet.contains("kind = \"azure\""), "{snippet}");
-    let snippet = snippet
-        .replace(
-            "https://my-resource.openai.azure.com",
-            &format!("http://{}", mock.addr),
-        )
-        .replace("${AZURE_OPENAI_API_KEY}", "az-upstream-secret");
-    support::config_around(dir, &snippet)
+    support::readme_config(
+        "Azure OpenAI",
+        mock,
+        dir,
+        "https://my-resource.openai.azure.com",
+        ("${AZURE_OPENAI_API_KEY}", "az-upstream-secret"),
+    )
 }
 
 async fn start_azure(mock: &MockUpstream) -> (Tollgate, String) {
@@ -32,14 +30,6 @@ fn row<'a>(rows: &'a [UsageRow], request_id: &str) -> &'a UsageRow {
     rows.iter()
         .find(|r| r.request_id == request_id)
         .unwrap_or_else(|| panic!("no row {request_id} in {rows:?}"))
-}
-
-fn request_id(r: &reqwest::Response) -> String {
-    r.headers()
-        .get("x-tollgate-request-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -71,7 +61,7 @@ async fn azure_deployments_are_reached_in_both_client_styles_and_priced_by_the_s
         Some("0.006500000")
     );
     ids.push((
-        request_id(&r),
+        support::request_id(&r),
         6_500_000,
         "gpt-4o",
         "gpt-4o-2024-05-13",
@@ -100,7 +90,13 @@ async fn azure_deployments_are_reached_in_both_client_styles_and_priced_by_the_s
     let r = req.send().await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(r.status(), 200);
     // No model in the answer: priced as the deployment's model ($0.15 / $0.60).
-    ids.push((request_id(&r), 210_000, "gpt-4o-mini", "gpt-4o-mini", false));
+    ids.push((
+        support::request_id(&r),
+        210_000,
+        "gpt-4o-mini",
+        "gpt-4o-mini",
+        false,
+    ));
     assert_eq!(
         mock.last().path,
         "/openai/deployments/prod-mini/chat/completions?api-version=2024-10-21"
@@ -119,7 +115,7 @@ async fn azure_deployments_are_reached_in_both_client_styles_and_priced_by_the_s
         }
         let r = req.send().await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(r.status(), 200);
-        let id = request_id(&r);
+        let id = support::request_id(&r);
         let text = r.text().await.unwrap_or_default();
         if stream {
             assert!(text.contains("data: [DONE]"), "{text}");
@@ -297,7 +293,7 @@ async fn a_failing_upstream_falls_back_to_the_next_before_the_first_byte() {
         let (p0, b0) = (primary.request_count(), backup.request_count());
         let r = ask(&tg, &key, stream, &[]).await;
         assert_eq!(r.status(), 200, "after a {status}");
-        let id = request_id(&r);
+        let id = support::request_id(&r);
         let text = r.text().await.unwrap_or_default();
         assert!(text.contains("Hello"), "{text}");
         assert_eq!(primary.request_count(), p0 + 1);
@@ -315,14 +311,14 @@ async fn a_failing_upstream_falls_back_to_the_next_before_the_first_byte() {
     let r = ask(&tg, &key, false, &[]).await;
     assert_eq!(r.status(), 400);
     assert_eq!(backup.request_count(), b0);
-    expected.push((request_id(&r), "openai", 1, 400, 0));
+    expected.push((support::request_id(&r), "openai", 1, 400, 0));
 
     // Both down: the last answer reaches the client.
     primary.force_status(503);
     backup.force_status(503);
     let r = ask(&tg, &key, false, &[]).await;
     assert_eq!(r.status(), 503);
-    expected.push((request_id(&r), "openai-backup", 2, 503, 0));
+    expected.push((support::request_id(&r), "openai-backup", 2, 503, 0));
     backup.force_status(0);
 
     // A stream that breaks mid-way is never retried: the client already
@@ -340,7 +336,7 @@ async fn a_failing_upstream_falls_back_to_the_next_before_the_first_byte() {
     )
     .await;
     assert_eq!(r.status(), 200);
-    let id = request_id(&r);
+    let id = support::request_id(&r);
     assert!(r.bytes().await.is_err(), "the break reaches the client");
     assert_eq!(backup.request_count(), b0);
     expected.push((id, "openai", 1, 502, -1));
@@ -395,7 +391,7 @@ async fn a_refused_connection_falls_back_and_a_pinned_request_does_not() {
     let (tg, key) = start_fallbacks(&format!("http://{closed}/v1"), &backup).await;
     let r = ask(&tg, &key, false, &[]).await;
     assert_eq!(r.status(), 200);
-    let id = request_id(&r);
+    let id = support::request_id(&r);
     let row = tg
         .wait_rows_where(1, |r| r.request_id == id)
         .await
@@ -494,7 +490,7 @@ async fn openai_compatible_providers_are_priced_from_their_own_rows() {
             body["stream"] = json!(stream);
             let r = support::post_chat(&tg, &key, &body, headers).await;
             assert_eq!(r.status(), 200, "{model}");
-            let id = request_id(&r);
+            let id = support::request_id(&r);
             let _ = r.bytes().await;
             let row = tg
                 .wait_rows_where(1, |r| r.request_id == id)
@@ -540,7 +536,7 @@ async fn cut_and_abandoned_azure_streams_bill_what_was_sent_and_seen() {
         .send()
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let cut = request_id(&r);
+    let cut = support::request_id(&r);
     assert!(r.bytes().await.is_err());
 
     let mut r = client()
@@ -552,7 +548,7 @@ async fn cut_and_abandoned_azure_streams_bill_what_was_sent_and_seen() {
         .send()
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let gone = request_id(&r);
+    let gone = support::request_id(&r);
     let first = tokio::time::timeout(std::time::Duration::from_secs(5), r.chunk()).await;
     assert!(matches!(first, Ok(Ok(Some(_)))), "{first:?}");
     drop(r);

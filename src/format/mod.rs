@@ -11,6 +11,7 @@
 //! they are given.
 
 pub mod anthropic;
+pub mod gemini;
 pub mod openai;
 
 use axum::response::{IntoResponse, Response};
@@ -30,6 +31,8 @@ pub enum WireFormat {
     OpenAi,
     /// Anthropic's Messages API.
     Anthropic,
+    /// Google's Gemini API (`generateContent`, `embedContent`, ...).
+    Gemini,
 }
 
 impl WireFormat {
@@ -43,6 +46,12 @@ impl WireFormat {
         headers: &HeaderMap,
         anthropic_configured: bool,
     ) -> (WireFormat, Endpoint) {
+        if let Some((_, op)) = gemini::parse_path(path) {
+            return (WireFormat::Gemini, gemini::endpoint(op));
+        }
+        if path.starts_with("/v1beta/") {
+            return (WireFormat::Gemini, Endpoint::Other);
+        }
         let endpoint = Endpoint::from_path(path);
         let anthropic = endpoint == Endpoint::Messages
             || path.starts_with("/v1/messages")
@@ -60,8 +69,9 @@ impl WireFormat {
     /// layer), so an OpenAI-format request may go to any upstream.
     pub fn served_by(self, kind: ProviderKind) -> bool {
         match self {
-            WireFormat::OpenAi => true,
+            WireFormat::OpenAi => kind != ProviderKind::Gemini,
             WireFormat::Anthropic => kind == ProviderKind::Anthropic,
+            WireFormat::Gemini => kind == ProviderKind::Gemini,
         }
     }
 
@@ -77,6 +87,7 @@ impl WireFormat {
         match self {
             WireFormat::OpenAi => "OpenAI",
             WireFormat::Anthropic => "Anthropic",
+            WireFormat::Gemini => "Gemini",
         }
     }
 
@@ -85,6 +96,7 @@ impl WireFormat {
         match self {
             WireFormat::OpenAi => e.into_response(),
             WireFormat::Anthropic => anthropic::render(e),
+            WireFormat::Gemini => gemini::render(e),
         }
     }
 
@@ -92,6 +104,7 @@ impl WireFormat {
     pub fn stream_reader(self, endpoint: Endpoint) -> EventReader {
         match (self, endpoint) {
             (WireFormat::Anthropic, _) => anthropic::on_event,
+            (WireFormat::Gemini, _) => gemini::on_event,
             (WireFormat::OpenAi, Endpoint::Responses) => openai::on_responses_event,
             (WireFormat::OpenAi, _) => openai::on_chunk,
         }
@@ -100,7 +113,26 @@ impl WireFormat {
     /// What a whole (non-streaming) response body says. OpenAI's and
     /// Anthropic's bodies share their usage spellings (`usage::read`).
     pub fn read_body(self, body: &[u8]) -> BodyFacts {
-        crate::usage::read::read_body(body)
+        match self {
+            WireFormat::OpenAi | WireFormat::Anthropic => crate::usage::read::read_body(body),
+            WireFormat::Gemini => gemini::read_body(body),
+        }
+    }
+
+    /// The model a client path names (an Azure deployment, Gemini's
+    /// `models/{model}:op`), for requests whose body may not.
+    pub fn path_model(self, path: &str) -> Option<&str> {
+        match self {
+            WireFormat::OpenAi => crate::provider::ClientPath::parse(path).deployment,
+            WireFormat::Anthropic => None,
+            WireFormat::Gemini => gemini::parse_path(path).map(|(model, _)| model),
+        }
+    }
+
+    /// Whether the path itself asks for a stream (Gemini's
+    /// `:streamGenerateContent`; the others say so in the body).
+    pub fn path_streams(self, path: &str) -> bool {
+        self == WireFormat::Gemini && gemini::is_stream_path(path)
     }
 
     /// Prompt tokens of a parsed request body, estimated with tiktoken.
@@ -108,6 +140,7 @@ impl WireFormat {
         match self {
             WireFormat::OpenAi => estimate::prompt_tokens(endpoint, enc, request),
             WireFormat::Anthropic => anthropic::prompt_tokens(enc, request),
+            WireFormat::Gemini => gemini::prompt_tokens(enc, request),
         }
     }
 
@@ -116,6 +149,7 @@ impl WireFormat {
         match self {
             WireFormat::OpenAi => estimate::response_texts(endpoint, body),
             WireFormat::Anthropic => anthropic::response_texts(body),
+            WireFormat::Gemini => gemini::response_texts(body),
         }
     }
 
@@ -138,7 +172,7 @@ impl WireFormat {
     /// reservation's bound.
     pub fn added_prompt_bound(self, has_tools: bool, web_searches: u64) -> u64 {
         match self {
-            WireFormat::OpenAi => 0,
+            WireFormat::OpenAi | WireFormat::Gemini => 0,
             WireFormat::Anthropic => anthropic::added_prompt_bound(has_tools, web_searches),
         }
     }

@@ -62,11 +62,12 @@ pub async fn handle(state: Arc<AppState>, req: http::Request<Body>) -> Response 
     let anthropic_configured = state.upstreams.first_for(WireFormat::Anthropic).is_some();
     let (format, endpoint) =
         WireFormat::of_request(req.uri().path(), req.headers(), anthropic_configured);
-    let (team, key) =
-        match check_path(req.uri().path()).and_then(|()| authenticate(&state, req.headers())) {
-            Ok(who) => who,
-            Err(e) => return with_request_id(format.render(e), id_header),
-        };
+    let (team, key) = match check_path(req.uri().path())
+        .and_then(|()| authenticate(&state, req.uri(), req.headers()))
+    {
+        Ok(who) => who,
+        Err(e) => return with_request_id(format.render(e), id_header),
+    };
     let mut ctx = RequestCtx::new(request_id, endpoint, team);
     ctx.key = key;
     ctx.format = format;
@@ -169,8 +170,10 @@ fn check_unmetered_allowed(
 /// Who is asking: the team (and key) a request is attributed to.
 fn authenticate(
     state: &AppState,
+    uri: &http::Uri,
     headers: &HeaderMap,
 ) -> Result<(String, Option<Arc<crate::auth::KeyEntry>>), ApiError> {
+    let query_key = crate::auth::query_key(uri.query());
     match state.auth.mode() {
         AuthMode::Passthrough => {
             // A tollgate key is never forwarded: refuse rather than leak it.
@@ -179,7 +182,7 @@ fn authenticate(
                     .get(*name)
                     .and_then(|v| v.to_str().ok())
                     .is_some_and(crate::auth::is_tollgate_key)
-            });
+            }) || query_key.is_some_and(crate::auth::is_tollgate_key);
             if carries_tollgate_key {
                 return Err(ApiError::TollgateKeyInPassthrough);
             }
@@ -187,12 +190,14 @@ fn authenticate(
         }
         AuthMode::VirtualKeys => {
             // `Authorization: Bearer` (OpenAI SDKs), `api-key` (Azure's),
-            // `x-api-key` (Anthropic's).
+            // `x-api-key` (Anthropic's), `x-goog-api-key` or `?key=` (Gemini's).
             let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
             let secret = text("authorization")
                 .and_then(crate::auth::bearer)
                 .or_else(|| text("api-key"))
                 .or_else(|| text("x-api-key"))
+                .or_else(|| text("x-goog-api-key"))
+                .or(query_key)
                 .ok_or(ApiError::Unauthorized)?;
             let key = state.directory.key(secret).ok_or(ApiError::Unauthorized)?;
             Ok((key.team.clone(), Some(key)))
@@ -483,10 +488,13 @@ async fn metered_request(
     // What the client asked for: the body's model, else (Azure style) the
     // deployment in the path. It routes; the catalog model it stands for
     // (an Azure deployment's model) prices.
-    let deployment = crate::provider::ClientPath::parse(parts.uri.path()).deployment;
-    let meta = RequestMeta::parse_naming(&body, deployment.is_none())?;
+    let path_model = ctx.format.path_model(parts.uri.path());
+    let mut meta = RequestMeta::parse_naming(&body, path_model.is_none())?;
+    if ctx.format.path_streams(parts.uri.path()) {
+        meta.stream = Some(true);
+    }
     let requested = match meta.model() {
-        "" => deployment.unwrap_or("").to_string(),
+        "" => path_model.unwrap_or("").to_string(),
         m => m.to_string(),
     };
     let upstream = pick_upstream(state, &parts.headers, Some(&requested), ctx.format)?;
@@ -567,7 +575,7 @@ async fn metered_request(
         };
         let mut request = http::Request::new(Body::from(upstream_body));
         *request.method_mut() = Method::POST;
-        *request.uri_mut() = upstream_uri(upstream, &parts.uri, route)?;
+        *request.uri_mut() = upstream_uri(upstream, &parts.uri, route, state.auth.mode())?;
         let client_headers = if may_retry {
             parts.headers.clone()
         } else {
@@ -870,7 +878,7 @@ async fn unmetered(
     };
     let mut request = http::Request::new(body);
     *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = upstream_uri(upstream, &parts.uri, "")?;
+    *request.uri_mut() = upstream_uri(upstream, &parts.uri, "", state.auth.mode())?;
     *request.headers_mut() = upstream_headers(
         std::mem::take(&mut parts.headers),
         upstream,
@@ -888,13 +896,33 @@ async fn unmetered(
     )))
 }
 
-/// Where a client's request goes on `upstream`.
+/// Where a client's request goes on `upstream`. In virtual-keys mode a
+/// `?key=` (Gemini's way to send a key: the client's tollgate key) is left
+/// behind, as the credential headers are.
 fn upstream_uri(
     upstream: &Upstream,
     client: &http::Uri,
     model: &str,
+    mode: AuthMode,
 ) -> Result<http::Uri, ApiError> {
     let path = client.path_and_query().map_or("/", |p| p.as_str());
+    let without_key;
+    let path = match client.query() {
+        Some(query)
+            if mode == AuthMode::VirtualKeys && crate::auth::query_key(Some(query)).is_some() =>
+        {
+            let kept: Vec<&str> = query
+                .split('&')
+                .filter(|pair| pair.split('=').next() != Some(crate::auth::CREDENTIAL_PARAM))
+                .collect();
+            without_key = match kept.is_empty() {
+                true => client.path().to_string(),
+                false => format!("{}?{}", client.path(), kept.join("&")),
+            };
+            without_key.as_str()
+        }
+        _ => path,
+    };
     upstream
         .url_for(path, model)
         .map_err(|e| ApiError::invalid(format!("The request path cannot be forwarded: {e}"), None))

@@ -37,12 +37,19 @@ pub struct RequestMeta {
     /// Tool definitions; only their `type` is read (built-in tools cost per call).
     #[serde(default)]
     pub tools: Option<Vec<ToolRef>>,
+    /// Gemini's output bound and choice count.
+    #[serde(default, rename = "generationConfig")]
+    pub generation_config: Option<crate::format::gemini::GenerationConfig>,
 }
 
 #[derive(Debug, Deserialize)]
 pub struct ToolRef {
     #[serde(default, rename = "type")]
     pub kind: Option<String>,
+    /// Gemini's Google Search grounding (`{"googleSearch": {}}`, older
+    /// models `googleSearchRetrieval`).
+    #[serde(default, rename = "googleSearch", alias = "googleSearchRetrieval")]
+    pub google_search: Option<serde::de::IgnoredAny>,
 }
 
 /// Most tokens one image part can cost, by its `detail`: OpenAI's rules
@@ -95,7 +102,7 @@ impl RequestMeta {
             ));
         }
         // The plain parse first; the path-tracking one only to explain a failure.
-        let meta: RequestMeta = match serde_json::from_slice(body) {
+        let mut meta: RequestMeta = match serde_json::from_slice(body) {
             Ok(meta) => meta,
             Err(_) => return Err(Self::explain_error(body)),
         };
@@ -114,6 +121,13 @@ impl RequestMeta {
                     Some("model"),
                 ))
             }
+        }
+        if meta.n.is_none() {
+            // Gemini's choice count.
+            meta.n = meta
+                .generation_config
+                .as_ref()
+                .and_then(|g| g.candidate_count);
         }
         if meta.n == Some(0) {
             return Err(ApiError::invalid("`n` must be at least 1", Some("n")));
@@ -178,6 +192,7 @@ impl RequestMeta {
         let mut out: Vec<(&'static str, u64)> = Vec::new();
         for tool in self.tools.iter().flatten() {
             let kind = match tool.kind.as_deref() {
+                _ if tool.google_search.is_some() => "web_search",
                 Some(k) if k.starts_with("web_search") => "web_search",
                 Some("file_search") => "file_search",
                 _ => continue,
@@ -286,6 +301,12 @@ fn requested_max_output(meta: &RequestMeta, endpoint: Endpoint) -> (Option<u64>,
         Endpoint::Completions => (meta.max_tokens, "max_tokens"),
         Endpoint::Responses => (meta.max_output_tokens, "max_output_tokens"),
         Endpoint::Messages => (meta.max_tokens, "max_tokens"),
+        Endpoint::GenerateContent => (
+            meta.generation_config
+                .as_ref()
+                .and_then(|g| g.max_output_tokens),
+            "generationConfig.maxOutputTokens",
+        ),
         _ => (None, ""),
     }
 }
@@ -307,8 +328,18 @@ pub fn apply_output_cap(
     }
     let mut value: serde_json::Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::invalid(format!("We could not parse the JSON body: {e}"), None))?;
-    if let Some(obj) = value.as_object_mut() {
-        obj.insert(field.to_string(), serde_json::Value::from(cap));
+    // A dotted field is nested (`generationConfig.maxOutputTokens`).
+    let mut obj = value.as_object_mut();
+    let mut parts = field.split('.').peekable();
+    while let (Some(part), Some(o)) = (parts.next(), obj.take()) {
+        if parts.peek().is_none() {
+            o.insert(part.to_string(), serde_json::Value::from(cap));
+            break;
+        }
+        let inner = o
+            .entry(part.to_string())
+            .or_insert_with(|| serde_json::Value::Object(Default::default()));
+        obj = inner.as_object_mut();
     }
     let body = serde_json::to_vec(&value)
         .map(Bytes::from)

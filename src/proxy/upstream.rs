@@ -85,10 +85,19 @@ impl Upstream {
         attempts: &prometheus::IntCounterVec,
     ) -> Result<Upstream, String> {
         let mut base = config.base_url.trim_end_matches('/');
-        if config.kind == crate::config::ProviderKind::Anthropic {
+        match config.kind {
             // Anthropic paths carry their `/v1`; a base URL given with it
             // (as OpenAI-style ones are) must not double it.
-            base = base.strip_suffix("/v1").unwrap_or(base);
+            crate::config::ProviderKind::Anthropic => {
+                base = base.strip_suffix("/v1").unwrap_or(base);
+            }
+            // Gemini paths carry their version (`/v1beta`, `/v1`).
+            crate::config::ProviderKind::Gemini => {
+                for version in ["/v1beta", "/v1"] {
+                    base = base.strip_suffix(version).unwrap_or(base);
+                }
+            }
+            _ => {}
         }
         let base = base.to_string();
         let uri: Uri = base

@@ -53,8 +53,13 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 async fn proxy_or_not_found(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let path = req.uri().path();
-    // OpenAI style, and Azure's (`AzureOpenAI(azure_endpoint=tollgate)`).
-    if path == "/v1" || path.starts_with("/v1/") || path.starts_with("/openai/") {
+    // OpenAI style, Azure's (`AzureOpenAI(azure_endpoint=tollgate)`) and
+    // Gemini's (`/v1beta/models/...`).
+    if path == "/v1"
+        || path.starts_with("/v1/")
+        || path.starts_with("/openai/")
+        || path.starts_with("/v1beta/")
+    {
         proxy::handle(state, req).await
     } else {
         not_found(req).await

@@ -33,11 +33,13 @@ pub enum Endpoint {
     Other,
     /// Anthropic's Messages API (`/v1/messages`).
     Messages,
+    /// Gemini's `generateContent` and `streamGenerateContent`.
+    GenerateContent,
 }
 
 impl Endpoint {
     /// How many endpoints there are (`endpoint as usize` is below this).
-    pub const COUNT: usize = 7;
+    pub const COUNT: usize = 8;
 
     /// From a client path, OpenAI style (`/v1/chat/completions`) or Azure
     /// style (`/openai/deployments/{d}/chat/completions`).
@@ -67,6 +69,7 @@ impl Endpoint {
             Endpoint::Models,
             Endpoint::Other,
             Endpoint::Messages,
+            Endpoint::GenerateContent,
         ]
         .into_iter()
         .find(|e| e.label() == label)
@@ -82,6 +85,7 @@ impl Endpoint {
             Endpoint::Models => "models",
             Endpoint::Other => "other",
             Endpoint::Messages => "messages",
+            Endpoint::GenerateContent => "generate_content",
         }
     }
 
@@ -95,6 +99,7 @@ impl Endpoint {
                 | Endpoint::Embeddings
                 | Endpoint::Responses
                 | Endpoint::Messages
+                | Endpoint::GenerateContent
         )
     }
 

@@ -30,6 +30,18 @@
 //! - `x-mock-cache-write-5m`, `x-mock-cache-write-1h`: cache writes
 //! - `x-mock-web-searches: N`    `server_tool_use.web_search_requests`
 //! - `x-mock-stream-error: 1`    an `error` event (overloaded) after the first delta
+//!
+//! And Google's Gemini API (`/v1beta/models/{model}:{op}`, also `/v1/`):
+//! generateContent (JSON), streamGenerateContent (`?alt=sse`: one chunk per
+//! word, each with the running `usageMetadata`; without it a JSON array),
+//! countTokens, embedContent, batchEmbedContents; refusing a request
+//! without `x-goog-api-key` (403, Google's error shape). There
+//! `x-mock-prompt-tokens` is `promptTokenCount` (cached content included),
+//! `x-mock-cached-tokens` is `cachedContentTokenCount`, and:
+//! - `x-mock-thoughts-tokens`, `x-mock-tool-use-tokens`: `thoughtsTokenCount`,
+//!   `toolUsePromptTokenCount`
+//! - `x-mock-audio-prompt-tokens`: the AUDIO part of `promptTokensDetails`
+//! - `x-mock-grounded: 1`        `groundingMetadata` on the candidate
 #![allow(dead_code)]
 
 use std::convert::Infallible;
@@ -98,6 +110,8 @@ impl MockUpstream {
             .route("/v1/models", get(models))
             .route("/v1/messages", post(messages))
             .route("/v1/messages/count_tokens", post(count_tokens))
+            .route("/v1beta/models/{*rest}", post(gemini))
+            .route("/v1/models/{*rest}", any(gemini_or_echo))
             .route("/v1/{*rest}", any(echo))
             .route(
                 "/openai/deployments/{deployment}/chat/completions",
@@ -742,4 +756,172 @@ fn anthropic_stream(state: Arc<MockState>, b: Behaviour, model: Value) -> Respon
     });
     let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
     ([("content-type", "text/event-stream")], body).into_response()
+}
+
+/// Google's error shape.
+fn gemini_error(status: u16, message: &str) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let name = match status {
+        400 => "INVALID_ARGUMENT",
+        403 => "PERMISSION_DENIED",
+        404 => "NOT_FOUND",
+        429 => "RESOURCE_EXHAUSTED",
+        503 => "UNAVAILABLE",
+        _ => "INTERNAL",
+    };
+    let body = json!({"error": {"code": status, "message": message, "status": name}});
+    (
+        code,
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+impl Behaviour {
+    /// Gemini's `usageMetadata`, `candidates` tokens so far.
+    fn gemini_usage(&self, headers: &HeaderMap, candidates: u64) -> Value {
+        let num = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let (thoughts, tool_use, audio) = (
+            num("x-mock-thoughts-tokens"),
+            num("x-mock-tool-use-tokens"),
+            num("x-mock-audio-prompt-tokens"),
+        );
+        let mut details =
+            vec![json!({"modality": "TEXT", "tokenCount": self.prompt - audio.min(self.prompt)})];
+        if audio > 0 {
+            details.push(json!({"modality": "AUDIO", "tokenCount": audio}));
+        }
+        let mut usage = json!({
+            "promptTokenCount": self.prompt,
+            "candidatesTokenCount": candidates,
+            "totalTokenCount": self.prompt + candidates + thoughts + tool_use,
+            "promptTokensDetails": details,
+            "candidatesTokensDetails": [{"modality": "TEXT", "tokenCount": candidates}],
+        });
+        if self.cached > 0 {
+            usage["cachedContentTokenCount"] = json!(self.cached);
+        }
+        if thoughts > 0 {
+            usage["thoughtsTokenCount"] = json!(thoughts);
+        }
+        if tool_use > 0 {
+            usage["toolUsePromptTokenCount"] = json!(tool_use);
+        }
+        usage
+    }
+}
+
+/// `/v1/models/...`: Gemini's `models/{model}:{op}` when it is one, else
+/// OpenAI's (echoed, as every other `/v1` path).
+async fn gemini_or_echo(state: State<Arc<MockState>>, req: Request) -> Response {
+    if req.method() == http::Method::POST && req.uri().path().contains(':') {
+        gemini(state, req).await
+    } else {
+        echo(state, req).await
+    }
+}
+
+async fn gemini(State(state): State<Arc<MockState>>, req: Request) -> Response {
+    if req.headers().get("x-goog-api-key").is_none() {
+        return gemini_error(403, "Method doesn't allow unregistered callers (callers without established identity). Please use API Key or other form of API consumer identity to call this API.");
+    }
+    let path = req.uri().path().to_string();
+    let sse = req.uri().query().is_some_and(|q| q.contains("alt=sse"));
+    let headers = req.headers().clone();
+    let (rec, b) = record(&state, req).await;
+    if let Some(status) = b.status {
+        return gemini_error(status, &format!("mock failure {status}"));
+    }
+    let Some((model, op)) = path.rsplit('/').next().and_then(|m| m.split_once(':')) else {
+        return gemini_error(404, "not found");
+    };
+    let model = b.model.clone().unwrap_or_else(|| model.to_string());
+    let grounded = headers.contains_key("x-mock-grounded");
+    let finish = b.finish_reason.clone().unwrap_or_else(|| "STOP".into());
+    let chunk = |text: &str, usage: Option<Value>, last: bool| {
+        let mut candidate =
+            json!({"content": {"parts": [{"text": text}], "role": "model"}, "index": 0});
+        if last {
+            candidate["finishReason"] = json!(finish);
+            if grounded {
+                candidate["groundingMetadata"] = json!({"webSearchQueries": ["mock query"],
+                    "groundingChunks": [{"web": {"uri": "https://example.com", "title": "example"}}]});
+            }
+        }
+        let mut out = json!({"candidates": [candidate], "modelVersion": model, "responseId": "mock-response"});
+        if let Some(u) = usage {
+            out["usageMetadata"] = u;
+        }
+        out
+    };
+    match op {
+        "countTokens" => json_response(json!({"totalTokens": b.prompt,
+            "promptTokensDetails": [{"modality": "TEXT", "tokenCount": b.prompt}]})),
+        "embedContent" => json_response(json!({"embedding": {"values": [0.1, 0.2, 0.3]}})),
+        "batchEmbedContents" => {
+            let n = rec.json()["requests"].as_array().map_or(1, Vec::len);
+            json_response(json!({"embeddings": vec![json!({"values": [0.1, 0.2, 0.3]}); n]}))
+        }
+        "generateContent" => {
+            let usage = (!b.omit_usage).then(|| b.gemini_usage(&headers, b.completion));
+            json_response(chunk(&b.content, usage, true))
+        }
+        "streamGenerateContent" => {
+            let words: Vec<String> = std::iter::repeat_n(
+                b.content
+                    .split_inclusive(' ')
+                    .map(str::to_string)
+                    .collect::<Vec<_>>(),
+                b.repeat.max(1),
+            )
+            .flatten()
+            .collect();
+            let chunks: Vec<Value> = words
+                .iter()
+                .enumerate()
+                .map(|(i, w)| {
+                    let last = i + 1 == words.len();
+                    // Running totals: the candidates so far.
+                    let so_far = if last {
+                        b.completion
+                    } else {
+                        (b.completion * (i as u64 + 1)) / words.len() as u64
+                    };
+                    let usage = (!b.omit_usage).then(|| b.gemini_usage(&headers, so_far));
+                    chunk(w, usage, last)
+                })
+                .collect();
+            if !sse {
+                return json_response(Value::Array(chunks));
+            }
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+            tokio::spawn(async move {
+                for (sent, c) in chunks.into_iter().enumerate() {
+                    if b.cut_after == Some(sent) {
+                        let _ = tx.send(Err(std::io::Error::other("mock cut"))).await;
+                        return;
+                    }
+                    // Google frames its events with CRLF.
+                    if tx
+                        .send(Ok(Bytes::from(format!("data: {c}\r\n\r\n"))))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    tokio::time::sleep(b.chunk_delay).await;
+                }
+            });
+            let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+            ([("content-type", "text/event-stream")], body).into_response()
+        }
+        _ => gemini_error(404, &format!("unknown operation {op}")),
+    }
 }

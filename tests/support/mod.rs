@@ -206,6 +206,31 @@ impl Tollgate {
     }
 
     /// Waits until exactly `n` usage rows satisfy `pred`; returns those rows.
+    /// Creates `team` with a budget of `usd` per `period` and returns a
+    /// key of it the server already knows.
+    pub async fn budgeted_key(&self, team: &str, usd: &str, period: &str) -> String {
+        stdout(&self.cli(&[
+            "teams",
+            "create",
+            team,
+            "--budget-usd",
+            usd,
+            "--period",
+            period,
+        ]));
+        let key = self.new_key(team);
+        wait_for_key(self, &key).await;
+        key
+    }
+
+    /// The usage row of request `id`, once written.
+    pub async fn row(&self, id: &str) -> UsageRow {
+        let id = id.to_string();
+        self.wait_rows_where(1, |r| r.request_id == id)
+            .await
+            .remove(0)
+    }
+
     pub async fn wait_rows_where(
         &self,
         n: usize,
@@ -530,17 +555,7 @@ pub async fn run_script(program: PathBuf, script: PathBuf, env: &[(&str, String)
 /// returns a key of that team the server already knows.
 pub async fn start_with_budgeted_key(dir: tempfile::TempDir, config: &str) -> (Tollgate, String) {
     let tg = Tollgate::start_with_config(dir, config).await;
-    stdout(&tg.cli(&[
-        "teams",
-        "create",
-        "app",
-        "--budget-usd",
-        "10",
-        "--period",
-        "monthly",
-    ]));
-    let key = tg.new_key("app");
-    wait_for_key(&tg, &key).await;
+    let key = tg.budgeted_key("app", "10", "monthly").await;
     (tg, key)
 }
 
@@ -705,6 +720,44 @@ pub fn readme_toml(heading: &str) -> String {
         .unwrap_or_else(|| panic!("no toml block in {heading:?}"))
         + 8;
     section[start..start + section[start..].find("```").unwrap_or(0)].to_string()
+}
+
+/// The README's `heading` snippet as written, the mock standing in for
+/// the provider's `host` and `key_var` (`${...}`) filled with `key`, in a
+/// config around it.
+pub fn readme_config(
+    heading: &str,
+    mock: &MockUpstream,
+    dir: &std::path::Path,
+    host: &str,
+    (key_var, key): (&str, &str),
+) -> String {
+    let snippet = readme_toml(heading);
+    assert!(snippet.contains(host), "{snippet}");
+    let snippet = snippet
+        .replace(host, &format!("http://{}", mock.addr))
+        .replace(key_var, key);
+    config_around(dir, &snippet)
+}
+
+/// The id tollgate gave a request (`x-tollgate-request-id`).
+pub fn request_id(r: &reqwest::Response) -> String {
+    r.headers()
+        .get("x-tollgate-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Starts tollgate with `config`, a team `app` with $10 a month and a team
+/// `broke` with a micro-dollar a day; returns a key of each.
+pub async fn start_app_and_broke(
+    dir: tempfile::TempDir,
+    config: &str,
+) -> (Tollgate, String, String) {
+    let (tg, key) = start_with_budgeted_key(dir, config).await;
+    let broke = tg.budgeted_key("broke", "0.000001", "daily").await;
+    (tg, key, broke)
 }
 
 /// A config around `upstreams` (TOML): SQLite in `dir`, virtual keys.
