@@ -249,9 +249,22 @@ pub struct UpstreamConfig {
     /// The wire format and addressing the provider speaks (SPEC 10).
     #[serde(default)]
     pub kind: ProviderKind,
+    /// Required, except for `kind = "bedrock"` (default
+    /// `https://bedrock-runtime.{region}.amazonaws.com`).
+    #[serde(default)]
     pub base_url: String,
     #[serde(default)]
     pub api_key: Option<String>,
+    /// Bedrock: the AWS region (SigV4's, and the default base URL's).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Bedrock: AWS credentials to sign with (SigV4), instead of `api_key`.
+    #[serde(default)]
+    pub aws_access_key_id: Option<String>,
+    #[serde(default)]
+    pub aws_secret_access_key: Option<String>,
+    #[serde(default)]
+    pub aws_session_token: Option<String>,
     /// Azure: the `api-version` query parameter sent up.
     #[serde(default)]
     pub api_version: Option<String>,
@@ -270,6 +283,18 @@ pub struct UpstreamConfig {
     pub idle_timeout_ms: u64,
 }
 
+impl UpstreamConfig {
+    /// `base_url`, or Bedrock's regional endpoint when it is not set.
+    pub fn effective_base_url(&self) -> String {
+        match (self.kind, self.base_url.is_empty(), self.region.as_deref()) {
+            (ProviderKind::Bedrock, true, Some(region)) => {
+                format!("https://bedrock-runtime.{region}.amazonaws.com")
+            }
+            _ => self.base_url.clone(),
+        }
+    }
+}
+
 /// `[[upstreams]] kind`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -283,6 +308,9 @@ pub enum ProviderKind {
     Anthropic,
     /// Google's Gemini API: `x-goog-api-key`, `/v1beta/models/{model}:{op}`.
     Gemini,
+    /// AWS Bedrock Runtime: `/model/{id}/converse`, a Bedrock API key
+    /// (Bearer) or SigV4 with AWS credentials.
+    Bedrock,
 }
 
 fn default_models() -> Vec<Glob> {
@@ -350,6 +378,10 @@ impl UpstreamConfig {
             api_key: std::env::var("OPENAI_API_KEY")
                 .ok()
                 .filter(|k| !k.is_empty()),
+            region: None,
+            aws_access_key_id: None,
+            aws_secret_access_key: None,
+            aws_session_token: None,
             api_version: None,
             deployments: Default::default(),
             models: default_models(),
@@ -542,12 +574,38 @@ impl Config {
                     "api_version and deployments apply to kind = \"azure\" only".into(),
                 ));
             }
-            match reqwest::Url::parse(&u.base_url) {
+            let bedrock = u.kind == ProviderKind::Bedrock;
+            let region = u.region.as_deref().filter(|r| !r.is_empty());
+            if bedrock && region.is_none() {
+                return Err(bad(
+                    &key("region"),
+                    "kind = \"bedrock\" needs its AWS region (e.g. \"us-east-1\")".into(),
+                ));
+            }
+            if !bedrock
+                && (u.region.is_some()
+                    || u.aws_access_key_id.is_some()
+                    || u.aws_secret_access_key.is_some()
+                    || u.aws_session_token.is_some())
+            {
+                return Err(bad(
+                    &key("region"),
+                    "region and aws_* credentials apply to kind = \"bedrock\" only".into(),
+                ));
+            }
+            if u.aws_access_key_id.is_some() != u.aws_secret_access_key.is_some() {
+                return Err(bad(
+                    &key("aws_secret_access_key"),
+                    "aws_access_key_id and aws_secret_access_key go together".into(),
+                ));
+            }
+            let base_url = u.effective_base_url();
+            match reqwest::Url::parse(&base_url) {
                 Ok(url) if matches!(url.scheme(), "http" | "https") => {}
                 _ => {
                     return Err(bad(
                         &key("base_url"),
-                        format!("`{}` is not an http(s) URL", u.base_url),
+                        format!("`{base_url}` is not an http(s) URL"),
                     ))
                 }
             }

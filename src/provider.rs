@@ -6,6 +6,8 @@
 //! (`usage`: OpenAI's, which Azure and every OpenAI-compatible API share,
 //! and Anthropic's Messages).
 
+pub mod bedrock;
+
 use http::{HeaderName, HeaderValue};
 
 use crate::config::{ProviderKind, UpstreamConfig};
@@ -29,6 +31,9 @@ pub enum Provider {
     /// `x-goog-api-key`. Client paths go up as they came (less a `key`
     /// query parameter, which `proxy` removes with the other credentials).
     Gemini,
+    /// AWS Bedrock Runtime: `{base_url}/model/{id}/{op}` as the client sent
+    /// it, a Bedrock API key as `Authorization: Bearer` or a SigV4 signature.
+    Bedrock(Box<bedrock::Bedrock>),
 }
 
 pub struct Azure {
@@ -104,6 +109,9 @@ impl Provider {
             }),
             ProviderKind::Anthropic => Provider::Anthropic,
             ProviderKind::Gemini => Provider::Gemini,
+            ProviderKind::Bedrock => {
+                Provider::Bedrock(Box::new(bedrock::Bedrock::from_config(config)))
+            }
             ProviderKind::Openai => Provider::OpenAi,
         }
     }
@@ -116,13 +124,16 @@ impl Provider {
             Provider::Azure(_) => "azure",
             Provider::Anthropic => "anthropic",
             Provider::Gemini => "gemini",
+            Provider::Bedrock(_) => "bedrock",
         }
     }
 
     /// The header carrying the server's key.
     pub fn auth_header(&self, key: &str) -> Result<(HeaderName, HeaderValue), String> {
         let (name, value) = match self {
-            Provider::OpenAi => (http::header::AUTHORIZATION, format!("Bearer {key}")),
+            Provider::OpenAi | Provider::Bedrock(_) => {
+                (http::header::AUTHORIZATION, format!("Bearer {key}"))
+            }
             Provider::Azure(_) => (HeaderName::from_static("api-key"), key.to_string()),
             Provider::Anthropic => (HeaderName::from_static("x-api-key"), key.to_string()),
             Provider::Gemini => (HeaderName::from_static("x-goog-api-key"), key.to_string()),
@@ -133,6 +144,19 @@ impl Provider {
         Ok((name, value))
     }
 
+    /// Signs a request as it goes up, where the backend signs (Bedrock with
+    /// AWS access keys); `body`: the exact payload, `None` when streamed.
+    pub fn sign<B>(
+        &self,
+        request: &mut http::Request<B>,
+        body: Option<&[u8]>,
+    ) -> Result<(), String> {
+        match self {
+            Provider::Bedrock(b) => b.sign(request, body),
+            _ => Ok(()),
+        }
+    }
+
     /// The catalog model a client's model or deployment name stands for.
     pub fn catalog_model<'a>(&'a self, name: &'a str) -> &'a str {
         match self {
@@ -141,7 +165,9 @@ impl Provider {
                 .iter()
                 .find(|(d, _)| d == name)
                 .map_or(name, |(_, m)| m.as_str()),
-            Provider::OpenAi | Provider::Anthropic | Provider::Gemini => name,
+            Provider::OpenAi | Provider::Anthropic | Provider::Gemini | Provider::Bedrock(_) => {
+                name
+            }
         }
     }
 
@@ -169,7 +195,7 @@ impl Provider {
                 }
             }
             // The base URL is the API's root, as for Anthropic.
-            Provider::Gemini => {
+            Provider::Gemini | Provider::Bedrock(_) => {
                 out.push_str(client.path);
                 if let Some(q) = client.query {
                     out.push('?');

@@ -17,6 +17,7 @@ use tollgate::config::Config;
 use tollgate::format::WireFormat;
 use tollgate::pricing::{litellm, Catalog};
 use tollgate::proxy::request::{self, RequestMeta};
+use tollgate::usage::frames::Framing;
 use tollgate::usage::sse::SseMeter;
 use tollgate::usage::Endpoint;
 
@@ -182,6 +183,72 @@ const ENDPOINTS: [(WireFormat, Endpoint); 6] = [
 
 const CHAT: (WireFormat, Endpoint) = (WireFormat::OpenAi, Endpoint::ChatCompletions);
 
+/// An AWS event-stream frame as Bedrock sends them.
+fn frame(kind: &str, payload: &str) -> Vec<u8> {
+    use aws_smithy_types::event_stream::{Header, HeaderValue, Message};
+    let message = Message::new(bytes::Bytes::from(payload.to_string()))
+        .add_header(Header::new(
+            ":message-type",
+            HeaderValue::String("event".to_string().into()),
+        ))
+        .add_header(Header::new(
+            ":event-type",
+            HeaderValue::String(kind.to_string().into()),
+        ));
+    let mut out = Vec::new();
+    let _ = aws_smithy_eventstream::frame::write_message_to(&message, &mut out);
+    out
+}
+
+fn frame_piece() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        (0u64..1000, 0u64..1000, 0u64..100).prop_map(|(i, o, c)| frame(
+            "metadata",
+            &format!("{{\"usage\":{{\"inputTokens\":{i},\"outputTokens\":{o},\"cacheReadInputTokens\":{c}}}}}")
+        )),
+        ".{0,12}".prop_map(|t| frame(
+            "contentBlockDelta",
+            &json!({"contentBlockIndex": 0, "delta": {"text": t}}).to_string()
+        )),
+        json_value().prop_map(|v| frame("messageStop", &v.to_string())),
+        prop::collection::vec(any::<u8>(), 0..40),
+    ]
+}
+
+proptest! {
+    /// Bedrock's frames pass through unchanged wherever the chunks are cut,
+    /// and the usage read does not depend on the cuts; garbage never panics.
+    #[test]
+    fn event_stream_meter_passes_every_byte_and_reads_the_same_usage(
+        pieces in prop::collection::vec(frame_piece(), 0..10),
+        cuts in prop::collection::vec(any::<usize>(), 0..8),
+    ) {
+        let stream: Vec<u8> = pieces.concat();
+        let run = |cuts: &[usize]| {
+            let framing = Framing::of("application/vnd.amazon.eventstream")
+                .unwrap_or_else(|| panic!("no framing for event streams"));
+            let mut meter = WireFormat::Bedrock.stream_meter(Endpoint::Converse, framing, false);
+            let mut out = Vec::new();
+            let mut points: Vec<usize> = cuts.iter().map(|c| c % (stream.len() + 1)).collect();
+            points.sort_unstable();
+            let mut at = 0;
+            for p in points.into_iter().chain([stream.len()]) {
+                if p > at {
+                    out.extend_from_slice(&meter.push(Bytes::copy_from_slice(&stream[at..p])));
+                    at = p;
+                }
+            }
+            out.extend_from_slice(&meter.take_pending());
+            (out, meter.summary().usage.map(|u| (u.prompt_tokens, u.completion_tokens)))
+        };
+        let (whole_out, whole_usage) = run(&[]);
+        let (split_out, split_usage) = run(&cuts);
+        prop_assert_eq!(&whole_out, &stream);
+        prop_assert_eq!(&split_out, &stream);
+        prop_assert_eq!(whole_usage, split_usage);
+    }
+}
+
 proptest! {
     /// Watching a stream never changes it, wherever the chunks are cut.
     #[test]
@@ -220,7 +287,7 @@ proptest! {
         body in prop_oneof![json_bytes(), prop::collection::vec(any::<u8>(), 0..64)],
         format in prop::sample::select(vec![WireFormat::OpenAi, WireFormat::Anthropic, WireFormat::Gemini]),
     ) {
-        if let Some(u) = format.read_body(&body).usage {
+        if let Some(u) = format.read_body(Endpoint::ChatCompletions, &body).usage {
             prop_assert!(u.cached_tokens + u.cache_write_tokens + u.cache_write_1h_tokens
                 + u.audio_prompt_tokens + u.image_prompt_tokens <= u.prompt_tokens);
             prop_assert!(u.reasoning_tokens + u.audio_completion_tokens + u.image_completion_tokens

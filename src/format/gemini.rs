@@ -146,7 +146,8 @@ struct Part {
 impl Chunk {
     fn served(&self, served: &mut Served) {
         if let Some(m) = &self.model_version {
-            served.see_model(m);
+            // Sometimes spelled as the resource name (`models/gemini-...`).
+            served.see_model(m.strip_prefix("models/").unwrap_or(m));
         }
         for c in &self.candidates {
             if c.finish_reason.as_deref() == Some("MAX_TOKENS") {
@@ -361,7 +362,7 @@ mod tests {
             "usageMetadata":{"promptTokenCount":1200,"cachedContentTokenCount":1000,"candidatesTokenCount":50,"thoughtsTokenCount":30,"toolUsePromptTokenCount":7,"totalTokenCount":1287,
             "promptTokensDetails":[{"modality":"TEXT","tokenCount":900},{"modality":"AUDIO","tokenCount":300}],
             "candidatesTokensDetails":[{"modality":"TEXT","tokenCount":50}]},
-            "modelVersion":"gemini-2.5-flash","responseId":"r1"}"#;
+            "modelVersion":"models/gemini-2.5-flash","responseId":"r1"}"#;
         let facts = read_body(body);
         let u = facts.usage.unwrap_or(Usage::NONE);
         assert_eq!(

@@ -11,8 +11,11 @@
 //! they are given.
 
 pub mod anthropic;
+pub mod bedrock;
 pub mod gemini;
 pub mod openai;
+
+use std::borrow::Cow;
 
 use axum::response::{IntoResponse, Response};
 use http::HeaderMap;
@@ -20,8 +23,9 @@ use serde_json::Value;
 
 use crate::config::ProviderKind;
 use crate::error::ApiError;
+use crate::usage::frames::{FrameMeter, Framing, StreamMeter};
 use crate::usage::read::BodyFacts;
-use crate::usage::sse::EventReader;
+use crate::usage::sse::{EventReader, SseMeter};
 use crate::usage::{estimate, Encoding, Endpoint, Usage};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +37,8 @@ pub enum WireFormat {
     Anthropic,
     /// Google's Gemini API (`generateContent`, `embedContent`, ...).
     Gemini,
+    /// AWS Bedrock Runtime (Converse, and InvokeModel with Anthropic bodies).
+    Bedrock,
 }
 
 impl WireFormat {
@@ -52,6 +58,9 @@ impl WireFormat {
         if path.starts_with("/v1beta/") {
             return (WireFormat::Gemini, Endpoint::Other);
         }
+        if path.starts_with("/model/") {
+            return (WireFormat::Bedrock, bedrock::endpoint(path));
+        }
         let endpoint = Endpoint::from_path(path);
         let anthropic = endpoint == Endpoint::Messages
             || path.starts_with("/v1/messages")
@@ -69,9 +78,10 @@ impl WireFormat {
     /// layer), so an OpenAI-format request may go to any upstream.
     pub fn served_by(self, kind: ProviderKind) -> bool {
         match self {
-            WireFormat::OpenAi => kind != ProviderKind::Gemini,
+            WireFormat::OpenAi => !matches!(kind, ProviderKind::Gemini | ProviderKind::Bedrock),
             WireFormat::Anthropic => kind == ProviderKind::Anthropic,
             WireFormat::Gemini => kind == ProviderKind::Gemini,
+            WireFormat::Bedrock => kind == ProviderKind::Bedrock,
         }
     }
 
@@ -88,6 +98,7 @@ impl WireFormat {
             WireFormat::OpenAi => "OpenAI",
             WireFormat::Anthropic => "Anthropic",
             WireFormat::Gemini => "Gemini",
+            WireFormat::Bedrock => "Bedrock",
         }
     }
 
@@ -97,13 +108,39 @@ impl WireFormat {
             WireFormat::OpenAi => e.into_response(),
             WireFormat::Anthropic => anthropic::render(e),
             WireFormat::Gemini => gemini::render(e),
+            WireFormat::Bedrock => bedrock::render(e),
+        }
+    }
+
+    /// The meter of a streamed answer in `framing`. `strip_usage_chunk`:
+    /// tollgate asked for stream usage on the client's behalf and drops
+    /// that chunk again (SSE only).
+    pub fn stream_meter(
+        self,
+        endpoint: Endpoint,
+        framing: Framing,
+        strip_usage_chunk: bool,
+    ) -> StreamMeter {
+        match framing {
+            Framing::Sse => {
+                let reader = self.stream_reader(endpoint);
+                StreamMeter::Sse(SseMeter::new(reader, strip_usage_chunk))
+            }
+            Framing::AwsEventStream => {
+                let reader = match endpoint {
+                    Endpoint::Messages => bedrock::on_invoke_frame,
+                    _ => bedrock::on_converse_frame,
+                };
+                StreamMeter::Frames(Box::new(FrameMeter::new(reader)))
+            }
         }
     }
 
     /// The reader of one SSE event's data for `endpoint`'s stream.
     pub fn stream_reader(self, endpoint: Endpoint) -> EventReader {
         match (self, endpoint) {
-            (WireFormat::Anthropic, _) => anthropic::on_event,
+            // Bedrock streams Anthropic's events inside its frames.
+            (WireFormat::Anthropic | WireFormat::Bedrock, _) => anthropic::on_event,
             (WireFormat::Gemini, _) => gemini::on_event,
             (WireFormat::OpenAi, Endpoint::Responses) => openai::on_responses_event,
             (WireFormat::OpenAi, _) => openai::on_chunk,
@@ -112,27 +149,35 @@ impl WireFormat {
 
     /// What a whole (non-streaming) response body says. OpenAI's and
     /// Anthropic's bodies share their usage spellings (`usage::read`).
-    pub fn read_body(self, body: &[u8]) -> BodyFacts {
+    pub fn read_body(self, endpoint: Endpoint, body: &[u8]) -> BodyFacts {
         match self {
             WireFormat::OpenAi | WireFormat::Anthropic => crate::usage::read::read_body(body),
             WireFormat::Gemini => gemini::read_body(body),
+            WireFormat::Bedrock => bedrock::read_body(endpoint, body),
         }
     }
 
     /// The model a client path names (an Azure deployment, Gemini's
     /// `models/{model}:op`), for requests whose body may not.
-    pub fn path_model(self, path: &str) -> Option<&str> {
+    pub fn path_model(self, path: &str) -> Option<Cow<'_, str>> {
         match self {
-            WireFormat::OpenAi => crate::provider::ClientPath::parse(path).deployment,
+            WireFormat::OpenAi => crate::provider::ClientPath::parse(path)
+                .deployment
+                .map(Cow::Borrowed),
             WireFormat::Anthropic => None,
-            WireFormat::Gemini => gemini::parse_path(path).map(|(model, _)| model),
+            WireFormat::Gemini => gemini::parse_path(path).map(|(model, _)| Cow::Borrowed(model)),
+            WireFormat::Bedrock => bedrock::path_model(path).map(Cow::Owned),
         }
     }
 
     /// Whether the path itself asks for a stream (Gemini's
     /// `:streamGenerateContent`; the others say so in the body).
     pub fn path_streams(self, path: &str) -> bool {
-        self == WireFormat::Gemini && gemini::is_stream_path(path)
+        match self {
+            WireFormat::Gemini => gemini::is_stream_path(path),
+            WireFormat::Bedrock => bedrock::is_stream_path(path),
+            WireFormat::OpenAi | WireFormat::Anthropic => false,
+        }
     }
 
     /// Prompt tokens of a parsed request body, estimated with tiktoken.
@@ -141,6 +186,7 @@ impl WireFormat {
             WireFormat::OpenAi => estimate::prompt_tokens(endpoint, enc, request),
             WireFormat::Anthropic => anthropic::prompt_tokens(enc, request),
             WireFormat::Gemini => gemini::prompt_tokens(enc, request),
+            WireFormat::Bedrock => bedrock::prompt_tokens(endpoint, enc, request),
         }
     }
 
@@ -150,6 +196,7 @@ impl WireFormat {
             WireFormat::OpenAi => estimate::response_texts(endpoint, body),
             WireFormat::Anthropic => anthropic::response_texts(body),
             WireFormat::Gemini => gemini::response_texts(body),
+            WireFormat::Bedrock => bedrock::response_texts(endpoint, body),
         }
     }
 
@@ -173,7 +220,10 @@ impl WireFormat {
     pub fn added_prompt_bound(self, has_tools: bool, web_searches: u64) -> u64 {
         match self {
             WireFormat::OpenAi | WireFormat::Gemini => 0,
-            WireFormat::Anthropic => anthropic::added_prompt_bound(has_tools, web_searches),
+            // Bedrock's models are mostly Claude: its rules are the bound.
+            WireFormat::Anthropic | WireFormat::Bedrock => {
+                anthropic::added_prompt_bound(has_tools, web_searches)
+            }
         }
     }
 

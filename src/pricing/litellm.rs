@@ -55,6 +55,7 @@ const MODES: [&str; 8] = [
 fn provider_name(litellm: &str) -> &str {
     match litellm {
         "vertex_ai-language-models" | "gemini" => "google",
+        "bedrock" | "bedrock_converse" => "bedrock",
         "together_ai" => "together",
         "fireworks_ai" => "fireworks",
         "azure" | "azure_ai" => "azure",

@@ -23,7 +23,7 @@ use crate::budget::Refusal;
 use crate::config::{AuthMode, UnpricedPolicy};
 use crate::error::ApiError;
 use crate::format::WireFormat;
-use crate::usage::sse::SseMeter;
+use crate::usage::frames::Framing;
 use crate::usage::{Endpoint, TokenSource, Usage};
 use request::RequestMeta;
 use settle::{settle, settle_without_usage, RequestCtx};
@@ -217,6 +217,7 @@ struct PendingStream {
     response: http::Response<hyper::body::Incoming>,
     status: StatusCode,
     headers: HeaderMap,
+    framing: Framing,
     strip_usage_chunk: bool,
     request_body: Bytes,
     overhead: Duration,
@@ -230,10 +231,9 @@ impl PendingStream {
         ctx: RequestCtx,
         durable: Option<tokio::sync::oneshot::Receiver<()>>,
     ) -> Response {
-        let meter = SseMeter::new(
-            ctx.format.stream_reader(ctx.endpoint),
-            self.strip_usage_chunk,
-        );
+        let meter = ctx
+            .format
+            .stream_meter(ctx.endpoint, self.framing, self.strip_usage_chunk);
         let settlement = StreamSettlement {
             state,
             ctx,
@@ -335,6 +335,26 @@ fn upstream_headers(mut headers: HeaderMap, upstream: &Upstream, mode: AuthMode)
         }
     }
     headers
+}
+
+/// Signs a request with the server's credentials where its backend signs
+/// (SigV4), in virtual-keys mode only: in passthrough the server's
+/// credentials never go up.
+fn sign<B>(
+    upstream: &Upstream,
+    request: &mut http::Request<B>,
+    body: Option<&[u8]>,
+    mode: AuthMode,
+) -> Result<(), ApiError> {
+    if mode != AuthMode::VirtualKeys {
+        return Ok(());
+    }
+    upstream.provider.sign(request, body).map_err(|reason| {
+        ApiError::Internal(format!(
+            "signing the request for {}: {reason}",
+            upstream.name
+        ))
+    })
 }
 
 /// Upstream headers as they go back to the client: hop-by-hop removed.
@@ -494,7 +514,7 @@ async fn metered_request(
         meta.stream = Some(true);
     }
     let requested = match meta.model() {
-        "" => path_model.unwrap_or("").to_string(),
+        "" => path_model.map(|m| m.into_owned()).unwrap_or_default(),
         m => m.to_string(),
     };
     let upstream = pick_upstream(state, &parts.headers, Some(&requested), ctx.format)?;
@@ -573,7 +593,7 @@ async fn metered_request(
         } else {
             body.clone()
         };
-        let mut request = http::Request::new(Body::from(upstream_body));
+        let mut request = http::Request::new(());
         *request.method_mut() = Method::POST;
         *request.uri_mut() = upstream_uri(upstream, &parts.uri, route, state.auth.mode())?;
         let client_headers = if may_retry {
@@ -582,6 +602,13 @@ async fn metered_request(
             std::mem::take(&mut parts.headers)
         };
         *request.headers_mut() = upstream_headers(client_headers, upstream, state.auth.mode());
+        sign(
+            upstream,
+            &mut request,
+            Some(&upstream_body),
+            state.auth.mode(),
+        )?;
+        let request = request.map(|()| Body::from(upstream_body));
 
         let sent_at = Instant::now();
         let result = send_attempt(upstream, request).await;
@@ -631,15 +658,16 @@ async fn metered_request(
         )));
     }
 
-    let is_sse = headers
+    let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
-    if is_sse {
+        .unwrap_or("");
+    if let Some(framing) = Framing::of(content_type) {
         return Ok(Forwarded::Stream(PendingStream {
             response,
             status,
             headers,
+            framing,
             strip_usage_chunk: inject,
             request_body: body,
             overhead: pre_send,
@@ -651,7 +679,7 @@ async fn metered_request(
     let upstream_wait = sent_at.elapsed();
     // Whatever the body says (or fails to say) about usage, the client gets
     // it unchanged; tollgate estimates what it cannot read.
-    let facts = ctx.format.read_body(&bytes);
+    let facts = ctx.format.read_body(ctx.endpoint, &bytes);
     let usage = match facts.usage {
         Some(usage) => usage,
         None => estimate_non_stream(ctx, &body, &bytes).await,
@@ -756,7 +784,8 @@ async fn reserve_priced(
         .iter()
         .find(|(k, _)| *k == "web_search")
         .map_or(0, |(_, n)| *n);
-    let has_tools = meta.tools.as_ref().is_some_and(|t| !t.is_empty());
+    let has_tools =
+        meta.tools.as_ref().is_some_and(|t| !t.is_empty()) || meta.tool_config.is_some();
     bound = bound.saturating_add(ctx.format.added_prompt_bound(has_tools, searches));
     let unavailable = || ApiError::BudgetUnavailable {
         team: ctx.team.clone(),
@@ -884,6 +913,7 @@ async fn unmetered(
         upstream,
         state.auth.mode(),
     );
+    sign(upstream, &mut request, None, state.auth.mode())?;
     let pre_send = ctx.started.elapsed();
     let mut response = send(upstream, request).await?;
     let status = response.status();

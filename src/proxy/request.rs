@@ -37,6 +37,12 @@ pub struct RequestMeta {
     /// Tool definitions; only their `type` is read (built-in tools cost per call).
     #[serde(default)]
     pub tools: Option<Vec<ToolRef>>,
+    /// Bedrock Converse's output bound.
+    #[serde(default, rename = "inferenceConfig")]
+    pub inference_config: Option<crate::format::bedrock::InferenceConfig>,
+    /// Bedrock Converse's tool definitions (only whether there are any).
+    #[serde(default, rename = "toolConfig")]
+    pub tool_config: Option<serde::de::IgnoredAny>,
     /// Gemini's output bound and choice count.
     #[serde(default, rename = "generationConfig")]
     pub generation_config: Option<crate::format::gemini::GenerationConfig>,
@@ -301,6 +307,10 @@ fn requested_max_output(meta: &RequestMeta, endpoint: Endpoint) -> (Option<u64>,
         Endpoint::Completions => (meta.max_tokens, "max_tokens"),
         Endpoint::Responses => (meta.max_output_tokens, "max_output_tokens"),
         Endpoint::Messages => (meta.max_tokens, "max_tokens"),
+        Endpoint::Converse => (
+            meta.inference_config.as_ref().and_then(|c| c.max_tokens),
+            "inferenceConfig.maxTokens",
+        ),
         Endpoint::GenerateContent => (
             meta.generation_config
                 .as_ref()

@@ -15,7 +15,8 @@ use tokio::time::Sleep;
 
 use super::settle::{settle, RequestCtx};
 use crate::app::AppState;
-use crate::usage::sse::{SseMeter, StreamSummary};
+use crate::usage::frames::StreamMeter;
+use crate::usage::sse::StreamSummary;
 use crate::usage::{estimate, Usage};
 
 /// nginx's "client closed request": the status recorded for a disconnect.
@@ -122,7 +123,7 @@ fn encoding_of(ctx: &RequestCtx) -> crate::usage::Encoding {
 
 pub struct MeteredStream {
     upstream: BoxStream<'static, Result<Bytes, hyper::Error>>,
-    meter: SseMeter,
+    meter: StreamMeter,
     idle_timeout: Duration,
     idle: Pin<Box<Sleep>>,
     settlement: Option<StreamSettlement>,
@@ -141,7 +142,7 @@ pub struct MeteredStream {
 impl MeteredStream {
     pub fn new(
         upstream: BoxStream<'static, Result<Bytes, hyper::Error>>,
-        meter: SseMeter,
+        meter: StreamMeter,
         idle_timeout: Duration,
         settlement: StreamSettlement,
         durable: Option<tokio::sync::oneshot::Receiver<()>>,

@@ -84,7 +84,8 @@ impl Upstream {
         config: &UpstreamConfig,
         attempts: &prometheus::IntCounterVec,
     ) -> Result<Upstream, String> {
-        let mut base = config.base_url.trim_end_matches('/');
+        let base_url = config.effective_base_url();
+        let mut base = base_url.trim_end_matches('/');
         match config.kind {
             // Anthropic paths carry their `/v1`; a base URL given with it
             // (as OpenAI-style ones are) must not double it.
@@ -106,7 +107,7 @@ impl Upstream {
         if uri.authority().is_none() || !matches!(uri.scheme_str(), Some("http" | "https")) {
             return Err(format!(
                 "upstreams.{}.base_url: `{}` is not an http(s) URL",
-                config.name, config.base_url
+                config.name, base_url
             ));
         }
         let client = UpstreamClient::new(

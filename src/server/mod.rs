@@ -53,12 +53,13 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 async fn proxy_or_not_found(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let path = req.uri().path();
-    // OpenAI style, Azure's (`AzureOpenAI(azure_endpoint=tollgate)`) and
-    // Gemini's (`/v1beta/models/...`).
+    // OpenAI style, Azure's (`AzureOpenAI(azure_endpoint=tollgate)`),
+    // Gemini's (`/v1beta/models/...`) and Bedrock's (`/model/{id}/converse`).
     if path == "/v1"
         || path.starts_with("/v1/")
         || path.starts_with("/openai/")
         || path.starts_with("/v1beta/")
+        || path.starts_with("/model/")
     {
         proxy::handle(state, req).await
     } else {

@@ -21,7 +21,11 @@ pub fn prompt_tokens(endpoint: Endpoint, enc: Encoding, request: &Value) -> u64 
         Endpoint::Embeddings => input_tokens(enc, request.get("input")),
         Endpoint::Responses => responses_prompt_tokens(enc, request),
         // Other formats' requests are counted by their format (`crate::format`).
-        Endpoint::Messages | Endpoint::GenerateContent | Endpoint::Models | Endpoint::Other => 0,
+        Endpoint::Messages
+        | Endpoint::GenerateContent
+        | Endpoint::Converse
+        | Endpoint::Models
+        | Endpoint::Other => 0,
     }
 }
 

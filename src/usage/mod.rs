@@ -5,6 +5,7 @@
 //! blocking pool (see `proxy`), and the SSE meter works on bounded buffers.
 
 pub mod estimate;
+pub mod frames;
 pub mod read;
 pub mod sse;
 
@@ -35,11 +36,13 @@ pub enum Endpoint {
     Messages,
     /// Gemini's `generateContent` and `streamGenerateContent`.
     GenerateContent,
+    /// Bedrock's Converse and ConverseStream.
+    Converse,
 }
 
 impl Endpoint {
     /// How many endpoints there are (`endpoint as usize` is below this).
-    pub const COUNT: usize = 8;
+    pub const COUNT: usize = 9;
 
     /// From a client path, OpenAI style (`/v1/chat/completions`) or Azure
     /// style (`/openai/deployments/{d}/chat/completions`).
@@ -70,6 +73,7 @@ impl Endpoint {
             Endpoint::Other,
             Endpoint::Messages,
             Endpoint::GenerateContent,
+            Endpoint::Converse,
         ]
         .into_iter()
         .find(|e| e.label() == label)
@@ -86,6 +90,7 @@ impl Endpoint {
             Endpoint::Other => "other",
             Endpoint::Messages => "messages",
             Endpoint::GenerateContent => "generate_content",
+            Endpoint::Converse => "converse",
         }
     }
 
@@ -100,6 +105,7 @@ impl Endpoint {
                 | Endpoint::Responses
                 | Endpoint::Messages
                 | Endpoint::GenerateContent
+                | Endpoint::Converse
         )
     }
 

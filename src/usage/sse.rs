@@ -250,7 +250,14 @@ impl SseMeter {
     }
 
     pub fn summary(&mut self) -> StreamSummary {
-        let f = &mut self.facts;
+        self.facts.summary(self.events)
+    }
+}
+
+impl StreamFacts {
+    /// What the stream said, once it ended (`events` framed in all).
+    pub(crate) fn summary(&mut self, events: u64) -> StreamSummary {
+        let f = self;
         StreamSummary {
             usage: f.usage,
             partial: match f.usage {
@@ -262,7 +269,7 @@ impl SseMeter {
             text_bytes_dropped: f.text_bytes_dropped,
             tool_text: f.tool_text,
             done: f.done,
-            events: self.events,
+            events,
             unparsable_events: f.unparsable_events,
         }
     }

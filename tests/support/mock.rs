@@ -42,6 +42,17 @@
 //!   `toolUsePromptTokenCount`
 //! - `x-mock-audio-prompt-tokens`: the AUDIO part of `promptTokensDetails`
 //! - `x-mock-grounded: 1`        `groundingMetadata` on the candidate
+//!
+//! And AWS Bedrock Runtime (`/model/{modelId}/{op}`): converse (JSON),
+//! converse-stream (AWS event-stream frames: messageStart, one
+//! contentBlockDelta per word, contentBlockStop, messageStop, metadata with
+//! the usage), invoke and invoke-with-response-stream with Anthropic's
+//! bodies (frames whose `chunk` is a base64 Anthropic event); refusing a
+//! request without `authorization` (403, `x-amzn-errortype`). There
+//! `x-mock-prompt-tokens` is `inputTokens` (uncached), `x-mock-cached-tokens`
+//! `cacheReadInputTokens`, `x-mock-cache-write-5m` `cacheWriteInputTokens`,
+//! and `x-mock-stream-error: 1` a `throttlingException` frame after the
+//! first delta.
 #![allow(dead_code)]
 
 use std::convert::Infallible;
@@ -112,6 +123,7 @@ impl MockUpstream {
             .route("/v1/messages/count_tokens", post(count_tokens))
             .route("/v1beta/models/{*rest}", post(gemini))
             .route("/v1/models/{*rest}", any(gemini_or_echo))
+            .route("/model/{model}/{op}", post(bedrock))
             .route("/v1/{*rest}", any(echo))
             .route(
                 "/openai/deployments/{deployment}/chat/completions",
@@ -923,5 +935,180 @@ async fn gemini(State(state): State<Arc<MockState>>, req: Request) -> Response {
             ([("content-type", "text/event-stream")], body).into_response()
         }
         _ => gemini_error(404, &format!("unknown operation {op}")),
+    }
+}
+
+/// Bedrock's error: `{"message"}` and the name in `x-amzn-errortype`.
+fn bedrock_error(status: u16, kind: &str, message: &str) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        code,
+        [
+            ("content-type", "application/json"),
+            ("x-amzn-errortype", kind),
+        ],
+        json!({"message": message}).to_string(),
+    )
+        .into_response()
+}
+
+/// One AWS event-stream frame.
+pub fn event_frame(message_type: &str, kind: &str, payload: &Value) -> Bytes {
+    use aws_smithy_types::event_stream::{Header, HeaderValue, Message};
+    let kind_header = if message_type == "exception" {
+        ":exception-type"
+    } else {
+        ":event-type"
+    };
+    let message = Message::new(Bytes::from(payload.to_string()))
+        .add_header(Header::new(
+            ":message-type",
+            HeaderValue::String(message_type.to_string().into()),
+        ))
+        .add_header(Header::new(
+            kind_header,
+            HeaderValue::String(kind.to_string().into()),
+        ))
+        .add_header(Header::new(
+            ":content-type",
+            HeaderValue::String("application/json".to_string().into()),
+        ));
+    let mut out = Vec::new();
+    aws_smithy_eventstream::frame::write_message_to(&message, &mut out)
+        .unwrap_or_else(|e| panic!("{e}"));
+    Bytes::from(out)
+}
+
+fn event_stream(frames: Vec<Bytes>, b: Behaviour, cut_at: Option<usize>) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    tokio::spawn(async move {
+        for (i, frame) in frames.into_iter().enumerate() {
+            if cut_at == Some(i) {
+                let _ = tx.send(Err(std::io::Error::other("mock cut"))).await;
+                return;
+            }
+            if tx.send(Ok(frame)).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(b.chunk_delay).await;
+        }
+    });
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    (
+        [("content-type", "application/vnd.amazon.eventstream")],
+        body,
+    )
+        .into_response()
+}
+
+async fn bedrock(State(state): State<Arc<MockState>>, req: Request) -> Response {
+    if req.headers().get("authorization").is_none() {
+        return bedrock_error(403, "AccessDeniedException", "Missing Authentication Token");
+    }
+    let path = req.uri().path().to_string();
+    let (rec, b) = record(&state, req).await;
+    if let Some(status) = b.status {
+        let kind = match status {
+            429 => "ThrottlingException",
+            400 => "ValidationException",
+            503 => "ServiceUnavailableException",
+            _ => "InternalServerException",
+        };
+        return bedrock_error(status, kind, &format!("mock failure {status}"));
+    }
+    let op = path.rsplit('/').next().unwrap_or("");
+    let words: Vec<String> = b.content.split_inclusive(' ').map(str::to_string).collect();
+    let stop = b.finish_reason.clone().unwrap_or_else(|| "end_turn".into());
+    let usage = json!({"inputTokens": b.prompt, "outputTokens": b.completion,
+        "totalTokens": b.prompt + b.cached + b.cache_write_5m + b.completion,
+        "cacheReadInputTokens": b.cached, "cacheWriteInputTokens": b.cache_write_5m});
+    match op {
+        "converse" => {
+            let mut out = json!({"output": {"message": {"role": "assistant", "content": [{"text": b.content}]}},
+                "stopReason": stop, "metrics": {"latencyMs": 12}});
+            if !b.omit_usage {
+                out["usage"] = usage;
+            }
+            json_response(out)
+        }
+        "converse-stream" => {
+            let mut frames = vec![event_frame(
+                "event",
+                "messageStart",
+                &json!({"role": "assistant"}),
+            )];
+            for (i, w) in words.iter().enumerate() {
+                frames.push(event_frame(
+                    "event",
+                    "contentBlockDelta",
+                    &json!({"contentBlockIndex": 0, "delta": {"text": w}}),
+                ));
+                if i == 0 && b.stream_error {
+                    frames.push(event_frame(
+                        "exception",
+                        "throttlingException",
+                        &json!({"message": "Too many requests, please wait before trying again."}),
+                    ));
+                    return event_stream(frames, b, None);
+                }
+            }
+            frames.push(event_frame(
+                "event",
+                "contentBlockStop",
+                &json!({"contentBlockIndex": 0}),
+            ));
+            frames.push(event_frame(
+                "event",
+                "messageStop",
+                &json!({"stopReason": stop}),
+            ));
+            if !b.omit_usage {
+                frames.push(event_frame(
+                    "event",
+                    "metadata",
+                    &json!({"usage": usage, "metrics": {"latencyMs": 12}}),
+                ));
+            }
+            // `x-mock-cut-after: N`: cut after N deltas (messageStart first).
+            let cut = b.cut_after.map(|n| n + 1);
+            event_stream(frames, b, cut)
+        }
+        "invoke" => {
+            let model = b
+                .model
+                .clone()
+                .map_or_else(|| rec.json()["model"].clone(), Value::String);
+            let mut out = json!({"id": "msg_bdrk_mock", "type": "message", "role": "assistant", "model": model,
+                "content": [{"type": "text", "text": b.content}], "stop_reason": stop, "stop_sequence": null});
+            if !b.omit_usage {
+                out["usage"] = b.anthropic_usage(b.completion);
+            }
+            json_response(out)
+        }
+        "invoke-with-response-stream" => {
+            let chunk = |event: Value| {
+                let bytes = aws_smithy_types::base64::encode(event.to_string());
+                event_frame("event", "chunk", &json!({"bytes": bytes}))
+            };
+            let mut frames = vec![chunk(
+                json!({"type": "message_start", "message": {"id": "msg_bdrk_mock",
+                "type": "message", "role": "assistant", "model": "claude", "content": [],
+                "usage": b.anthropic_usage(1)}}),
+            )];
+            for w in &words {
+                frames.push(chunk(json!({"type": "content_block_delta", "index": 0,
+                    "delta": {"type": "text_delta", "text": w}})));
+            }
+            frames.push(chunk(
+                json!({"type": "message_delta", "delta": {"stop_reason": stop},
+                "usage": {"output_tokens": b.completion}}),
+            ));
+            frames.push(chunk(
+                json!({"type": "message_stop", "amazon-bedrock-invocationMetrics": {
+                "inputTokenCount": b.prompt, "outputTokenCount": b.completion}}),
+            ));
+            event_stream(frames, b, None)
+        }
+        _ => bedrock_error(404, "ResourceNotFoundException", "unknown operation"),
     }
 }
