@@ -634,7 +634,7 @@ fn print_catalog(catalog: &Catalog, format: OutputFormat) {
             );
         }
         OutputFormat::Table => {
-            use tollgate::pricing::Component;
+            use tollgate::pricing::Meter;
             println!(
                 "{:<34} {:>10} {:>10} {:>10} {:>10}  {:<10} {:<24} encoding",
                 "model", "input/M", "output/M", "cached/M", "max_out", "provider", "tiers"
@@ -646,7 +646,7 @@ fn print_catalog(catalog: &Catalog, format: OutputFormat) {
                     p.input().usd_per_million_string(),
                     p.output().usd_per_million_string(),
                     p.rates
-                        .get(Component::CachedInput)
+                        .get(Meter::CachedInput)
                         .map_or("-".to_string(), |r| r.usd_per_million_string()),
                     p.max_output_tokens
                         .map_or("-".to_string(), |m| m.to_string()),

@@ -174,7 +174,37 @@ async fn claude_messages_are_priced_exactly_streamed_or_not() {
                    "output": 3_000_000, "tool_calls": 20_000_000}),
             "{r:?}"
         );
+        // The meters keep what the breakdown and the count columns fold.
+        let meters: Value = serde_json::from_str(&r.meters).unwrap_or_default();
+        assert_eq!(
+            meters,
+            json!({"input": 1000, "cached_input": 2000, "cache_write": 400,
+                   "cache_write_1h": 100, "output": 200, "web_search": 2}),
+            "{r:?}"
+        );
     }
+    // Priced again as itself from its stored meters, a row costs exactly
+    // what it cost: the 1-hour writes are not folded into 5-minute ones.
+    let out = support::stdout(&c.tg.cli(&[
+        "report",
+        "--shadow",
+        "claude-sonnet-4-5",
+        "--format",
+        "json",
+    ]));
+    let report: Value = serde_json::from_str(&out).unwrap_or_default();
+    let line = report["rows"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["model"] == "claude-sonnet-4-5"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(line["requests"], 2, "{report}");
+    assert_eq!(line["cost_nano_usd"], 2 * EVERY_KIND_COST, "{report}");
+    assert_eq!(
+        line["shadow_cost_nano_usd"],
+        2 * EVERY_KIND_COST,
+        "{report}"
+    );
 
     // The served snapshot prices the request when the catalog has it; an
     // answer that stopped at max_tokens is marked capped, streamed or not.

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::gpu::GpuPrice;
 use super::money::Rate;
-use super::price::{CallFee, Component, LongContext, ModelPrice, Rates};
+use super::price::{CallFee, LongContext, Meter, ModelPrice, Rates};
 use crate::usage::{Encoding, ToolCalls};
 
 /// The catalog compiled into the binary.
@@ -58,27 +58,27 @@ struct RawRates {
 }
 
 impl RawRates {
-    fn get(&self, c: Component) -> Option<f64> {
+    fn get(&self, c: Meter) -> Option<f64> {
         match c {
-            Component::Input => self.input,
-            Component::Output => self.output,
-            Component::CachedInput => self.cached_input,
-            Component::CacheWrite => self.cache_write,
-            Component::CacheWrite1h => self.cache_write_1h,
-            Component::AudioInput => self.audio_input,
-            Component::AudioOutput => self.audio_output,
-            Component::ImageInput => self.image_input,
-            Component::ImageOutput => self.image_output,
+            Meter::Input => self.input,
+            Meter::Output => self.output,
+            Meter::CachedInput => self.cached_input,
+            Meter::CacheWrite => self.cache_write,
+            Meter::CacheWrite1h => self.cache_write_1h,
+            Meter::AudioInput => self.audio_input,
+            Meter::AudioOutput => self.audio_output,
+            Meter::ImageInput => self.image_input,
+            Meter::ImageOutput => self.image_output,
         }
     }
 
     /// Exact rates; errors name the key (`models."x".flex.input`).
     fn rates(&self, at: &str) -> Result<Rates, String> {
         let mut rates = Rates::default();
-        for c in Component::ALL {
+        for c in Meter::ALL {
             if let Some(x) = self.get(c) {
                 let r = Rate::from_f64_usd_per_million(x)
-                    .map_err(|e| format!("{at}.{}: {e}", c.key()))?;
+                    .map_err(|e| format!("{at}.{}: {e}", c.name()))?;
                 rates.set(c, Some(r));
             }
         }
@@ -138,10 +138,10 @@ impl RawModel {
             }
             return Ok(None);
         };
-        let token_prices = Component::ALL
+        let token_prices = Meter::ALL
             .into_iter()
             .filter(|c| self.standard().get(*c).is_some())
-            .map(Component::key)
+            .map(Meter::name)
             .chain(self.flex.as_ref().map(|_| "flex"))
             .chain(self.priority.as_ref().map(|_| "priority"))
             .chain(self.batch.as_ref().map(|_| "batch"))
@@ -264,14 +264,14 @@ impl Catalog {
             let gpu = raw.gpu(&at)?;
             let mut rates = raw.standard().rates(&at)?;
             if let Some(g) = &gpu {
-                rates.set(Component::Input, Some(g.ceiling()));
-                rates.set(Component::Output, Some(g.ceiling()));
+                rates.set(Meter::Input, Some(g.ceiling()));
+                rates.set(Meter::Output, Some(g.ceiling()));
             }
-            for required in [Component::Input, Component::Output] {
+            for required in [Meter::Input, Meter::Output] {
                 if rates.get(required).is_none() {
                     return Err(format!(
                         "{at}.{}: missing (every row needs input and output, or gpu_usd_per_hour)",
-                        required.key()
+                        required.name()
                     ));
                 }
             }
@@ -284,7 +284,7 @@ impl Catalog {
             let mut tier = |name: &str, raw: &Option<RawRates>| -> Result<Option<Rates>, String> {
                 let Some(raw) = raw else { return Ok(None) };
                 let tier = raw.rates(&format!("{at}.{name}"))?;
-                let changes = Component::ALL
+                let changes = Meter::ALL
                     .into_iter()
                     .any(|c| tier.get(c).is_some_and(|r| Some(r) != rates.get(c)));
                 if !changes {
@@ -301,24 +301,24 @@ impl Catalog {
                     let at = format!("{at}.long_context");
                     let mut r = RawRates::default();
                     for (key, v) in &lc.rest {
-                        let c = Component::ALL
+                        let c = Meter::ALL
                             .into_iter()
-                            .find(|c| c.key() == key)
+                            .find(|c| c.name() == key)
                             .ok_or_else(|| format!("{at}.{key}: unknown key"))?;
                         let x = v
                             .as_float()
                             .or_else(|| v.as_integer().map(|i| i as f64))
                             .ok_or_else(|| format!("{at}.{key}: not a number"))?;
                         match c {
-                            Component::Input => r.input = Some(x),
-                            Component::Output => r.output = Some(x),
-                            Component::CachedInput => r.cached_input = Some(x),
-                            Component::CacheWrite => r.cache_write = Some(x),
-                            Component::CacheWrite1h => r.cache_write_1h = Some(x),
-                            Component::AudioInput => r.audio_input = Some(x),
-                            Component::AudioOutput => r.audio_output = Some(x),
-                            Component::ImageInput => r.image_input = Some(x),
-                            Component::ImageOutput => r.image_output = Some(x),
+                            Meter::Input => r.input = Some(x),
+                            Meter::Output => r.output = Some(x),
+                            Meter::CachedInput => r.cached_input = Some(x),
+                            Meter::CacheWrite => r.cache_write = Some(x),
+                            Meter::CacheWrite1h => r.cache_write_1h = Some(x),
+                            Meter::AudioInput => r.audio_input = Some(x),
+                            Meter::AudioOutput => r.audio_output = Some(x),
+                            Meter::ImageInput => r.image_input = Some(x),
+                            Meter::ImageOutput => r.image_output = Some(x),
                         }
                     }
                     let rates = r.rates(&at)?;
@@ -473,8 +473,8 @@ impl Catalog {
                 ));
             }
             let (input, cached) = (
-                price.rates.get(Component::Input),
-                price.rates.get(Component::CachedInput),
+                price.rates.get(Meter::Input),
+                price.rates.get(Meter::CachedInput),
             );
             if let (Some(input), Some(cached)) = (input, cached) {
                 if cached > input {
@@ -633,7 +633,7 @@ mod tests {
         let price = |m: &str| c.resolve(m).price.unwrap_or_else(|| panic!("{m} unpriced"));
         // "a" is replaced whole: its cached price went with the old row.
         assert_eq!(price("a").input().usd_per_million_string(), "0.8");
-        assert_eq!(price("a").rates.get(Component::CachedInput), None);
+        assert_eq!(price("a").rates.get(Meter::CachedInput), None);
         assert_eq!(price("b").output().usd_per_million_string(), "4");
         assert!(price("gpu").gpu.is_some());
         let fees: Vec<&str> = c.tool_call_fees().iter().map(|(k, _)| k.as_str()).collect();

@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 use serde_json::Value;
 
 use super::money::Rate;
-use super::price::{CallFee, Component};
+use super::price::{CallFee, Meter};
 use crate::usage::Encoding;
 
 pub struct Imported {
@@ -25,17 +25,17 @@ pub struct Imported {
 }
 
 /// LiteLLM's key for a component (USD per token), before any tier suffix.
-fn litellm_key(c: Component) -> &'static str {
+fn litellm_key(c: Meter) -> &'static str {
     match c {
-        Component::Input => "input_cost_per_token",
-        Component::Output => "output_cost_per_token",
-        Component::CachedInput => "cache_read_input_token_cost",
-        Component::CacheWrite => "cache_creation_input_token_cost",
-        Component::CacheWrite1h => "cache_creation_input_token_cost_above_1hr",
-        Component::AudioInput => "input_cost_per_audio_token",
-        Component::AudioOutput => "output_cost_per_audio_token",
-        Component::ImageInput => "input_cost_per_image_token",
-        Component::ImageOutput => "output_cost_per_image_token",
+        Meter::Input => "input_cost_per_token",
+        Meter::Output => "output_cost_per_token",
+        Meter::CachedInput => "cache_read_input_token_cost",
+        Meter::CacheWrite => "cache_creation_input_token_cost",
+        Meter::CacheWrite1h => "cache_creation_input_token_cost_above_1hr",
+        Meter::AudioInput => "input_cost_per_audio_token",
+        Meter::AudioOutput => "output_cost_per_audio_token",
+        Meter::ImageInput => "input_cost_per_image_token",
+        Meter::ImageOutput => "output_cost_per_image_token",
     }
 }
 
@@ -81,12 +81,12 @@ fn price(entry: &serde_json::Map<String, Value>, key: &str) -> Option<f64> {
 /// `key = value` lines for the components `entry` prices with `suffix`.
 fn rate_lines(entry: &serde_json::Map<String, Value>, suffix: &str) -> Result<String, String> {
     let mut out = String::new();
-    for c in Component::ALL {
+    for c in Meter::ALL {
         let mut key = litellm_key(c).to_string();
         key.push_str(suffix);
         let value = price(entry, &key).or_else(|| {
             // DeepSeek names its cache-hit price this way.
-            (c == Component::CachedInput)
+            (c == Meter::CachedInput)
                 .then(|| price(entry, &format!("input_cost_per_token_cache_hit{suffix}")))
                 .flatten()
         });
@@ -94,7 +94,7 @@ fn rate_lines(entry: &serde_json::Map<String, Value>, suffix: &str) -> Result<St
             let _ = writeln!(
                 out,
                 "{} = {}",
-                c.key(),
+                c.name(),
                 per_million(x).map_err(|e| format!("{key}: {e}"))?
             );
         }

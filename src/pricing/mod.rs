@@ -8,4 +8,4 @@ pub mod price;
 
 pub use catalog::{Catalog, Resolved, SharedCatalog};
 pub use money::{NanoUsd, Rate};
-pub use price::{Breakdown, Component, Line, ModelPrice, Priced};
+pub use price::{Breakdown, Line, Meter, ModelPrice, Priced};

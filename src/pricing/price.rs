@@ -7,113 +7,21 @@ use super::money::{div_round_half_up, CostAccumulator, NanoUsd, Rate, ZEPTO_PER_
 use crate::usage::{Encoding, ServiceTier, Usage};
 
 /// A price a catalog row can set, in USD per million tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Component {
-    Input,
-    Output,
-    CachedInput,
-    CacheWrite,
-    CacheWrite1h,
-    AudioInput,
-    AudioOutput,
-    ImageInput,
-    ImageOutput,
-}
+/// The catalog's token components are the meters (`usage::Meter`): one
+/// list for prices, the breakdown, the row and the metrics.
+pub use crate::usage::meter::Meter;
 
-impl Component {
-    pub const COUNT: usize = 9;
-    pub const ALL: [Component; Component::COUNT] = [
-        Component::Input,
-        Component::Output,
-        Component::CachedInput,
-        Component::CacheWrite,
-        Component::CacheWrite1h,
-        Component::AudioInput,
-        Component::AudioOutput,
-        Component::ImageInput,
-        Component::ImageOutput,
-    ];
-
-    /// The catalog key.
-    pub fn key(self) -> &'static str {
-        match self {
-            Component::Input => "input",
-            Component::Output => "output",
-            Component::CachedInput => "cached_input",
-            Component::CacheWrite => "cache_write",
-            Component::CacheWrite1h => "cache_write_1h",
-            Component::AudioInput => "audio_input",
-            Component::AudioOutput => "audio_output",
-            Component::ImageInput => "image_input",
-            Component::ImageOutput => "image_output",
-        }
-    }
-
-    /// The price used when a row does not set this one: the nearest text
-    /// rate (SPEC 9).
-    fn fallback(self) -> Option<Component> {
-        match self {
-            Component::Input | Component::Output => None,
-            Component::CachedInput
-            | Component::CacheWrite
-            | Component::AudioInput
-            | Component::ImageInput => Some(Component::Input),
-            Component::CacheWrite1h => Some(Component::CacheWrite),
-            Component::AudioOutput | Component::ImageOutput => Some(Component::Output),
-        }
-    }
-
-    /// The line of the cost breakdown its tokens are billed on.
-    fn line(self) -> Line {
-        match self {
-            Component::Input => Line::Input,
-            Component::Output => Line::Output,
-            Component::CachedInput => Line::CachedInput,
-            Component::CacheWrite | Component::CacheWrite1h => Line::CacheWrite,
-            Component::AudioInput => Line::AudioInput,
-            Component::AudioOutput => Line::AudioOutput,
-            Component::ImageInput => Line::ImageInput,
-            Component::ImageOutput => Line::ImageOutput,
-        }
-    }
-
-    /// Tokens of `usage` billed at this component. Every token of the
-    /// totals is billed exactly once: the prompt's plain text is what its
-    /// cached, cache-written, audio and image parts leave.
-    pub fn tokens(self, u: &Usage) -> u64 {
-        self.tokens_of_clamped(&u.clamped())
-    }
-
-    /// `tokens` of a usage already `clamped` (pricing clamps once).
-    fn tokens_of_clamped(self, u: &Usage) -> u64 {
-        match self {
-            Component::Input => {
-                u.prompt_tokens
-                    - u.cached_tokens
-                    - u.cache_write_tokens
-                    - u.cache_write_1h_tokens
-                    - u.audio_prompt_tokens
-                    - u.image_prompt_tokens
-            }
-            Component::CachedInput => u.cached_tokens,
-            Component::CacheWrite => u.cache_write_tokens,
-            Component::CacheWrite1h => u.cache_write_1h_tokens,
-            Component::AudioInput => u.audio_prompt_tokens,
-            Component::ImageInput => u.image_prompt_tokens,
-            Component::Output => {
-                u.completion_tokens - u.audio_completion_tokens - u.image_completion_tokens
-            }
-            Component::AudioOutput => u.audio_completion_tokens,
-            Component::ImageOutput => u.image_completion_tokens,
-        }
-    }
-
-    /// Prompt-side (true) or completion-side.
-    pub fn is_prompt(self) -> bool {
-        !matches!(
-            self,
-            Component::Output | Component::AudioOutput | Component::ImageOutput
-        )
+/// The line of the cost breakdown a meter's cost is billed on.
+fn line_of(m: Meter) -> Line {
+    match m {
+        Meter::Input => Line::Input,
+        Meter::Output => Line::Output,
+        Meter::CachedInput => Line::CachedInput,
+        Meter::CacheWrite | Meter::CacheWrite1h => Line::CacheWrite,
+        Meter::AudioInput => Line::AudioInput,
+        Meter::AudioOutput => Line::AudioOutput,
+        Meter::ImageInput => Line::ImageInput,
+        Meter::ImageOutput => Line::ImageOutput,
     }
 }
 
@@ -201,14 +109,14 @@ impl Breakdown {
 
 /// Optional rates per component.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Rates(pub [Option<Rate>; Component::COUNT]);
+pub struct Rates(pub [Option<Rate>; Meter::COUNT]);
 
 impl Rates {
-    pub fn get(&self, c: Component) -> Option<Rate> {
+    pub fn get(&self, c: Meter) -> Option<Rate> {
         self.0[c as usize]
     }
 
-    pub fn set(&mut self, c: Component, r: Option<Rate>) {
+    pub fn set(&mut self, c: Meter, r: Option<Rate>) {
         self.0[c as usize] = r;
     }
 
@@ -219,7 +127,7 @@ impl Rates {
     /// `self` with every component `over` sets replaced.
     fn overridden_by(&self, over: &Rates) -> Rates {
         let mut out = *self;
-        for c in Component::ALL {
+        for c in Meter::ALL {
             if let Some(r) = over.get(c) {
                 out.set(c, Some(r));
             }
@@ -232,7 +140,7 @@ impl Rates {
     }
 
     /// The rate a component is billed at: its own, else its fallback's.
-    fn effective(&self, c: Component) -> Rate {
+    fn effective(&self, c: Meter) -> Rate {
         let mut c = c;
         loop {
             if let Some(r) = self.get(c) {
@@ -346,8 +254,8 @@ impl ModelPrice {
     /// A row of plain text prices.
     pub fn text(input: Rate, output: Rate) -> ModelPrice {
         let mut rates = Rates::default();
-        rates.set(Component::Input, Some(input));
-        rates.set(Component::Output, Some(output));
+        rates.set(Meter::Input, Some(input));
+        rates.set(Meter::Output, Some(output));
         ModelPrice {
             provider: None,
             rates,
@@ -374,11 +282,11 @@ impl ModelPrice {
     }
 
     pub fn input(&self) -> Rate {
-        self.rates.effective(Component::Input)
+        self.rates.effective(Meter::Input)
     }
 
     pub fn output(&self) -> Rate {
-        self.rates.effective(Component::Output)
+        self.rates.effective(Meter::Output)
     }
 
     /// The rates for a served tier, and whether they stand in for a table
@@ -445,9 +353,9 @@ impl ModelPrice {
         let total = acc.nano_usd();
         let cache_savings = if clamped.cached_tokens > 0 {
             let saved_per_token = rates
-                .effective(Component::Input)
+                .effective(Meter::Input)
                 .0
-                .saturating_sub(rates.effective(Component::CachedInput).0);
+                .saturating_sub(rates.effective(Meter::CachedInput).0);
             let mut saved = CostAccumulator::default();
             saved.add(clamped.cached_tokens, Rate(saved_per_token));
             saved.nano_usd()
@@ -482,11 +390,11 @@ impl ModelPrice {
         global: &[(String, CallFee)],
     ) -> [u128; Line::COUNT] {
         let mut zepto = [0u128; Line::COUNT];
-        for c in Component::ALL {
-            let n = c.tokens_of_clamped(clamped);
+        for c in Meter::ALL {
+            let n = c.count(clamped);
             if n > 0 {
                 let z = u128::from(n).saturating_mul(rates.effective(c).0);
-                let line = &mut zepto[c.line() as usize];
+                let line = &mut zepto[line_of(c) as usize];
                 *line = line.saturating_add(z);
             }
         }
@@ -512,7 +420,7 @@ impl ModelPrice {
     pub fn worst_rates(&self, tiers: &[ServiceTier], prompt_tokens: u64) -> (Rate, Rate) {
         let worst_of = |rates: &Rates| {
             let (mut p, mut c) = (Rate::default(), Rate::default());
-            for comp in Component::ALL {
+            for comp in Meter::ALL {
                 let r = rates.effective(comp);
                 if comp.is_prompt() {
                     p = p.max(r);
@@ -597,12 +505,12 @@ impl ModelPrice {
 impl Rates {
     /// `{"input_usd_per_million": "1.25", ...}` for the components set.
     pub fn to_json(&self) -> serde_json::Map<String, serde_json::Value> {
-        Component::ALL
+        Meter::ALL
             .into_iter()
             .filter_map(|c| {
                 self.get(c).map(|r| {
                     (
-                        format!("{}_usd_per_million", c.key()),
+                        format!("{}_usd_per_million", c.name()),
                         serde_json::Value::String(r.usd_per_million_string()),
                     )
                 })
@@ -616,8 +524,8 @@ impl ModelPrice {
     pub fn to_json(&self) -> serde_json::Value {
         let mut out = self.rates.to_json();
         // Keys older scripts read, always present.
-        for c in [Component::Input, Component::Output, Component::CachedInput] {
-            out.entry(format!("{}_usd_per_million", c.key()))
+        for c in [Meter::Input, Meter::Output, Meter::CachedInput] {
+            out.entry(format!("{}_usd_per_million", c.name()))
                 .or_insert(serde_json::Value::Null);
         }
         let mut put = |k: &str, v: serde_json::Value| {
@@ -738,13 +646,13 @@ mod tests {
 
     fn gpt5() -> ModelPrice {
         let mut p = ModelPrice::text(rate("1.25"), rate("10"));
-        p.rates.set(Component::CachedInput, Some(rate("0.125")));
+        p.rates.set(Meter::CachedInput, Some(rate("0.125")));
         let mut flex = Rates::default();
-        flex.set(Component::Input, Some(rate("0.625")));
-        flex.set(Component::Output, Some(rate("5")));
+        flex.set(Meter::Input, Some(rate("0.625")));
+        flex.set(Meter::Output, Some(rate("5")));
         let mut prio = Rates::default();
-        prio.set(Component::Input, Some(rate("2.5")));
-        prio.set(Component::Output, Some(rate("20")));
+        prio.set(Meter::Input, Some(rate("2.5")));
+        prio.set(Meter::Output, Some(rate("20")));
         p.flex = Some(Box::new(flex));
         p.priority = Some(Box::new(prio));
         p
@@ -777,8 +685,8 @@ mod tests {
     fn audio_and_cache_tokens_are_billed_once_at_their_own_rates() {
         // gpt-4o-audio-preview: 800 of 1000 prompt audio, 400 of 500 completion audio.
         let mut p = ModelPrice::text(rate("2.5"), rate("10"));
-        p.rates.set(Component::AudioInput, Some(rate("40")));
-        p.rates.set(Component::AudioOutput, Some(rate("80")));
+        p.rates.set(Meter::AudioInput, Some(rate("40")));
+        p.rates.set(Meter::AudioOutput, Some(rate("80")));
         let u = Usage {
             audio_prompt_tokens: 800,
             audio_completion_tokens: 400,
@@ -803,8 +711,8 @@ mod tests {
     fn long_context_moves_the_whole_request() {
         let mut p = ModelPrice::text(rate("1.25"), rate("10"));
         let mut lc = Rates::default();
-        lc.set(Component::Input, Some(rate("2.5")));
-        lc.set(Component::Output, Some(rate("15")));
+        lc.set(Meter::Input, Some(rate("2.5")));
+        lc.set(Meter::Output, Some(rate("15")));
         p.long_context = Some(Box::new(LongContext {
             above_input_tokens: 200_000,
             rates: lc,
@@ -845,7 +753,7 @@ mod tests {
         // Three lines of 0.4 nano each: total 1.2 -> 1; the breakdown gives
         // the one nano to one line.
         let mut p = ModelPrice::text(rate("0.0004"), rate("0.0004"));
-        p.rates.set(Component::CachedInput, Some(rate("0.0004")));
+        p.rates.set(Meter::CachedInput, Some(rate("0.0004")));
         let u = Usage {
             cached_tokens: 1,
             ..Usage::tokens(2, 1)
@@ -868,7 +776,7 @@ mod tests {
     #[test]
     fn the_worst_rate_covers_every_tier_and_component() {
         let mut p = gpt5();
-        p.rates.set(Component::AudioInput, Some(rate("40")));
+        p.rates.set(Meter::AudioInput, Some(rate("40")));
         let (prompt, completion) =
             p.worst_rates(&[ServiceTier::Standard, ServiceTier::Priority], 10);
         assert_eq!((prompt, completion), (rate("40"), rate("20")));

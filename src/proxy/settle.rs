@@ -282,6 +282,7 @@ pub fn settle(
             choices: ctx.choices,
             capped: served.capped,
             cost_breakdown: priced.breakdown,
+            meters: crate::usage::meter::Meters::of(&usage),
             budget_period: ctx.budget_period.take(),
             lease_node: None,
         }),

@@ -56,6 +56,10 @@ pub struct UsageRecord {
     pub capped: bool,
     /// Nano-USD per component (the `cost_breakdown` JSON column).
     pub cost_breakdown: crate::pricing::Breakdown,
+    /// Every billed meter apart (the `meters` JSON column), so the row can
+    /// be priced again exactly: 5-minute and 1-hour cache writes, image
+    /// input and output, tool calls by kind.
+    pub meters: crate::usage::meter::Meters,
     /// The shared budget period (`budget::period_key`) whose lease paid for
     /// this request; not a column. Set only on Postgres with a budget.
     pub budget_period: Option<String>,
@@ -66,7 +70,7 @@ pub struct UsageRecord {
 
 /// The `usage` columns tollgate writes, in the order both stores bind
 /// them: a new column is one line here and one in `UsageRecord::values`.
-pub(crate) const USAGE_COLUMNS: [(&str, ColumnType); 29] = [
+pub(crate) const USAGE_COLUMNS: [(&str, ColumnType); 30] = [
     ("created_at", ColumnType::Time),
     ("request_id", ColumnType::Text),
     ("team", ColumnType::Text),
@@ -96,6 +100,7 @@ pub(crate) const USAGE_COLUMNS: [(&str, ColumnType); 29] = [
     ("attempts", ColumnType::Int4),
     ("choices", ColumnType::Int4),
     ("capped", ColumnType::Bool),
+    ("meters", ColumnType::Json),
 ];
 
 /// Columns of `USAGE_COLUMNS` whose database default (0, NULL, 1 attempt) most rows
@@ -183,6 +188,7 @@ impl UsageRecord {
             Value::Int4(i32::from(self.attempts)),
             Value::Int4(i32::from(self.choices)),
             Value::Bool(self.capped),
+            Value::Json(self.meters.to_json()),
         ]
     }
 }
@@ -319,22 +325,25 @@ impl WordCount {
     }
 }
 
-/// The columns `CountsRow` is read from; `breakdown` is the store's
-/// spelling of `cost_breakdown` as text, `started_ms` of `created_at` in
+/// The columns `CountsRow` is read from; `json_text` is the store's
+/// spelling of a JSON column as text, `started_ms` of `created_at` in
 /// Unix milliseconds.
-pub(crate) fn counts_columns(breakdown: &str, started_ms: &str) -> String {
+pub(crate) fn counts_columns(json_text: impl Fn(&str) -> String, started_ms: &str) -> String {
     format!(
         "team, model, base_model, endpoint, stream, status, service_tier, prompt_tokens, \
          completion_tokens, cached_tokens, cache_write_tokens, audio_prompt_tokens, \
          audio_completion_tokens, image_tokens, reasoning_tokens, tool_calls, cost_nano_usd, \
-         choices, capped, latency_ms, {breakdown} AS breakdown, {started_ms} AS started_ms"
+         choices, capped, latency_ms, {} AS breakdown, {} AS meters, {started_ms} AS started_ms",
+        json_text("cost_breakdown"),
+        json_text("meters"),
     )
 }
 
 impl CountsRow {
     /// From a row of `counts_columns`. What the row merges is priced at its
     /// first kind: cache writes as 5-minute writes, image tokens as prompt
-    /// images, built-in tool calls as web searches.
+    /// images, built-in tool calls as web searches; a row with its `meters`
+    /// is read from them instead, every meter apart.
     pub(crate) fn from_row<R>(r: &R) -> Result<CountsRow, sqlx::Error>
     where
         R: sqlx::Row,
@@ -363,6 +372,15 @@ impl CountsRow {
                 file_search: 0,
             },
             ..crate::usage::Usage::NONE
+        };
+        // A row that kept its meters is priced again from them exactly.
+        let meters: String = r.try_get("meters")?;
+        let usage = match crate::usage::meter::Meters::parse(&meters).filter(|m| !m.is_empty()) {
+            Some(m) => crate::usage::Usage {
+                reasoning_tokens: usage.reasoning_tokens,
+                ..m.to_usage()
+            },
+            None => usage,
         };
         let mut breakdown = [0u64; crate::pricing::Line::COUNT];
         let text: String = r.try_get("breakdown")?;

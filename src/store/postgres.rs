@@ -422,7 +422,7 @@ impl PostgresStore {
             "SELECT {} FROM usage \
              WHERE ($1::timestamptz IS NULL OR created_at >= $1) ORDER BY id",
             counts_columns(
-                "cost_breakdown::text",
+                |column| format!("{column}::text"),
                 "(EXTRACT(EPOCH FROM created_at) * 1000)::BIGINT",
             )
         );

@@ -67,6 +67,9 @@ struct SpoolRow {
     choices: u16,
     #[serde(default)]
     capped: bool,
+    /// The `meters` column's JSON (absent in rows spooled before it).
+    #[serde(default)]
+    meters: Option<String>,
     budget_period: Option<String>,
     lease_node: Option<String>,
 }
@@ -107,6 +110,7 @@ impl SpoolRow {
             attempts: r.attempts,
             choices: r.choices,
             capped: r.capped,
+            meters: Some(r.meters.to_json()),
             budget_period: r.budget_period.clone(),
             lease_node: r
                 .lease_node
@@ -165,6 +169,11 @@ impl SpoolRow {
             attempts: self.attempts,
             choices: self.choices,
             capped: self.capped,
+            meters: self
+                .meters
+                .as_deref()
+                .and_then(crate::usage::meter::Meters::parse)
+                .unwrap_or_default(),
             budget_period: self.budget_period,
             lease_node: self.lease_node,
         }
@@ -534,6 +543,7 @@ mod tests {
             choices: 1,
             capped: false,
             cost_breakdown: crate::pricing::Breakdown([1, 0, 0, 2, 0, 0, 0, 0, 0, 0]),
+            meters: crate::usage::meter::Meters::of(&crate::usage::Usage::tokens(1, 2)),
             budget_period: Some("total".into()),
             lease_node: None,
         }

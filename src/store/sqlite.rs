@@ -297,7 +297,7 @@ impl SqliteStore {
         let sql = format!(
             "SELECT {} FROM usage WHERE created_at >= ? ORDER BY id",
             counts_columns(
-                "cost_breakdown",
+                str::to_string,
                 "(CAST(strftime('%s', created_at) AS INTEGER) * 1000 \
                  + CAST(substr(created_at, 21, 3) AS INTEGER))",
             )
@@ -529,6 +529,7 @@ mod tests {
             choices: 1,
             capped: false,
             cost_breakdown: crate::pricing::Breakdown::default(),
+            meters: Default::default(),
             budget_period: None,
             lease_node: None,
         }

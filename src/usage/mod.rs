@@ -6,6 +6,7 @@
 
 pub mod estimate;
 pub mod frames;
+pub mod meter;
 pub mod read;
 pub mod sse;
 

@@ -316,6 +316,8 @@ pub struct UsageRow {
     pub tool_calls: i64,
     pub provider: String,
     pub cost_breakdown: String,
+    /// The `meters` column: every billed meter apart.
+    pub meters: String,
     pub attempts: i64,
     pub choices: i64,
     pub capped: bool,
@@ -357,6 +359,7 @@ async fn fetch_rows(pool: &sqlx::SqlitePool) -> Vec<UsageRow> {
             tool_calls: r.try_get("tool_calls").unwrap_or(0),
             provider: r.try_get("provider").unwrap_or_default(),
             cost_breakdown: r.try_get("cost_breakdown").unwrap_or_default(),
+            meters: r.try_get("meters").unwrap_or_default(),
             attempts: r.try_get("attempts").unwrap_or(1),
             choices: r.try_get("choices").unwrap_or(1),
             capped: r.try_get::<i64, _>("capped").unwrap_or(0) != 0,

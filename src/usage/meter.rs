@@ -1,0 +1,251 @@
+//! Meters: the quantities a provider bills (SPEC 11). One `Meter` is one
+//! catalog component (its price key), one line of the cost breakdown, and
+//! one key of a usage row's `meters` column; pricing, the breakdown, the
+//! row and `report --shadow` loop over `Meter::ALL`, so a new billed
+//! quantity is one variant here, its catalog key, and the format readers
+//! that spell it.
+//!
+//! Meters never overlap: every token of a request is counted by exactly
+//! one meter (the prompt's plain text is what its cached, cache-written,
+//! audio and image parts leave), so a row's meters price it again exactly.
+
+use super::{ToolCalls, Usage};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Meter {
+    /// Prompt tokens of plain text (the rest of the prompt).
+    Input,
+    /// Prompt tokens read from the provider's cache.
+    CachedInput,
+    /// Prompt tokens written to the cache for 5 minutes (Anthropic's default).
+    CacheWrite,
+    /// Prompt tokens written to the cache for an hour.
+    CacheWrite1h,
+    /// Completion tokens of text (reasoning included).
+    Output,
+    AudioInput,
+    AudioOutput,
+    ImageInput,
+    ImageOutput,
+}
+
+impl Meter {
+    pub const COUNT: usize = 9;
+    /// In the order of the cost breakdown.
+    pub const ALL: [Meter; Meter::COUNT] = [
+        Meter::Input,
+        Meter::CachedInput,
+        Meter::CacheWrite,
+        Meter::CacheWrite1h,
+        Meter::Output,
+        Meter::AudioInput,
+        Meter::AudioOutput,
+        Meter::ImageInput,
+        Meter::ImageOutput,
+    ];
+
+    /// The catalog key, the breakdown line and the `meters` key.
+    pub fn name(self) -> &'static str {
+        match self {
+            Meter::Input => "input",
+            Meter::CachedInput => "cached_input",
+            Meter::CacheWrite => "cache_write",
+            Meter::CacheWrite1h => "cache_write_1h",
+            Meter::Output => "output",
+            Meter::AudioInput => "audio_input",
+            Meter::AudioOutput => "audio_output",
+            Meter::ImageInput => "image_input",
+            Meter::ImageOutput => "image_output",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Meter> {
+        Meter::ALL.into_iter().find(|m| m.name() == name)
+    }
+
+    /// The meter whose price applies when a catalog row does not set this
+    /// one's: the nearest text rate (SPEC 9).
+    pub fn fallback(self) -> Option<Meter> {
+        match self {
+            Meter::Input | Meter::Output => None,
+            Meter::CachedInput | Meter::CacheWrite | Meter::AudioInput | Meter::ImageInput => {
+                Some(Meter::Input)
+            }
+            Meter::CacheWrite1h => Some(Meter::CacheWrite),
+            Meter::AudioOutput | Meter::ImageOutput => Some(Meter::Output),
+        }
+    }
+
+    /// Prompt-side (true) or completion-side.
+    pub fn is_prompt(self) -> bool {
+        !matches!(
+            self,
+            Meter::Output | Meter::AudioOutput | Meter::ImageOutput
+        )
+    }
+
+    /// This meter's count in a usage already `clamped` (its parts within
+    /// their totals).
+    pub fn count(self, u: &Usage) -> u64 {
+        match self {
+            Meter::Input => {
+                u.prompt_tokens
+                    - u.cached_tokens
+                    - u.cache_write_tokens
+                    - u.cache_write_1h_tokens
+                    - u.audio_prompt_tokens
+                    - u.image_prompt_tokens
+            }
+            Meter::CachedInput => u.cached_tokens,
+            Meter::CacheWrite => u.cache_write_tokens,
+            Meter::CacheWrite1h => u.cache_write_1h_tokens,
+            Meter::AudioInput => u.audio_prompt_tokens,
+            Meter::ImageInput => u.image_prompt_tokens,
+            Meter::Output => {
+                u.completion_tokens - u.audio_completion_tokens - u.image_completion_tokens
+            }
+            Meter::AudioOutput => u.audio_completion_tokens,
+            Meter::ImageOutput => u.image_completion_tokens,
+        }
+    }
+
+    /// Adds `n` of this meter to a usage (the inverse of `count`).
+    fn add_to(self, u: &mut Usage, n: u64) {
+        let prompt = self.is_prompt();
+        let part = match self {
+            Meter::Input | Meter::Output => None,
+            Meter::CachedInput => Some(&mut u.cached_tokens),
+            Meter::CacheWrite => Some(&mut u.cache_write_tokens),
+            Meter::CacheWrite1h => Some(&mut u.cache_write_1h_tokens),
+            Meter::AudioInput => Some(&mut u.audio_prompt_tokens),
+            Meter::ImageInput => Some(&mut u.image_prompt_tokens),
+            Meter::AudioOutput => Some(&mut u.audio_completion_tokens),
+            Meter::ImageOutput => Some(&mut u.image_completion_tokens),
+        };
+        if let Some(part) = part {
+            *part = part.saturating_add(n);
+        }
+        let total = if prompt {
+            &mut u.prompt_tokens
+        } else {
+            &mut u.completion_tokens
+        };
+        *total = total.saturating_add(n);
+    }
+}
+
+/// A request's count per meter and its billed tool calls: what a usage row
+/// keeps in `meters` to be priced again exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Meters {
+    pub tokens: [u64; Meter::COUNT],
+    pub calls: ToolCalls,
+}
+
+impl Meters {
+    pub fn of(usage: &Usage) -> Meters {
+        let clamped = usage.clamped();
+        Meters {
+            tokens: Meter::ALL.map(|m| m.count(&clamped)),
+            calls: usage.tool_calls,
+        }
+    }
+
+    pub fn get(&self, m: Meter) -> u64 {
+        self.tokens[m as usize]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.iter().all(|n| *n == 0) && self.calls.total() == 0
+    }
+
+    /// `{"input":12,"output":3,"web_search":1}`: the non-zero meters, then
+    /// the tool calls by kind (the `meters` column).
+    pub fn to_json(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::with_capacity(48);
+        out.push('{');
+        let calls = ToolCalls::KINDS.map(|k| (k, u64::from(self.calls.count(k))));
+        let named = Meter::ALL
+            .into_iter()
+            .map(|m| (m.name(), self.get(m)))
+            .chain(calls)
+            .filter(|(_, n)| *n > 0);
+        for (i, (name, n)) in named.enumerate() {
+            let comma = if i > 0 { "," } else { "" };
+            let _ = write!(out, "{comma}\"{name}\":{n}");
+        }
+        out.push('}');
+        out
+    }
+
+    /// Reads a `meters` column; keys it does not know are skipped, and text
+    /// that is not such an object is `None`.
+    pub fn parse(text: &str) -> Option<Meters> {
+        let map: std::collections::HashMap<String, u64> = serde_json::from_str(text).ok()?;
+        let mut out = Meters::default();
+        for (name, n) in map {
+            if let Some(m) = Meter::from_name(&name) {
+                out.tokens[m as usize] = n;
+            } else {
+                let n = u32::try_from(n).unwrap_or(u32::MAX);
+                match name.as_str() {
+                    "web_search" => out.calls.web_search = n,
+                    "file_search" => out.calls.file_search = n,
+                    _ => {}
+                }
+            }
+        }
+        Some(out)
+    }
+
+    /// The usage these meters add up to (totals and parts), for pricing a
+    /// stored row again.
+    pub fn to_usage(&self) -> Usage {
+        let mut u = Usage::NONE;
+        for m in Meter::ALL {
+            m.add_to(&mut u, self.get(m));
+        }
+        u.tool_calls = self.calls;
+        u
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meters_cover_every_token_once_and_round_trip() {
+        let u = Usage {
+            prompt_tokens: 1_000,
+            completion_tokens: 300,
+            cached_tokens: 200,
+            cache_write_tokens: 100,
+            cache_write_1h_tokens: 50,
+            audio_prompt_tokens: 40,
+            image_prompt_tokens: 30,
+            audio_completion_tokens: 20,
+            image_completion_tokens: 10,
+            tool_calls: ToolCalls {
+                web_search: 2,
+                file_search: 1,
+            },
+            ..Usage::NONE
+        };
+        let m = Meters::of(&u);
+        assert_eq!(m.get(Meter::Input), 580);
+        assert_eq!(m.get(Meter::Output), 270);
+        assert_eq!(m.tokens.iter().sum::<u64>(), 1_300);
+        let json = m.to_json();
+        assert_eq!(
+            json,
+            r#"{"input":580,"cached_input":200,"cache_write":100,"cache_write_1h":50,"output":270,"audio_input":40,"audio_output":20,"image_input":30,"image_output":10,"web_search":2,"file_search":1}"#
+        );
+        let back = Meters::parse(&json).unwrap_or_default();
+        assert_eq!(back, m);
+        assert_eq!(Meters::of(&back.to_usage()), m);
+        assert_eq!(Meters::parse("not json"), None);
+        assert_eq!(Meters::default().to_json(), "{}");
+    }
+}
