@@ -458,18 +458,16 @@ async fn the_official_anthropic_sdk_works_with_tollgate_as_its_base_url() {
         ],
     )
     .await;
-    for line in [
-        "create 0.008700000 claude-sonnet-4-5 1000 2000 Hello from the mock",
-        "stream Hello from the mock 200",
-        "count_tokens 14",
-        "broke 429 rate_limit_error budget_exceeded",
-        "wrong key 401 authentication_error",
-    ] {
-        assert!(
-            stdout.lines().any(|l| l == line),
-            "{line:?} not in\n{stdout}"
-        );
-    }
+    support::assert_lines(
+        &stdout,
+        &[
+            "create 0.008700000 claude-sonnet-4-5 1000 2000 Hello from the mock",
+            "stream Hello from the mock 200",
+            "count_tokens 14",
+            "broke 429 rate_limit_error budget_exceeded",
+            "wrong key 401 authentication_error",
+        ],
+    );
     let paths: Vec<String> = mock.requests().iter().map(|r| r.path.clone()).collect();
     assert!(
         paths.iter().any(|p| p == "/v1/messages/count_tokens"),

@@ -366,18 +366,16 @@ async fn boto3_bedrock_runtime_works_with_tollgate_as_its_endpoint() {
         ],
     )
     .await;
-    for line in [
-        "converse Hello from the mock 1000 2000 400 200",
-        "converse_stream Hello from the mock 200",
-        "invoke_model Hello from the mock 1000",
-        "broke ThrottlingException 429",
-        "wrong key AccessDeniedException 401",
-    ] {
-        assert!(
-            stdout.lines().any(|l| l == line),
-            "{line:?} not in\n{stdout}"
-        );
-    }
+    support::assert_lines(
+        &stdout,
+        &[
+            "converse Hello from the mock 1000 2000 400 200",
+            "converse_stream Hello from the mock 200",
+            "invoke_model Hello from the mock 1000",
+            "broke ThrottlingException 429",
+            "wrong key AccessDeniedException 401",
+        ],
+    );
     let rows =
         b.tg.wait_rows_where(3, |r| r.provider == "bedrock" && r.status == 200)
             .await;

@@ -333,19 +333,17 @@ async fn the_official_google_genai_sdk_works_with_tollgate_as_its_base_url() {
         ],
     )
     .await;
-    for line in [
-        "generate Hello from the mock 10000 4000 200",
-        "stream Hello from the mock 800",
-        "count_tokens 14",
-        "embed 3",
-        "broke 429 RESOURCE_EXHAUSTED",
-        "wrong key 401 UNAUTHENTICATED",
-    ] {
-        assert!(
-            stdout.lines().any(|l| l == line),
-            "{line:?} not in\n{stdout}"
-        );
-    }
+    support::assert_lines(
+        &stdout,
+        &[
+            "generate Hello from the mock 10000 4000 200",
+            "stream Hello from the mock 800",
+            "count_tokens 14",
+            "embed 3",
+            "broke 429 RESOURCE_EXHAUSTED",
+            "wrong key 401 UNAUTHENTICATED",
+        ],
+    );
     let rows =
         g.tg.wait_rows_where(2, |r| r.endpoint == "generate_content" && r.status == 200)
             .await;

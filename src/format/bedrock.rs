@@ -223,25 +223,13 @@ pub fn prompt_tokens(endpoint: Endpoint, enc: Encoding, request: &Value) -> u64 
     if endpoint == Endpoint::Messages {
         return super::anthropic::prompt_tokens(enc, request);
     }
-    let mut total = 0u64;
-    let mut stack: Vec<&Value> = ["system", "messages", "toolConfig"]
-        .iter()
-        .filter_map(|k| request.get(*k))
-        .collect();
-    while let Some(v) = stack.pop() {
-        match v {
-            Value::String(s) => total = total.saturating_add(enc.count(s)),
-            Value::Array(items) => stack.extend(items.iter()),
-            // Images and documents are billed by size, not by their bytes.
-            Value::Object(map) => stack.extend(
-                map.iter()
-                    .filter(|(k, _)| !matches!(k.as_str(), "bytes" | "role" | "format"))
-                    .map(|(_, v)| v),
-            ),
-            _ => {}
-        }
-    }
-    total
+    // Images and documents are billed by size, not by their bytes.
+    crate::usage::estimate::text_tokens(
+        enc,
+        request,
+        &["system", "messages", "toolConfig"],
+        &["bytes", "role", "format"],
+    )
 }
 
 /// The answer text of a Converse body (Anthropic's through `invoke`).

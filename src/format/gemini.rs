@@ -233,36 +233,19 @@ pub(crate) fn on_event(facts: &mut StreamFacts, data: &[u8]) -> bool {
 /// Tokens of every text of a request: `contents`, `systemInstruction`,
 /// tool declarations; for embeddings `content` or each of `requests`.
 pub fn prompt_tokens(enc: Encoding, request: &Value) -> u64 {
-    let mut total = 0u64;
-    let mut stack: Vec<&Value> = [
-        "contents",
-        "systemInstruction",
-        "content",
-        "requests",
-        "tools",
-    ]
-    .iter()
-    .filter_map(|k| request.get(*k))
-    .collect();
-    while let Some(v) = stack.pop() {
-        match v {
-            Value::String(s) => total = total.saturating_add(enc.count(s)),
-            Value::Array(items) => stack.extend(items.iter()),
-            Value::Object(map) => stack.extend(
-                map.iter()
-                    // Inline media is billed by its duration or pixels.
-                    .filter(|(k, _)| {
-                        !matches!(
-                            k.as_str(),
-                            "inlineData" | "inline_data" | "role" | "model" | "mimeType"
-                        )
-                    })
-                    .map(|(_, v)| v),
-            ),
-            _ => {}
-        }
-    }
-    total
+    // Inline media is billed by its duration or pixels.
+    crate::usage::estimate::text_tokens(
+        enc,
+        request,
+        &[
+            "contents",
+            "systemInstruction",
+            "content",
+            "requests",
+            "tools",
+        ],
+        &["inlineData", "inline_data", "role", "model", "mimeType"],
+    )
 }
 
 /// The answer text of each candidate in a body (thought summaries left out).

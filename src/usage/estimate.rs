@@ -173,6 +173,28 @@ fn responses_prompt_tokens(enc: Encoding, request: &Value) -> u64 {
     total
 }
 
+/// Tokens of every string under `request`'s `fields`, skipping object
+/// keys in `skip` (media billed by size, not by its encoding; role names).
+/// The estimate of the formats whose prompts are plain JSON trees (Gemini,
+/// Bedrock Converse).
+pub fn text_tokens(enc: Encoding, request: &Value, fields: &[&str], skip: &[&str]) -> u64 {
+    let mut total = 0u64;
+    let mut stack: Vec<&Value> = fields.iter().filter_map(|k| request.get(*k)).collect();
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::String(s) => total = total.saturating_add(enc.count(s)),
+            Value::Array(items) => stack.extend(items.iter()),
+            Value::Object(map) => stack.extend(
+                map.iter()
+                    .filter(|(k, _)| !skip.contains(&k.as_str()))
+                    .map(|(_, v)| v),
+            ),
+            _ => {}
+        }
+    }
+    total
+}
+
 /// The usage of an estimate: `prompt` and `completion` tokens counted by
 /// tollgate (see `format::WireFormat::estimate_usage`).
 pub fn estimated(prompt: u64, completion: u64) -> super::Usage {

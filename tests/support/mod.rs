@@ -743,6 +743,16 @@ pub fn readme_config(
     config_around(dir, &snippet)
 }
 
+/// Asserts that a script printed each of `lines` as a whole line.
+pub fn assert_lines(stdout: &str, lines: &[&str]) {
+    for line in lines {
+        assert!(
+            stdout.lines().any(|l| l == *line),
+            "{line:?} not in\n{stdout}"
+        );
+    }
+}
+
 /// The id tollgate gave a request (`x-tollgate-request-id`).
 pub fn request_id(r: &reqwest::Response) -> String {
     r.headers()
