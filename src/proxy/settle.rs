@@ -1,6 +1,10 @@
-//! The end of every proxied request: price the usage, update the metrics,
-//! hand the usage row to the writer. Called exactly once per attributed
-//! request, whichever way it ended.
+//! The last stage (admit -> route -> reserve -> forward -> settle): price
+//! the usage, update the metrics, hand the usage row to the writer. Called
+//! exactly once per attributed request, whichever way it ended, with the
+//! `Ticket` the earlier stages' values make up.
+//!
+//! Never awaits: the row goes onto the writer's queue, and the budget is
+//! settled in memory (a shared budget's lease is topped up by `reserve`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,6 +12,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 
 use crate::app::AppState;
+use crate::format::WireFormat;
 use crate::metrics::{Metrics, Series};
 use crate::pricing::gpu::GpuPrice;
 use crate::pricing::{Breakdown, Line, NanoUsd, Priced, Resolved};
@@ -15,79 +20,119 @@ use crate::store::UsageRecord;
 use crate::usage::read::Served;
 use crate::usage::{Endpoint, ServiceTier, ToolCalls, Usage};
 
-/// Who asked for what: everything the usage row needs besides the outcome.
-pub struct RequestCtx {
+/// Who asked, and how: `admit`'s value.
+pub struct Admission {
     pub request_id: String,
     pub started: Instant,
     pub created_at: DateTime<Utc>,
+    /// What the client speaks (routing, usage readers, error shape).
+    pub format: WireFormat,
+    pub endpoint: Endpoint,
     pub team: String,
     /// The virtual key used (`virtual-keys` mode).
-    pub key: Option<std::sync::Arc<crate::auth::KeyEntry>>,
-    /// Budget held for this request until it settles.
-    pub reservation: Option<crate::budget::Reservation>,
-    /// The team's budget left, as last seen (for `x-tollgate-budget-remaining-usd`).
-    pub budget_remaining: Option<NanoUsd>,
-    pub endpoint: Endpoint,
+    pub key: Option<Arc<crate::auth::KeyEntry>>,
+}
+
+/// What was asked for, as it is priced: `route`'s value (`Order::NONE`
+/// for a request that never got that far, or that names no model).
+pub struct Order {
+    /// The catalog model (an Azure deployment's model, not its name).
     pub model: String,
     /// `model` as a metric label (capped in number, see `metrics::MAX_MODEL_LABELS`).
     pub model_label: String,
     pub resolved: Option<Resolved>,
+    pub stream: bool,
+    /// Choices asked for (`n`).
+    pub choices: u16,
+    pub end_user: Option<String>,
+}
+
+impl Order {
+    pub const NONE: Order = Order {
+        model: String::new(),
+        model_label: String::new(),
+        resolved: None,
+        stream: false,
+        choices: 1,
+        end_user: None,
+    };
+
+    /// The tokenizer for estimates: the catalog's for the model, else o200k.
+    pub fn encoding(&self) -> crate::usage::Encoding {
+        self.resolved
+            .as_ref()
+            .map_or(crate::usage::Encoding::O200kBase, |r| r.encoding())
+    }
+}
+
+/// The team's budget as far as this request goes: `reserve`'s value.
+#[derive(Default)]
+pub struct Hold {
+    /// Held until the request settles.
+    pub reservation: Option<crate::budget::Reservation>,
+    /// The budget left, as last seen (`x-tollgate-budget-remaining-usd`).
+    pub remaining: Option<NanoUsd>,
+}
+
+/// Where the request went: `forward`'s value.
+pub struct Sent {
     pub upstream: String,
     /// The upstream's provider (`provider::Provider::name`): `azure` always;
     /// `openai` gives way to the catalog row's (`deepseek` behind an
     /// OpenAI-compatible API).
     pub provider: &'static str,
-    pub stream: bool,
-    /// What the client speaks (routing, usage readers, error shape).
-    pub format: crate::format::WireFormat,
     /// Upstreams tried, the one that answered included (fallbacks).
     pub attempts: u16,
-    /// Choices asked for (`n`).
-    pub choices: u16,
-    pub end_user: Option<String>,
-    /// The shared budget period the reservation was leased from (Postgres).
-    pub budget_period: Option<String>,
+}
+
+impl Sent {
+    pub const NOWHERE: Sent = Sent {
+        upstream: String::new(),
+        provider: "openai",
+        attempts: 1,
+    };
+}
+
+/// Everything the usage row needs besides the outcome: one value per stage
+/// that has run, each put in whole as its stage returns it.
+pub struct Ticket {
+    pub who: Admission,
+    pub order: Order,
+    pub hold: Hold,
+    pub sent: Sent,
     /// Durable mode: answered when the usage row is on local disk; the
     /// response does not complete before.
-    pub durable_ack: Option<tokio::sync::oneshot::Sender<()>>,
-    /// Metric handles for (team, model_label); see `RequestCtx::series`.
+    durable_ack: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Metric handles for (team, model_label); see `Ticket::series`.
     series: Option<Arc<Series>>,
 }
 
-impl RequestCtx {
-    pub fn new(request_id: String, endpoint: Endpoint, team: String) -> RequestCtx {
-        RequestCtx {
-            request_id,
-            started: Instant::now(),
-            created_at: Utc::now(),
-            team,
-            key: None,
-            reservation: None,
-            budget_remaining: None,
-            endpoint,
-            model: String::new(),
-            model_label: String::new(),
-            resolved: None,
-            upstream: String::new(),
-            provider: "openai",
-            stream: false,
-            format: crate::format::WireFormat::OpenAi,
-            attempts: 1,
-            choices: 1,
-            end_user: None,
-            budget_period: None,
-            durable_ack: None,
+/// What settling leaves for the response.
+pub struct Settled {
+    pub cost: NanoUsd,
+    pub remaining: Option<NanoUsd>,
+    pub series: Arc<Series>,
+}
+
+impl Ticket {
+    pub fn new(who: Admission, durable_ack: Option<tokio::sync::oneshot::Sender<()>>) -> Ticket {
+        Ticket {
+            who,
+            order: Order::NONE,
+            hold: Hold::default(),
+            sent: Sent::NOWHERE,
+            durable_ack,
             series: None,
         }
     }
 
     /// This request's metric handles. Resolved on first use, which comes
-    /// after `model_label` is final. Lent, not cloned: the handles are shared
-    /// by every request of a (team, model), and each clone would write their
-    /// reference count, a cache line the other workers write too.
+    /// after the order's label is final. Lent, not cloned: the handles are
+    /// shared by every request of a (team, model), and each clone would
+    /// write their reference count, a cache line the other workers write too.
     pub fn series(&mut self, metrics: &Metrics) -> &Series {
         self.series
-            .get_or_insert_with(|| metrics.series(&self.team, &self.model_label))
+            .get_or_insert_with(|| metrics.series(&self.who.team, &self.order.model_label))
     }
 }
 
@@ -95,13 +140,13 @@ impl RequestCtx {
 /// path): status and timing are recorded, nothing is billed.
 pub fn settle_without_usage(
     state: &AppState,
-    ctx: &mut RequestCtx,
+    ticket: Ticket,
     status: u16,
     overhead: Duration,
-) -> NanoUsd {
+) -> Settled {
     settle(
         state,
-        ctx,
+        ticket,
         status,
         Usage::NONE,
         &Served::default(),
@@ -110,185 +155,272 @@ pub fn settle_without_usage(
 }
 
 /// Prices `usage` from what the response says was served (`served`),
-/// records metrics and the usage row; returns the cost.
-///
-/// The request's last use of its identity: the strings the row needs are
-/// moved into it, not copied, so `ctx` keeps only what the response still
-/// needs (budget left, metric handles, timings).
+/// records metrics and hands the usage row to the writer; the ticket's
+/// strings move into the row.
 pub fn settle(
     state: &AppState,
-    ctx: &mut RequestCtx,
+    mut t: Ticket,
     status: u16,
-    mut usage: Usage,
+    usage: Usage,
     served: &Served,
     overhead: Duration,
-) -> NanoUsd {
+) -> Settled {
     let m = &state.metrics;
-    // Taken out and put back: a move, not a reference-count write.
-    let series = match ctx.series.take() {
+    // Taken out: a move, not a reference-count write.
+    let series = match t.series.take() {
         Some(series) => series,
-        None => m.series(&ctx.team, &ctx.model_label),
+        None => m.series(&t.who.team, &t.order.model_label),
     };
     // The served model prices the request when the catalog knows it (a
     // dated snapshot can cost twice its alias); else the requested one.
-    if let Some(model) = served.model.as_deref().filter(|m| *m != ctx.model) {
+    if let Some(model) = served.model.as_deref().filter(|m| *m != t.order.model) {
         let resolved = state.catalog.load().resolve(model);
         if resolved.price.is_some() {
-            ctx.resolved = Some(resolved);
+            t.order.resolved = Some(resolved);
         }
     }
     let tier = served.tier.unwrap_or(ServiceTier::Standard);
+    let usage = billed(&t, status, usage, served);
+    let priced = price(state, &t.order, &usage, tier);
+    let cost = priced.total;
+    let (remaining, budget_period) = match t.hold.reservation.take() {
+        Some(reservation) => {
+            let over = cost.0.saturating_sub(reservation.amount().0);
+            if over > 0 {
+                m.budget_overrun.add(&[series.team()], NanoUsd(over));
+            }
+            let period = reservation.shared_period();
+            (reservation.settle(cost), period)
+        }
+        None => (t.hold.remaining, None),
+    };
+    count(state, &t, &series, status, &usage, &priced, served);
+    let latency = t.who.started.elapsed();
+    series.observe_duration(
+        m,
+        t.who.endpoint,
+        latency.as_secs_f64(),
+        overhead.min(latency).as_secs_f64(),
+    );
+    let row = Row {
+        status,
+        usage,
+        served,
+        priced,
+        budget_period,
+        latency,
+    };
+    record(state, t, row);
+    Settled {
+        cost,
+        remaining,
+        series,
+    }
+}
+
+/// The usage as billed: tool calls reported twice counted once, and a chat
+/// search model's one search per answer (its response lists no calls).
+fn billed(t: &Ticket, status: u16, mut usage: Usage, served: &Served) -> Usage {
     usage.tool_calls = merged_tool_calls(usage.tool_calls, served.tool_calls);
-    let price = ctx.resolved.as_ref().and_then(|r| r.price.as_deref());
-    // A chat search model (`gpt-4o-search-preview`, `gpt-5-search-api`)
-    // searches once per answer; its response lists no calls.
-    let searched = ctx.endpoint == crate::usage::Endpoint::ChatCompletions
+    let searched = t.who.endpoint == Endpoint::ChatCompletions
         && status == 200
         && usage.tool_calls.web_search == 0
-        && ctx
+        && t.order
             .resolved
             .as_ref()
             .is_some_and(|r| is_search_model(&r.base_model));
     if searched {
         usage.tool_calls.web_search = 1;
     }
+    usage
+}
+
+/// The cost: a self-hosted model's share of its GPUs, else the catalog's
+/// price at the tier served; nothing for an unpriced model.
+fn price(state: &AppState, order: &Order, usage: &Usage, tier: ServiceTier) -> Priced {
+    let price = order.resolved.as_ref().and_then(|r| r.price.as_deref());
     // The catalog's own tool-call fees, only when there are calls to price.
     let catalog = (usage.tool_calls.total() > 0).then(|| state.catalog.load());
     let fees = catalog.as_ref().map_or(&[][..], |c| c.tool_call_fees());
-    let gpu = price.and_then(|p| p.gpu.as_deref());
-    let priced = match (gpu, ctx.resolved.as_ref()) {
+    match (
+        price.and_then(|p| p.gpu.as_deref()),
+        order.resolved.as_ref(),
+    ) {
         // Self-hosted: its tokens' share of the GPUs' trailing window.
-        (Some(gpu), Some(resolved)) => gpu_priced(state, &resolved.base_model, gpu, &usage),
-        _ => price.map_or_else(Priced::default, |p| p.price(&usage, tier, fees)),
-    };
-    let cost = priced.total;
-    if let Some(reservation) = ctx.reservation.take() {
-        let over = cost.0.saturating_sub(reservation.amount().0);
-        if over > 0 {
-            m.budget_overrun.add(&[series.team()], NanoUsd(over));
-        }
-        ctx.budget_period = reservation.shared_period();
-        ctx.budget_remaining = reservation.settle(cost);
+        (Some(gpu), Some(resolved)) => gpu_priced(state, &resolved.base_model, gpu, usage),
+        _ => price.map_or_else(Priced::default, |p| p.price(usage, tier, fees)),
     }
+}
 
-    series.count_request(m, ctx.endpoint, status);
-    for (kind, n) in token_kinds(&usage).into_iter().enumerate() {
+/// The request's metrics: requests, tokens, cost and its lines, and what
+/// the cost would have been elsewhere (base model, batch, shadows).
+fn count(
+    state: &AppState,
+    t: &Ticket,
+    series: &Series,
+    status: u16,
+    usage: &Usage,
+    priced: &Priced,
+    served: &Served,
+) {
+    let m = &state.metrics;
+    let tier = served.tier.unwrap_or(ServiceTier::Standard);
+    series.count_request(m, t.who.endpoint, status);
+    for (kind, n) in token_kinds(usage).into_iter().enumerate() {
         if n > 0 {
             series.add_tokens(m, kind, n);
         }
     }
-    let (team, model) = (series.team(), ctx.model_label.as_str());
+    let (team, model) = (series.team(), t.order.model_label.as_str());
     if let Some(reason) = priced.fallback {
         m.price_fallbacks.with_label_values(&[model, reason]).inc();
     }
-    if let Some(resolved) = &ctx.resolved {
-        if cost.0 > 0 || price.is_some() {
-            series.add_cost(m, cost);
+    if let Some(resolved) = &t.order.resolved {
+        let price = resolved.price.as_deref();
+        if priced.total.0 > 0 || price.is_some() {
+            series.add_cost(m, priced.total);
             for (line, nano) in priced.breakdown.lines() {
                 series.add_component_cost(m, line, NanoUsd(nano));
             }
-            series.add_tier_cost(m, tier, cost);
+            series.add_tier_cost(m, tier, priced.total);
             if priced.cache_savings.0 > 0 {
                 series.add_cache_savings(m, priced.cache_savings);
             }
         }
-        if price.is_none() && ctx.endpoint.is_metered() {
+        if price.is_none() && t.who.endpoint.is_metered() {
             m.unpriced.with_label_values(&[model]).inc();
         }
-        if let (true, Some(ft), Some(base)) = (resolved.finetuned, price, &resolved.base_price) {
-            let on_base = base.price(&usage, tier, fees).total;
-            let premium = NanoUsd(cost.0.saturating_sub(on_base.0));
-            m.finetune_premium
-                .add(&[team, model, &resolved.base_model], premium);
-            m.set_finetune_multiple(model, &resolved.base_model, ft, base);
-        }
+        compared(state, t, series, status, usage, priced.total, served);
     }
     if served.capped {
         m.capped.with_label_values(&[team, model]).inc();
     }
-    if ctx.choices > 1 && status == 200 {
+    if t.order.choices > 1 && status == 200 {
         m.extra_choices
             .with_label_values(&[team, model])
-            .inc_by(u64::from(ctx.choices - 1));
+            .inc_by(u64::from(t.order.choices - 1));
     }
-    // What the Batch API would have charged for a request that did not
-    // need an answer now (not streamed, served at standard prices).
-    if let (Some(p), true) = (
-        price,
-        !ctx.stream && status == 200 && served.tier.is_none_or(|t| t == ServiceTier::Standard),
-    ) {
-        if p.batch.is_some() && gpu.is_none() {
-            let at_batch = p.total(&usage, ServiceTier::Batch, fees);
-            if cost.0 > at_batch.0 {
-                series.add_batch_saving(m, NanoUsd(cost.0 - at_batch.0));
-            }
+    if usage.source == crate::usage::TokenSource::Estimated && t.who.endpoint.is_metered() {
+        m.estimated_usage.with_label_values(&[model]).inc();
+    }
+}
+
+/// What the same usage costs elsewhere: a fine-tune's base model, the
+/// Batch API (for a request that did not need an answer now: not
+/// streamed, served at standard prices), each `[[shadow]]` alternative.
+fn compared(
+    state: &AppState,
+    t: &Ticket,
+    series: &Series,
+    status: u16,
+    usage: &Usage,
+    cost: NanoUsd,
+    served: &Served,
+) {
+    let Some(price) = t.order.resolved.as_ref().and_then(|r| r.price.as_deref()) else {
+        return;
+    };
+    let m = &state.metrics;
+    let tier = served.tier.unwrap_or(ServiceTier::Standard);
+    let (team, model) = (series.team(), t.order.model_label.as_str());
+    let catalog = (usage.tool_calls.total() > 0).then(|| state.catalog.load());
+    let fees = catalog.as_ref().map_or(&[][..], |c| c.tool_call_fees());
+    if let Some(resolved) = t.order.resolved.as_ref().filter(|r| r.finetuned) {
+        if let Some(base) = &resolved.base_price {
+            let on_base = base.price(usage, tier, fees).total;
+            let premium = NanoUsd(cost.0.saturating_sub(on_base.0));
+            m.finetune_premium
+                .add(&[team, model, &resolved.base_model], premium);
+            m.set_finetune_multiple(model, &resolved.base_model, price, base);
+        }
+    }
+    let standard = served.tier.is_none_or(|t| t == ServiceTier::Standard);
+    if !t.order.stream && status == 200 && standard && price.batch.is_some() && price.gpu.is_none()
+    {
+        let at_batch = price.total(usage, ServiceTier::Batch, fees);
+        if cost.0 > at_batch.0 {
+            series.add_batch_saving(m, NanoUsd(cost.0 - at_batch.0));
         }
     }
     if !state.config.shadow.is_empty() && (usage.prompt_tokens > 0 || usage.completion_tokens > 0) {
-        shadow_price(state, ctx, series.team(), &usage, tier);
+        shadow_price(state, &t.order, team, usage, tier);
     }
-    if usage.source == crate::usage::TokenSource::Estimated && ctx.endpoint.is_metered() {
-        m.estimated_usage.with_label_values(&[model]).inc();
-    }
-    let latency = ctx.started.elapsed();
-    series.observe_duration(
-        m,
-        ctx.endpoint,
-        latency.as_secs_f64(),
-        overhead.min(latency).as_secs_f64(),
-    );
+}
 
-    ctx.series = Some(series);
+/// The outcome half of a usage row.
+struct Row<'a> {
+    status: u16,
+    usage: Usage,
+    served: &'a Served,
+    priced: Priced,
+    budget_period: Option<String>,
+    latency: Duration,
+}
 
-    let resolved = ctx.resolved.take();
-    let provider = match ctx.provider {
-        "openai" => resolved
+/// Hands the usage row to the writer (answering the durable ack once it
+/// is on disk).
+fn record(state: &AppState, t: Ticket, row: Row<'_>) {
+    let Ticket {
+        who,
+        order,
+        sent,
+        durable_ack,
+        ..
+    } = t;
+    let Row {
+        usage,
+        served,
+        priced,
+        ..
+    } = &row;
+    let provider = match sent.provider {
+        "openai" => order
+            .resolved
             .as_ref()
             .and_then(|r| r.price.as_ref())
             .and_then(|p| p.provider)
             .unwrap_or("openai"),
         fixed => fixed,
     };
-    let model = std::mem::take(&mut ctx.model);
-    let ack = ctx.durable_ack.take();
-    state.usage.record(
-        Box::new(UsageRecord {
-            created_at: ctx.created_at,
-            request_id: std::mem::take(&mut ctx.request_id),
-            team: std::mem::take(&mut ctx.team),
-            key_id: ctx.key.take().map(|k| k.id.clone()),
-            base_model: resolved.map_or_else(|| model.clone(), |r| r.base_model),
-            model,
-            upstream: std::mem::take(&mut ctx.upstream),
-            endpoint: ctx.endpoint.label(),
-            stream: ctx.stream,
-            status,
-            prompt_tokens: usage.prompt_tokens,
-            completion_tokens: usage.completion_tokens,
-            cached_tokens: usage.cached_tokens,
-            cost_nano_usd: cost.0,
-            token_source: usage.source.label(),
-            latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
-            end_user: ctx.end_user.take(),
-            service_tier: served.tier.and_then(ServiceTier::label),
-            reasoning_tokens: usage.reasoning_tokens,
-            audio_prompt_tokens: usage.audio_prompt_tokens,
-            audio_completion_tokens: usage.audio_completion_tokens,
-            cache_write_tokens: usage.cache_write_tokens + usage.cache_write_1h_tokens,
-            image_tokens: usage.image_prompt_tokens + usage.image_completion_tokens,
-            tool_calls: usage.tool_calls.total(),
-            provider,
-            attempts: ctx.attempts,
-            choices: ctx.choices,
-            capped: served.capped,
-            cost_breakdown: priced.breakdown,
-            meters: crate::usage::meter::Meters::of(&usage),
-            budget_period: ctx.budget_period.take(),
-            lease_node: None,
-        }),
-        ack,
-    );
-    cost
+    let base_model = match order.resolved {
+        Some(r) => r.base_model,
+        None => order.model.clone(),
+    };
+    let record = UsageRecord {
+        created_at: who.created_at,
+        request_id: who.request_id,
+        team: who.team,
+        key_id: who.key.map(|k| k.id.clone()),
+        base_model,
+        model: order.model,
+        upstream: sent.upstream,
+        endpoint: who.endpoint.label(),
+        stream: order.stream,
+        status: row.status,
+        prompt_tokens: usage.prompt_tokens,
+        completion_tokens: usage.completion_tokens,
+        cached_tokens: usage.cached_tokens,
+        cost_nano_usd: priced.total.0,
+        token_source: usage.source.label(),
+        latency_ms: u64::try_from(row.latency.as_millis()).unwrap_or(u64::MAX),
+        end_user: order.end_user,
+        service_tier: served.tier.and_then(ServiceTier::label),
+        reasoning_tokens: usage.reasoning_tokens,
+        audio_prompt_tokens: usage.audio_prompt_tokens,
+        audio_completion_tokens: usage.audio_completion_tokens,
+        cache_write_tokens: usage.cache_write_tokens + usage.cache_write_1h_tokens,
+        image_tokens: usage.image_prompt_tokens + usage.image_completion_tokens,
+        tool_calls: usage.tool_calls.total(),
+        provider,
+        attempts: sent.attempts,
+        choices: order.choices,
+        capped: served.capped,
+        cost_breakdown: priced.breakdown,
+        meters: crate::usage::meter::Meters::of(usage),
+        budget_period: row.budget_period,
+        lease_node: None,
+    };
+    state.usage.record(Box::new(record), durable_ack);
 }
 
 /// This request as a word-count sample (`words`), built only for the
@@ -296,7 +428,7 @@ pub fn settle(
 /// it (as pricing does), else the one asked for.
 pub fn word_sample(
     state: &AppState,
-    ctx: &RequestCtx,
+    t: &Ticket,
     served_model: Option<&str>,
     request: bytes::Bytes,
     answer: crate::words::Answer,
@@ -305,12 +437,12 @@ pub fn word_sample(
     let catalog = state.catalog.load();
     let model = served_model
         .filter(|m| catalog.resolve(m).price.is_some())
-        .unwrap_or(&ctx.model);
+        .unwrap_or(&t.order.model);
     crate::words::Sample {
-        team: ctx.team.clone(),
+        team: t.who.team.clone(),
         model: model.to_string(),
-        endpoint: ctx.endpoint,
-        format: ctx.format,
+        endpoint: t.who.endpoint,
+        format: t.who.format,
         request,
         answer,
         usage,
@@ -339,9 +471,9 @@ fn gpu_priced(state: &AppState, model: &str, gpu: &GpuPrice, usage: &Usage) -> P
 /// (same tokens, the tier served) into `tollgate_shadow_cost_usd_total`.
 /// Only with shadow rules configured; an alternative the catalog cannot
 /// price is skipped.
-fn shadow_price(state: &AppState, ctx: &RequestCtx, team: &str, usage: &Usage, tier: ServiceTier) {
+fn shadow_price(state: &AppState, order: &Order, team: &str, usage: &Usage, tier: ServiceTier) {
     let catalog = state.catalog.load();
-    for alt in state.config.shadows_of(&ctx.model) {
+    for alt in state.config.shadows_of(&order.model) {
         let resolved = catalog.resolve(alt);
         let Some(price) = resolved.price.as_deref() else {
             continue;
@@ -350,7 +482,7 @@ fn shadow_price(state: &AppState, ctx: &RequestCtx, team: &str, usage: &Usage, t
         state
             .metrics
             .shadow_cost
-            .add(&[team, &ctx.model_label, alt], cost);
+            .add(&[team, &order.model_label, alt], cost);
     }
 }
 

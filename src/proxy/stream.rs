@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures_util::stream::{BoxStream, Stream};
 use tokio::time::Sleep;
 
-use super::settle::{settle, RequestCtx};
+use super::settle::{settle, Ticket};
 use crate::app::AppState;
 use crate::usage::frames::StreamMeter;
 use crate::usage::sse::StreamSummary;
@@ -25,7 +25,7 @@ pub const STATUS_CLIENT_CLOSED: u16 = 499;
 /// Everything needed to settle the stream once it ends.
 pub struct StreamSettlement {
     pub state: Arc<AppState>,
-    pub ctx: RequestCtx,
+    pub ticket: Ticket,
     /// The client's request body, for a prompt estimate if usage never comes.
     pub request_body: Bytes,
     /// Time spent in tollgate before the stream started.
@@ -33,14 +33,14 @@ pub struct StreamSettlement {
 }
 
 impl StreamSettlement {
-    fn finish(mut self, status: u16, summary: StreamSummary, meter_time: Duration) {
+    fn finish(self, status: u16, summary: StreamSummary, meter_time: Duration) {
         let overhead = self.overhead + meter_time;
         if let Some(usage) = summary.usage {
             if status == 200 && summary.text_bytes_dropped == 0 && !summary.tool_text {
                 self.state.words.offer(|| {
                     super::settle::word_sample(
                         &self.state,
-                        &self.ctx,
+                        &self.ticket,
                         summary.served.model.as_deref(),
                         self.request_body.clone(),
                         crate::words::Answer::Texts(summary.texts),
@@ -50,7 +50,7 @@ impl StreamSettlement {
             }
             settle(
                 &self.state,
-                &mut self.ctx,
+                self.ticket,
                 status,
                 usage,
                 &summary.served,
@@ -60,14 +60,15 @@ impl StreamSettlement {
         }
         // No usage from the upstream (it omits it, or the stream ended before
         // the usage chunk): count what was sent and what was generated.
-        let mut estimate = move || {
+        let estimate = move || {
             let kept = summary.texts.iter().map(String::len).sum();
             let dropped = summary.text_bytes_dropped;
             let usage = match summary.partial {
                 // The prompt side as reported; only the output is estimated
                 // (and is at least what the provider had counted).
                 Some(reported) => {
-                    let seen = estimate::completion_tokens(encoding_of(&self.ctx), &summary.texts);
+                    let seen =
+                        estimate::completion_tokens(self.ticket.order.encoding(), &summary.texts);
                     Usage {
                         completion_tokens: extrapolated(seen, kept, dropped)
                             .max(reported.completion_tokens),
@@ -76,14 +77,15 @@ impl StreamSettlement {
                     }
                 }
                 None => {
-                    let mut usage = estimated_usage(&self.ctx, &self.request_body, &summary.texts);
+                    let mut usage =
+                        estimated_usage(&self.ticket, &self.request_body, &summary.texts);
                     usage.completion_tokens = extrapolated(usage.completion_tokens, kept, dropped);
                     usage
                 }
             };
             settle(
                 &self.state,
-                &mut self.ctx,
+                self.ticket,
                 status,
                 usage,
                 &summary.served,
@@ -110,15 +112,9 @@ fn extrapolated(tokens: u64, kept: usize, dropped: u64) -> u64 {
     u64::try_from((u128::from(tokens) * total).div_ceil(kept)).unwrap_or(u64::MAX)
 }
 
-pub fn estimated_usage(ctx: &RequestCtx, request_body: &[u8], texts: &[String]) -> Usage {
-    ctx.format
-        .estimate_usage(ctx.endpoint, encoding_of(ctx), request_body, texts)
-}
-
-fn encoding_of(ctx: &RequestCtx) -> crate::usage::Encoding {
-    ctx.resolved
-        .as_ref()
-        .map_or(crate::usage::Encoding::O200kBase, |r| r.encoding())
+pub fn estimated_usage(ticket: &Ticket, request_body: &[u8], texts: &[String]) -> Usage {
+    let (format, endpoint) = (ticket.who.format, ticket.who.endpoint);
+    format.estimate_usage(endpoint, ticket.order.encoding(), request_body, texts)
 }
 
 pub struct MeteredStream {
@@ -175,8 +171,8 @@ impl MeteredStream {
         if !self.first_byte_sent {
             self.first_byte_sent = true;
             if let Some(s) = &mut self.settlement {
-                let elapsed = s.ctx.started.elapsed().as_secs_f64();
-                s.ctx
+                let elapsed = s.ticket.who.started.elapsed().as_secs_f64();
+                s.ticket
                     .series(&s.state.metrics)
                     .observe_first_byte(&s.state.metrics, elapsed);
             }

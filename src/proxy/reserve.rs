@@ -1,0 +1,206 @@
+//! The third stage: hold the request's worst-case cost against the team's
+//! budget before anything is sent. Every prompt token at the highest
+//! prompt-side rate and every output token at the highest output-side rate
+//! of the tiers it may be served at, images at their worst detail,
+//! built-in tool calls up to `max_tool_calls` (else
+//! `budget.tool_call_allowance`). A cheap bound on the prompt (its byte
+//! length) first; the exact tiktoken count only when the bound does not fit.
+//!
+//! Awaits the database only when a shared (Postgres) budget's lease runs
+//! short, and then at most `database.lease_timeout_ms`.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::request::{self, RequestMeta};
+use super::settle::{Hold, Ticket};
+use crate::app::AppState;
+use crate::budget::Refusal;
+use crate::error::ApiError;
+use crate::pricing::{ModelPrice, NanoUsd};
+use crate::usage::Endpoint;
+
+/// Max output assumed for a model the catalog gives no limit for.
+const DEFAULT_MAX_OUTPUT: u64 = 4096;
+
+/// The hold for this request, or why there is none (with the budget left,
+/// for the refusal's header).
+pub async fn reserve(
+    state: &AppState,
+    ticket: &Ticket,
+    body: &Bytes,
+    meta: &RequestMeta,
+    max_output: Option<u64>,
+) -> Result<Hold, (ApiError, Hold)> {
+    let (who, order) = (&ticket.who, &ticket.order);
+    let resolved = order.resolved.as_ref();
+    let Some(price) = resolved.and_then(|r| r.price.as_deref()) else {
+        // Unpriced: nothing to reserve, but the header still tells what is left.
+        let remaining = state.ledger.status(&who.team).map(|s| s.remaining);
+        return Ok(Hold {
+            reservation: None,
+            remaining,
+        });
+    };
+    let bound = Bound::of(state, ticket, price, body, meta, max_output);
+    let unavailable = || {
+        let e = ApiError::BudgetUnavailable {
+            team: who.team.clone(),
+        };
+        (e, Hold::default())
+    };
+    // Every token covers at least one byte of its text, and the JSON around
+    // the text outweighs the per-message overheads.
+    let mut prompt = body.len() as u64 + 16;
+    prompt = prompt.saturating_add(
+        who.format
+            .added_prompt_bound(bound.has_tools, bound.searches),
+    );
+    match reserve_amount(state, &who.team, bound.worst(state, price, prompt)).await {
+        Ok(reservation) => return Ok(held(reservation)),
+        Err(Refusal::Unavailable) => return Err(unavailable()),
+        Err(Refusal::Over(_)) => {}
+    }
+    let exact = exact_prompt(ticket, body, prompt).await;
+    match reserve_amount(state, &who.team, bound.worst(state, price, exact)).await {
+        Ok(reservation) => Ok(held(reservation)),
+        Err(Refusal::Unavailable) => Err(unavailable()),
+        Err(Refusal::Over(over)) => {
+            state
+                .metrics
+                .budget_rejections
+                .with_label_values(&[&who.team])
+                .inc();
+            let e = ApiError::BudgetExceeded {
+                team: who.team.clone(),
+                needed: over.needed,
+                remaining: over.remaining,
+            };
+            let hold = Hold {
+                reservation: None,
+                remaining: Some(over.remaining),
+            };
+            Err((e, hold))
+        }
+    }
+}
+
+fn held(reservation: Option<crate::budget::Reservation>) -> Hold {
+    Hold {
+        remaining: reservation.as_ref().map(|r| r.remaining()),
+        reservation,
+    }
+}
+
+/// Everything of the worst case but the prompt's tokens.
+struct Bound {
+    completion: u64,
+    tiers: [crate::usage::ServiceTier; 2],
+    calls: Vec<(&'static str, u64)>,
+    images: u64,
+    searches: u64,
+    has_tools: bool,
+}
+
+impl Bound {
+    fn of(
+        state: &AppState,
+        ticket: &Ticket,
+        price: &ModelPrice,
+        body: &Bytes,
+        meta: &RequestMeta,
+        max_output: Option<u64>,
+    ) -> Bound {
+        let (who, order) = (&ticket.who, &ticket.order);
+        let completion = match who.endpoint {
+            Endpoint::Embeddings => 0,
+            _ => max_output
+                .or(price.max_output_tokens)
+                .unwrap_or(DEFAULT_MAX_OUTPUT)
+                .saturating_mul(u64::from(meta.n.unwrap_or(1))),
+        };
+        let mut calls = meta.tool_call_bound(state.config.budget.tool_call_allowance);
+        let search_model = order
+            .resolved
+            .as_ref()
+            .is_some_and(|r| super::settle::is_search_model(&r.base_model));
+        if who.endpoint == Endpoint::ChatCompletions
+            && search_model
+            && !calls.iter().any(|(k, _)| *k == "web_search")
+        {
+            // A chat search model searches once per answer.
+            calls.push(("web_search", u64::from(meta.n.unwrap_or(1))));
+        }
+        // Counting image parts parses the body: only for teams with a budget.
+        let images = if request::mentions_images(body) && state.ledger.has_budget(&who.team) {
+            request::image_token_bound(body)
+        } else {
+            0
+        };
+        let searches = calls
+            .iter()
+            .find(|(k, _)| *k == "web_search")
+            .map_or(0, |(_, n)| *n);
+        Bound {
+            completion,
+            tiers: meta.possible_tiers(),
+            has_tools: meta.tools.as_ref().is_some_and(|t| !t.is_empty())
+                || meta.tool_config.is_some(),
+            calls,
+            images,
+            searches,
+        }
+    }
+
+    fn worst(&self, state: &AppState, price: &ModelPrice, prompt: u64) -> NanoUsd {
+        let catalog = state.catalog.load();
+        price.worst_case(
+            prompt.saturating_add(self.images),
+            self.completion,
+            &self.tiers,
+            &self.calls,
+            catalog.tool_call_fees(),
+        )
+    }
+}
+
+/// The prompt counted exactly, off the reactor threads; audio (which
+/// tiktoken does not count) at the most tokens its size allows. Not for
+/// another tokenizer's models: tiktoken is no bound on their count, so the
+/// byte bound stands.
+async fn exact_prompt(ticket: &Ticket, body: &Bytes, bound: u64) -> u64 {
+    let (format, endpoint) = (ticket.who.format, ticket.who.endpoint);
+    if !format.tiktoken_bounds_prompt() {
+        return bound;
+    }
+    let encoding = ticket.order.encoding();
+    let body = body.clone();
+    tokio::task::spawn_blocking(move || {
+        serde_json::from_slice::<serde_json::Value>(&body)
+            .map(|v| {
+                format
+                    .prompt_tokens(endpoint, encoding, &v)
+                    .saturating_add(request::audio_token_bound(&v))
+            })
+            .unwrap_or(bound)
+    })
+    .await
+    .unwrap_or(bound)
+}
+
+/// Reserves from the local ledger; on Postgres, from this replica's lease,
+/// topped up from the shared budget when it runs short.
+async fn reserve_amount(
+    state: &AppState,
+    team: &str,
+    amount: NanoUsd,
+) -> Result<Option<crate::budget::Reservation>, Refusal> {
+    match state.store.shared() {
+        Some(pg) => {
+            let timeout = Duration::from_millis(state.config.database.lease_timeout_ms);
+            state.ledger.reserve_shared(pg, team, amount, timeout).await
+        }
+        None => state.ledger.reserve(team, amount).map_err(Refusal::Over),
+    }
+}

@@ -1,0 +1,138 @@
+//! The second stage: what is asked for and where it goes. The body's facts
+//! (`request::RequestMeta`) name the model (else, Azure style, the path
+//! does); the model picks the upstream; the upstream's provider names the
+//! catalog model it stands for, which prices. Then the policies that need
+//! the model: unpriced models, a key's model list.
+//!
+//! Never awaits: the catalog and the upstreams are in memory.
+
+use http::HeaderMap;
+
+use super::request::RequestMeta;
+use super::settle::{Admission, Order, Ticket};
+use super::upstream::Upstream;
+use crate::app::AppState;
+use crate::config::UnpricedPolicy;
+use crate::error::ApiError;
+use crate::format::WireFormat;
+
+/// Names the upstream a request must go to (no fallback then).
+pub const UPSTREAM_HEADER: &str = "x-tollgate-upstream";
+
+/// Where a metered request goes, and what it asked for.
+pub struct Routed<'a> {
+    pub upstream: &'a Upstream,
+    /// The model as the upstream's path knows it: an Azure deployment's
+    /// name where it differs from the catalog model.
+    pub route: String,
+    pub meta: RequestMeta,
+}
+
+/// Reads the request's facts and picks its upstream; the order (the model
+/// as priced) goes onto the ticket.
+pub fn route<'a>(
+    state: &'a AppState,
+    who: &Admission,
+    parts: &http::request::Parts,
+    body: &[u8],
+) -> Result<(Routed<'a>, Order), ApiError> {
+    let path = parts.uri.path();
+    // What the client asked for: the body's model, else (Azure style) the
+    // deployment in the path. It routes; the catalog model it stands for
+    // (an Azure deployment's model) prices.
+    let path_model = who.format.path_model(path);
+    let mut meta = RequestMeta::parse_naming(body, path_model.is_none())?;
+    if who.format.path_streams(path) {
+        meta.stream = Some(true);
+    }
+    let requested = match meta.model() {
+        "" => path_model.map(|m| m.into_owned()).unwrap_or_default(),
+        m => m.to_string(),
+    };
+    let upstream = pick_upstream(state, &parts.headers, Some(&requested), who.format)?;
+    let model = upstream.provider.catalog_model(&requested).to_string();
+    let order = Order {
+        model_label: state.metrics.model_label(&model),
+        resolved: Some(state.catalog.load().resolve(&model)),
+        stream: meta.is_stream(),
+        choices: meta.n.map_or(1, |n| u16::try_from(n).unwrap_or(u16::MAX)),
+        end_user: meta.user.as_ref().map(|u| u.chars().take(256).collect()),
+        model,
+    };
+    let routed = Routed {
+        upstream,
+        route: requested,
+        meta,
+    };
+    Ok((routed, order))
+}
+
+/// The policies that need the model: `catalog.unpriced = "reject"`, a
+/// budget (a guarantee: nothing it cannot price gets past it), the key's
+/// model list.
+pub fn check_order(state: &AppState, ticket: &Ticket) -> Result<(), ApiError> {
+    let (who, order) = (&ticket.who, &ticket.order);
+    let unpriced = order.resolved.as_ref().is_none_or(|r| r.price.is_none());
+    if unpriced && state.config.catalog.unpriced == UnpricedPolicy::Reject {
+        return Err(ApiError::UnpricedModel {
+            model: order.model.clone(),
+        });
+    }
+    if unpriced && state.ledger.has_budget(&who.team) {
+        return Err(ApiError::UnpricedForBudget {
+            model: order.model.clone(),
+            team: who.team.clone(),
+        });
+    }
+    if let Some(key) = &who.key {
+        if !key.allows(&order.model) {
+            return Err(ApiError::ModelNotAllowed {
+                model: order.model.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The upstream named by `x-tollgate-upstream`, else the first serving
+/// `model` in `format`, else (no model) the first taking `format`.
+pub fn pick_upstream<'a>(
+    state: &'a AppState,
+    headers: &HeaderMap,
+    model: Option<&str>,
+    format: WireFormat,
+) -> Result<&'a Upstream, ApiError> {
+    if let Some(name) = headers.get(UPSTREAM_HEADER) {
+        let name = name.to_str().unwrap_or("");
+        return state
+            .upstreams
+            .by_name(name)
+            .ok_or_else(|| ApiError::UnknownUpstream {
+                name: name.to_string(),
+            });
+    }
+    match model {
+        Some(model) => {
+            state
+                .upstreams
+                .for_model(model, format)
+                .ok_or_else(|| ApiError::NoUpstream {
+                    model: model.to_string(),
+                })
+        }
+        None => state
+            .upstreams
+            .first_for(format)
+            .ok_or_else(|| match format {
+                WireFormat::OpenAi => ApiError::Internal("no upstream configured".into()),
+                _ => ApiError::invalid(
+                    format!(
+                        "No upstream of kind \"{}\" is configured for {}'s API.",
+                        format.name().to_ascii_lowercase(),
+                        format.name()
+                    ),
+                    None,
+                ),
+            }),
+    }
+}
