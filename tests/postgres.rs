@@ -492,3 +492,213 @@ async fn postgres_stores_every_billed_dimension_and_reports_it() {
     pool.close().await;
     db.drop_db().await;
 }
+
+/// One usage row as the writer would store it.
+fn stored_row(
+    request_id: &str,
+    team: &str,
+    model: &str,
+    days_ago: i64,
+    tier: Option<&'static str>,
+) -> tollgate::store::UsageRecord {
+    use tollgate::pricing::{Breakdown, Line};
+    use tollgate::usage::{ToolCalls, Usage};
+    let usage = Usage {
+        prompt_tokens: 1_200,
+        completion_tokens: 300,
+        cached_tokens: 200,
+        cache_write_tokens: 50,
+        cache_write_1h_tokens: 25,
+        tool_calls: ToolCalls {
+            web_search: 1,
+            file_search: 2,
+        },
+        ..Usage::NONE
+    };
+    let mut breakdown = Breakdown::default();
+    breakdown.0[Line::Input as usize] = 1_000 + days_ago as u64;
+    breakdown.0[Line::Output as usize] = 3_000;
+    breakdown.0[Line::CacheWrite as usize] = 77;
+    tollgate::store::UsageRecord {
+        created_at: chrono::Utc::now() - chrono::Duration::days(days_ago),
+        request_id: request_id.into(),
+        team: team.into(),
+        key_id: Some(format!("key_{team}")),
+        model: model.into(),
+        base_model: model.into(),
+        upstream: "openai".into(),
+        endpoint: "chat_completions",
+        stream: days_ago == 0,
+        status: 200,
+        prompt_tokens: usage.prompt_tokens,
+        completion_tokens: usage.completion_tokens,
+        cached_tokens: usage.cached_tokens,
+        cost_nano_usd: breakdown.0.iter().sum(),
+        token_source: "upstream",
+        latency_ms: 42,
+        end_user: None,
+        service_tier: tier,
+        reasoning_tokens: 0,
+        audio_prompt_tokens: 0,
+        audio_completion_tokens: 0,
+        cache_write_tokens: 75,
+        image_tokens: 0,
+        tool_calls: 3,
+        provider: "openai",
+        attempts: 1,
+        choices: 1,
+        capped: false,
+        cost_breakdown: breakdown,
+        meters: tollgate::usage::meter::Meters::of(&usage),
+        budget_period: None,
+        lease_node: None,
+    }
+}
+
+fn ok<T>(result: Result<T, tollgate::store::StoreError>) -> T {
+    result.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Everything the store answers, from one database, with the times the
+/// database chose itself (team creation, key revocation) left out.
+async fn every_answer(store: &tollgate::store::Store) -> String {
+    use tollgate::store::{KeyRow, ReportBy, WordCount};
+    let epoch = chrono::DateTime::<chrono::Utc>::UNIX_EPOCH;
+    let rows = vec![
+        stored_row("r1", "alpha", "gpt-4o", 0, None),
+        stored_row("r2", "alpha", "gpt-4o-mini", 1, Some("flex")),
+        stored_row("r3", "beta", "gpt-4o", 2, Some("priority")),
+    ];
+    ok(store.insert_usage(&rows).await);
+    // A replay lands nothing twice.
+    ok(store.insert_usage(&rows[..1]).await);
+    let budget = tollgate::budget::Budget {
+        limit: tollgate::pricing::NanoUsd(5_000_000),
+        period: tollgate::budget::Period::Monthly,
+    };
+    ok(store.create_team("alpha", Some(budget), Some(512)).await);
+    ok(store.create_team("beta", None, None).await);
+    let conflict = store.create_team("beta", None, None).await;
+    ok(store.set_budget("beta", Some(budget), Some(None)).await);
+    let key = KeyRow {
+        id: "key_1".into(),
+        team: "alpha".into(),
+        name: Some("ci".into()),
+        hash: "h".repeat(64),
+        prefix: "tg-abcd".into(),
+        models: vec!["gpt-4o".into(), "gpt-4o-mini".into()],
+        created_at: "2026-01-02T03:04:05.678Z".into(),
+        revoked_at: None,
+    };
+    ok(store.insert_key(&key).await);
+    ok(store
+        .insert_key(&KeyRow {
+            id: "key_2".into(),
+            hash: "g".repeat(64),
+            ..key
+        })
+        .await);
+    ok(store.revoke_key("key_2").await);
+    let missing = store.revoke_key("key_none").await;
+    let words = WordCount {
+        team: "alpha".into(),
+        family: "gpt".into(),
+        script: "latin".into(),
+        side: "prompt".into(),
+        samples: 2,
+        words: 100,
+        chars: 550,
+        tokens: 130,
+    };
+    ok(store.insert_word_counts(&[words.clone(), words]).await);
+
+    let mut out = String::new();
+    let teams = ok(store.teams().await);
+    for t in &teams {
+        out += &format!("team {} {:?} {:?}\n", t.name, t.budget, t.max_output_tokens);
+    }
+    out += &format!(
+        "conflict {:?} missing {:?}\n",
+        conflict.is_err(),
+        missing.is_err()
+    );
+    for k in ok(store.keys().await) {
+        out += &format!(
+            "key {} {} {:?} {:?} {} revoked {}\n",
+            k.id,
+            k.team,
+            k.name,
+            k.models,
+            k.created_at,
+            k.revoked_at.is_some()
+        );
+    }
+    let recent = chrono::Utc::now() - chrono::Duration::hours(36);
+    for team in ["alpha", "beta"] {
+        let all = ok(store.spend_since(team, epoch).await);
+        let lately = ok(store.spend_since(team, recent).await);
+        out += &format!("spend {team} {all} {lately}\n");
+    }
+    for by in [
+        ReportBy::Team,
+        ReportBy::Model,
+        ReportBy::Key,
+        ReportBy::Day,
+        ReportBy::Component,
+        ReportBy::Provider,
+        ReportBy::Tier,
+    ] {
+        for row in ok(store.report(by, epoch).await) {
+            out += &format!("report {by:?} {row:?}\n");
+        }
+    }
+    for row in ok(store.counts_since(recent).await) {
+        out += &format!("counts {row:?}\n").replace(&row.started_ms.to_string(), "T");
+    }
+    for team in [None, Some("alpha"), Some("beta")] {
+        for w in ok(store.word_counts_since(epoch, team).await) {
+            out += &format!("words {team:?} {w:?}\n");
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_query_answers_alike_on_sqlite_and_postgres() {
+    let Some(db) = PgDb::create("alike").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let sqlite_url = format!("sqlite://{}", dir.path().join("alike.db").display());
+    let open = |url: String| async move {
+        tollgate::store::Store::open(&url)
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"))
+    };
+    let sqlite = open(sqlite_url).await;
+    let postgres = open(db.url.clone()).await;
+    let (on_sqlite, on_postgres) = (every_answer(&sqlite).await, every_answer(&postgres).await);
+    sqlite.close().await;
+    postgres.close().await;
+    db.drop_db().await;
+    // Not vacuous: every kind of answer is there.
+    for kind in [
+        "team ",
+        "key ",
+        "spend ",
+        "report Component",
+        "report Day",
+        "counts ",
+        "words ",
+    ] {
+        assert!(
+            on_sqlite.contains(kind),
+            "{kind} missing from:\n{on_sqlite}"
+        );
+    }
+    assert!(
+        on_sqlite.contains("conflict true missing true"),
+        "{on_sqlite}"
+    );
+    assert_eq!(on_sqlite, on_postgres);
+}

@@ -10,6 +10,7 @@
 //! database (`shared`), so the database round trip happens once per lease,
 //! not per request.
 
+pub mod lease;
 pub mod shared;
 
 pub use crate::period::{Budget, Period};

@@ -11,9 +11,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::lease::{self, BudgetView};
 use super::{period_key, Ledger, OverBudget, Refusal, Reservation};
 use crate::pricing::NanoUsd;
-use crate::store::postgres::{BudgetView, PostgresStore};
+use crate::store::PostgresStore;
 use crate::store::StoreError;
 
 /// A lease asks for at least this fraction of the limit, so a busy replica
@@ -91,10 +92,7 @@ impl Ledger {
         let want = need.max(limit / LEASE_FRACTION);
         let key = period_key(start);
         let pg_start = (start.timestamp() > 0).then_some(start);
-        match store
-            .acquire_lease(team, &key, pg_start, limit, need, want)
-            .await
-        {
+        match lease::acquire(store, team, &key, pg_start, limit, need, want).await {
             Ok(grant) if grant.granted == 0 => {
                 self.add_lease(team, &key, 0, grant.view);
                 Err(Refusal::Over(OverBudget {
@@ -199,7 +197,7 @@ impl Ledger {
         if !self.shared {
             return Ok(());
         }
-        let alive = store.heartbeat(STALE_AFTER).await?;
+        let alive = lease::heartbeat(store, STALE_AFTER).await?;
         let mut returns = Vec::new();
         let mut keys = Vec::new();
         if let Ok(mut accounts) = self.accounts.lock() {
@@ -229,9 +227,9 @@ impl Ledger {
             }
         }
         for (team, key, amount) in returns {
-            store.release_lease(&team, &key, amount).await?;
+            lease::release(store, &team, &key, amount).await?;
         }
-        let views = store.budget_views(&keys).await?;
+        let views = lease::views(store, &keys).await?;
         if let Ok(mut accounts) = self.accounts.lock() {
             for ((team, key), view) in views {
                 if let Some(lease) = accounts.get_mut(&team).and_then(|a| lease_for(a, &key)) {

@@ -333,7 +333,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     if let Some(pg) = store.shared() {
         // Every row is written: this replica's leases hold nothing more.
-        if let Err(e) = pg.release_node().await {
+        if let Err(e) = crate::budget::lease::release_node(pg).await {
             tracing::warn!(error = %e, "could not return budget leases");
         }
     }

@@ -4,7 +4,9 @@
 //! The request path never awaits the database: it hands a `UsageRecord` to
 //! the writer's bounded queue and moves on.
 
-pub mod postgres;
+mod dialect;
+mod postgres;
+mod queries;
 pub mod spool;
 mod sqlite;
 pub mod writer;
@@ -14,6 +16,7 @@ use std::borrow::Borrow;
 
 use crate::period::Budget;
 
+pub use postgres::PostgresStore;
 pub use writer::{RecordedSpend, UsageSink, UsageWriter, WriterConfig};
 
 /// One row of the `usage` table (SPEC section 6).
@@ -408,47 +411,13 @@ impl CountsRow {
     }
 }
 
-/// `SUM(<extract>) AS c0, ...` for every breakdown component; `extract`
-/// turns a component name into the SQL of its value in one row.
-pub(crate) fn component_sums(extract: impl Fn(&str) -> String, cast: &str) -> String {
-    crate::pricing::Line::ALL
-        .iter()
-        .enumerate()
-        .map(|(i, l)| format!("COALESCE(SUM({}), 0){cast} AS c{i}", extract(l.name())))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// The per-component sums of a report row (`c0`..), or only the row's own
-/// component when the report is by component.
-pub(crate) fn row_components(
-    by: ReportBy,
-    group: &str,
-    cost: i64,
-    get: impl Fn(&str) -> i64,
-) -> [i64; crate::pricing::Line::COUNT] {
-    let mut out = [0i64; crate::pricing::Line::COUNT];
-    for (i, line) in crate::pricing::Line::ALL.iter().enumerate() {
-        out[i] = if by == ReportBy::Component {
-            if line.name() == group {
-                cost
-            } else {
-                0
-            }
-        } else {
-            get(&format!("c{i}"))
-        };
-    }
-    out
-}
-
 /// Counts and money as stored: the databases' integers are signed.
-pub(crate) fn to_i64(v: u64) -> i64 {
+pub fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 /// Back from a stored integer; a negative value (never written) reads as 0.
-pub(crate) fn to_u64(v: i64) -> u64 {
+pub fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
@@ -527,7 +496,7 @@ macro_rules! either {
 
 impl Store {
     /// The Postgres store, whose budgets are shared between replicas.
-    pub fn shared(&self) -> Option<&postgres::PostgresStore> {
+    pub fn shared(&self) -> Option<&PostgresStore> {
         match self {
             Store::Postgres(p) => Some(p),
             Store::Sqlite(_) => None,
@@ -579,12 +548,6 @@ impl Store {
         Ok(store)
     }
 
-    /// Proves the database can be written (at start of `serve`): a read-only
-    /// file or a full disk must stop the server, not drop every row.
-    pub async fn probe_write(&self) -> Result<(), StoreError> {
-        either!(self, s => s.probe_write().await)
-    }
-
     /// Whether the database is there to be written: the SQLite file must
     /// still be the one opened (not moved, deleted or replaced).
     pub fn check_file(&self) -> Result<(), StoreError> {
@@ -596,7 +559,7 @@ impl Store {
 
     /// This replica's name in the shared budget tables (Postgres).
     pub fn node(&self) -> Option<&str> {
-        self.shared().map(postgres::PostgresStore::node)
+        self.shared().map(PostgresStore::node)
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
@@ -615,80 +578,6 @@ impl Store {
     ) -> Result<Vec<String>, StoreError> {
         self.check_file()?;
         either!(self, s => s.insert_usage(rows).await)
-    }
-
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        either!(self, s => s.ping().await)
-    }
-
-    pub async fn create_team(
-        &self,
-        name: &str,
-        budget: Option<Budget>,
-        max_output_tokens: Option<u64>,
-    ) -> Result<TeamRow, StoreError> {
-        either!(self, s => s.create_team(name, budget, max_output_tokens).await)
-    }
-
-    pub async fn teams(&self) -> Result<Vec<TeamRow>, StoreError> {
-        either!(self, s => s.teams().await)
-    }
-
-    /// Sets the budget (None clears it) and, when given, the output cap
-    /// (`Some(None)` clears it).
-    pub async fn set_budget(
-        &self,
-        name: &str,
-        budget: Option<Budget>,
-        max_output_tokens: Option<Option<u64>>,
-    ) -> Result<TeamRow, StoreError> {
-        either!(self, s => s.set_budget(name, budget, max_output_tokens).await)
-    }
-
-    pub async fn insert_key(&self, key: &KeyRow) -> Result<(), StoreError> {
-        either!(self, s => s.insert_key(key).await)
-    }
-
-    pub async fn keys(&self) -> Result<Vec<KeyRow>, StoreError> {
-        either!(self, s => s.keys().await)
-    }
-
-    pub async fn revoke_key(&self, id: &str) -> Result<(), StoreError> {
-        either!(self, s => s.revoke_key(id).await)
-    }
-
-    /// A team's recorded spend since `since`, in nano-USD.
-    pub async fn spend_since(&self, team: &str, since: DateTime<Utc>) -> Result<u64, StoreError> {
-        either!(self, s => s.spend_since(team, since).await)
-    }
-
-    pub async fn report(
-        &self,
-        by: ReportBy,
-        since: DateTime<Utc>,
-    ) -> Result<Vec<ReportRow>, StoreError> {
-        either!(self, s => s.report(by, since).await)
-    }
-
-    /// Every usage row since `since`, with its counts (`report --shadow`).
-    pub async fn counts_since(&self, since: DateTime<Utc>) -> Result<Vec<CountsRow>, StoreError> {
-        either!(self, s => s.counts_since(since).await)
-    }
-
-    /// Adds sampled word counts (the word-counting thread's flush).
-    pub async fn insert_word_counts(&self, rows: &[WordCount]) -> Result<(), StoreError> {
-        self.check_file()?;
-        either!(self, s => s.insert_word_counts(rows).await)
-    }
-
-    /// Word counts since `since` (one team's, or all), summed per family,
-    /// script and side; `team` is then empty unless one was asked for.
-    pub async fn word_counts_since(
-        &self,
-        since: DateTime<Utc>,
-        team: Option<&str>,
-    ) -> Result<Vec<WordCount>, StoreError> {
-        either!(self, s => s.word_counts_since(since, team).await)
     }
 
     pub async fn close(&self) {

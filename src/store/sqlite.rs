@@ -6,16 +6,7 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::SqlitePool;
 
-use chrono::{DateTime, Utc};
-use sqlx::Row;
-
-use super::{
-    component_sums, counts_columns, now_text, row_components, time_text, to_i64, CountsRow, KeyRow,
-    ReportBy, ReportRow, StoreError, TeamRow, UsageRecord, Value, WordCount, DETAIL_COLUMNS,
-    USAGE_COLUMNS,
-};
-use crate::period::{Budget, Period};
-use crate::pricing::NanoUsd;
+use super::{time_text, StoreError, UsageRecord, Value, DETAIL_COLUMNS, USAGE_COLUMNS};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -126,17 +117,19 @@ impl SqliteStore {
         }
     }
 
-    pub async fn probe_write(&self) -> Result<(), StoreError> {
-        sqlx::query("INSERT OR REPLACE INTO tollgate_meta (key, value) VALUES ('last_start', ?)")
-            .bind(now_text())
-            .execute(&self.writer)
-            .await?;
-        Ok(())
-    }
-
     pub async fn migrate(&self) -> Result<(), StoreError> {
         MIGRATOR.run(&self.pool).await?;
         Ok(())
+    }
+
+    /// Reads, admin writes, refreshes, /readyz.
+    pub(super) fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// The usage writer's own connection (also word counts, the start probe).
+    pub(super) fn writer(&self) -> &SqlitePool {
+        &self.writer
     }
 
     pub async fn insert_usage<R: std::borrow::Borrow<UsageRecord> + Sync>(
@@ -154,268 +147,6 @@ impl SqliteStore {
         }
         // SQLite budgets are not shared: which rows were skipped does not matter.
         written.map(|()| Vec::new())
-    }
-
-    pub async fn create_team(
-        &self,
-        name: &str,
-        budget: Option<Budget>,
-        max_output_tokens: Option<u64>,
-    ) -> Result<TeamRow, StoreError> {
-        let now = now_text();
-        let r = sqlx::query(
-            "INSERT INTO teams (name, budget_nano_usd, budget_period, max_output_tokens, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(name)
-        .bind(budget.map(|b| to_i64(b.limit.0)))
-        .bind(budget.map(|b| b.period.as_str()))
-        .bind(max_output_tokens.map(to_i64))
-        .bind(&now)
-        .bind(&now)
-        .execute(&self.pool)
-        .await;
-        match r {
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                Err(StoreError::Conflict(format!("team `{name}`")))
-            }
-            Err(e) => Err(e.into()),
-            Ok(_) => self.team(name).await,
-        }
-    }
-
-    async fn team(&self, name: &str) -> Result<TeamRow, StoreError> {
-        let row = sqlx::query("SELECT * FROM teams WHERE name = ?")
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|r| team_row(&r))
-            .ok_or_else(|| StoreError::NotFound(format!("team `{name}`")))
-    }
-
-    pub async fn teams(&self) -> Result<Vec<TeamRow>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM teams ORDER BY name")
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.iter().map(team_row).collect())
-    }
-
-    pub async fn set_budget(
-        &self,
-        name: &str,
-        budget: Option<Budget>,
-        max_output_tokens: Option<Option<u64>>,
-    ) -> Result<TeamRow, StoreError> {
-        let current = self.team(name).await?;
-        let cap = max_output_tokens.unwrap_or(current.max_output_tokens);
-        sqlx::query(
-            "UPDATE teams SET budget_nano_usd = ?, budget_period = ?, max_output_tokens = ?, updated_at = ? WHERE name = ?",
-        )
-        .bind(budget.map(|b| to_i64(b.limit.0)))
-        .bind(budget.map(|b| b.period.as_str()))
-        .bind(cap.map(to_i64))
-        .bind(now_text())
-        .bind(name)
-        .execute(&self.pool)
-        .await?;
-        self.team(name).await
-    }
-
-    pub async fn insert_key(&self, key: &KeyRow) -> Result<(), StoreError> {
-        self.team(&key.team).await?;
-        sqlx::query(
-            "INSERT INTO api_keys (id, team, name, key_hash, key_prefix, models, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&key.id)
-        .bind(&key.team)
-        .bind(&key.name)
-        .bind(&key.hash)
-        .bind(&key.prefix)
-        .bind(key.models.join(","))
-        .bind(&key.created_at)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    pub async fn keys(&self) -> Result<Vec<KeyRow>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM api_keys ORDER BY created_at, id")
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                let models: String = r.get("models");
-                KeyRow {
-                    id: r.get("id"),
-                    team: r.get("team"),
-                    name: r.get("name"),
-                    hash: r.get("key_hash"),
-                    prefix: r.get("key_prefix"),
-                    models: models
-                        .split(',')
-                        .filter(|m| !m.is_empty())
-                        .map(str::to_string)
-                        .collect(),
-                    created_at: r.get("created_at"),
-                    revoked_at: r.get("revoked_at"),
-                }
-            })
-            .collect())
-    }
-
-    pub async fn revoke_key(&self, id: &str) -> Result<(), StoreError> {
-        let r =
-            sqlx::query("UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?")
-                .bind(now_text())
-                .bind(id)
-                .execute(&self.pool)
-                .await?;
-        if r.rows_affected() == 0 {
-            return Err(StoreError::NotFound(format!("key `{id}`")));
-        }
-        Ok(())
-    }
-
-    pub async fn spend_since(&self, team: &str, since: DateTime<Utc>) -> Result<u64, StoreError> {
-        let since = if since.timestamp() <= 0 {
-            String::new()
-        } else {
-            time_text(since)
-        };
-        let total: Option<i64> = sqlx::query_scalar(
-            "SELECT SUM(cost_nano_usd) FROM usage WHERE team = ? AND created_at >= ?",
-        )
-        .bind(team)
-        .bind(since)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(u64::try_from(total.unwrap_or(0)).unwrap_or(0))
-    }
-
-    pub async fn counts_since(&self, since: DateTime<Utc>) -> Result<Vec<CountsRow>, StoreError> {
-        let sql = format!(
-            "SELECT {} FROM usage WHERE created_at >= ? ORDER BY id",
-            counts_columns(
-                str::to_string,
-                "(CAST(strftime('%s', created_at) AS INTEGER) * 1000 \
-                 + CAST(substr(created_at, 21, 3) AS INTEGER))",
-            )
-        );
-        let rows = sqlx::query(&sql)
-            .bind(time_text(since))
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows
-            .iter()
-            .map(CountsRow::from_row)
-            .collect::<Result<_, _>>()?)
-    }
-
-    pub async fn insert_word_counts(&self, rows: &[WordCount]) -> Result<(), StoreError> {
-        let now = now_text();
-        let mut tx = self.writer.begin().await?;
-        for r in rows {
-            sqlx::query(
-                "INSERT INTO word_counts (created_at, team, family, script, side, samples, words, chars, tokens) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&now)
-            .bind(&r.team)
-            .bind(&r.family)
-            .bind(&r.script)
-            .bind(&r.side)
-            .bind(to_i64(r.samples))
-            .bind(to_i64(r.words))
-            .bind(to_i64(r.chars))
-            .bind(to_i64(r.tokens))
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    pub async fn word_counts_since(
-        &self,
-        since: DateTime<Utc>,
-        team: Option<&str>,
-    ) -> Result<Vec<WordCount>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT COALESCE(?, '') AS team, family, script, side, SUM(samples) AS samples, \
-             SUM(words) AS words, SUM(chars) AS chars, SUM(tokens) AS tokens FROM word_counts \
-             WHERE created_at >= ? AND (? IS NULL OR team = ?) \
-             GROUP BY family, script, side ORDER BY family, script, side",
-        )
-        .bind(team)
-        .bind(time_text(since))
-        .bind(team)
-        .bind(team)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(WordCount::from_row)
-            .collect::<Result<_, _>>()?)
-    }
-
-    pub async fn report(
-        &self,
-        by: ReportBy,
-        since: DateTime<Utc>,
-    ) -> Result<Vec<ReportRow>, StoreError> {
-        let sums = component_sums(
-            |name| format!("json_extract(cost_breakdown, '$.{name}')"),
-            "",
-        );
-        let sql = match by {
-            ReportBy::Component => {
-                "SELECT j.key AS grp, COUNT(*) AS requests, 0 AS p, 0 AS c, 0 AS ca, \
-                 SUM(j.value) AS cost FROM usage, json_each(usage.cost_breakdown) AS j \
-                 WHERE created_at >= ? GROUP BY grp ORDER BY grp"
-                    .to_string()
-            }
-            _ => {
-                let group = match by {
-                    ReportBy::Team => "team",
-                    ReportBy::Model => "model",
-                    ReportBy::Key => "COALESCE(key_id, '-')",
-                    ReportBy::Day => "substr(created_at, 1, 10)",
-                    ReportBy::Provider => "provider",
-                    ReportBy::Tier | ReportBy::Component => "COALESCE(service_tier, 'standard')",
-                };
-                format!(
-                    "SELECT {group} AS grp, COUNT(*) AS requests, SUM(prompt_tokens) AS p, \
-                     SUM(completion_tokens) AS c, SUM(cached_tokens) AS ca, SUM(cost_nano_usd) AS cost, \
-                     {sums} FROM usage WHERE created_at >= ? GROUP BY grp ORDER BY grp"
-                )
-            }
-        };
-        let rows = sqlx::query(&sql)
-            .bind(time_text(since))
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                let group: String = r.get("grp");
-                let cost: i64 = r.get("cost");
-                ReportRow {
-                    components: row_components(by, &group, cost, |c| r.try_get(c).unwrap_or(0)),
-                    group,
-                    requests: r.get("requests"),
-                    prompt_tokens: r.get("p"),
-                    completion_tokens: r.get("c"),
-                    cached_tokens: r.get("ca"),
-                    cost_nano_usd: cost,
-                }
-            })
-            .collect())
-    }
-
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
     }
 
     pub async fn close(&self) {
@@ -463,28 +194,10 @@ async fn insert_batch<R: std::borrow::Borrow<UsageRecord> + Sync>(
     Ok(())
 }
 
-fn team_row(r: &sqlx::sqlite::SqliteRow) -> TeamRow {
-    let limit: Option<i64> = r.get("budget_nano_usd");
-    let period: Option<String> = r.get("budget_period");
-    let budget = match (limit, period.as_deref().and_then(Period::parse)) {
-        (Some(limit), Some(period)) => Some(Budget {
-            limit: NanoUsd(u64::try_from(limit).unwrap_or(0)),
-            period,
-        }),
-        _ => None,
-    };
-    let cap: Option<i64> = r.get("max_output_tokens");
-    TeamRow {
-        name: r.get("name"),
-        budget,
-        max_output_tokens: cap.and_then(|c| u64::try_from(c).ok()),
-        created_at: r.get("created_at"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::Utc;
 
     fn sizes(n: usize) -> Vec<usize> {
         let rows: Vec<usize> = (0..n).collect();
