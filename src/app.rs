@@ -8,8 +8,8 @@ use crate::budget::Ledger;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pricing::Catalog;
-use crate::proxy::upstream::Upstreams;
 use crate::store::{Store, UsageSink};
+use crate::upstream::Upstreams;
 
 pub struct AppState {
     pub config: Config,

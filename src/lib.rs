@@ -20,5 +20,6 @@ pub mod provider;
 pub mod proxy;
 pub mod server;
 pub mod store;
+pub mod upstream;
 pub mod usage;
 pub mod words;

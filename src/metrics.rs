@@ -373,7 +373,7 @@ pub struct Metrics {
     pub budget_rejections: IntCounterVec,
     pub records_dropped: IntCounter,
     /// Every try of an upstream (SPEC 10 fallbacks). Upstreams keep their
-    /// own `ok` handle (`proxy::upstream::Upstream::attempts_ok`).
+    /// own `ok` handle (`upstream::Upstream::attempts_ok`).
     pub upstream_attempts: IntCounterVec,
     /// What requests would have cost as another model (`[[shadow]]`).
     pub shadow_cost: Arc<MoneyCounter>,
@@ -751,7 +751,7 @@ impl Metrics {
     }
 
     /// Budget gauges from the ledger, set at scrape time.
-    pub fn publish_budgets(&self, budgets: &[(String, crate::budget::BudgetStatus)]) {
+    pub fn publish_budgets(&self, budgets: &[(String, crate::period::BudgetStatus)]) {
         for g in [
             &self.budget_limit,
             &self.budget_spent,

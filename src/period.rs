@@ -1,6 +1,7 @@
-//! Budget periods and a budget as configured (a limit per period): plain
-//! data the store keeps and the ledger enforces. Below both, so neither
-//! has to reach into the other for its types.
+//! Budget periods, a budget as configured (a limit per period) and a
+//! budget's state as shown (`BudgetStatus`): plain data the store keeps,
+//! the ledger enforces and the metrics publish. Below all three, so none
+//! has to reach up into another for its types.
 
 use chrono::{DateTime, Datelike, Duration, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
@@ -76,4 +77,13 @@ impl Period {
 pub struct Budget {
     pub limit: NanoUsd,
     pub period: Period,
+}
+
+/// A snapshot for gauges and headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BudgetStatus {
+    pub limit: NanoUsd,
+    pub spent: NanoUsd,
+    pub reserved: NanoUsd,
+    pub remaining: NanoUsd,
 }

@@ -13,7 +13,7 @@
 pub mod lease;
 pub mod shared;
 
-pub use crate::period::{Budget, Period};
+pub use crate::period::{Budget, BudgetStatus, Period};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -116,15 +116,6 @@ impl Account {
             Some(lease) => lease.db_spent.saturating_add(lease.unwritten),
         }
     }
-}
-
-/// A snapshot for gauges and headers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BudgetStatus {
-    pub limit: NanoUsd,
-    pub spent: NanoUsd,
-    pub reserved: NanoUsd,
-    pub remaining: NanoUsd,
 }
 
 #[derive(Debug, Default)]

@@ -18,10 +18,10 @@ use http_body_util::BodyExt;
 use super::request::{self, RequestMeta};
 use super::route::{Routed, UPSTREAM_HEADER};
 use super::settle::{Sent, Ticket};
-use super::upstream::Upstream;
 use crate::app::AppState;
 use crate::config::AuthMode;
 use crate::error::ApiError;
+use crate::upstream::Upstream;
 
 /// What came back from the upstream that answered last.
 pub struct Answer<'a> {

@@ -22,7 +22,6 @@ pub mod reserve;
 pub mod route;
 pub mod settle;
 pub mod stream;
-pub mod upstream;
 
 use std::sync::Arc;
 use std::time::Duration;

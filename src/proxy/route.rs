@@ -10,11 +10,11 @@ use http::HeaderMap;
 
 use super::request::RequestMeta;
 use super::settle::{Admission, Order, Ticket};
-use super::upstream::Upstream;
 use crate::app::AppState;
 use crate::config::UnpricedPolicy;
 use crate::error::ApiError;
 use crate::format::WireFormat;
+use crate::upstream::Upstream;
 
 /// Names the upstream a request must go to (no fallback then).
 pub const UPSTREAM_HEADER: &str = "x-tollgate-upstream";

@@ -33,9 +33,9 @@ use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::pricing::Catalog;
 use crate::proxy;
-use crate::proxy::upstream::Upstreams;
 use crate::store::spool::Spool;
 use crate::store::{Store, UsageWriter, WriterConfig};
+use crate::upstream::Upstreams;
 use connections::Phase;
 
 pub fn router(state: Arc<AppState>) -> Router {

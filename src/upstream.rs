@@ -1,5 +1,8 @@
-//! Upstream selection: configured providers, each with its own pooled
-//! client, chosen by the first model glob that matches.
+//! The configured upstreams: each a backend (`provider`) at a base URL
+//! with its own pooled client, the wire formats it takes and the model
+//! globs it serves; chosen by the first glob that matches. Built once at
+//! start (part of `app::AppState`), read by `proxy::route` and
+//! `proxy::forward`.
 
 use std::time::Duration;
 
