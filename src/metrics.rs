@@ -226,17 +226,22 @@ fn tier_index(tier: crate::usage::ServiceTier) -> usize {
 }
 
 /// Token kinds in `tollgate_tokens_total`, in `Series::tokens` order
-/// (`proxy::settle::token_kinds` fills them). `prompt` and `completion` are
-/// totals; the others say which part of a total was which kind.
-pub const TOKEN_KINDS: [&str; 8] = [
+/// (`proxy::settle::token_kinds` fills them): the two totals (`prompt`,
+/// `completion`), then every meter by its name (`usage::Meter::ALL`; they
+/// add up to the totals), then `reasoning` (a part of `output`).
+pub const TOKEN_KINDS: [&str; crate::usage::meter::Meter::COUNT + 3] = [
     "prompt",
     "completion",
-    "cached",
-    "reasoning",
-    "audio_prompt",
-    "audio_completion",
+    "input",
+    "cached_input",
     "cache_write",
-    "image",
+    "cache_write_1h",
+    "output",
+    "audio_input",
+    "audio_output",
+    "image_input",
+    "image_output",
+    "reasoning",
 ];
 
 impl Series {
@@ -412,7 +417,7 @@ impl Metrics {
         let tokens = IntCounterVec::new(
             Opts::new(
                 "tollgate_tokens_total",
-                "Tokens metered, by kind (prompt, completion, cached).",
+                "Tokens metered, by kind (the totals prompt and completion, each meter by name, reasoning).",
             ),
             &["team", "model", "kind"],
         )?;
@@ -863,6 +868,15 @@ impl<C: Collector> Collector for SharedCollector<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_kinds_are_the_totals_then_the_meters_by_name() {
+        let meters: Vec<&str> = crate::usage::meter::Meter::ALL
+            .iter()
+            .map(|m| m.name())
+            .collect();
+        assert_eq!(&TOKEN_KINDS[2..2 + meters.len()], meters.as_slice());
+    }
 
     #[test]
     fn model_labels_are_capped() {

@@ -169,9 +169,9 @@ async fn claude_messages_are_priced_exactly_streamed_or_not() {
         let breakdown: Value = serde_json::from_str(&r.cost_breakdown).unwrap_or_default();
         assert_eq!(
             breakdown,
-            // Both cache writes in one line: 1,500,000 (5 min) + 600,000 (1 h).
-            json!({"input": 3_000_000, "cached_input": 600_000, "cache_write": 2_100_000,
-                   "output": 3_000_000, "tool_calls": 20_000_000}),
+            // A line per meter: 1,500,000 for 5-minute writes, 600,000 for 1-hour ones.
+            json!({"input": 3_000_000, "cached_input": 600_000, "cache_write": 1_500_000,
+                   "cache_write_1h": 600_000, "output": 3_000_000, "tool_calls": 20_000_000}),
             "{r:?}"
         );
         // The meters keep what the breakdown and the count columns fold.

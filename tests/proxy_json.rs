@@ -80,7 +80,13 @@ async fn chat_completion_is_priced_exactly_and_recorded() {
         ("status", "200"),
     ];
     assert_eq!(metric(&m, "tollgate_requests_total", &labels), Some(1.0));
-    for (kind, n) in [("prompt", 1000.0), ("completion", 500.0), ("cached", 200.0)] {
+    for (kind, n) in [
+        ("prompt", 1000.0),
+        ("completion", 500.0),
+        ("input", 800.0),
+        ("cached_input", 200.0),
+        ("output", 500.0),
+    ] {
         let labels = [("team", "search"), ("model", "gpt-4o-mini"), ("kind", kind)];
         assert_eq!(
             metric(&m, "tollgate_tokens_total", &labels),

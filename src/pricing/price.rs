@@ -11,26 +11,15 @@ use crate::usage::{Encoding, ServiceTier, Usage};
 /// list for prices, the breakdown, the row and the metrics.
 pub use crate::usage::meter::Meter;
 
-/// The line of the cost breakdown a meter's cost is billed on.
-fn line_of(m: Meter) -> Line {
-    match m {
-        Meter::Input => Line::Input,
-        Meter::Output => Line::Output,
-        Meter::CachedInput => Line::CachedInput,
-        Meter::CacheWrite | Meter::CacheWrite1h => Line::CacheWrite,
-        Meter::AudioInput => Line::AudioInput,
-        Meter::AudioOutput => Line::AudioOutput,
-        Meter::ImageInput => Line::ImageInput,
-        Meter::ImageOutput => Line::ImageOutput,
-    }
-}
-
-/// A line of a request's cost breakdown (the `cost_breakdown` keys).
+/// A line of a request's cost breakdown (the `cost_breakdown` keys): one
+/// per meter, in `Meter::ALL` order and by the meter's name, then the
+/// per-call fees and a self-hosted model's GPU share.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Line {
     Input,
     CachedInput,
     CacheWrite,
+    CacheWrite1h,
     Output,
     AudioInput,
     AudioOutput,
@@ -42,11 +31,12 @@ pub enum Line {
 }
 
 impl Line {
-    pub const COUNT: usize = 10;
+    pub const COUNT: usize = Meter::COUNT + 2;
     pub const ALL: [Line; Line::COUNT] = [
         Line::Input,
         Line::CachedInput,
         Line::CacheWrite,
+        Line::CacheWrite1h,
         Line::Output,
         Line::AudioInput,
         Line::AudioOutput,
@@ -56,19 +46,26 @@ impl Line {
         Line::Gpu,
     ];
 
+    /// The line a meter's cost is billed on.
+    pub fn of(m: Meter) -> Line {
+        Line::ALL[m as usize]
+    }
+
+    /// The meter this line bills, if it is a meter's.
+    pub fn meter(self) -> Option<Meter> {
+        Meter::ALL.get(self as usize).copied()
+    }
+
     pub fn name(self) -> &'static str {
-        match self {
-            Line::Input => "input",
-            Line::CachedInput => "cached_input",
-            Line::CacheWrite => "cache_write",
-            Line::Output => "output",
-            Line::AudioInput => "audio_input",
-            Line::AudioOutput => "audio_output",
-            Line::ImageInput => "image_input",
-            Line::ImageOutput => "image_output",
-            Line::ToolCalls => "tool_calls",
-            Line::Gpu => "gpu",
+        match (self.meter(), self) {
+            (Some(m), _) => m.name(),
+            (None, Line::ToolCalls) => "tool_calls",
+            (None, _) => "gpu",
         }
+    }
+
+    pub fn from_name(name: &str) -> Option<Line> {
+        Line::ALL.into_iter().find(|l| l.name() == name)
     }
 }
 
@@ -91,6 +88,19 @@ impl Breakdown {
 
     pub fn total(&self) -> u64 {
         self.0.iter().sum()
+    }
+
+    /// Reads a `cost_breakdown` column (or spooled row); names it does not
+    /// know are skipped, text that is not such an object is `None`.
+    pub fn parse(text: &str) -> Option<Breakdown> {
+        let map: std::collections::HashMap<String, u64> = serde_json::from_str(text).ok()?;
+        let mut out = Breakdown::default();
+        for (name, n) in map {
+            if let Some(line) = Line::from_name(&name) {
+                out.0[line as usize] = n;
+            }
+        }
+        Some(out)
     }
 
     /// `{"input": 123, ...}`, zero lines omitted (the `cost_breakdown` column).
@@ -394,7 +404,7 @@ impl ModelPrice {
             let n = c.count(clamped);
             if n > 0 {
                 let z = u128::from(n).saturating_mul(rates.effective(c).0);
-                let line = &mut zepto[line_of(c) as usize];
+                let line = &mut zepto[Line::of(c) as usize];
                 *line = line.saturating_add(z);
             }
         }
@@ -639,6 +649,24 @@ const ZEPTO_PER_NANO_U64: u64 = 1_000_000_000_000;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_meter_has_its_own_breakdown_line_by_its_name() {
+        for m in Meter::ALL {
+            assert_eq!(Line::of(m).meter(), Some(m));
+            assert_eq!(Line::of(m).name(), m.name());
+        }
+        let names: Vec<&str> = Line::ALL.iter().map(|l| l.name()).collect();
+        let mut unique = names.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), Line::COUNT, "{names:?}");
+        let mut b = Breakdown::default();
+        b.0[Line::CacheWrite1h as usize] = 7;
+        b.0[Line::Gpu as usize] = 3;
+        assert_eq!(b.to_json(), r#"{"cache_write_1h":7,"gpu":3}"#);
+        assert_eq!(Breakdown::parse(&b.to_json()), Some(b));
+    }
 
     fn rate(usd_per_m: &str) -> Rate {
         Rate::from_usd_per_million(usd_per_m).unwrap_or_default()

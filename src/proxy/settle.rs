@@ -500,16 +500,16 @@ fn merged_tool_calls(a: ToolCalls, b: ToolCalls) -> ToolCalls {
     }
 }
 
-/// Token counts in `metrics::TOKEN_KINDS` order.
+/// Token counts in `metrics::TOKEN_KINDS` order: the totals, each meter,
+/// reasoning.
 pub fn token_kinds(u: &Usage) -> [u64; crate::metrics::TOKEN_KINDS.len()] {
-    [
-        u.prompt_tokens,
-        u.completion_tokens,
-        u.cached_tokens,
-        u.reasoning_tokens,
-        u.audio_prompt_tokens,
-        u.audio_completion_tokens,
-        u.cache_write_tokens + u.cache_write_1h_tokens,
-        u.image_prompt_tokens + u.image_completion_tokens,
-    ]
+    let clamped = u.clamped();
+    let mut out = [0; crate::metrics::TOKEN_KINDS.len()];
+    out[0] = clamped.prompt_tokens;
+    out[1] = clamped.completion_tokens;
+    for (slot, m) in out[2..].iter_mut().zip(crate::usage::meter::Meter::ALL) {
+        *slot = m.count(&clamped);
+    }
+    out[out.len() - 1] = clamped.reasoning_tokens;
+    out
 }

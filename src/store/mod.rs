@@ -385,13 +385,10 @@ impl CountsRow {
             },
             None => usage,
         };
-        let mut breakdown = [0u64; crate::pricing::Line::COUNT];
         let text: String = r.try_get("breakdown")?;
-        if let Ok(map) = serde_json::from_str::<std::collections::HashMap<String, u64>>(&text) {
-            for (i, line) in crate::pricing::Line::ALL.iter().enumerate() {
-                breakdown[i] = map.get(line.name()).copied().unwrap_or(0);
-            }
-        }
+        let breakdown = crate::pricing::Breakdown::parse(&text)
+            .unwrap_or_default()
+            .0;
         Ok(CountsRow {
             team: r.try_get("team")?,
             model: r.try_get("model")?,

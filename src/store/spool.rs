@@ -58,8 +58,11 @@ struct SpoolRow {
     tool_calls: u64,
     #[serde(default)]
     provider: String,
-    /// Nano-USD per breakdown line, in `Line::ALL` order.
+    /// Nano-USD per breakdown line, by name (the `cost_breakdown` column).
     #[serde(default)]
+    breakdown: Option<String>,
+    /// Rows spooled before `breakdown`: nano-USD per line, in `LEGACY_LINES` order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     cost_breakdown: Vec<u64>,
     #[serde(default = "one")]
     attempts: u16,
@@ -76,6 +79,31 @@ struct SpoolRow {
 
 fn one() -> u16 {
     1
+}
+
+/// The breakdown lines of rows spooled before breakdowns were spooled by
+/// name (the 1-hour cache writes were then on `cache_write`).
+const LEGACY_LINES: [&str; 10] = [
+    "input",
+    "cached_input",
+    "cache_write",
+    "output",
+    "audio_input",
+    "audio_output",
+    "image_input",
+    "image_output",
+    "tool_calls",
+    "gpu",
+];
+
+fn legacy_breakdown(positional: &[u64]) -> crate::pricing::Breakdown {
+    let mut b = crate::pricing::Breakdown::default();
+    for (name, n) in LEGACY_LINES.iter().zip(positional) {
+        if let Some(line) = crate::pricing::Line::from_name(name) {
+            b.0[line as usize] = *n;
+        }
+    }
+    b
 }
 
 impl SpoolRow {
@@ -106,7 +134,8 @@ impl SpoolRow {
             image_tokens: r.image_tokens,
             tool_calls: r.tool_calls,
             provider: r.provider.to_string(),
-            cost_breakdown: r.cost_breakdown.0.to_vec(),
+            breakdown: Some(r.cost_breakdown.to_json()),
+            cost_breakdown: Vec::new(),
             attempts: r.attempts,
             choices: r.choices,
             capped: r.capped,
@@ -159,12 +188,9 @@ impl SpoolRow {
             image_tokens: self.image_tokens,
             tool_calls: self.tool_calls,
             provider: crate::pricing::price::intern(&self.provider),
-            cost_breakdown: {
-                let mut b = crate::pricing::Breakdown::default();
-                for (slot, n) in b.0.iter_mut().zip(self.cost_breakdown) {
-                    *slot = n;
-                }
-                b
+            cost_breakdown: match self.breakdown.as_deref() {
+                Some(text) => crate::pricing::Breakdown::parse(text).unwrap_or_default(),
+                None => legacy_breakdown(&self.cost_breakdown),
             },
             attempts: self.attempts,
             choices: self.choices,
@@ -542,11 +568,36 @@ mod tests {
             attempts: 1,
             choices: 1,
             capped: false,
-            cost_breakdown: crate::pricing::Breakdown([1, 0, 0, 2, 0, 0, 0, 0, 0, 0]),
+            cost_breakdown: crate::pricing::Breakdown([1, 0, 0, 5, 2, 0, 0, 0, 0, 0, 0]),
             meters: crate::usage::meter::Meters::of(&crate::usage::Usage::tokens(1, 2)),
             budget_period: Some("total".into()),
             lease_node: None,
         }
+    }
+
+    #[test]
+    fn a_row_spooled_with_the_positional_breakdown_reads_back_by_line() {
+        let mut line: serde_json::Value =
+            serde_json::to_value(SpoolRow::from_record(&row("old"), None))
+                .unwrap_or_else(|e| panic!("{e}"));
+        line["breakdown"] = serde_json::Value::Null;
+        line["cost_breakdown"] = serde_json::json!([10, 20, 30, 40, 0, 0, 0, 0, 50, 60]);
+        let old: SpoolRow = serde_json::from_value(line).unwrap_or_else(|e| panic!("{e}"));
+        let b = old.into_record().cost_breakdown;
+        use crate::pricing::Line;
+        let lines = [
+            (Line::Input, 10),
+            (Line::CachedInput, 20),
+            (Line::CacheWrite, 30),
+            (Line::Output, 40),
+            (Line::ToolCalls, 50),
+            (Line::Gpu, 60),
+        ];
+        for (l, n) in lines {
+            assert_eq!(b.get(l), n, "{l:?}");
+        }
+        assert_eq!(b.get(Line::CacheWrite1h), 0);
+        assert_eq!(b.total(), 210);
     }
 
     #[test]
