@@ -323,8 +323,8 @@ fn caching(rows: &[&CountsRow], catalog: &Catalog) -> Value {
     let (mut prompt, mut cached, mut saved) = (0u64, 0u64, 0u64);
     for r in rows {
         prompt += r.usage.prompt_tokens;
-        cached += r.usage.cached_tokens;
-        if r.usage.cached_tokens > 0 {
+        cached += r.usage.cached();
+        if r.usage.cached() > 0 {
             if let Some(p) = price_of(catalog, r).filter(|p| !gpu_priced(p)) {
                 saved += p
                     .price(&r.usage, tier_of(r), catalog.tool_call_fees())

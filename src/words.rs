@@ -400,7 +400,7 @@ fn count(sample: &Sample) -> Vec<(Key, Sums)> {
         }
     };
     let request = serde_json::from_slice::<Value>(&sample.request).unwrap_or(Value::Null);
-    if u.audio_prompt_tokens == 0 && u.image_prompt_tokens == 0 {
+    if u.audio_prompt_tokens.unwrap_or(0) == 0 && u.image_prompt_tokens.unwrap_or(0) == 0 {
         if let Some(text) = prompt_text(sample.endpoint, &request) {
             side(Side::Prompt, text, u.prompt_tokens);
         }
@@ -408,9 +408,9 @@ fn count(sample: &Sample) -> Vec<(Key, Sums)> {
     // Claude's extended thinking bills every thinking token as output but
     // shows a summary: its answers' words are not their tokens'.
     let thinking = request["thinking"]["type"] == "enabled";
-    let plain_answer = u.reasoning_tokens == 0
-        && u.audio_completion_tokens == 0
-        && u.image_completion_tokens == 0
+    let plain_answer = u.reasoning() == 0
+        && u.audio_completion_tokens.unwrap_or(0) == 0
+        && u.image_completion_tokens.unwrap_or(0) == 0
         && !thinking;
     if plain_answer && sample.endpoint != Endpoint::Embeddings {
         let mut text = TextCount::default();
@@ -650,7 +650,7 @@ mod tests {
             ]
         );
         let reasoning = Usage {
-            reasoning_tokens: 100,
+            reasoning_tokens: Some(100),
             ..Usage::tokens(6, 104)
         };
         assert_eq!(count(&sample(reasoning)).len(), 1);

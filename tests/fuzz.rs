@@ -288,10 +288,16 @@ proptest! {
         format in prop::sample::select(vec![WireFormat::OpenAi, WireFormat::Anthropic, WireFormat::Gemini]),
     ) {
         if let Some(u) = format.read_body(Endpoint::ChatCompletions, &body).usage {
-            prop_assert!(u.cached_tokens + u.cache_write_tokens + u.cache_write_1h_tokens
-                + u.audio_prompt_tokens + u.image_prompt_tokens <= u.prompt_tokens);
-            prop_assert!(u.reasoning_tokens + u.audio_completion_tokens + u.image_completion_tokens
-                <= u.completion_tokens);
+            // The meters add up to the totals exactly: no part claims
+            // more than its total leaves.
+            use tollgate::usage::meter::Meter;
+            let side = |prompt: bool| -> u64 {
+                Meter::ALL.iter().filter(|m| m.is_prompt() == prompt).map(|m| m.count(&u)).sum()
+            };
+            prop_assert_eq!(side(true), u.prompt_tokens);
+            prop_assert_eq!(side(false), u.completion_tokens);
+            prop_assert!(u.reasoning() + u.audio_completion_tokens.unwrap_or(0)
+                + u.image_completion_tokens.unwrap_or(0) <= u.completion_tokens);
         }
     }
 

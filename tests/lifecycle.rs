@@ -313,8 +313,8 @@ fn import_litellm_converts_the_public_cost_map() {
         Some(55_000_000)
     );
     let audio = Usage {
-        audio_prompt_tokens: 800,
-        audio_completion_tokens: 400,
+        audio_prompt_tokens: Some(800),
+        audio_completion_tokens: Some(400),
         ..Usage::tokens(1_000, 500)
     };
     assert_eq!(
@@ -344,7 +344,7 @@ fn import_litellm_converts_the_public_cost_map() {
     let deepseek = tollgate::pricing::Catalog::parse(&String::from_utf8_lossy(&out.stdout), 6.0)
         .unwrap_or_else(|e| panic!("{e}"));
     let hits = Usage {
-        cached_tokens: 9_000,
+        cached_tokens: Some(9_000),
         ..Usage::tokens(10_000, 0)
     };
     assert_eq!(

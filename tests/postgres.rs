@@ -506,9 +506,9 @@ fn stored_row(
     let usage = Usage {
         prompt_tokens: 1_200,
         completion_tokens: 300,
-        cached_tokens: 200,
-        cache_write_tokens: 50,
-        cache_write_1h_tokens: 25,
+        cached_tokens: Some(200),
+        cache_write_tokens: Some(50),
+        cache_write_1h_tokens: Some(25),
         tool_calls: ToolCalls {
             web_search: 1,
             file_search: 2,
@@ -532,7 +532,7 @@ fn stored_row(
         status: 200,
         prompt_tokens: usage.prompt_tokens,
         completion_tokens: usage.completion_tokens,
-        cached_tokens: usage.cached_tokens,
+        cached_tokens: usage.cached(),
         cost_nano_usd: breakdown.0.iter().sum(),
         token_source: "upstream",
         latency_ms: 42,

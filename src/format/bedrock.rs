@@ -79,14 +79,13 @@ impl ConverseUsage {
         if self.input_tokens.is_none() && self.output_tokens.is_none() {
             return None;
         }
-        let read = self.cache_read_input_tokens.unwrap_or(0);
-        let written = self.cache_write_input_tokens.unwrap_or(0);
+        let (read, written) = (self.cache_read_input_tokens, self.cache_write_input_tokens);
         Some(Usage {
             prompt_tokens: self
                 .input_tokens
                 .unwrap_or(0)
-                .saturating_add(read)
-                .saturating_add(written),
+                .saturating_add(read.unwrap_or(0))
+                .saturating_add(written.unwrap_or(0)),
             completion_tokens: self.output_tokens.unwrap_or(0),
             cached_tokens: read,
             cache_write_tokens: written,
@@ -322,7 +321,7 @@ mod tests {
                 u.cache_write_tokens,
                 u.completion_tokens
             ),
-            (1400, 1000, 300, 20)
+            (1400, Some(1000), Some(300), 20)
         );
         assert!(facts.served.capped);
     }

@@ -71,11 +71,13 @@ struct ModalityCount {
 }
 
 impl Metadata {
-    fn modality(details: &[ModalityCount], modality: &str) -> u64 {
+    /// The tokens of one modality, `None` when no detail names it.
+    fn modality(details: &[ModalityCount], modality: &str) -> Option<u64> {
         details
             .iter()
             .filter(|d| d.modality == modality)
-            .fold(0u64, |n, d| n.saturating_add(d.token_count))
+            .map(|d| d.token_count)
+            .reduce(u64::saturating_add)
     }
 
     /// `None` when it reports no count at all.
@@ -83,7 +85,7 @@ impl Metadata {
         if self.prompt_token_count.is_none() && self.candidates_token_count.is_none() {
             return None;
         }
-        let thoughts = self.thoughts_token_count.unwrap_or(0);
+        let thoughts = self.thoughts_token_count;
         let usage = Usage {
             prompt_tokens: self
                 .prompt_token_count
@@ -92,8 +94,8 @@ impl Metadata {
             completion_tokens: self
                 .candidates_token_count
                 .unwrap_or(0)
-                .saturating_add(thoughts),
-            cached_tokens: self.cached_content_token_count.unwrap_or(0),
+                .saturating_add(thoughts.unwrap_or(0)),
+            cached_tokens: self.cached_content_token_count,
             audio_prompt_tokens: Self::modality(&self.prompt_tokens_details, "AUDIO"),
             image_prompt_tokens: Self::modality(&self.prompt_tokens_details, "IMAGE"),
             reasoning_tokens: thoughts,
@@ -350,9 +352,9 @@ mod tests {
         let u = facts.usage.unwrap_or(Usage::NONE);
         assert_eq!(
             (u.prompt_tokens, u.cached_tokens, u.audio_prompt_tokens),
-            (1207, 1000, 207)
+            (1207, Some(1000), Some(207))
         );
-        assert_eq!((u.completion_tokens, u.reasoning_tokens), (80, 30));
+        assert_eq!((u.completion_tokens, u.reasoning_tokens), (80, Some(30)));
         assert_eq!(facts.served.model.as_deref(), Some("gemini-2.5-flash"));
         assert!(facts.served.capped);
         assert_eq!(facts.served.tool_calls.web_search, 1);

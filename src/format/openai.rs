@@ -280,7 +280,7 @@ mod tests {
         assert_eq!(
             sum.usage
                 .map(|u| (u.prompt_tokens, u.completion_tokens, u.cached_tokens)),
-            Some((5, 1, 2))
+            Some((5, 1, Some(2)))
         );
         assert_eq!(sum.texts, vec!["Hi".to_string()]);
     }

@@ -540,7 +540,7 @@ mod tests {
 
     fn usage(p: u64, c: u64, cached: u64) -> Usage {
         Usage {
-            cached_tokens: cached,
+            cached_tokens: Some(cached),
             ..Usage::tokens(p, c)
         }
     }

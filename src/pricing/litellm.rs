@@ -381,8 +381,8 @@ mod tests {
             .price
             .unwrap_or_else(|| panic!("no audio"));
         let u = Usage {
-            audio_prompt_tokens: 800,
-            audio_completion_tokens: 400,
+            audio_prompt_tokens: Some(800),
+            audio_completion_tokens: Some(400),
             ..Usage::tokens(1_000, 500)
         };
         assert_eq!(audio.cost(&u), NanoUsd(65_500_000));
@@ -407,8 +407,8 @@ mod tests {
             .unwrap_or_else(|| panic!("no claude"));
         assert_eq!(claude.provider, Some("anthropic"));
         let u = Usage {
-            cache_write_tokens: 1_000_000,
-            cache_write_1h_tokens: 1_000_000,
+            cache_write_tokens: Some(1_000_000),
+            cache_write_1h_tokens: Some(1_000_000),
             ..Usage::tokens(2_000_000, 0)
         };
         assert_eq!(claude.cost(&u), NanoUsd(9_750_000_000));
@@ -420,7 +420,7 @@ mod tests {
             .price
             .unwrap_or_else(|| panic!("no deepseek"));
         let u = Usage {
-            cached_tokens: 9_000,
+            cached_tokens: Some(9_000),
             ..Usage::tokens(10_000, 0)
         };
         assert_eq!(ds.cost(&u), NanoUsd(532_000));

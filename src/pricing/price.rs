@@ -361,13 +361,13 @@ impl ModelPrice {
             acc.add_zepto(z);
         }
         let total = acc.nano_usd();
-        let cache_savings = if clamped.cached_tokens > 0 {
+        let cache_savings = if clamped.cached() > 0 {
             let saved_per_token = rates
                 .effective(Meter::Input)
                 .0
                 .saturating_sub(rates.effective(Meter::CachedInput).0);
             let mut saved = CostAccumulator::default();
-            saved.add(clamped.cached_tokens, Rate(saved_per_token));
+            saved.add(clamped.cached(), Rate(saved_per_token));
             saved.nano_usd()
         } else {
             NanoUsd(0)
@@ -716,8 +716,8 @@ mod tests {
         p.rates.set(Meter::AudioInput, Some(rate("40")));
         p.rates.set(Meter::AudioOutput, Some(rate("80")));
         let u = Usage {
-            audio_prompt_tokens: 800,
-            audio_completion_tokens: 400,
+            audio_prompt_tokens: Some(800),
+            audio_completion_tokens: Some(400),
             ..Usage::tokens(1_000, 500)
         };
         let priced = p.price(&u, ServiceTier::Standard, &[]);
@@ -783,7 +783,7 @@ mod tests {
         let mut p = ModelPrice::text(rate("0.0004"), rate("0.0004"));
         p.rates.set(Meter::CachedInput, Some(rate("0.0004")));
         let u = Usage {
-            cached_tokens: 1,
+            cached_tokens: Some(1),
             ..Usage::tokens(2, 1)
         };
         let priced = p.price(&u, ServiceTier::Standard, &[]);
@@ -792,7 +792,7 @@ mod tests {
         // Cached and input at the same rate: nothing saved.
         assert_eq!(priced.cache_savings, NanoUsd(0));
         let u = Usage {
-            cached_tokens: 1_000,
+            cached_tokens: Some(1_000),
             ..Usage::tokens(1_000, 0)
         };
         assert_eq!(

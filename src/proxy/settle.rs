@@ -399,17 +399,17 @@ fn record(state: &AppState, t: Ticket, row: Row<'_>) {
         status: row.status,
         prompt_tokens: usage.prompt_tokens,
         completion_tokens: usage.completion_tokens,
-        cached_tokens: usage.cached_tokens,
+        cached_tokens: usage.cached(),
         cost_nano_usd: priced.total.0,
         token_source: usage.source.label(),
         latency_ms: u64::try_from(row.latency.as_millis()).unwrap_or(u64::MAX),
         end_user: order.end_user,
         service_tier: served.tier.and_then(ServiceTier::label),
-        reasoning_tokens: usage.reasoning_tokens,
-        audio_prompt_tokens: usage.audio_prompt_tokens,
-        audio_completion_tokens: usage.audio_completion_tokens,
-        cache_write_tokens: usage.cache_write_tokens + usage.cache_write_1h_tokens,
-        image_tokens: usage.image_prompt_tokens + usage.image_completion_tokens,
+        reasoning_tokens: usage.reasoning(),
+        audio_prompt_tokens: usage.audio_prompt_tokens.unwrap_or(0),
+        audio_completion_tokens: usage.audio_completion_tokens.unwrap_or(0),
+        cache_write_tokens: usage.cache_writes(),
+        image_tokens: usage.images(),
         tool_calls: usage.tool_calls.total(),
         provider,
         attempts: sent.attempts,
@@ -510,6 +510,6 @@ pub fn token_kinds(u: &Usage) -> [u64; crate::metrics::TOKEN_KINDS.len()] {
     for (slot, m) in out[2..].iter_mut().zip(crate::usage::meter::Meter::ALL) {
         *slot = m.count(&clamped);
     }
-    out[out.len() - 1] = clamped.reasoning_tokens;
+    out[out.len() - 1] = clamped.reasoning();
     out
 }

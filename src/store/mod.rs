@@ -364,12 +364,12 @@ impl CountsRow {
         let usage = crate::usage::Usage {
             prompt_tokens: n("prompt_tokens")?,
             completion_tokens: n("completion_tokens")?,
-            cached_tokens: n("cached_tokens")?,
-            cache_write_tokens: n("cache_write_tokens")?,
-            audio_prompt_tokens: n("audio_prompt_tokens")?,
-            audio_completion_tokens: n("audio_completion_tokens")?,
-            image_prompt_tokens: n("image_tokens")?,
-            reasoning_tokens: n("reasoning_tokens")?,
+            cached_tokens: Some(n("cached_tokens")?),
+            cache_write_tokens: Some(n("cache_write_tokens")?),
+            audio_prompt_tokens: Some(n("audio_prompt_tokens")?),
+            audio_completion_tokens: Some(n("audio_completion_tokens")?),
+            image_prompt_tokens: Some(n("image_tokens")?),
+            reasoning_tokens: Some(n("reasoning_tokens")?),
             tool_calls: crate::usage::ToolCalls {
                 web_search: u32::try_from(n("tool_calls")?).unwrap_or(u32::MAX),
                 file_search: 0,

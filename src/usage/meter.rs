@@ -84,34 +84,49 @@ impl Meter {
         )
     }
 
-    /// This meter's count in a usage already `clamped` (its parts within
-    /// their totals).
-    pub fn count(self, u: &Usage) -> u64 {
+    /// The part of a usage this meter counts, for a part-meter; `None`
+    /// for the plain text ones (what the parts leave of a total).
+    fn part(self, u: &Usage) -> Option<Option<u64>> {
         match self {
-            Meter::Input => {
-                u.prompt_tokens
-                    - u.cached_tokens
-                    - u.cache_write_tokens
-                    - u.cache_write_1h_tokens
-                    - u.audio_prompt_tokens
-                    - u.image_prompt_tokens
-            }
-            Meter::CachedInput => u.cached_tokens,
-            Meter::CacheWrite => u.cache_write_tokens,
-            Meter::CacheWrite1h => u.cache_write_1h_tokens,
-            Meter::AudioInput => u.audio_prompt_tokens,
-            Meter::ImageInput => u.image_prompt_tokens,
-            Meter::Output => {
-                u.completion_tokens - u.audio_completion_tokens - u.image_completion_tokens
-            }
-            Meter::AudioOutput => u.audio_completion_tokens,
-            Meter::ImageOutput => u.image_completion_tokens,
+            Meter::Input | Meter::Output => None,
+            Meter::CachedInput => Some(u.cached_tokens),
+            Meter::CacheWrite => Some(u.cache_write_tokens),
+            Meter::CacheWrite1h => Some(u.cache_write_1h_tokens),
+            Meter::AudioInput => Some(u.audio_prompt_tokens),
+            Meter::ImageInput => Some(u.image_prompt_tokens),
+            Meter::AudioOutput => Some(u.audio_completion_tokens),
+            Meter::ImageOutput => Some(u.image_completion_tokens),
         }
+    }
+
+    /// This meter's count as reported in a usage already `clamped` (its
+    /// parts within their totals): `None` when the provider did not report
+    /// the part. The plain text meters are always known: what the parts
+    /// reported leave of their total.
+    pub fn reported(self, u: &Usage) -> Option<u64> {
+        if let Some(part) = self.part(u) {
+            return part;
+        }
+        let parts = Meter::ALL
+            .into_iter()
+            .filter(|m| m.is_prompt() == self.is_prompt())
+            .filter_map(|m| m.part(u).flatten())
+            .fold(0u64, u64::saturating_add);
+        let total = if self.is_prompt() {
+            u.prompt_tokens
+        } else {
+            u.completion_tokens
+        };
+        Some(total.saturating_sub(parts))
+    }
+
+    /// This meter's count in a usage already `clamped`, 0 when not reported.
+    pub fn count(self, u: &Usage) -> u64 {
+        self.reported(u).unwrap_or(0)
     }
 
     /// Adds `n` of this meter to a usage (the inverse of `count`).
     fn add_to(self, u: &mut Usage, n: u64) {
-        let prompt = self.is_prompt();
         let part = match self {
             Meter::Input | Meter::Output => None,
             Meter::CachedInput => Some(&mut u.cached_tokens),
@@ -123,9 +138,9 @@ impl Meter {
             Meter::ImageOutput => Some(&mut u.image_completion_tokens),
         };
         if let Some(part) = part {
-            *part = part.saturating_add(n);
+            *part = Some(part.unwrap_or(0).saturating_add(n));
         }
-        let total = if prompt {
+        let total = if self.is_prompt() {
             &mut u.prompt_tokens
         } else {
             &mut u.completion_tokens
@@ -203,7 +218,7 @@ impl Meters {
     /// stored row again.
     pub fn to_usage(&self) -> Usage {
         let mut u = Usage::NONE;
-        for m in Meter::ALL {
+        for m in Meter::ALL.into_iter().filter(|m| self.get(*m) > 0) {
             m.add_to(&mut u, self.get(m));
         }
         u.tool_calls = self.calls;
@@ -220,13 +235,13 @@ mod tests {
         let u = Usage {
             prompt_tokens: 1_000,
             completion_tokens: 300,
-            cached_tokens: 200,
-            cache_write_tokens: 100,
-            cache_write_1h_tokens: 50,
-            audio_prompt_tokens: 40,
-            image_prompt_tokens: 30,
-            audio_completion_tokens: 20,
-            image_completion_tokens: 10,
+            cached_tokens: Some(200),
+            cache_write_tokens: Some(100),
+            cache_write_1h_tokens: Some(50),
+            audio_prompt_tokens: Some(40),
+            image_prompt_tokens: Some(30),
+            audio_completion_tokens: Some(20),
+            image_completion_tokens: Some(10),
             tool_calls: ToolCalls {
                 web_search: 2,
                 file_search: 1,

@@ -131,27 +131,29 @@ impl TokenSource {
     }
 }
 
-/// What a request consumed, as the provider reports it (SPEC 9). Totals
-/// keep their old meaning: `prompt_tokens` is the whole prompt (cached,
-/// cache-written, audio and image tokens included) and `completion_tokens`
-/// the whole completion (reasoning and audio included); the other fields
-/// say which part of a total was which kind.
+/// What a request consumed, as the provider reports it (SPEC 9): a count
+/// per meter (`meter::Meter`), where a part the provider did not report is
+/// `None`, not 0. Totals keep their old meaning: `prompt_tokens` is the
+/// whole prompt (cached, cache-written, audio and image tokens included)
+/// and `completion_tokens` the whole completion (reasoning and audio
+/// included); the parts say which share of a total was which kind, and
+/// what no part claims is plain text (`Meter::Input`, `Meter::Output`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     /// Prompt tokens read from the provider's prompt cache.
-    pub cached_tokens: u64,
+    pub cached_tokens: Option<u64>,
     /// Prompt tokens written to the cache (Anthropic: 5-minute lifetime).
-    pub cache_write_tokens: u64,
+    pub cache_write_tokens: Option<u64>,
     /// Prompt tokens written to the cache for an hour (Anthropic).
-    pub cache_write_1h_tokens: u64,
-    pub audio_prompt_tokens: u64,
-    pub image_prompt_tokens: u64,
+    pub cache_write_1h_tokens: Option<u64>,
+    pub audio_prompt_tokens: Option<u64>,
+    pub image_prompt_tokens: Option<u64>,
     /// Completion tokens spent reasoning (billed as output).
-    pub reasoning_tokens: u64,
-    pub audio_completion_tokens: u64,
-    pub image_completion_tokens: u64,
+    pub reasoning_tokens: Option<u64>,
+    pub audio_completion_tokens: Option<u64>,
+    pub image_completion_tokens: Option<u64>,
     /// Built-in tool calls the provider bills per call.
     pub tool_calls: ToolCalls,
     pub source: TokenSource,
@@ -161,14 +163,14 @@ impl Usage {
     pub const NONE: Usage = Usage {
         prompt_tokens: 0,
         completion_tokens: 0,
-        cached_tokens: 0,
-        cache_write_tokens: 0,
-        cache_write_1h_tokens: 0,
-        audio_prompt_tokens: 0,
-        image_prompt_tokens: 0,
-        reasoning_tokens: 0,
-        audio_completion_tokens: 0,
-        image_completion_tokens: 0,
+        cached_tokens: None,
+        cache_write_tokens: None,
+        cache_write_1h_tokens: None,
+        audio_prompt_tokens: None,
+        image_prompt_tokens: None,
+        reasoning_tokens: None,
+        audio_completion_tokens: None,
+        image_completion_tokens: None,
         tool_calls: ToolCalls::NONE,
         source: TokenSource::Upstream,
     };
@@ -182,7 +184,30 @@ impl Usage {
         }
     }
 
+    /// Cached prompt tokens, 0 when not reported.
+    pub fn cached(&self) -> u64 {
+        self.cached_tokens.unwrap_or(0)
+    }
+
+    /// Reasoning tokens, 0 when not reported.
+    pub fn reasoning(&self) -> u64 {
+        self.reasoning_tokens.unwrap_or(0)
+    }
+
+    /// Both cache writes (the `cache_write_tokens` column), 0 when not reported.
+    pub fn cache_writes(&self) -> u64 {
+        let n = |p: Option<u64>| p.unwrap_or(0);
+        n(self.cache_write_tokens).saturating_add(n(self.cache_write_1h_tokens))
+    }
+
+    /// Image tokens in and out (the `image_tokens` column), 0 when not reported.
+    pub fn images(&self) -> u64 {
+        let n = |p: Option<u64>| p.unwrap_or(0);
+        n(self.image_prompt_tokens).saturating_add(n(self.image_completion_tokens))
+    }
+
     /// Details that cannot exceed their totals, as a provider might claim.
+    /// A part not reported stays not reported.
     pub fn clamped(mut self) -> Usage {
         let mut left = self.prompt_tokens;
         for n in [
@@ -191,7 +216,10 @@ impl Usage {
             &mut self.cache_write_1h_tokens,
             &mut self.audio_prompt_tokens,
             &mut self.image_prompt_tokens,
-        ] {
+        ]
+        .into_iter()
+        .flatten()
+        {
             *n = (*n).min(left);
             left -= *n;
         }
@@ -199,11 +227,16 @@ impl Usage {
         for n in [
             &mut self.audio_completion_tokens,
             &mut self.image_completion_tokens,
-        ] {
+        ]
+        .into_iter()
+        .flatten()
+        {
             *n = (*n).min(left);
             left -= *n;
         }
-        self.reasoning_tokens = self.reasoning_tokens.min(left);
+        if let Some(n) = &mut self.reasoning_tokens {
+            *n = (*n).min(left);
+        }
         self
     }
 }

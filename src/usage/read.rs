@@ -163,11 +163,8 @@ impl Counts {
     pub(crate) fn to_usage(&self) -> Option<Usage> {
         let detail = |d: &Option<Details>, f: fn(&Details) -> Option<u64>| d.as_ref().and_then(f);
         let (cw_5m, cw_1h) = match &self.cache_creation {
-            Some(c) => (
-                c.ephemeral_5m_input_tokens.unwrap_or(0),
-                c.ephemeral_1h_input_tokens.unwrap_or(0),
-            ),
-            None => (self.cache_creation_input_tokens.unwrap_or(0), 0),
+            Some(c) => (c.ephemeral_5m_input_tokens, c.ephemeral_1h_input_tokens),
+            None => (self.cache_creation_input_tokens, None),
         };
         // Anthropic's input_tokens leaves out what was read from or written
         // to the cache; everyone else's prompt total includes cached tokens.
@@ -180,8 +177,8 @@ impl Counts {
             (Some(p), _) => p,
             (None, Some(i)) if anthropic => i
                 .saturating_add(self.cache_read_input_tokens.unwrap_or(0))
-                .saturating_add(cw_5m)
-                .saturating_add(cw_1h),
+                .saturating_add(cw_5m.unwrap_or(0))
+                .saturating_add(cw_1h.unwrap_or(0)),
             (None, Some(i)) => i,
             (None, None) => return None,
         };
@@ -197,15 +194,14 @@ impl Counts {
             completion_tokens: self.completion_tokens.or(self.output_tokens).unwrap_or(0),
             cached_tokens: prompt_side(|d| d.cached_tokens)
                 .or(self.prompt_cache_hit_tokens)
-                .or(self.cache_read_input_tokens)
-                .unwrap_or(0),
+                .or(self.cache_read_input_tokens),
             cache_write_tokens: cw_5m,
             cache_write_1h_tokens: cw_1h,
-            audio_prompt_tokens: prompt_side(|d| d.audio_tokens).unwrap_or(0),
-            image_prompt_tokens: prompt_side(|d| d.image_tokens).unwrap_or(0),
-            reasoning_tokens: completion_side(|d| d.reasoning_tokens).unwrap_or(0),
-            audio_completion_tokens: completion_side(|d| d.audio_tokens).unwrap_or(0),
-            image_completion_tokens: completion_side(|d| d.image_tokens).unwrap_or(0),
+            audio_prompt_tokens: prompt_side(|d| d.audio_tokens),
+            image_prompt_tokens: prompt_side(|d| d.image_tokens),
+            reasoning_tokens: completion_side(|d| d.reasoning_tokens),
+            audio_completion_tokens: completion_side(|d| d.audio_tokens),
+            image_completion_tokens: completion_side(|d| d.image_tokens),
             tool_calls: ToolCalls {
                 web_search: self
                     .server_tool_use
@@ -353,6 +349,24 @@ mod tests {
     }
 
     #[test]
+    fn a_part_not_reported_is_not_a_reported_zero() {
+        use crate::usage::meter::Meter;
+        let bare = read(json!({"prompt_tokens": 100, "completion_tokens": 20}));
+        let zero = read(json!({"prompt_tokens": 100, "completion_tokens": 20,
+            "prompt_tokens_details": {"cached_tokens": 0}}));
+        assert_eq!(bare.cached_tokens, None);
+        assert_eq!(zero.cached_tokens, Some(0));
+        assert_eq!(Meter::CachedInput.reported(&bare), None);
+        assert_eq!(Meter::CachedInput.reported(&zero), Some(0));
+        assert_eq!(Meter::AudioInput.reported(&zero), None);
+        // The plain text meters are always known: what the parts leave.
+        assert_eq!(Meter::Input.reported(&bare), Some(100));
+        assert_eq!(Meter::Output.reported(&bare), Some(20));
+        // Priced alike: an unreported part bills nothing of its own.
+        assert_eq!(Meter::CachedInput.count(&bare), 0);
+    }
+
+    #[test]
     fn chat_usage_with_every_detail() {
         let u = read(
             json!({"prompt_tokens": 1000, "completion_tokens": 500, "total_tokens": 1500,
@@ -361,7 +375,7 @@ mod tests {
         );
         assert_eq!(
             (u.prompt_tokens, u.cached_tokens, u.audio_prompt_tokens),
-            (1000, 100, 800)
+            (1000, Some(100), Some(800))
         );
         assert_eq!(
             (
@@ -369,7 +383,7 @@ mod tests {
                 u.reasoning_tokens,
                 u.audio_completion_tokens
             ),
-            (500, 50, 400)
+            (500, Some(50), Some(400))
         );
     }
 
@@ -383,9 +397,12 @@ mod tests {
         let u = f.usage.unwrap_or(Usage::NONE);
         assert_eq!(
             (u.prompt_tokens, u.completion_tokens, u.cached_tokens),
-            (36, 87, 4)
+            (36, 87, Some(4))
         );
-        assert_eq!((u.image_prompt_tokens, u.reasoning_tokens), (10, 20));
+        assert_eq!(
+            (u.image_prompt_tokens, u.reasoning_tokens),
+            (Some(10), Some(20))
+        );
         assert_eq!(f.served.model.as_deref(), Some("gpt-5-2025-08-07"));
         assert_eq!(f.served.tier, Some(ServiceTier::Priority));
         assert_eq!(
@@ -401,7 +418,7 @@ mod tests {
     fn deepseek_cache_hits() {
         let u = read(json!({"prompt_tokens": 10000, "completion_tokens": 10,
             "prompt_cache_hit_tokens": 9000, "prompt_cache_miss_tokens": 1000}));
-        assert_eq!((u.prompt_tokens, u.cached_tokens), (10000, 9000));
+        assert_eq!((u.prompt_tokens, u.cached_tokens), (10000, Some(9000)));
     }
 
     #[test]
@@ -417,13 +434,13 @@ mod tests {
                 u.cache_write_tokens,
                 u.cache_write_1h_tokens
             ),
-            (1000, 200, 100)
+            (Some(1000), Some(200), Some(100))
         );
         assert_eq!(u.tool_calls.web_search, 2);
         let u = read(
             json!({"input_tokens": 100, "output_tokens": 5, "cache_creation_input_tokens": 40}),
         );
-        assert_eq!((u.prompt_tokens, u.cache_write_tokens), (140, 40));
+        assert_eq!((u.prompt_tokens, u.cache_write_tokens), (140, Some(40)));
     }
 
     #[test]
@@ -462,7 +479,7 @@ mod tests {
             "prompt_tokens_details": {"cached_tokens": 99}}));
         assert_eq!(
             (u.prompt_tokens, u.completion_tokens, u.cached_tokens),
-            (10, 0, 10)
+            (10, 0, Some(10))
         );
         assert_eq!(usage_from_value(&json!({"completion_tokens": 5})), None);
         assert_eq!(usage_from_value(&json!("usage")), None);
