@@ -2,6 +2,7 @@
 //! place (SPEC section 7). Money counters are kept as integer nano-USD and
 //! only converted to USD when scraped, so no sum is ever taken in floating point.
 
+use crate::usage::meter::Meter;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -229,20 +230,17 @@ fn tier_index(tier: crate::usage::ServiceTier) -> usize {
 /// (`proxy::settle::token_kinds` fills them): the two totals (`prompt`,
 /// `completion`), then every meter by its name (`usage::Meter::ALL`; they
 /// add up to the totals), then `reasoning` (a part of `output`).
-pub const TOKEN_KINDS: [&str; crate::usage::meter::Meter::COUNT + 3] = [
-    "prompt",
-    "completion",
-    "input",
-    "cached_input",
-    "cache_write",
-    "cache_write_1h",
-    "output",
-    "audio_input",
-    "audio_output",
-    "image_input",
-    "image_output",
-    "reasoning",
-];
+pub const TOKEN_KINDS: [&str; Meter::COUNT + 3] = {
+    let mut kinds = ["reasoning"; Meter::COUNT + 3];
+    kinds[0] = "prompt";
+    kinds[1] = "completion";
+    let mut i = 0;
+    while i < Meter::COUNT {
+        kinds[i + 2] = Meter::ALL[i].name();
+        i += 1;
+    }
+    kinds
+};
 
 impl Series {
     /// The team as a label (`other` past `MAX_TEAM_LABELS`).
@@ -289,7 +287,7 @@ impl Series {
     /// Adds to `tollgate_cost_by_component_usd_total` for one breakdown line.
     pub fn add_component_cost(&self, m: &Metrics, line: crate::pricing::Line, cost: NanoUsd) {
         add_nano(
-            self.component_cost[line as usize].get_or_init(|| {
+            self.component_cost[line.index()].get_or_init(|| {
                 m.cost_by_component
                     .cell(&[&self.team, &self.model, line.name()])
             }),
@@ -486,7 +484,7 @@ impl Metrics {
         )?;
         let cost_by_component = Arc::new(MoneyCounter::new(
             "tollgate_cost_by_component_usd_total",
-            "Cost by price component (input, cached_input, cache_write, output, audio_input, audio_output, image_input, image_output, tool_calls), in USD.",
+            "Cost by breakdown line (each meter by name, tool_calls, gpu), in USD.",
             &["team", "model", "component"],
         )?);
         let cost_by_tier = Arc::new(MoneyCounter::new(
@@ -871,11 +869,10 @@ mod tests {
 
     #[test]
     fn token_kinds_are_the_totals_then_the_meters_by_name() {
-        let meters: Vec<&str> = crate::usage::meter::Meter::ALL
-            .iter()
-            .map(|m| m.name())
-            .collect();
+        let meters: Vec<&str> = Meter::ALL.iter().map(|m| m.name()).collect();
         assert_eq!(&TOKEN_KINDS[2..2 + meters.len()], meters.as_slice());
+        assert_eq!(TOKEN_KINDS[..2], ["prompt", "completion"]);
+        assert_eq!(TOKEN_KINDS.last(), Some(&"reasoning"));
     }
 
     #[test]

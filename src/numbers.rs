@@ -24,19 +24,17 @@ fn generates(endpoint: &str) -> bool {
     )
 }
 
-/// Breakdown lines billed for output.
-const OUTPUT_LINES: [Line; 3] = [Line::Output, Line::AudioOutput, Line::ImageOutput];
-
 fn output_cost(row: &CountsRow) -> u64 {
     let lines: u64 = Line::ALL
         .iter()
         .zip(row.breakdown)
-        .filter(|(l, _)| OUTPUT_LINES.contains(l))
+        // The lines of output-side meters.
+        .filter(|(l, _)| l.meter().is_some_and(|m| !m.is_prompt()))
         .map(|(_, n)| n)
         .sum();
     // A self-hosted row's GPU line: prompt and completion tokens pay the
     // same rate, so the completion's share of its tokens.
-    let gpu = u128::from(row.breakdown[Line::Gpu as usize]);
+    let gpu = u128::from(row.breakdown[Line::Gpu.index()]);
     let tokens = u128::from(row.usage.prompt_tokens) + u128::from(row.usage.completion_tokens);
     let gpu_output = (gpu * u128::from(row.usage.completion_tokens))
         .checked_div(tokens)

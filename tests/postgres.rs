@@ -501,7 +501,7 @@ fn stored_row(
     days_ago: i64,
     tier: Option<&'static str>,
 ) -> tollgate::store::UsageRecord {
-    use tollgate::pricing::{Breakdown, Line};
+    use tollgate::pricing::{Breakdown, Line, Meter};
     use tollgate::usage::{ToolCalls, Usage};
     let usage = Usage {
         prompt_tokens: 1_200,
@@ -516,9 +516,9 @@ fn stored_row(
         ..Usage::NONE
     };
     let mut breakdown = Breakdown::default();
-    breakdown.0[Line::Input as usize] = 1_000 + days_ago as u64;
-    breakdown.0[Line::Output as usize] = 3_000;
-    breakdown.0[Line::CacheWrite as usize] = 77;
+    breakdown.0[Line::Meter(Meter::Input).index()] = 1_000 + days_ago as u64;
+    breakdown.0[Line::Meter(Meter::Output).index()] = 3_000;
+    breakdown.0[Line::Meter(Meter::CacheWrite).index()] = 77;
     tollgate::store::UsageRecord {
         created_at: chrono::Utc::now() - chrono::Duration::days(days_ago),
         request_id: request_id.into(),

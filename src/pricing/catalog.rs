@@ -42,52 +42,28 @@ impl Resolved {
     }
 }
 
-/// Prices as written: USD per million tokens.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRates {
-    input: Option<f64>,
-    output: Option<f64>,
-    cached_input: Option<f64>,
-    cache_write: Option<f64>,
-    cache_write_1h: Option<f64>,
-    audio_input: Option<f64>,
-    audio_output: Option<f64>,
-    image_input: Option<f64>,
-    image_output: Option<f64>,
+/// Prices as written, USD per million tokens, keyed by meter name
+/// (`usage::Meter::name`): a row's own, a tier's or a long-context table's.
+type RawRates = BTreeMap<String, toml::Value>;
+
+/// Exact rates from `raw`; errors name the key (`models."x".flex.input`).
+/// A key that is no meter's name is an error, not ignored.
+fn meter_rates(raw: &RawRates, at: &str) -> Result<Rates, String> {
+    let mut rates = Rates::default();
+    for (key, v) in raw {
+        let m = Meter::from_name(key).ok_or_else(|| format!("{at}.{key}: unknown key"))?;
+        let x = v
+            .as_float()
+            .or_else(|| v.as_integer().map(|i| i as f64))
+            .ok_or_else(|| format!("{at}.{key}: not a number"))?;
+        let r = Rate::from_f64_usd_per_million(x).map_err(|e| format!("{at}.{key}: {e}"))?;
+        rates.set(m, Some(r));
+    }
+    Ok(rates)
 }
 
-impl RawRates {
-    fn get(&self, c: Meter) -> Option<f64> {
-        match c {
-            Meter::Input => self.input,
-            Meter::Output => self.output,
-            Meter::CachedInput => self.cached_input,
-            Meter::CacheWrite => self.cache_write,
-            Meter::CacheWrite1h => self.cache_write_1h,
-            Meter::AudioInput => self.audio_input,
-            Meter::AudioOutput => self.audio_output,
-            Meter::ImageInput => self.image_input,
-            Meter::ImageOutput => self.image_output,
-        }
-    }
-
-    /// Exact rates; errors name the key (`models."x".flex.input`).
-    fn rates(&self, at: &str) -> Result<Rates, String> {
-        let mut rates = Rates::default();
-        for c in Meter::ALL {
-            if let Some(x) = self.get(c) {
-                let r = Rate::from_f64_usd_per_million(x)
-                    .map_err(|e| format!("{at}.{}: {e}", c.name()))?;
-                rates.set(c, Some(r));
-            }
-        }
-        Ok(rates)
-    }
-}
-
-/// `[models."x".long_context]`: a threshold and prices. Its price keys are
-/// checked by hand (serde cannot deny unknown keys next to `flatten`).
+/// `[models."x".long_context]`: a threshold and prices (checked by
+/// `meter_rates`: serde cannot deny unknown keys next to `flatten`).
 #[derive(Debug, Deserialize)]
 struct RawLongContext {
     above_input_tokens: u64,
@@ -95,19 +71,12 @@ struct RawLongContext {
     rest: BTreeMap<String, toml::Value>,
 }
 
+/// A catalog row. Its prices are every key that is not one of these
+/// fields (`prices`), each a meter's name; any other key is refused by
+/// `meter_rates`.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawModel {
     provider: Option<String>,
-    input: Option<f64>,
-    output: Option<f64>,
-    cached_input: Option<f64>,
-    cache_write: Option<f64>,
-    cache_write_1h: Option<f64>,
-    audio_input: Option<f64>,
-    audio_output: Option<f64>,
-    image_input: Option<f64>,
-    image_output: Option<f64>,
     max_output_tokens: Option<u64>,
     encoding: Option<String>,
     #[allow(dead_code)]
@@ -122,6 +91,8 @@ struct RawModel {
     gpus: Option<u32>,
     min_tokens_per_second: Option<u64>,
     window_seconds: Option<u64>,
+    #[serde(flatten)]
+    prices: RawRates,
 }
 
 impl RawModel {
@@ -138,10 +109,10 @@ impl RawModel {
             }
             return Ok(None);
         };
-        let token_prices = Meter::ALL
-            .into_iter()
-            .filter(|c| self.standard().get(*c).is_some())
-            .map(Meter::name)
+        let token_prices = self
+            .prices
+            .keys()
+            .map(String::as_str)
             .chain(self.flex.as_ref().map(|_| "flex"))
             .chain(self.priority.as_ref().map(|_| "priority"))
             .chain(self.batch.as_ref().map(|_| "batch"))
@@ -167,20 +138,6 @@ impl RawModel {
         )
         .map(Some)
         .map_err(|e| format!("{at}.{e}"))
-    }
-
-    fn standard(&self) -> RawRates {
-        RawRates {
-            input: self.input,
-            output: self.output,
-            cached_input: self.cached_input,
-            cache_write: self.cache_write,
-            cache_write_1h: self.cache_write_1h,
-            audio_input: self.audio_input,
-            audio_output: self.audio_output,
-            image_input: self.image_input,
-            image_output: self.image_output,
-        }
     }
 }
 
@@ -262,7 +219,7 @@ impl Catalog {
         for (id, raw) in file.models {
             let at = format!("models.\"{id}\"");
             let gpu = raw.gpu(&at)?;
-            let mut rates = raw.standard().rates(&at)?;
+            let mut rates = meter_rates(&raw.prices, &at)?;
             if let Some(g) = &gpu {
                 rates.set(Meter::Input, Some(g.ceiling()));
                 rates.set(Meter::Output, Some(g.ceiling()));
@@ -283,7 +240,7 @@ impl Catalog {
             };
             let mut tier = |name: &str, raw: &Option<RawRates>| -> Result<Option<Rates>, String> {
                 let Some(raw) = raw else { return Ok(None) };
-                let tier = raw.rates(&format!("{at}.{name}"))?;
+                let tier = meter_rates(raw, &format!("{at}.{name}"))?;
                 let changes = Meter::ALL
                     .into_iter()
                     .any(|c| tier.get(c).is_some_and(|r| Some(r) != rates.get(c)));
@@ -299,29 +256,7 @@ impl Catalog {
                 None => None,
                 Some(lc) => {
                     let at = format!("{at}.long_context");
-                    let mut r = RawRates::default();
-                    for (key, v) in &lc.rest {
-                        let c = Meter::ALL
-                            .into_iter()
-                            .find(|c| c.name() == key)
-                            .ok_or_else(|| format!("{at}.{key}: unknown key"))?;
-                        let x = v
-                            .as_float()
-                            .or_else(|| v.as_integer().map(|i| i as f64))
-                            .ok_or_else(|| format!("{at}.{key}: not a number"))?;
-                        match c {
-                            Meter::Input => r.input = Some(x),
-                            Meter::Output => r.output = Some(x),
-                            Meter::CachedInput => r.cached_input = Some(x),
-                            Meter::CacheWrite => r.cache_write = Some(x),
-                            Meter::CacheWrite1h => r.cache_write_1h = Some(x),
-                            Meter::AudioInput => r.audio_input = Some(x),
-                            Meter::AudioOutput => r.audio_output = Some(x),
-                            Meter::ImageInput => r.image_input = Some(x),
-                            Meter::ImageOutput => r.image_output = Some(x),
-                        }
-                    }
-                    let rates = r.rates(&at)?;
+                    let rates = meter_rates(&lc.rest, &at)?;
                     if rates.is_empty() {
                         empty_tiers.push(format!("{at}: sets no price"));
                     }
@@ -549,6 +484,35 @@ mod tests {
         match Catalog::bundled(6.0) {
             Ok(c) => c,
             Err(e) => panic!("bundled catalog: {e}"),
+        }
+    }
+
+    #[test]
+    fn a_price_key_must_be_a_meter_name() {
+        let ok = "[models.\"m\"]\ninput = 1.0\noutput = 2.0\ncache_write_1h = 6.0\n\
+                  [models.\"m\".flex]\ninput = 0.5\n";
+        let c = Catalog::parse(ok, 1.0).unwrap_or_else(|e| panic!("{e}"));
+        let price = c.resolve("m").price.unwrap_or_else(|| panic!("unpriced"));
+        assert!(price.rates.get(Meter::CacheWrite1h).is_some());
+        for (bad, why) in [
+            (
+                "input = 1.0\noutput = 2.0\ninptu = 3.0",
+                "models.\"m\".inptu: unknown key",
+            ),
+            (
+                "input = 1.0\noutput = \"two\"",
+                "models.\"m\".output: not a number",
+            ),
+            (
+                "input = 1.0\noutput = 2.0\n[models.\"m\".flex]\nvideo = 1.0",
+                "models.\"m\".flex.video: unknown key",
+            ),
+        ] {
+            let text = format!("[models.\"m\"]\n{bad}\n");
+            match Catalog::parse(&text, 1.0) {
+                Ok(_) => panic!("accepted {bad:?}"),
+                Err(e) => assert!(e.contains(why), "{e}"),
+            }
         }
     }
 

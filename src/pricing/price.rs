@@ -12,19 +12,11 @@ use crate::usage::{Encoding, ServiceTier, Usage};
 pub use crate::usage::meter::Meter;
 
 /// A line of a request's cost breakdown (the `cost_breakdown` keys): one
-/// per meter, in `Meter::ALL` order and by the meter's name, then the
+/// per meter (in `Meter::ALL` order, by the meter's name), then the
 /// per-call fees and a self-hosted model's GPU share.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Line {
-    Input,
-    CachedInput,
-    CacheWrite,
-    CacheWrite1h,
-    Output,
-    AudioInput,
-    AudioOutput,
-    ImageInput,
-    ImageOutput,
+    Meter(Meter),
     ToolCalls,
     /// A self-hosted model's share of its GPUs' cost (`pricing::gpu`).
     Gpu,
@@ -32,35 +24,44 @@ pub enum Line {
 
 impl Line {
     pub const COUNT: usize = Meter::COUNT + 2;
-    pub const ALL: [Line; Line::COUNT] = [
-        Line::Input,
-        Line::CachedInput,
-        Line::CacheWrite,
-        Line::CacheWrite1h,
-        Line::Output,
-        Line::AudioInput,
-        Line::AudioOutput,
-        Line::ImageInput,
-        Line::ImageOutput,
-        Line::ToolCalls,
-        Line::Gpu,
-    ];
+    pub const ALL: [Line; Line::COUNT] = {
+        let mut all = [Line::Gpu; Line::COUNT];
+        let mut i = 0;
+        while i < Meter::COUNT {
+            all[i] = Line::Meter(Meter::ALL[i]);
+            i += 1;
+        }
+        all[Meter::COUNT] = Line::ToolCalls;
+        all
+    };
 
     /// The line a meter's cost is billed on.
     pub fn of(m: Meter) -> Line {
-        Line::ALL[m as usize]
+        Line::Meter(m)
+    }
+
+    /// Its place in `Line::ALL` (and in a `Breakdown`).
+    pub fn index(self) -> usize {
+        match self {
+            Line::Meter(m) => m as usize,
+            Line::ToolCalls => Meter::COUNT,
+            Line::Gpu => Meter::COUNT + 1,
+        }
     }
 
     /// The meter this line bills, if it is a meter's.
     pub fn meter(self) -> Option<Meter> {
-        Meter::ALL.get(self as usize).copied()
+        match self {
+            Line::Meter(m) => Some(m),
+            _ => None,
+        }
     }
 
     pub fn name(self) -> &'static str {
-        match (self.meter(), self) {
-            (Some(m), _) => m.name(),
-            (None, Line::ToolCalls) => "tool_calls",
-            (None, _) => "gpu",
+        match self {
+            Line::Meter(m) => m.name(),
+            Line::ToolCalls => "tool_calls",
+            Line::Gpu => "gpu",
         }
     }
 
@@ -75,14 +76,14 @@ pub struct Breakdown(pub [u64; Line::COUNT]);
 
 impl Breakdown {
     pub fn get(&self, line: Line) -> u64 {
-        self.0[line as usize]
+        self.0[line.index()]
     }
 
     /// Non-zero lines, in `Line::ALL` order.
     pub fn lines(&self) -> impl Iterator<Item = (Line, u64)> + '_ {
         Line::ALL
             .into_iter()
-            .map(|l| (l, self.0[l as usize]))
+            .map(|l| (l, self.0[l.index()]))
             .filter(|(_, n)| *n > 0)
     }
 
@@ -97,7 +98,7 @@ impl Breakdown {
         let mut out = Breakdown::default();
         for (name, n) in map {
             if let Some(line) = Line::from_name(&name) {
-                out.0[line as usize] = n;
+                out.0[line.index()] = n;
             }
         }
         Some(out)
@@ -404,7 +405,7 @@ impl ModelPrice {
             let n = c.count(clamped);
             if n > 0 {
                 let z = u128::from(n).saturating_mul(rates.effective(c).0);
-                let line = &mut zepto[Line::of(c) as usize];
+                let line = &mut zepto[Line::of(c).index()];
                 *line = line.saturating_add(z);
             }
         }
@@ -412,7 +413,7 @@ impl ModelPrice {
             let calls = usage.tool_calls.count(kind);
             if calls > 0 {
                 let z = u128::from(calls).saturating_mul(self.call_fee(kind, global).0);
-                let line = &mut zepto[Line::ToolCalls as usize];
+                let line = &mut zepto[Line::ToolCalls.index()];
                 *line = line.saturating_add(z);
             }
         }
@@ -662,8 +663,8 @@ mod tests {
         unique.dedup();
         assert_eq!(unique.len(), Line::COUNT, "{names:?}");
         let mut b = Breakdown::default();
-        b.0[Line::CacheWrite1h as usize] = 7;
-        b.0[Line::Gpu as usize] = 3;
+        b.0[Line::Meter(Meter::CacheWrite1h).index()] = 7;
+        b.0[Line::Gpu.index()] = 3;
         assert_eq!(b.to_json(), r#"{"cache_write_1h":7,"gpu":3}"#);
         assert_eq!(Breakdown::parse(&b.to_json()), Some(b));
     }
@@ -722,10 +723,16 @@ mod tests {
         };
         let priced = p.price(&u, ServiceTier::Standard, &[]);
         assert_eq!(priced.total, NanoUsd(65_500_000));
-        assert_eq!(priced.breakdown.get(Line::Input), 500_000);
-        assert_eq!(priced.breakdown.get(Line::AudioInput), 32_000_000);
-        assert_eq!(priced.breakdown.get(Line::Output), 1_000_000);
-        assert_eq!(priced.breakdown.get(Line::AudioOutput), 32_000_000);
+        assert_eq!(priced.breakdown.get(Line::Meter(Meter::Input)), 500_000);
+        assert_eq!(
+            priced.breakdown.get(Line::Meter(Meter::AudioInput)),
+            32_000_000
+        );
+        assert_eq!(priced.breakdown.get(Line::Meter(Meter::Output)), 1_000_000);
+        assert_eq!(
+            priced.breakdown.get(Line::Meter(Meter::AudioOutput)),
+            32_000_000
+        );
         assert_eq!(
             priced.breakdown.to_json(),
             r#"{"input":500000,"output":1000000,"audio_input":32000000,"audio_output":32000000}"#

@@ -459,7 +459,7 @@ fn gpu_priced(state: &AppState, model: &str, gpu: &GpuPrice, usage: &Usage) -> P
     }
     let cost = state.gpu.price_at(model, gpu, tokens, state.gpu.now());
     let mut breakdown = Breakdown::default();
-    breakdown.0[Line::Gpu as usize] = cost.0;
+    breakdown.0[Line::Gpu.index()] = cost.0;
     Priced {
         total: cost,
         breakdown,

@@ -100,7 +100,7 @@ fn legacy_breakdown(positional: &[u64]) -> crate::pricing::Breakdown {
     let mut b = crate::pricing::Breakdown::default();
     for (name, n) in LEGACY_LINES.iter().zip(positional) {
         if let Some(line) = crate::pricing::Line::from_name(name) {
-            b.0[line as usize] = *n;
+            b.0[line.index()] = *n;
         }
     }
     b
@@ -584,19 +584,19 @@ mod tests {
         line["cost_breakdown"] = serde_json::json!([10, 20, 30, 40, 0, 0, 0, 0, 50, 60]);
         let old: SpoolRow = serde_json::from_value(line).unwrap_or_else(|e| panic!("{e}"));
         let b = old.into_record().cost_breakdown;
-        use crate::pricing::Line;
+        use crate::pricing::{Line, Meter};
         let lines = [
-            (Line::Input, 10),
-            (Line::CachedInput, 20),
-            (Line::CacheWrite, 30),
-            (Line::Output, 40),
+            (Line::Meter(Meter::Input), 10),
+            (Line::Meter(Meter::CachedInput), 20),
+            (Line::Meter(Meter::CacheWrite), 30),
+            (Line::Meter(Meter::Output), 40),
             (Line::ToolCalls, 50),
             (Line::Gpu, 60),
         ];
         for (l, n) in lines {
             assert_eq!(b.get(l), n, "{l:?}");
         }
-        assert_eq!(b.get(Line::CacheWrite1h), 0);
+        assert_eq!(b.get(Line::Meter(Meter::CacheWrite1h)), 0);
         assert_eq!(b.total(), 210);
     }
 

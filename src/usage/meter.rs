@@ -45,7 +45,7 @@ impl Meter {
     ];
 
     /// The catalog key, the breakdown line and the `meters` key.
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             Meter::Input => "input",
             Meter::CachedInput => "cached_input",
