@@ -98,6 +98,7 @@ impl Metadata {
             cached_tokens: self.cached_content_token_count,
             audio_prompt_tokens: Self::modality(&self.prompt_tokens_details, "AUDIO"),
             image_prompt_tokens: Self::modality(&self.prompt_tokens_details, "IMAGE"),
+            video_prompt_tokens: Self::modality(&self.prompt_tokens_details, "VIDEO"),
             reasoning_tokens: thoughts,
             audio_completion_tokens: Self::modality(&self.candidates_tokens_details, "AUDIO"),
             image_completion_tokens: Self::modality(&self.candidates_tokens_details, "IMAGE"),
@@ -359,5 +360,28 @@ mod tests {
         assert!(facts.served.capped);
         assert_eq!(facts.served.tool_calls.web_search, 1);
         assert!(read_body(b"<html>").usage.is_none());
+    }
+
+    #[test]
+    fn video_prompt_tokens_are_their_own_meter_priced_at_input_when_unset() {
+        use crate::pricing::{Line, Meter, ModelPrice, Rate};
+        let body = br#"{"candidates":[],"usageMetadata":{"promptTokenCount":1000,"candidatesTokenCount":10,
+            "promptTokensDetails":[{"modality":"TEXT","tokenCount":400},{"modality":"VIDEO","tokenCount":600}]}}"#;
+        let u = read_body(body).usage.unwrap_or(Usage::NONE);
+        assert_eq!(u.video_prompt_tokens, Some(600));
+        assert_eq!(Meter::VideoInput.count(&u), 600);
+        assert_eq!(Meter::Input.count(&u), 400);
+        let meters = crate::usage::meter::Meters::of(&u);
+        assert_eq!(
+            meters.to_json(),
+            r#"{"input":400,"output":10,"video_input":600}"#
+        );
+        let rate = |usd: &str| Rate::from_usd_per_million(usd).unwrap_or_else(|e| panic!("{e}"));
+        let p = ModelPrice::text(rate("1"), rate("2"));
+        let priced = p.price(&u, crate::usage::ServiceTier::Standard, &[]);
+        // 400 + 600 tokens at $1/M (video falls back to input), 10 at $2/M.
+        assert_eq!(priced.total.0, 1_020_000);
+        assert_eq!(priced.breakdown.get(Line::of(Meter::VideoInput)), 600_000);
+        assert_eq!(priced.breakdown.get(Line::of(Meter::Input)), 400_000);
     }
 }

@@ -25,8 +25,10 @@ pub struct Imported {
 }
 
 /// LiteLLM's key for a component (USD per token), before any tier suffix.
-fn litellm_key(c: Meter) -> &'static str {
-    match c {
+/// `None`: LiteLLM has no per-token price for it (video is per second
+/// there); the row's fallback rate applies.
+fn litellm_key(c: Meter) -> Option<&'static str> {
+    Some(match c {
         Meter::Input => "input_cost_per_token",
         Meter::Output => "output_cost_per_token",
         Meter::CachedInput => "cache_read_input_token_cost",
@@ -36,7 +38,8 @@ fn litellm_key(c: Meter) -> &'static str {
         Meter::AudioOutput => "output_cost_per_audio_token",
         Meter::ImageInput => "input_cost_per_image_token",
         Meter::ImageOutput => "output_cost_per_image_token",
-    }
+        Meter::VideoInput => return None,
+    })
 }
 
 /// Modes whose prices are per token (text, audio or image tokens).
@@ -81,8 +84,11 @@ fn price(entry: &serde_json::Map<String, Value>, key: &str) -> Option<f64> {
 /// `key = value` lines for the components `entry` prices with `suffix`.
 fn rate_lines(entry: &serde_json::Map<String, Value>, suffix: &str) -> Result<String, String> {
     let mut out = String::new();
-    for c in Meter::ALL {
-        let mut key = litellm_key(c).to_string();
+    for (c, key) in Meter::ALL
+        .into_iter()
+        .filter_map(|c| Some((c, litellm_key(c)?)))
+    {
+        let mut key = key.to_string();
         key.push_str(suffix);
         let value = price(entry, &key).or_else(|| {
             // DeepSeek names its cache-hit price this way.

@@ -568,7 +568,14 @@ mod tests {
             attempts: 1,
             choices: 1,
             capped: false,
-            cost_breakdown: crate::pricing::Breakdown([1, 0, 0, 5, 2, 0, 0, 0, 0, 0, 0]),
+            cost_breakdown: {
+                use crate::pricing::{Line, Meter};
+                let mut b = crate::pricing::Breakdown::default();
+                b.0[Line::of(Meter::Input).index()] = 1;
+                b.0[Line::of(Meter::CacheWrite1h).index()] = 5;
+                b.0[Line::of(Meter::Output).index()] = 2;
+                b
+            },
             meters: crate::usage::meter::Meters::of(&crate::usage::Usage::tokens(1, 2)),
             budget_period: Some("total".into()),
             lease_node: None,

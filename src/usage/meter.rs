@@ -27,10 +27,12 @@ pub enum Meter {
     AudioOutput,
     ImageInput,
     ImageOutput,
+    /// Prompt tokens of video (Gemini's `VIDEO` modality).
+    VideoInput,
 }
 
 impl Meter {
-    pub const COUNT: usize = 9;
+    pub const COUNT: usize = 10;
     /// In the order of the cost breakdown.
     pub const ALL: [Meter; Meter::COUNT] = [
         Meter::Input,
@@ -42,6 +44,7 @@ impl Meter {
         Meter::AudioOutput,
         Meter::ImageInput,
         Meter::ImageOutput,
+        Meter::VideoInput,
     ];
 
     /// The catalog key, the breakdown line and the `meters` key.
@@ -56,6 +59,7 @@ impl Meter {
             Meter::AudioOutput => "audio_output",
             Meter::ImageInput => "image_input",
             Meter::ImageOutput => "image_output",
+            Meter::VideoInput => "video_input",
         }
     }
 
@@ -68,9 +72,11 @@ impl Meter {
     pub fn fallback(self) -> Option<Meter> {
         match self {
             Meter::Input | Meter::Output => None,
-            Meter::CachedInput | Meter::CacheWrite | Meter::AudioInput | Meter::ImageInput => {
-                Some(Meter::Input)
-            }
+            Meter::CachedInput
+            | Meter::CacheWrite
+            | Meter::AudioInput
+            | Meter::ImageInput
+            | Meter::VideoInput => Some(Meter::Input),
             Meter::CacheWrite1h => Some(Meter::CacheWrite),
             Meter::AudioOutput | Meter::ImageOutput => Some(Meter::Output),
         }
@@ -96,6 +102,7 @@ impl Meter {
             Meter::ImageInput => Some(u.image_prompt_tokens),
             Meter::AudioOutput => Some(u.audio_completion_tokens),
             Meter::ImageOutput => Some(u.image_completion_tokens),
+            Meter::VideoInput => Some(u.video_prompt_tokens),
         }
     }
 
@@ -136,6 +143,7 @@ impl Meter {
             Meter::ImageInput => Some(&mut u.image_prompt_tokens),
             Meter::AudioOutput => Some(&mut u.audio_completion_tokens),
             Meter::ImageOutput => Some(&mut u.image_completion_tokens),
+            Meter::VideoInput => Some(&mut u.video_prompt_tokens),
         };
         if let Some(part) = part {
             *part = Some(part.unwrap_or(0).saturating_add(n));

@@ -150,6 +150,7 @@ pub struct Usage {
     pub cache_write_1h_tokens: Option<u64>,
     pub audio_prompt_tokens: Option<u64>,
     pub image_prompt_tokens: Option<u64>,
+    pub video_prompt_tokens: Option<u64>,
     /// Completion tokens spent reasoning (billed as output).
     pub reasoning_tokens: Option<u64>,
     pub audio_completion_tokens: Option<u64>,
@@ -168,6 +169,7 @@ impl Usage {
         cache_write_1h_tokens: None,
         audio_prompt_tokens: None,
         image_prompt_tokens: None,
+        video_prompt_tokens: None,
         reasoning_tokens: None,
         audio_completion_tokens: None,
         image_completion_tokens: None,
@@ -216,6 +218,7 @@ impl Usage {
             &mut self.cache_write_1h_tokens,
             &mut self.audio_prompt_tokens,
             &mut self.image_prompt_tokens,
+            &mut self.video_prompt_tokens,
         ]
         .into_iter()
         .flatten()

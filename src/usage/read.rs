@@ -211,6 +211,7 @@ impl Counts {
                 file_search: 0,
             },
             source: TokenSource::Upstream,
+            ..Usage::NONE
         };
         Some(usage.clamped())
     }
