@@ -1,8 +1,12 @@
 //! tollgate: an OpenAI-compatible cost-tracking reverse proxy.
 //!
-//! The data path, top to bottom: `server` (router) -> `proxy` (team, body,
-//! upstream, forward, tee) -> `usage` (tokens) -> `pricing` (nano-USD) ->
-//! `proxy::settle` (metrics + usage row) -> `store` (batched writer).
+//! The data path, top to bottom: `server` (router) -> `proxy`, whose stages
+//! are admit -> route -> reserve -> forward -> settle (`proxy/mod.rs` says
+//! what each owns), using `format` (what the client speaks: request facts,
+//! usage, errors), `upstream` and `provider` (where it goes: URL,
+//! credentials), `usage` (meters), `pricing` (nano-USD) and `budget`;
+//! `settle` hands the usage row to `store` (batched writer, one set of
+//! queries over SQLite or Postgres).
 
 pub mod app;
 pub mod auth;

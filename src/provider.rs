@@ -1,20 +1,19 @@
 //! Provider kinds (SPEC 10): how each provider is addressed. A kind owns the
-//! upstream path of a request (OpenAI's `/v1` paths, Azure's deployment
-//! paths and `api-version`), the header the server's key goes up in, what a
+//! upstream path of a request (OpenAI's `/v1` paths; Azure's deployment
+//! paths and `api-version` in `azure`, Bedrock's signing in `bedrock`), the header the server's key goes up in, what a
 //! deployment name stands for in the catalog, and the `provider` a usage
 //! row names. It never reads bodies: usage belongs to the wire format
 //! (`usage`: OpenAI's, which Azure and every OpenAI-compatible API share,
 //! and Anthropic's Messages).
 
+pub mod azure;
 pub mod bedrock;
+
+pub use azure::{Azure, AZURE_DEPLOYMENTS, DEFAULT_AZURE_API_VERSION};
 
 use http::{HeaderName, HeaderValue};
 
 use crate::config::{ProviderKind, UpstreamConfig};
-
-/// Sent when an Azure upstream's config names no `api_version` and the
-/// client's request carries none either: the current GA version.
-pub const DEFAULT_AZURE_API_VERSION: &str = "2024-10-21";
 
 pub enum Provider {
     /// OpenAI and every OpenAI-compatible API: `{base_url}/chat/completions`,
@@ -34,27 +33,6 @@ pub enum Provider {
     /// AWS Bedrock Runtime: `{base_url}/model/{id}/{op}` as the client sent
     /// it, a Bedrock API key as `Authorization: Bearer` or a SigV4 signature.
     Bedrock(Box<bedrock::Bedrock>),
-}
-
-pub struct Azure {
-    api_version: Option<String>,
-    /// Deployment name -> catalog model, as configured.
-    deployments: Vec<(String, String)>,
-}
-
-impl Azure {
-    /// The deployment a client's model names: the deployment itself, else
-    /// the first deployment serving that model, else the name as given
-    /// (deployments are often named after their model).
-    fn deployment_for<'a>(&'a self, model: &'a str) -> &'a str {
-        if self.deployments.iter().any(|(d, _)| d == model) {
-            return model;
-        }
-        self.deployments
-            .iter()
-            .find(|(_, m)| m == model)
-            .map_or(model, |(d, _)| d.as_str())
-    }
 }
 
 /// A client's request path in either style it may come in.
@@ -93,20 +71,10 @@ impl<'a> ClientPath<'a> {
     }
 }
 
-/// The path prefix of Azure-style client requests.
-pub const AZURE_DEPLOYMENTS: &str = "/openai/deployments/";
-
 impl Provider {
     pub fn from_config(config: &UpstreamConfig) -> Provider {
         match config.kind {
-            ProviderKind::Azure => Provider::Azure(Azure {
-                api_version: config.api_version.clone(),
-                deployments: config
-                    .deployments
-                    .iter()
-                    .map(|(d, m)| (d.clone(), m.clone()))
-                    .collect(),
-            }),
+            ProviderKind::Azure => Provider::Azure(Azure::from_config(config)),
             ProviderKind::Anthropic => Provider::Anthropic,
             ProviderKind::Gemini => Provider::Gemini,
             ProviderKind::Bedrock => {
@@ -160,11 +128,7 @@ impl Provider {
     /// The catalog model a client's model or deployment name stands for.
     pub fn catalog_model<'a>(&'a self, name: &'a str) -> &'a str {
         match self {
-            Provider::Azure(a) => a
-                .deployments
-                .iter()
-                .find(|(d, _)| d == name)
-                .map_or(name, |(_, m)| m.as_str()),
+            Provider::Azure(a) => a.catalog_model(name),
             Provider::OpenAi | Provider::Anthropic | Provider::Gemini | Provider::Bedrock(_) => {
                 name
             }
@@ -209,50 +173,7 @@ impl Provider {
                     out.push_str(q);
                 }
             }
-            Provider::Azure(azure) => {
-                let deployment = client
-                    .deployment
-                    .unwrap_or_else(|| azure.deployment_for(model));
-                let well_formed = deployment
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-                    && deployment != "."
-                    && deployment != "..";
-                if !well_formed {
-                    return Err(format!(
-                        "`{}` is not an Azure deployment name (letters, digits, '-', '_', '.')",
-                        deployment.chars().take(64).collect::<String>()
-                    ));
-                }
-                if deployment.is_empty() {
-                    out.push_str("/openai");
-                } else {
-                    out.push_str(AZURE_DEPLOYMENTS);
-                    out.push_str(deployment);
-                }
-                out.push_str(client.operation);
-                // The configured version wins; else the client's; else GA.
-                let mut client_version = None;
-                let mut rest = Vec::new();
-                for pair in client.query.unwrap_or("").split('&') {
-                    match pair.strip_prefix("api-version=") {
-                        Some(v) => client_version = Some(v),
-                        None if !pair.is_empty() => rest.push(pair),
-                        None => {}
-                    }
-                }
-                let version = azure
-                    .api_version
-                    .as_deref()
-                    .or(client_version)
-                    .unwrap_or(DEFAULT_AZURE_API_VERSION);
-                out.push_str("?api-version=");
-                out.push_str(version);
-                for pair in rest {
-                    out.push('&');
-                    out.push_str(pair);
-                }
-            }
+            Provider::Azure(azure) => azure.upstream_path(client, model, out)?,
         }
         Ok(())
     }
@@ -273,13 +194,13 @@ mod tests {
     }
 
     fn azure(version: Option<&str>) -> Provider {
-        Provider::Azure(Azure {
-            api_version: version.map(str::to_string),
-            deployments: vec![
+        Provider::Azure(Azure::new(
+            version.map(str::to_string),
+            vec![
                 ("prod-4o".into(), "gpt-4o".into()),
                 ("prod-mini".into(), "gpt-4o-mini".into()),
             ],
-        })
+        ))
     }
 
     #[test]

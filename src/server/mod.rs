@@ -4,10 +4,10 @@
 //! 1. axum's router: `/healthz`, `/readyz`, `/metrics` answer directly and
 //!    need no key; `/admin/*` needs the admin token (`admin`); every `/v1/*`
 //!    path goes to the proxy; anything else is an OpenAI-shaped 404.
-//! 2. `proxy::handle`: request id -> auth (virtual key or passthrough team)
-//!    -> body limit and parse -> key's model globs -> upstream choice ->
-//!    team output cap -> budget reservation -> forward -> tee/price -> settle
-//!    (budget settled, metrics, usage row).
+//! 2. `proxy::handle`: request id, then the stages admit (auth, path) ->
+//!    route (body facts, upstream, model policies) -> reserve (budget) ->
+//!    forward (fallbacks) -> settle (price, metrics, usage row; a stream's
+//!    when it ends).
 //!
 //! Shutdown (SIGTERM/SIGINT): stop accepting, let in-flight requests finish
 //! for up to `server.drain_timeout_ms` (streams cut after that are still
