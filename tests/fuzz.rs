@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use tollgate::config::Config;
 use tollgate::format::WireFormat;
 use tollgate::pricing::{litellm, Catalog};
-use tollgate::proxy::request::{self, RequestMeta};
+use tollgate::proxy::body;
 use tollgate::usage::frames::Framing;
 use tollgate::usage::sse::SseMeter;
 use tollgate::usage::Endpoint;
@@ -43,6 +43,16 @@ const KEYS: &[&str] = &[
     "generationConfig",
     "maxOutputTokens",
     "candidateCount",
+    "googleSearch",
+    "inferenceConfig",
+    "maxTokens",
+    "toolConfig",
+    "tools",
+    "max_uses",
+    "max_tool_calls",
+    "metadata",
+    "user_id",
+    "service_tier",
     "model",
     "stream",
     "stream_options",
@@ -301,24 +311,34 @@ proptest! {
         }
     }
 
-    /// Any request body parses or gets a 400 in OpenAI's shape; a body that
-    /// parses can always be given stream usage and an output cap.
+    /// Any request body parses in every format or gets a 400 in OpenAI's
+    /// shape; a body that parses can always be given stream usage and an
+    /// output cap.
     #[test]
-    fn request_meta_parses_or_explains(body in prop_oneof![json_bytes(), prop::collection::vec(any::<u8>(), 0..64)]) {
-        match RequestMeta::parse(&body) {
-            Ok(meta) => {
-                let bytes = Bytes::from(body.clone());
-                if let Ok(out) = request::with_stream_usage(&bytes, &meta) {
-                    let v: Value = serde_json::from_slice(&out).unwrap_or(Value::Null);
-                    prop_assert_eq!(&v["stream_options"]["include_usage"], &json!(true));
+    fn request_facts_parse_or_explain(body in prop_oneof![json_bytes(), prop::collection::vec(any::<u8>(), 0..64)]) {
+        let formats = ENDPOINTS.iter().copied().chain([(WireFormat::Bedrock, Endpoint::Converse)]);
+        for (format, endpoint) in formats {
+            match format.request_facts(endpoint, &body, true) {
+                Ok(facts) => {
+                    let bytes = Bytes::from(body.clone());
+                    if let Ok(out) = body::with_stream_usage(&bytes, facts.stream_options) {
+                        let v: Value = serde_json::from_slice(&out).unwrap_or(Value::Null);
+                        prop_assert_eq!(&v["stream_options"]["include_usage"], &json!(true));
+                    }
+                    let capped = body::apply_output_cap(bytes.clone(), facts.output_limit, Some(7));
+                    if let (Ok((out, limit)), Some(field)) = (capped, facts.output_limit.field) {
+                        // The limit said is the limit sent.
+                        prop_assert!(limit.is_some_and(|l| l <= 7));
+                        let v: Value = serde_json::from_slice(&out).unwrap_or(Value::Null);
+                        let sent = field.split('.').fold(&v, |v, part| &v[part]);
+                        prop_assert_eq!(sent.as_u64(), limit, "{}", field);
+                    }
+                    let _ = facts.tool_call_bound(3);
                 }
-                for (_, e) in ENDPOINTS {
-                    let _ = request::apply_output_cap(bytes.clone(), &meta, e, Some(7));
+                Err(e) => {
+                    prop_assert_eq!(e.status().as_u16() / 100, 4);
+                    prop_assert!(e.body()["error"]["message"].is_string());
                 }
-            }
-            Err(e) => {
-                prop_assert_eq!(e.status().as_u16() / 100, 4);
-                prop_assert!(e.body()["error"]["message"].is_string());
             }
         }
     }

@@ -15,6 +15,7 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::request::{self, OutputLimit, RequestFacts};
 use crate::usage::read::Counts;
 use crate::usage::sse::StreamFacts;
 use crate::usage::Encoding;
@@ -238,6 +239,55 @@ pub fn error_type(status: u16) -> &'static str {
         504 => "timeout_error",
         _ => "api_error",
     }
+}
+
+/// The fields of a Messages request tollgate reads (also the body of
+/// Bedrock's InvokeModel for Claude).
+#[derive(Deserialize)]
+struct Request {
+    model: Option<String>,
+    stream: Option<bool>,
+    max_tokens: Option<u64>,
+    service_tier: Option<String>,
+    tools: Option<Vec<ToolRef>>,
+    metadata: Option<RequestMetadata>,
+}
+
+/// A tool definition: its `type` (server tools such as
+/// `web_search_20250305` cost per use) and its `max_uses`.
+#[derive(Deserialize)]
+struct ToolRef {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    max_uses: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct RequestMetadata {
+    user_id: Option<String>,
+}
+
+/// What a Messages request asks for: `max_tokens` bounds the output, a
+/// server tool's `max_uses` its calls, `metadata.user_id` names the end user.
+pub fn request_facts(body: &[u8]) -> Result<RequestFacts, ApiError> {
+    let r: Request = request::parse(body)?;
+    let tools = r.tools.unwrap_or_default();
+    Ok(RequestFacts {
+        model: r.model,
+        stream: r.stream == Some(true),
+        end_user: r.metadata.and_then(|m| m.user_id),
+        output_limit: OutputLimit {
+            requested: r.max_tokens,
+            field: Some("max_tokens"),
+        },
+        service_tier: r.service_tier,
+        built_in_tools: tools
+            .iter()
+            .filter_map(|t| Some((request::built_in_kind(t.kind.as_deref()?)?, t.max_uses)))
+            .collect(),
+        has_tools: !tools.is_empty(),
+        ..RequestFacts::default()
+    })
 }
 
 #[cfg(test)]

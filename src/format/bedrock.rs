@@ -14,6 +14,7 @@ use axum::response::Response;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::request::{self, OutputLimit, RequestFacts};
 use crate::error::ApiError;
 use crate::usage::frames::Frame;
 use crate::usage::read::{BodyFacts, Served};
@@ -280,11 +281,38 @@ pub fn render(e: ApiError) -> Response {
     response
 }
 
-/// Converse's output bound (`inferenceConfig.maxTokens`).
-#[derive(Debug, Default, Deserialize)]
+/// The fields of a Converse request tollgate reads; the model and whether
+/// it streams are in the path.
+#[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct InferenceConfig {
-    pub max_tokens: Option<u64>,
+struct Request {
+    inference_config: Option<InferenceConfig>,
+    /// Only whether there are tools (Claude adds a tool-use prompt).
+    tool_config: Option<serde::de::IgnoredAny>,
+}
+
+/// Converse's output bound (`inferenceConfig.maxTokens`).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct InferenceConfig {
+    max_tokens: Option<u64>,
+}
+
+/// What a Bedrock request body asks for: Converse's own fields, or (for
+/// InvokeModel) an Anthropic Messages body.
+pub fn request_facts(endpoint: Endpoint, body: &[u8]) -> Result<RequestFacts, ApiError> {
+    if endpoint == Endpoint::Messages {
+        return super::anthropic::request_facts(body);
+    }
+    let r: Request = request::parse(body)?;
+    Ok(RequestFacts {
+        output_limit: OutputLimit {
+            requested: r.inference_config.and_then(|c| c.max_tokens),
+            field: Some("inferenceConfig.maxTokens"),
+        },
+        has_tools: r.tool_config.is_some(),
+        ..RequestFacts::default()
+    })
 }
 
 #[cfg(test)]

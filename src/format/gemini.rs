@@ -16,6 +16,7 @@ use axum::response::Response;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::request::{self, OutputLimit, RequestFacts};
 use crate::error::ApiError;
 use crate::usage::read::{BodyFacts, Served};
 use crate::usage::sse::StreamFacts;
@@ -311,13 +312,58 @@ pub fn render(e: ApiError) -> Response {
     crate::error::json_response(status, body.to_string())
 }
 
-/// Keeps only the body's output bound and choice count, as the reservation
-/// needs them (`generationConfig.maxOutputTokens`, `.candidateCount`).
-#[derive(Debug, Default, Deserialize)]
+/// The fields of a Gemini request tollgate reads; the model and whether
+/// it streams are in the path.
+#[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct GenerationConfig {
-    pub max_output_tokens: Option<u64>,
-    pub candidate_count: Option<u32>,
+struct Request {
+    generation_config: Option<GenerationConfig>,
+    tools: Option<Vec<ToolRef>>,
+}
+
+/// The body's output bound and choice count
+/// (`generationConfig.maxOutputTokens`, `.candidateCount`).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GenerationConfig {
+    max_output_tokens: Option<u64>,
+    candidate_count: Option<u32>,
+}
+
+/// A tool: Google Search grounding (`{"googleSearch": {}}`, older models
+/// `googleSearchRetrieval`) is billed per grounded prompt.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ToolRef {
+    google_search: Option<serde::de::IgnoredAny>,
+    google_search_retrieval: Option<serde::de::IgnoredAny>,
+}
+
+/// What a Gemini request body asks for. `generateContent`'s output is
+/// bounded by `generationConfig.maxOutputTokens`; embeddings have none.
+pub fn request_facts(endpoint: Endpoint, body: &[u8]) -> Result<RequestFacts, ApiError> {
+    let r: Request = request::parse(body)?;
+    let config = r.generation_config;
+    let tools = r.tools.unwrap_or_default();
+    let field =
+        (endpoint == Endpoint::GenerateContent).then_some("generationConfig.maxOutputTokens");
+    let grounded = tools
+        .iter()
+        .any(|t| t.google_search.is_some() || t.google_search_retrieval.is_some());
+    Ok(RequestFacts {
+        n: config.as_ref().and_then(|c| c.candidate_count),
+        output_limit: OutputLimit {
+            requested: config.as_ref().and_then(|c| c.max_output_tokens),
+            field,
+        },
+        built_in_tools: if grounded {
+            vec![("web_search", None)]
+        } else {
+            Vec::new()
+        },
+        has_tools: !tools.is_empty(),
+        ..RequestFacts::default()
+    })
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ pub mod anthropic;
 pub mod bedrock;
 pub mod gemini;
 pub mod openai;
+pub mod request;
 
 use std::borrow::Cow;
 
@@ -21,6 +22,7 @@ use axum::response::{IntoResponse, Response};
 use http::HeaderMap;
 use serde_json::Value;
 
+use self::request::RequestFacts;
 use crate::config::ProviderKind;
 use crate::error::ApiError;
 use crate::usage::frames::{FrameMeter, Framing, StreamMeter};
@@ -102,6 +104,22 @@ impl WireFormat {
         }
     }
 
+    /// The error for a request no configured upstream takes: OpenAI's
+    /// format is taken by any upstream, so there is none at all.
+    pub fn no_upstream(self) -> ApiError {
+        match self {
+            WireFormat::OpenAi => ApiError::Internal("no upstream configured".into()),
+            _ => ApiError::invalid(
+                format!(
+                    "No upstream of kind \"{}\" is configured for {}'s API.",
+                    self.name().to_ascii_lowercase(),
+                    self.name()
+                ),
+                None,
+            ),
+        }
+    }
+
     /// tollgate's own error in the shape of this format's API.
     pub fn render(self, e: ApiError) -> Response {
         match self {
@@ -155,6 +173,26 @@ impl WireFormat {
             WireFormat::Gemini => gemini::read_body(body),
             WireFormat::Bedrock => bedrock::read_body(endpoint, body),
         }
+    }
+
+    /// What a request body asks for, read by the format's own reader.
+    /// Anthropic's API also serves OpenAI's paths: their bodies are
+    /// OpenAI's. `model_required`: the path names no model.
+    pub fn request_facts(
+        self,
+        endpoint: Endpoint,
+        body: &[u8],
+        model_required: bool,
+    ) -> Result<RequestFacts, ApiError> {
+        let facts = match (self, endpoint) {
+            (WireFormat::Gemini, _) => gemini::request_facts(endpoint, body),
+            (WireFormat::Bedrock, _) => bedrock::request_facts(endpoint, body),
+            (WireFormat::Anthropic, Endpoint::Messages) => anthropic::request_facts(body),
+            (WireFormat::OpenAi | WireFormat::Anthropic, _) => {
+                openai::request_facts(endpoint, body)
+            }
+        };
+        facts?.checked(model_required)
     }
 
     /// The model a client path names (an Azure deployment, Gemini's
@@ -231,5 +269,156 @@ impl WireFormat {
     /// another tokenizer's models: there only the byte bound stands.
     pub fn tiktoken_bounds_prompt(self) -> bool {
         self == WireFormat::OpenAi
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::request::MAX_MODEL_BYTES;
+    use super::*;
+
+    fn read(format: WireFormat, endpoint: Endpoint, body: &[u8]) -> RequestFacts {
+        format
+            .request_facts(endpoint, body, false)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn openai(body: &[u8]) -> RequestFacts {
+        read(WireFormat::OpenAi, Endpoint::ChatCompletions, body)
+    }
+
+    fn err_of(body: &[u8]) -> Value {
+        match WireFormat::OpenAi.request_facts(Endpoint::ChatCompletions, body, true) {
+            Ok(_) => Value::Null,
+            Err(e) => e.body(),
+        }
+    }
+
+    #[test]
+    fn wrong_types_name_the_field() {
+        let e = err_of(br#"{"model":"gpt-4o","stream":"yes"}"#);
+        assert_eq!(e["error"]["param"], "stream");
+        let e = err_of(br#"{"model":42}"#);
+        assert_eq!(e["error"]["param"], "model");
+        let e = err_of(br#"{"messages":[]}"#);
+        assert_eq!(e["error"]["param"], "model");
+    }
+
+    #[test]
+    fn built_in_tools_bound_the_calls() {
+        let meta = openai(
+            br#"{"model":"m","tools":[{"type":"web_search_preview"},{"type":"function","function":{"name":"f"}},{"type":"file_search"}],"max_tool_calls":2}"#,
+        );
+        assert_eq!(
+            meta.tool_call_bound(5),
+            vec![("web_search", 2), ("file_search", 2)]
+        );
+        let meta = openai(br#"{"model":"m","tools":[{"type":"web_search"}]}"#);
+        assert_eq!(meta.tool_call_bound(5), vec![("web_search", 5)]);
+    }
+
+    #[test]
+    fn model_ids_past_256_bytes_are_refused() {
+        let ok = format!(r#"{{"model":"{}"}}"#, "m".repeat(MAX_MODEL_BYTES));
+        assert_eq!(openai(ok.as_bytes()).model().len(), MAX_MODEL_BYTES);
+        let long = format!(r#"{{"model":"{}"}}"#, "m".repeat(MAX_MODEL_BYTES + 1));
+        let e = err_of(long.as_bytes());
+        assert_eq!(e["error"]["code"], "model_too_long");
+        assert_eq!(e["error"]["param"], "model");
+    }
+
+    #[test]
+    fn malformed_json_and_bad_utf8_are_invalid_requests() {
+        for body in [
+            &b"{\"model\":"[..],
+            b"[1,2]",
+            b"",
+            b"{\"model\":\"\xff\xfe\"}",
+            b"{} trailing",
+            b"{\"model\":\"m\"} trailing",
+            b"{\"model\":\"m\",\"x\":\"\xff\"}",
+            // Regression (tests/fuzz.rs): serde reads structs from arrays.
+            b"[\" \"]",
+            b"[\"gpt-4o\", true]",
+        ] {
+            let e = err_of(body);
+            assert_eq!(e["error"]["type"], "invalid_request_error", "{body:?}");
+        }
+    }
+
+    #[test]
+    fn openai_facts_spell_the_limit_per_endpoint() {
+        let body = br#"{"model":"m","n":2,"user":"u-1","stream":true,"service_tier":"flex",
+            "stream_options":{"include_usage":true},"max_tokens":7,"max_output_tokens":9}"#;
+        let chat = openai(body);
+        assert_eq!((chat.n, chat.end_user.as_deref()), (Some(2), Some("u-1")));
+        assert!(chat.stream && chat.client_wants_stream_usage());
+        assert_eq!(chat.output_limit.requested, Some(7));
+        assert_eq!(chat.output_limit.field, Some("max_tokens"));
+        assert_eq!(chat.possible_tiers()[1], crate::usage::ServiceTier::Flex);
+        let responses = read(WireFormat::OpenAi, Endpoint::Responses, body);
+        assert_eq!(responses.output_limit.requested, Some(9));
+        let embeddings = read(WireFormat::OpenAi, Endpoint::Embeddings, body);
+        assert_eq!(embeddings.output_limit.field, None);
+    }
+
+    #[test]
+    fn anthropic_facts_read_max_uses_and_metadata_user() {
+        let body = br#"{"model":"claude-sonnet-4-5","max_tokens":100,"metadata":{"user_id":"u-9"},
+            "tools":[{"type":"web_search_20250305","name":"web_search","max_uses":3},{"name":"f","input_schema":{}}]}"#;
+        let f = read(WireFormat::Anthropic, Endpoint::Messages, body);
+        assert_eq!(f.end_user.as_deref(), Some("u-9"));
+        assert_eq!(f.output_limit.requested, Some(100));
+        assert!(f.has_tools);
+        assert_eq!(f.tool_call_bound(5), vec![("web_search", 3)]);
+        // Anthropic's OpenAI-compatible paths take OpenAI's bodies.
+        let chat = read(
+            WireFormat::Anthropic,
+            Endpoint::ChatCompletions,
+            br#"{"model":"claude-sonnet-4-5","max_completion_tokens":5}"#,
+        );
+        assert_eq!(chat.output_limit.field, Some("max_completion_tokens"));
+    }
+
+    #[test]
+    fn gemini_and_bedrock_facts_read_their_configs() {
+        let g = read(
+            WireFormat::Gemini,
+            Endpoint::GenerateContent,
+            br#"{"contents":[],"generationConfig":{"maxOutputTokens":50,"candidateCount":2},
+                "tools":[{"googleSearch":{}},{"functionDeclarations":[]}]}"#,
+        );
+        assert_eq!((g.n, g.output_limit.requested), (Some(2), Some(50)));
+        assert_eq!(
+            g.output_limit.field,
+            Some("generationConfig.maxOutputTokens")
+        );
+        assert_eq!(g.tool_call_bound(4), vec![("web_search", 4)]);
+        let e = WireFormat::Gemini
+            .request_facts(
+                Endpoint::GenerateContent,
+                br#"{"generationConfig":{"maxOutputTokens":"many"}}"#,
+                false,
+            )
+            .map(|_| ())
+            .map_err(|e| e.body());
+        assert_eq!(
+            e.err().unwrap_or_default()["error"]["param"],
+            "generationConfig.maxOutputTokens"
+        );
+        let b = read(
+            WireFormat::Bedrock,
+            Endpoint::Converse,
+            br#"{"messages":[],"inferenceConfig":{"maxTokens":30},"toolConfig":{"tools":[]}}"#,
+        );
+        assert_eq!(b.output_limit.requested, Some(30));
+        assert!(b.has_tools);
+        let invoke = read(
+            WireFormat::Bedrock,
+            Endpoint::Messages,
+            br#"{"anthropic_version":"bedrock-2023-05-31","max_tokens":12,"messages":[]}"#,
+        );
+        assert_eq!(invoke.output_limit.field, Some("max_tokens"));
+        assert_eq!(invoke.output_limit.requested, Some(12));
     }
 }

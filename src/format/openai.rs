@@ -1,14 +1,18 @@
 //! OpenAI's wire formats as they stream (chat and text completions, and
 //! the Responses API; Azure and every OpenAI-compatible API send the same):
 //! usage, the served model and tier, tool calls and generated text from
-//! each SSE event. Non-streaming bodies are read by `read`.
+//! each SSE event. Non-streaming bodies are read by `read`. And the facts
+//! of its request bodies (`request_facts`).
 
 use std::borrow::Cow;
 
 use serde::Deserialize;
 
+use super::request::{self, OutputLimit, RequestFacts, StreamOptions};
+use crate::error::ApiError;
 use crate::usage::read::{facts_from_value, Counts};
 use crate::usage::sse::StreamFacts;
+use crate::usage::Endpoint;
 
 #[derive(Deserialize)]
 struct ChoiceChunk<'a> {
@@ -187,6 +191,75 @@ fn odd_chunk(facts: &mut StreamFacts, data: &[u8]) -> bool {
         .get("choices")
         .is_none_or(|c| c.as_array().is_some_and(Vec::is_empty));
     v.get("usage").is_some_and(serde_json::Value::is_object) && no_choices
+}
+
+/// The fields of an OpenAI request body tollgate reads (chat, text
+/// completions, embeddings, Responses); everything else is forwarded
+/// untouched and unread.
+#[derive(Deserialize)]
+struct Request {
+    model: Option<String>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptionsBody>,
+    n: Option<u32>,
+    user: Option<String>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    max_output_tokens: Option<u64>,
+    service_tier: Option<String>,
+    max_tool_calls: Option<u64>,
+    tools: Option<Vec<ToolRef>>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptionsBody {
+    include_usage: Option<bool>,
+}
+
+/// A tool definition; only its `type` is read (built-in tools cost per call).
+#[derive(Deserialize)]
+struct ToolRef {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+}
+
+/// What an OpenAI request body asks for. The output limit is spelled per
+/// endpoint: chat's `max_completion_tokens` (or the older `max_tokens`),
+/// completions' `max_tokens`, Responses' `max_output_tokens`.
+pub fn request_facts(endpoint: Endpoint, body: &[u8]) -> Result<RequestFacts, ApiError> {
+    let r: Request = request::parse(body)?;
+    let (requested, field) = match endpoint {
+        Endpoint::ChatCompletions => match (r.max_completion_tokens, r.max_tokens) {
+            (Some(m), _) => (Some(m), Some("max_completion_tokens")),
+            (None, Some(m)) => (Some(m), Some("max_tokens")),
+            (None, None) => (None, Some("max_completion_tokens")),
+        },
+        Endpoint::Completions => (r.max_tokens, Some("max_tokens")),
+        Endpoint::Responses => (r.max_output_tokens, Some("max_output_tokens")),
+        _ => (None, None),
+    };
+    let tools = r.tools.unwrap_or_default();
+    Ok(RequestFacts {
+        model: r.model,
+        stream: r.stream == Some(true),
+        n: r.n,
+        end_user: r.user,
+        output_limit: OutputLimit { requested, field },
+        service_tier: r.service_tier,
+        max_tool_calls: r.max_tool_calls,
+        built_in_tools: tools
+            .iter()
+            .filter_map(|t| request::built_in_kind(t.kind.as_deref()?))
+            .map(|kind| (kind, None))
+            .collect(),
+        has_tools: !tools.is_empty(),
+        stream_options: match r.stream_options {
+            None => StreamOptions::Absent,
+            Some(o) => StreamOptions::Sent {
+                include_usage: o.include_usage == Some(true),
+            },
+        },
+    })
 }
 
 #[cfg(test)]

@@ -15,12 +15,13 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, Method};
 use http_body_util::BodyExt;
 
-use super::request::{self, RequestMeta};
+use super::body;
 use super::route::{Routed, UPSTREAM_HEADER};
 use super::settle::{Sent, Ticket};
 use crate::app::AppState;
 use crate::config::AuthMode;
 use crate::error::ApiError;
+use crate::format::request::RequestFacts;
 use crate::upstream::Upstream;
 
 /// What came back from the upstream that answered last.
@@ -76,7 +77,7 @@ pub async fn forward<'a>(
         } else {
             std::mem::take(&mut parts.headers)
         };
-        let inject = injects_stream_usage(ticket, upstream, &routed.meta);
+        let inject = injects_stream_usage(ticket, upstream, &routed.facts);
         let request = upstream_request(state, upstream, routed, &parts.uri, headers, body, inject)?;
         let sent_at = Instant::now();
         let result = send_attempt(upstream, request).await;
@@ -119,11 +120,11 @@ pub async fn forward<'a>(
 }
 
 /// Ask for stream usage on the client's behalf (and hide it again later).
-fn injects_stream_usage(ticket: &Ticket, upstream: &Upstream, meta: &RequestMeta) -> bool {
+fn injects_stream_usage(ticket: &Ticket, upstream: &Upstream, facts: &RequestFacts) -> bool {
     ticket.order.stream
         && ticket.who.endpoint.accepts_stream_options()
         && upstream.inject_stream_usage
-        && !meta.client_wants_stream_usage()
+        && !facts.client_wants_stream_usage()
 }
 
 /// One attempt's request: the upstream's URL, the client's headers as
@@ -139,7 +140,7 @@ fn upstream_request(
 ) -> Result<http::Request<Body>, ApiError> {
     let mode = state.auth.mode();
     let body = if inject {
-        request::with_stream_usage(body, &routed.meta)?
+        body::with_stream_usage(body, routed.facts.stream_options)?
     } else {
         body.clone()
     };

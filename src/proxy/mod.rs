@@ -3,7 +3,7 @@
 //!
 //! 1. `admit`: who asks (path check, virtual key or passthrough team) and
 //!    in which wire format; the body is read once admitted.
-//! 2. `route`: what is asked for (`request::RequestMeta`), the upstream
+//! 2. `route`: what is asked for (the format's `RequestFacts`), the upstream
 //!    it goes to, the catalog model that prices it, the model policies.
 //! 3. `reserve`: the worst case held against the team's budget.
 //! 4. `forward`: the request on its way up, fallbacks included.
@@ -16,8 +16,8 @@
 //! exception, in `reserve`), and none parses more of a body than it needs.
 
 pub mod admit;
+pub mod body;
 pub mod forward;
-pub mod request;
 pub mod reserve;
 pub mod route;
 pub mod settle;
@@ -143,12 +143,11 @@ async fn metered_request(
         .directory
         .team(&ticket.who.team)
         .and_then(|t| t.max_output_tokens);
-    let endpoint = ticket.who.endpoint;
     let (body, max_output) = stage!(
         ticket,
-        request::apply_output_cap(body, &routed.meta, endpoint, cap)
+        body::apply_output_cap(body, routed.facts.output_limit, cap)
     );
-    match reserve::reserve(state, &ticket, &body, &routed.meta, max_output).await {
+    match reserve::reserve(state, &ticket, &body, &routed.facts, max_output).await {
         Ok(hold) => ticket.hold = hold,
         Err((e, hold)) => {
             ticket.hold = hold;

@@ -13,11 +13,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::request::{self, RequestMeta};
+use super::body;
 use super::settle::{Hold, Ticket};
 use crate::app::AppState;
 use crate::budget::Refusal;
 use crate::error::ApiError;
+use crate::format::request::RequestFacts;
 use crate::pricing::{ModelPrice, NanoUsd};
 use crate::usage::Endpoint;
 
@@ -30,7 +31,7 @@ pub async fn reserve(
     state: &AppState,
     ticket: &Ticket,
     body: &Bytes,
-    meta: &RequestMeta,
+    facts: &RequestFacts,
     max_output: Option<u64>,
 ) -> Result<Hold, (ApiError, Hold)> {
     let (who, order) = (&ticket.who, &ticket.order);
@@ -43,7 +44,7 @@ pub async fn reserve(
             remaining,
         });
     };
-    let bound = Bound::of(state, ticket, price, body, meta, max_output);
+    let bound = Bound::of(state, ticket, price, body, facts, max_output);
     let unavailable = || {
         let e = ApiError::BudgetUnavailable {
             team: who.team.clone(),
@@ -109,7 +110,7 @@ impl Bound {
         ticket: &Ticket,
         price: &ModelPrice,
         body: &Bytes,
-        meta: &RequestMeta,
+        facts: &RequestFacts,
         max_output: Option<u64>,
     ) -> Bound {
         let (who, order) = (&ticket.who, &ticket.order);
@@ -118,9 +119,9 @@ impl Bound {
             _ => max_output
                 .or(price.max_output_tokens)
                 .unwrap_or(DEFAULT_MAX_OUTPUT)
-                .saturating_mul(u64::from(meta.n.unwrap_or(1))),
+                .saturating_mul(u64::from(facts.n.unwrap_or(1))),
         };
-        let mut calls = meta.tool_call_bound(state.config.budget.tool_call_allowance);
+        let mut calls = facts.tool_call_bound(state.config.budget.tool_call_allowance);
         let search_model = order
             .resolved
             .as_ref()
@@ -130,11 +131,11 @@ impl Bound {
             && !calls.iter().any(|(k, _)| *k == "web_search")
         {
             // A chat search model searches once per answer.
-            calls.push(("web_search", u64::from(meta.n.unwrap_or(1))));
+            calls.push(("web_search", u64::from(facts.n.unwrap_or(1))));
         }
         // Counting image parts parses the body: only for teams with a budget.
-        let images = if request::mentions_images(body) && state.ledger.has_budget(&who.team) {
-            request::image_token_bound(body)
+        let images = if body::mentions_images(body) && state.ledger.has_budget(&who.team) {
+            body::image_token_bound(body)
         } else {
             0
         };
@@ -144,9 +145,8 @@ impl Bound {
             .map_or(0, |(_, n)| *n);
         Bound {
             completion,
-            tiers: meta.possible_tiers(),
-            has_tools: meta.tools.as_ref().is_some_and(|t| !t.is_empty())
-                || meta.tool_config.is_some(),
+            tiers: facts.possible_tiers(),
+            has_tools: facts.has_tools,
             calls,
             images,
             searches,
@@ -181,7 +181,7 @@ async fn exact_prompt(ticket: &Ticket, body: &Bytes, bound: u64) -> u64 {
             .map(|v| {
                 format
                     .prompt_tokens(endpoint, encoding, &v)
-                    .saturating_add(request::audio_token_bound(&v))
+                    .saturating_add(body::audio_token_bound(&v))
             })
             .unwrap_or(bound)
     })

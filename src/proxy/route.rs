@@ -1,5 +1,5 @@
 //! The second stage: what is asked for and where it goes. The body's facts
-//! (`request::RequestMeta`) name the model (else, Azure style, the path
+//! (the format's `RequestFacts`) name the model (else, Azure style, the path
 //! does); the model picks the upstream; the upstream's provider names the
 //! catalog model it stands for, which prices. Then the policies that need
 //! the model: unpriced models, a key's model list.
@@ -8,11 +8,11 @@
 
 use http::HeaderMap;
 
-use super::request::RequestMeta;
 use super::settle::{Admission, Order, Ticket};
 use crate::app::AppState;
 use crate::config::UnpricedPolicy;
 use crate::error::ApiError;
+use crate::format::request::RequestFacts;
 use crate::format::WireFormat;
 use crate::upstream::Upstream;
 
@@ -25,7 +25,7 @@ pub struct Routed<'a> {
     /// The model as the upstream's path knows it: an Azure deployment's
     /// name where it differs from the catalog model.
     pub route: String,
-    pub meta: RequestMeta,
+    pub facts: RequestFacts,
 }
 
 /// Reads the request's facts and picks its upstream; the order (the model
@@ -41,11 +41,11 @@ pub fn route<'a>(
     // deployment in the path. It routes; the catalog model it stands for
     // (an Azure deployment's model) prices.
     let path_model = who.format.path_model(path);
-    let mut meta = RequestMeta::parse_naming(body, path_model.is_none())?;
-    if who.format.path_streams(path) {
-        meta.stream = Some(true);
-    }
-    let requested = match meta.model() {
+    let mut facts = who
+        .format
+        .request_facts(who.endpoint, body, path_model.is_none())?;
+    facts.stream |= who.format.path_streams(path);
+    let requested = match facts.model() {
         "" => path_model.map(|m| m.into_owned()).unwrap_or_default(),
         m => m.to_string(),
     };
@@ -54,15 +54,18 @@ pub fn route<'a>(
     let order = Order {
         model_label: state.metrics.model_label(&model),
         resolved: Some(state.catalog.load().resolve(&model)),
-        stream: meta.is_stream(),
-        choices: meta.n.map_or(1, |n| u16::try_from(n).unwrap_or(u16::MAX)),
-        end_user: meta.user.as_ref().map(|u| u.chars().take(256).collect()),
+        stream: facts.stream,
+        choices: facts.n.map_or(1, |n| u16::try_from(n).unwrap_or(u16::MAX)),
+        end_user: facts
+            .end_user
+            .as_ref()
+            .map(|u| u.chars().take(256).collect()),
         model,
     };
     let routed = Routed {
         upstream,
         route: requested,
-        meta,
+        facts,
     };
     Ok((routed, order))
 }
@@ -123,16 +126,6 @@ pub fn pick_upstream<'a>(
         None => state
             .upstreams
             .first_for(format)
-            .ok_or_else(|| match format {
-                WireFormat::OpenAi => ApiError::Internal("no upstream configured".into()),
-                _ => ApiError::invalid(
-                    format!(
-                        "No upstream of kind \"{}\" is configured for {}'s API.",
-                        format.name().to_ascii_lowercase(),
-                        format.name()
-                    ),
-                    None,
-                ),
-            }),
+            .ok_or_else(|| format.no_upstream()),
     }
 }
