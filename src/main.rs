@@ -636,12 +636,19 @@ fn print_catalog(catalog: &Catalog, format: OutputFormat) {
         OutputFormat::Table => {
             use tollgate::pricing::Meter;
             println!(
-                "{:<34} {:>10} {:>10} {:>10} {:>10}  {:<10} {:<24} encoding",
-                "model", "input/M", "output/M", "cached/M", "max_out", "provider", "tiers"
+                "{:<34} {:>10} {:>10} {:>10} {:>10}  {:<10} {:<24} {:<11} units",
+                "model",
+                "input/M",
+                "output/M",
+                "cached/M",
+                "max_out",
+                "provider",
+                "tiers",
+                "encoding"
             );
             for (id, p) in rows {
                 println!(
-                    "{:<34} {:>10} {:>10} {:>10} {:>10}  {:<10} {:<24} {}",
+                    "{:<34} {:>10} {:>10} {:>10} {:>10}  {:<10} {:<24} {:<11} {}",
                     id,
                     p.input().usd_per_million_string(),
                     p.output().usd_per_million_string(),
@@ -653,6 +660,7 @@ fn print_catalog(catalog: &Catalog, format: OutputFormat) {
                     p.provider.unwrap_or("-"),
                     p.tier_names(),
                     p.encoding.map_or("-", |e| e.name()),
+                    p.unit_prices(),
                 );
             }
         }

@@ -230,12 +230,12 @@ fn tier_index(tier: crate::usage::ServiceTier) -> usize {
 /// (`proxy::settle::token_kinds` fills them): the two totals (`prompt`,
 /// `completion`), then every meter by its name (`usage::Meter::ALL`; they
 /// add up to the totals), then `reasoning` (a part of `output`).
-pub const TOKEN_KINDS: [&str; Meter::COUNT + 3] = {
-    let mut kinds = ["reasoning"; Meter::COUNT + 3];
+pub const TOKEN_KINDS: [&str; Meter::TOKEN_COUNT + 3] = {
+    let mut kinds = ["reasoning"; Meter::TOKEN_COUNT + 3];
     kinds[0] = "prompt";
     kinds[1] = "completion";
     let mut i = 0;
-    while i < Meter::COUNT {
+    while i < Meter::TOKEN_COUNT {
         kinds[i + 2] = Meter::ALL[i].name();
         i += 1;
     }
@@ -355,6 +355,8 @@ pub struct Metrics {
     series: RwLock<HashMap<String, HashMap<String, Arc<Series>>>>,
     pub requests: IntCounterVec,
     pub tokens: IntCounterVec,
+    /// What is billed by the unit: images, audio seconds, characters.
+    pub units: IntCounterVec,
     pub cost: Arc<MoneyCounter>,
     pub request_duration: HistogramVec,
     pub time_to_first_byte: HistogramVec,
@@ -411,6 +413,13 @@ impl Metrics {
                 "Proxied requests by outcome status.",
             ),
             &["team", "model", "endpoint", "status"],
+        )?;
+        let units = IntCounterVec::new(
+            Opts::new(
+                "tollgate_units_total",
+                "Units billed other than tokens, by meter (images, audio_seconds, characters).",
+            ),
+            &["team", "model", "unit"],
         )?;
         let tokens = IntCounterVec::new(
             Opts::new(
@@ -550,6 +559,7 @@ impl Metrics {
         registry.register(Box::new(budget_rejections.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(tokens.clone()))?;
+        registry.register(Box::new(units.clone()))?;
         registry.register(Box::new(SharedCollector(cost.clone())))?;
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(time_to_first_byte.clone()))?;
@@ -627,6 +637,7 @@ impl Metrics {
             series: RwLock::new(HashMap::new()),
             requests,
             tokens,
+            units,
             cost,
             request_duration,
             time_to_first_byte,
@@ -869,7 +880,11 @@ mod tests {
 
     #[test]
     fn token_kinds_are_the_totals_then_the_meters_by_name() {
-        let meters: Vec<&str> = Meter::ALL.iter().map(|m| m.name()).collect();
+        let meters: Vec<&str> = Meter::ALL
+            .iter()
+            .filter(|m| m.is_token())
+            .map(|m| m.name())
+            .collect();
         assert_eq!(&TOKEN_KINDS[2..2 + meters.len()], meters.as_slice());
         assert_eq!(TOKEN_KINDS[..2], ["prompt", "completion"]);
         assert_eq!(TOKEN_KINDS.last(), Some(&"reasoning"));

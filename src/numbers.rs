@@ -29,7 +29,7 @@ fn output_cost(row: &CountsRow) -> u64 {
         .iter()
         .zip(row.breakdown)
         // The lines of output-side meters.
-        .filter(|(l, _)| l.meter().is_some_and(|m| !m.is_prompt()))
+        .filter(|(l, _)| l.meter().is_some_and(|m| m.is_completion()))
         .map(|(_, n)| n)
         .sum();
     // A self-hosted row's GPU line: prompt and completion tokens pay the

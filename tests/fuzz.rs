@@ -302,7 +302,7 @@ proptest! {
             // more than its total leaves.
             use tollgate::usage::meter::Meter;
             let side = |prompt: bool| -> u64 {
-                Meter::ALL.iter().filter(|m| m.is_prompt() == prompt).map(|m| m.count(&u)).sum()
+                Meter::ALL.iter().filter(|m| m.is_token() && m.is_prompt() == prompt).map(|m| m.count(&u)).sum()
             };
             prop_assert_eq!(side(true), u.prompt_tokens);
             prop_assert_eq!(side(false), u.completion_tokens);
@@ -316,11 +316,15 @@ proptest! {
     /// output cap.
     #[test]
     fn request_facts_parse_or_explain(body in prop_oneof![json_bytes(), prop::collection::vec(any::<u8>(), 0..64)]) {
-        let formats = ENDPOINTS.iter().copied().chain([(WireFormat::Bedrock, Endpoint::Converse)]);
+        let formats = ENDPOINTS.iter().copied().chain([
+            (WireFormat::Bedrock, Endpoint::Converse),
+            (WireFormat::OpenAi, Endpoint::Images),
+            (WireFormat::OpenAi, Endpoint::AudioSpeech),
+        ]);
+        let bytes = Bytes::from(body.clone());
         for (format, endpoint) in formats {
-            match format.request_facts(endpoint, &body, true) {
+            match format.request_facts(endpoint, &bytes, "application/json", true) {
                 Ok(facts) => {
-                    let bytes = Bytes::from(body.clone());
                     if let Ok(out) = body::with_stream_usage(&bytes, facts.stream_options) {
                         let v: Value = serde_json::from_slice(&out).unwrap_or(Value::Null);
                         prop_assert_eq!(&v["stream_options"]["include_usage"], &json!(true));
@@ -340,6 +344,29 @@ proptest! {
                     prop_assert!(e.body()["error"]["message"].is_string());
                 }
             }
+        }
+    }
+
+    /// Upload bodies (multipart, any bytes around real parts) and image and
+    /// transcription responses: read or refused, never a panic.
+    #[test]
+    fn uploads_and_media_bodies_never_panic(
+        junk in prop::collection::vec(any::<u8>(), 0..200),
+        cut in 0usize..400,
+        body in json_bytes(),
+    ) {
+        let mut form = b"--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\n".to_vec();
+        form.extend_from_slice(&junk);
+        form.extend_from_slice(b"\r\n--b--\r\n");
+        form.truncate(cut.max(1).min(form.len()));
+        let form = Bytes::from(form);
+        for endpoint in [Endpoint::AudioTranscriptions, Endpoint::Images] {
+            match WireFormat::OpenAi.request_facts(endpoint, &form, "multipart/form-data; boundary=b", false) {
+                Ok(facts) => prop_assert!(facts.units.audio_bytes.unwrap_or(0) <= junk.len() as u64 + 8),
+                Err(e) => prop_assert_eq!(e.status().as_u16() / 100, 4),
+            }
+            let _ = WireFormat::OpenAi.read_body(endpoint, &body);
+            let _ = WireFormat::OpenAi.read_body(endpoint, &junk);
         }
     }
 

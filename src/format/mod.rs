@@ -13,6 +13,7 @@
 pub mod anthropic;
 pub mod bedrock;
 pub mod gemini;
+pub mod media;
 pub mod openai;
 pub mod request;
 
@@ -168,10 +169,16 @@ impl WireFormat {
     /// What a whole (non-streaming) response body says. OpenAI's and
     /// Anthropic's bodies share their usage spellings (`usage::read`).
     pub fn read_body(self, endpoint: Endpoint, body: &[u8]) -> BodyFacts {
-        match self {
-            WireFormat::OpenAi | WireFormat::Anthropic => crate::usage::read::read_body(body),
-            WireFormat::Gemini => gemini::read_body(body),
-            WireFormat::Bedrock => bedrock::read_body(endpoint, body),
+        match (self, endpoint) {
+            (WireFormat::OpenAi, Endpoint::Images) => media::read_images_body(body),
+            (WireFormat::OpenAi, Endpoint::AudioTranscriptions | Endpoint::AudioTranslations) => {
+                media::read_transcription_body(body)
+            }
+            // Audio bytes: their usage is what the request says.
+            (WireFormat::OpenAi, Endpoint::AudioSpeech) => BodyFacts::default(),
+            (WireFormat::OpenAi | WireFormat::Anthropic, _) => crate::usage::read::read_body(body),
+            (WireFormat::Gemini, _) => gemini::read_body(body),
+            (WireFormat::Bedrock, _) => bedrock::read_body(endpoint, body),
         }
     }
 
@@ -181,7 +188,8 @@ impl WireFormat {
     pub fn request_facts(
         self,
         endpoint: Endpoint,
-        body: &[u8],
+        body: &bytes::Bytes,
+        content_type: &str,
         model_required: bool,
     ) -> Result<RequestFacts, ApiError> {
         let facts = match (self, endpoint) {
@@ -189,7 +197,7 @@ impl WireFormat {
             (WireFormat::Bedrock, _) => bedrock::request_facts(endpoint, body),
             (WireFormat::Anthropic, Endpoint::Messages) => anthropic::request_facts(body),
             (WireFormat::OpenAi | WireFormat::Anthropic, _) => {
-                openai::request_facts(endpoint, body)
+                openai::request_facts(endpoint, body, content_type)
             }
         };
         facts?.checked(model_required)
@@ -245,11 +253,18 @@ impl WireFormat {
         enc: Encoding,
         request_body: &[u8],
         texts: &[String],
+        response_bytes: usize,
     ) -> Usage {
-        let prompt = serde_json::from_slice::<Value>(request_body)
-            .map(|v| self.prompt_tokens(endpoint, enc, &v))
-            .unwrap_or(0);
-        estimate::estimated(prompt, estimate::completion_tokens(enc, texts))
+        let request = serde_json::from_slice::<Value>(request_body).unwrap_or(Value::Null);
+        let prompt = self.prompt_tokens(endpoint, enc, &request);
+        let mut usage = estimate::estimated(prompt, estimate::completion_tokens(enc, texts));
+        if endpoint == Endpoint::AudioSpeech {
+            // The answer is audio: its tokens from its length.
+            let audio = media::speech_audio_tokens(&request, response_bytes);
+            usage.completion_tokens = usage.completion_tokens.saturating_add(audio);
+            usage.audio_completion_tokens = Some(audio);
+        }
+        usage
     }
 
     /// Prompt tokens the provider may add to what the request itself holds
@@ -279,7 +294,12 @@ mod tests {
 
     fn read(format: WireFormat, endpoint: Endpoint, body: &[u8]) -> RequestFacts {
         format
-            .request_facts(endpoint, body, false)
+            .request_facts(
+                endpoint,
+                &bytes::Bytes::copy_from_slice(body),
+                "application/json",
+                false,
+            )
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
@@ -288,7 +308,8 @@ mod tests {
     }
 
     fn err_of(body: &[u8]) -> Value {
-        match WireFormat::OpenAi.request_facts(Endpoint::ChatCompletions, body, true) {
+        let body = bytes::Bytes::copy_from_slice(body);
+        match WireFormat::OpenAi.request_facts(Endpoint::ChatCompletions, &body, "", true) {
             Ok(_) => Value::Null,
             Err(e) => e.body(),
         }
@@ -397,7 +418,8 @@ mod tests {
         let e = WireFormat::Gemini
             .request_facts(
                 Endpoint::GenerateContent,
-                br#"{"generationConfig":{"maxOutputTokens":"many"}}"#,
+                &bytes::Bytes::from_static(br#"{"generationConfig":{"maxOutputTokens":"many"}}"#),
+                "application/json",
                 false,
             )
             .map(|_| ())

@@ -226,7 +226,19 @@ struct ToolRef {
 /// What an OpenAI request body asks for. The output limit is spelled per
 /// endpoint: chat's `max_completion_tokens` (or the older `max_tokens`),
 /// completions' `max_tokens`, Responses' `max_output_tokens`.
-pub fn request_facts(endpoint: Endpoint, body: &[u8]) -> Result<RequestFacts, ApiError> {
+pub fn request_facts(
+    endpoint: Endpoint,
+    body: &bytes::Bytes,
+    content_type: &str,
+) -> Result<RequestFacts, ApiError> {
+    match endpoint {
+        Endpoint::Images => return super::media::image_facts(body, content_type),
+        Endpoint::AudioTranscriptions | Endpoint::AudioTranslations => {
+            return super::media::transcription_facts(body, content_type)
+        }
+        Endpoint::AudioSpeech => return super::media::speech_facts(body),
+        _ => {}
+    }
     let r: Request = request::parse(body)?;
     let (requested, field) = match endpoint {
         Endpoint::ChatCompletions => match (r.max_completion_tokens, r.max_tokens) {
@@ -259,6 +271,7 @@ pub fn request_facts(endpoint: Endpoint, body: &[u8]) -> Result<RequestFacts, Ap
                 include_usage: o.include_usage == Some(true),
             },
         },
+        units: request::Units::default(),
     })
 }
 

@@ -37,6 +37,21 @@ pub struct RequestFacts {
     pub has_tools: bool,
     /// OpenAI's `stream_options`, as sent.
     pub stream_options: StreamOptions,
+    /// What it asks for that is billed by the unit (SPEC 12).
+    pub units: Units,
+}
+
+/// What a request body says of the units it may be billed (images, audio
+/// seconds, characters): exact where the request decides them, a bound
+/// where the response does.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Units {
+    /// The size and quality of the images asked for (`n` of them).
+    pub image_spec: Option<crate::usage::ImageSpec>,
+    /// Bytes of an uploaded audio file, which bound its duration.
+    pub audio_bytes: Option<u64>,
+    /// Characters of text to speak.
+    pub characters: Option<u64>,
 }
 
 /// The request's own output limit and the field that spells it, which an

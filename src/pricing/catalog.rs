@@ -12,7 +12,7 @@ use serde::Deserialize;
 use super::gpu::GpuPrice;
 use super::money::Rate;
 use super::price::{CallFee, LongContext, Meter, ModelPrice, Rates};
-use crate::usage::{Encoding, ToolCalls};
+use crate::usage::{Encoding, ImageSpec, ToolCalls};
 
 /// The catalog compiled into the binary.
 pub const BUNDLED: &str = include_str!("../../config/catalog.toml");
@@ -42,24 +42,53 @@ impl Resolved {
     }
 }
 
-/// Prices as written, USD per million tokens, keyed by meter name
-/// (`usage::Meter::name`): a row's own, a tier's or a long-context table's.
+/// Prices as written, keyed by meter (`usage::Meter::catalog_key`): a
+/// token meter's name in USD per million tokens, `per_image`, `per_minute`
+/// and `per_1k_chars` in USD per their unit; a row's own, a tier's or a
+/// long-context table's.
 type RawRates = BTreeMap<String, toml::Value>;
 
+fn number(v: &toml::Value) -> Option<f64> {
+    v.as_float().or_else(|| v.as_integer().map(|i| i as f64))
+}
+
 /// Exact rates from `raw`; errors name the key (`models."x".flex.input`).
-/// A key that is no meter's name is an error, not ignored.
+/// A key that is no meter's is an error, not ignored. A `per_image` table
+/// (by `"SIZE/QUALITY"`) is read by `image_prices`.
 fn meter_rates(raw: &RawRates, at: &str) -> Result<Rates, String> {
     let mut rates = Rates::default();
     for (key, v) in raw {
-        let m = Meter::from_name(key).ok_or_else(|| format!("{at}.{key}: unknown key"))?;
-        let x = v
-            .as_float()
-            .or_else(|| v.as_integer().map(|i| i as f64))
-            .ok_or_else(|| format!("{at}.{key}: not a number"))?;
-        let r = Rate::from_f64_usd_per_million(x).map_err(|e| format!("{at}.{key}: {e}"))?;
+        let m = Meter::from_catalog_key(key).ok_or_else(|| format!("{at}.{key}: unknown key"))?;
+        if m == Meter::Images && v.is_table() {
+            continue;
+        }
+        let x = number(v).ok_or_else(|| format!("{at}.{key}: not a number"))?;
+        let r = Rate::from_f64_usd_per(x, m.unit()).map_err(|e| format!("{at}.{key}: {e}"))?;
         rates.set(m, Some(r));
     }
     Ok(rates)
+}
+
+/// `[models."x".per_image]`: USD per image by `"1024x1024/hd"`.
+fn image_prices(raw: &RawRates, at: &str) -> Result<Vec<(ImageSpec, Rate)>, String> {
+    let Some(toml::Value::Table(table)) = raw.get("per_image") else {
+        return Ok(Vec::new());
+    };
+    let at = format!("{at}.per_image");
+    table
+        .iter()
+        .map(|(key, v)| {
+            let spec = ImageSpec::parse_key(key)
+                .filter(|s| !s.is_auto())
+                .ok_or_else(|| {
+                    format!("{at}.\"{key}\": not SIZE/QUALITY (\"1024x1024/standard\")")
+                })?;
+            let x = number(v).ok_or_else(|| format!("{at}.\"{key}\": not a number"))?;
+            let r = Rate::from_f64_usd_per(x, crate::usage::meter::Unit::Image)
+                .map_err(|e| format!("{at}.\"{key}\": {e}"))?;
+            Ok((spec, r))
+        })
+        .collect()
 }
 
 /// `[models."x".long_context]`: a threshold and prices (checked by
@@ -224,10 +253,20 @@ impl Catalog {
                 rates.set(Meter::Input, Some(g.ceiling()));
                 rates.set(Meter::Output, Some(g.ceiling()));
             }
+            let per_image = image_prices(&raw.prices, &at)?;
+            // A row priced by the unit (images, minutes, characters) bills
+            // no tokens it does not price.
+            let by_unit = !per_image.is_empty()
+                || Meter::ALL
+                    .into_iter()
+                    .any(|m| !m.is_token() && rates.get(m).is_some());
             for required in [Meter::Input, Meter::Output] {
+                if rates.get(required).is_none() && by_unit {
+                    rates.set(required, Some(Rate::default()));
+                }
                 if rates.get(required).is_none() {
                     return Err(format!(
-                        "{at}.{}: missing (every row needs input and output, or gpu_usd_per_hour)",
+                        "{at}.{}: missing (every row needs input and output, gpu_usd_per_hour, or a unit price: per_image, per_minute, per_1k_chars)",
                         required.name()
                     ));
                 }
@@ -278,6 +317,7 @@ impl Catalog {
                 batch: batch.map(Box::new),
                 long_context: long_context.map(Box::new),
                 tool_calls,
+                per_image,
                 max_output_tokens: raw.max_output_tokens,
                 encoding,
                 gpu: gpu.map(Box::new),

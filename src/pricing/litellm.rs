@@ -38,8 +38,59 @@ fn litellm_key(c: Meter) -> Option<&'static str> {
         Meter::AudioOutput => "output_cost_per_audio_token",
         Meter::ImageInput => "input_cost_per_image_token",
         Meter::ImageOutput => "output_cost_per_image_token",
-        Meter::VideoInput => return None,
+        // Per second there; per unit meters are `unit_lines`'.
+        Meter::VideoInput | Meter::Images | Meter::AudioSeconds | Meter::Characters => return None,
     })
+}
+
+/// A unit meter's LiteLLM key (USD per second, character or image) and how
+/// many of those make tollgate's catalog quantity (a minute: 60).
+fn litellm_unit_key(c: Meter) -> Option<(&'static [&'static str], u128)> {
+    match c {
+        Meter::AudioSeconds => Some((&["input_cost_per_second"], 60)),
+        Meter::Characters => Some((&["input_cost_per_character"], 1_000)),
+        Meter::Images => Some((&["output_cost_per_image", "input_cost_per_image"], 1)),
+        _ => None,
+    }
+}
+
+/// `per_minute`, `per_1k_chars` and `per_image` lines, for an entry priced
+/// by the unit only: a model LiteLLM prices by tokens too (a transcription
+/// model with a per-second estimate) is billed by its tokens.
+fn unit_lines(entry: &serde_json::Map<String, Value>) -> Result<String, String> {
+    let tokens = [
+        "input_cost_per_token",
+        "input_cost_per_audio_token",
+        "output_cost_per_image_token",
+    ];
+    if tokens
+        .iter()
+        .any(|k| price(entry, k).is_some_and(|x| x > 0.0))
+    {
+        return Ok(String::new());
+    }
+    let mut out = String::new();
+    for (c, (keys, quantity)) in Meter::ALL
+        .into_iter()
+        .filter_map(|c| Some((c, litellm_unit_key(c)?)))
+    {
+        let Some((key, x)) = keys.iter().find_map(|k| Some((*k, price(entry, k)?))) else {
+            continue;
+        };
+        if !x.is_finite() || x < 0.0 {
+            return Err(format!("{key}: {x} is not a non-negative price"));
+        }
+        let zepto =
+            super::money::decimal_scaled(&format!("{x}"), 21).map_err(|e| format!("{key}: {e}"))?;
+        let text = super::money::format_decimal(zepto.saturating_mul(quantity), 21);
+        let text = if text.contains('.') {
+            text
+        } else {
+            format!("{text}.0")
+        };
+        let _ = writeln!(out, "{} = {text}", c.catalog_key());
+    }
+    Ok(out)
 }
 
 /// Modes whose prices are per token (text, audio or image tokens).
@@ -131,9 +182,13 @@ fn model_block(
     let mut out = format!("\n[models.{}]\n", toml_key(id));
     let _ = writeln!(out, "provider = \"{}\"", provider_name(provider));
     let mut standard = rate_lines(entry, "").map_err(named)?;
-    // Every row has input and output: image and audio models bill output
-    // as image or audio tokens, so their text output price stands in.
-    if price(entry, "output_cost_per_token").is_none() {
+    let units = unit_lines(entry).map_err(named)?;
+    // Every row has input and output or a unit price: image and audio
+    // models bill output as image or audio tokens, so their text output
+    // price stands in.
+    if !units.is_empty() {
+        standard.push_str(&units);
+    } else if price(entry, "output_cost_per_token").is_none() {
         let stand_in = price(entry, "output_cost_per_image_token")
             .or_else(|| price(entry, "output_cost_per_audio_token"))
             .unwrap_or(0.0);
@@ -143,7 +198,7 @@ fn model_block(
             per_million(stand_in).map_err(named)?
         );
     }
-    if price(entry, "input_cost_per_token").is_none() {
+    if units.is_empty() && price(entry, "input_cost_per_token").is_none() {
         let stand_in = price(entry, "input_cost_per_audio_token").unwrap_or(0.0);
         let _ = writeln!(
             standard,
@@ -229,8 +284,9 @@ fn thousand_text(usd_per_1000: f64) -> Result<String, String> {
     })
 }
 
-/// Keeps `provider`'s token-priced models (chat, completion, responses,
-/// embedding, image, audio and realtime models with per-token prices). A
+/// Keeps `provider`'s priced models (chat, completion, responses,
+/// embedding, image, audio and realtime models with per-token prices, and
+/// those priced per image, second or character). A
 /// key `provider/model` becomes `model` (which may hold a `/` itself, as
 /// Groq's and Together's ids do); other keys with a `/` (other providers'
 /// routes, per-size image prices) are skipped. With `only`, models whose
@@ -269,7 +325,11 @@ pub fn import(json: &str, provider: &str, only: &[crate::glob::Glob]) -> Result<
             && !id.is_empty()
             && (only.is_empty() || only.iter().any(|g| g.matches(id)))
             && (price(entry, "input_cost_per_token").is_some()
-                || price(entry, "input_cost_per_audio_token").is_some());
+                || price(entry, "input_cost_per_audio_token").is_some()
+                || Meter::ALL
+                    .into_iter()
+                    .filter_map(litellm_unit_key)
+                    .any(|(keys, _)| keys.iter().any(|k| price(entry, k).is_some())));
         if !wanted || !seen.insert(id.to_string()) {
             skipped += 1;
             continue;

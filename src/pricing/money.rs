@@ -30,6 +30,22 @@ impl Rate {
         Rate::from_usd_per_million(&format!("{x}"))
     }
 
+    /// From a TOML/JSON number of USD per a meter's catalog quantity (a
+    /// million tokens, an image, a minute, 1,000 characters), exactly but
+    /// for a per-minute price's division into seconds (rounded half up,
+    /// below a zepto-USD).
+    pub fn from_f64_usd_per(x: f64, unit: crate::usage::meter::Unit) -> Result<Rate, String> {
+        if !x.is_finite() || x < 0.0 {
+            return Err(format!("price {x} is not a non-negative number"));
+        }
+        if unit == crate::usage::meter::Unit::Token {
+            return Rate::from_f64_usd_per_million(x);
+        }
+        let (_, per) = unit.zepto_per_usd();
+        let zepto = decimal_scaled(&format!("{x}"), 21)?;
+        Ok(Rate(div_round_half_up(zepto, per)))
+    }
+
     /// From USD per token (the LiteLLM cost map's unit).
     pub fn from_f64_usd_per_token(x: f64) -> Result<Rate, String> {
         if !x.is_finite() || x < 0.0 {
@@ -45,6 +61,13 @@ impl Rate {
 
     pub fn usd_per_token(self) -> f64 {
         self.0 as f64 / 1e21
+    }
+
+    /// USD per a meter's catalog quantity (a million tokens, an image, a
+    /// minute, 1,000 characters) as an exact decimal string.
+    pub fn usd_per_string(self, unit: crate::usage::meter::Unit) -> String {
+        let (_, per) = unit.zepto_per_usd();
+        format_decimal(self.0.saturating_mul(per), 21)
     }
 
     /// USD per million tokens as an exact decimal string.

@@ -4,7 +4,7 @@
 //! exactly and rounded once, with a breakdown per component.
 
 use super::money::{div_round_half_up, CostAccumulator, NanoUsd, Rate, ZEPTO_PER_NANO};
-use crate::usage::{Encoding, ServiceTier, Usage};
+use crate::usage::{Encoding, ImageSpec, ServiceTier, Usage};
 
 /// A price a catalog row can set, in USD per million tokens.
 /// The catalog's token components are the meters (`usage::Meter`): one
@@ -203,6 +203,9 @@ pub struct ModelPrice {
     pub long_context: Option<Box<LongContext>>,
     /// The row's own tool-call fees; the catalog's `[tool_calls]` otherwise.
     pub tool_calls: Vec<(String, CallFee)>,
+    /// Prices per image by size and quality (`[per_image]`); a flat
+    /// `per_image` is the `Meter::Images` rate.
+    pub per_image: Vec<(ImageSpec, Rate)>,
     pub max_output_tokens: Option<u64>,
     pub encoding: Option<Encoding>,
     /// Self-hosted: priced from GPU cost over a trailing window; `rates`
@@ -275,6 +278,7 @@ impl ModelPrice {
             batch: None,
             long_context: None,
             tool_calls: Vec::new(),
+            per_image: Vec::new(),
             max_output_tokens: None,
             encoding: None,
             gpu: None,
@@ -290,6 +294,7 @@ impl ModelPrice {
             && self.batch == other.batch
             && self.long_context == other.long_context
             && self.tool_calls == other.tool_calls
+            && self.per_image == other.per_image
     }
 
     pub fn input(&self) -> Rate {
@@ -350,6 +355,34 @@ impl ModelPrice {
             .map_or(CallFee::default(), |(_, f)| *f)
     }
 
+    /// The price of one image made at `spec`: the `[per_image]` price of
+    /// its size and quality, the dearest that `spec` may stand for (an
+    /// `auto` quality) or, for a spec the table does not have, the dearest
+    /// of all (never less than it may have cost); else the flat rate.
+    pub fn image_rate(&self, rates: &Rates, spec: Option<ImageSpec>) -> Rate {
+        if self.per_image.is_empty() {
+            return rates.effective(Meter::Images);
+        }
+        let dearest = |keep: &dyn Fn(ImageSpec) -> bool| {
+            self.per_image
+                .iter()
+                .filter(|(k, _)| keep(*k))
+                .map(|(_, r)| *r)
+                .max()
+        };
+        spec.and_then(|s| dearest(&|k| s.covers(k)))
+            .or_else(|| dearest(&|_| true))
+            .unwrap_or_default()
+    }
+
+    /// The rate of meter `c` for `usage` at `rates`.
+    fn meter_rate(&self, rates: &Rates, c: Meter, usage: &Usage) -> Rate {
+        match c {
+            Meter::Images => self.image_rate(rates, usage.image_spec),
+            _ => rates.effective(c),
+        }
+    }
+
     /// The exact cost of `usage` served at `tier`, rounded once; the
     /// breakdown's lines sum to the total (largest remainders get the
     /// rounding).
@@ -404,7 +437,7 @@ impl ModelPrice {
         for c in Meter::ALL {
             let n = c.count(clamped);
             if n > 0 {
-                let z = u128::from(n).saturating_mul(rates.effective(c).0);
+                let z = u128::from(n).saturating_mul(self.meter_rate(rates, c, clamped).0);
                 let line = &mut zepto[Line::of(c).index()];
                 *line = line.saturating_add(z);
             }
@@ -431,7 +464,7 @@ impl ModelPrice {
     pub fn worst_rates(&self, tiers: &[ServiceTier], prompt_tokens: u64) -> (Rate, Rate) {
         let worst_of = |rates: &Rates| {
             let (mut p, mut c) = (Rate::default(), Rate::default());
-            for comp in Meter::ALL {
+            for comp in Meter::ALL.into_iter().filter(|m| m.is_token()) {
                 let r = rates.effective(comp);
                 if comp.is_prompt() {
                     p = p.max(r);
@@ -487,6 +520,28 @@ impl ModelPrice {
         NanoUsd(acc.nano_usd().0.saturating_add(1))
     }
 
+    /// The most the unit meters of a request can cost (`units`: a usage
+    /// holding only their counts and the images' spec) at the dearest of
+    /// the tiers it may be served at, rounded up.
+    pub fn worst_units(&self, units: &Usage, tiers: &[ServiceTier]) -> NanoUsd {
+        let mut worst = 0u128;
+        for &tier in tiers {
+            let (rates, _) = self.tier_rates(tier);
+            let zepto = Meter::ALL
+                .into_iter()
+                .filter(|m| !m.is_token())
+                .map(|m| {
+                    u128::from(m.count(units)).saturating_mul(self.meter_rate(&rates, m, units).0)
+                })
+                .fold(0u128, u128::saturating_add);
+            worst = worst.max(zepto);
+        }
+        if worst == 0 {
+            return NanoUsd(0);
+        }
+        NanoUsd(u64::try_from(worst.div_ceil(ZEPTO_PER_NANO)).unwrap_or(u64::MAX))
+    }
+
     /// The row scaled by a decimal factor in millionths (fine-tuned models
     /// priced as a multiple of their base).
     pub fn times_ppm(&self, ppm: u128) -> ModelPrice {
@@ -504,6 +559,11 @@ impl ModelPrice {
                 })
             }),
             tool_calls: self.tool_calls.clone(),
+            per_image: self
+                .per_image
+                .iter()
+                .map(|(k, r)| (*k, r.times_ppm(ppm)))
+                .collect(),
             max_output_tokens: self.max_output_tokens,
             encoding: self.encoding,
             // A fine-tune of a self-hosted model: its multiple of the ceiling.
@@ -519,11 +579,15 @@ impl Rates {
         Meter::ALL
             .into_iter()
             .filter_map(|c| {
-                self.get(c).map(|r| {
-                    (
+                self.get(c).map(|r| match c.unit() {
+                    crate::usage::meter::Unit::Token => (
                         format!("{}_usd_per_million", c.name()),
                         serde_json::Value::String(r.usd_per_million_string()),
-                    )
+                    ),
+                    unit => (
+                        format!("{}_usd", c.catalog_key()),
+                        serde_json::Value::String(r.usd_per_string(unit)),
+                    ),
                 })
             })
             .collect()
@@ -570,6 +634,17 @@ impl ModelPrice {
             m.insert("above_input_tokens".into(), lc.above_input_tokens.into());
             put("long_context", serde_json::Value::Object(m));
         }
+        if !self.per_image.is_empty() {
+            let prices: serde_json::Map<String, serde_json::Value> = self
+                .per_image
+                .iter()
+                .map(|(k, r)| {
+                    let usd = r.usd_per_string(crate::usage::meter::Unit::Image);
+                    (k.to_string(), usd.into())
+                })
+                .collect();
+            put("per_image_usd", serde_json::Value::Object(prices));
+        }
         if !self.tool_calls.is_empty() {
             let fees: serde_json::Map<String, serde_json::Value> = self
                 .tool_calls
@@ -582,6 +657,26 @@ impl ModelPrice {
     }
 
     /// The tier tables the row has (`flex,priority,batch,long`), for tables.
+    /// The unit prices a row sets (`per_minute=0.006`), for the table.
+    pub fn unit_prices(&self) -> String {
+        let mut out: Vec<String> = Meter::ALL
+            .into_iter()
+            .filter(|m| !m.is_token())
+            .filter_map(|m| {
+                let r = self.rates.get(m)?;
+                Some(format!(
+                    "{}={}",
+                    m.catalog_key(),
+                    r.usd_per_string(m.unit())
+                ))
+            })
+            .collect();
+        if !self.per_image.is_empty() {
+            out.push(format!("per_image: {} sizes", self.per_image.len()));
+        }
+        out.join(" ")
+    }
+
     pub fn tier_names(&self) -> String {
         let mut names = Vec::new();
         for (name, present) in [

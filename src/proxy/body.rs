@@ -178,7 +178,7 @@ mod tests {
 
     fn facts(endpoint: Endpoint, body: &[u8]) -> RequestFacts {
         WireFormat::OpenAi
-            .request_facts(endpoint, body, true)
+            .request_facts(endpoint, &Bytes::copy_from_slice(body), "", true)
             .unwrap_or_else(|e| panic!("{e}"))
     }
 

@@ -296,7 +296,7 @@ async fn estimate_non_stream(ticket: &Ticket, request: &Bytes, response: &Bytes)
         let texts = serde_json::from_slice::<serde_json::Value>(&response)
             .map(|v| format.response_texts(endpoint, &v))
             .unwrap_or_default();
-        format.estimate_usage(endpoint, encoding, &request, &texts)
+        format.estimate_usage(endpoint, encoding, &request, &texts, response.len())
     });
     match task.await {
         Ok(usage) => usage,

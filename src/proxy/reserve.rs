@@ -97,6 +97,9 @@ fn held(reservation: Option<crate::budget::Reservation>) -> Hold {
 /// Everything of the worst case but the prompt's tokens.
 struct Bound {
     completion: u64,
+    /// The unit meters' most (images asked for, an upload's longest
+    /// duration, the characters to speak).
+    units: crate::usage::Usage,
     tiers: [crate::usage::ServiceTier; 2],
     calls: Vec<(&'static str, u64)>,
     images: u64,
@@ -143,7 +146,18 @@ impl Bound {
             .iter()
             .find(|(k, _)| *k == "web_search")
             .map_or(0, |(_, n)| *n);
+        let asked = &facts.units;
+        let units = crate::usage::Usage {
+            images: asked.image_spec.map(|_| u64::from(facts.n.unwrap_or(1))),
+            image_spec: asked.image_spec,
+            audio_seconds: asked
+                .audio_bytes
+                .map(crate::format::media::audio_seconds_bound),
+            characters: asked.characters,
+            ..crate::usage::Usage::NONE
+        };
         Bound {
+            units,
             completion,
             tiers: facts.possible_tiers(),
             has_tools: facts.has_tools,
@@ -155,12 +169,17 @@ impl Bound {
 
     fn worst(&self, state: &AppState, price: &ModelPrice, prompt: u64) -> NanoUsd {
         let catalog = state.catalog.load();
-        price.worst_case(
+        let tokens = price.worst_case(
             prompt.saturating_add(self.images),
             self.completion,
             &self.tiers,
             &self.calls,
             catalog.tool_call_fees(),
+        );
+        NanoUsd(
+            tokens
+                .0
+                .saturating_add(price.worst_units(&self.units, &self.tiers).0),
         )
     }
 }

@@ -34,16 +34,21 @@ pub fn route<'a>(
     state: &'a AppState,
     who: &Admission,
     parts: &http::request::Parts,
-    body: &[u8],
+    body: &bytes::Bytes,
 ) -> Result<(Routed<'a>, Order), ApiError> {
     let path = parts.uri.path();
     // What the client asked for: the body's model, else (Azure style) the
     // deployment in the path. It routes; the catalog model it stands for
     // (an Azure deployment's model) prices.
     let path_model = who.format.path_model(path);
-    let mut facts = who
-        .format
-        .request_facts(who.endpoint, body, path_model.is_none())?;
+    let content_type = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mut facts =
+        who.format
+            .request_facts(who.endpoint, body, content_type, path_model.is_none())?;
     facts.stream |= who.format.path_streams(path);
     let requested = match facts.model() {
         "" => path_model.map(|m| m.into_owned()).unwrap_or_default(),
@@ -60,6 +65,7 @@ pub fn route<'a>(
             .end_user
             .as_ref()
             .map(|u| u.chars().take(256).collect()),
+        units: facts.units,
         model,
     };
     let routed = Routed {

@@ -45,6 +45,8 @@ pub struct Order {
     /// Choices asked for (`n`).
     pub choices: u16,
     pub end_user: Option<String>,
+    /// What the request says of its units (images, audio, characters).
+    pub units: crate::format::request::Units,
 }
 
 impl Order {
@@ -55,6 +57,11 @@ impl Order {
         stream: false,
         choices: 1,
         end_user: None,
+        units: crate::format::request::Units {
+            image_spec: None,
+            audio_bytes: None,
+            characters: None,
+        },
     };
 
     /// The tokenizer for estimates: the catalog's for the model, else o200k.
@@ -232,6 +239,10 @@ fn billed(t: &Ticket, status: u16, mut usage: Usage, served: &Served) -> Usage {
     if searched {
         usage.tool_calls.web_search = 1;
     }
+    if status == 200 {
+        usage =
+            crate::format::media::completed(t.who.endpoint, usage, &t.order.units, t.order.choices);
+    }
     usage
 }
 
@@ -272,6 +283,18 @@ fn count(
         }
     }
     let (team, model) = (series.team(), t.order.model_label.as_str());
+    let units = crate::usage::meter::Meter::ALL
+        .into_iter()
+        .filter(|m| !m.is_token());
+    for meter in units {
+        match meter.count(usage) {
+            0 => {}
+            n => m
+                .units
+                .with_label_values(&[team, model, meter.name()])
+                .inc_by(n),
+        }
+    }
     if let Some(reason) = priced.fallback {
         m.price_fallbacks.with_label_values(&[model, reason]).inc();
     }
@@ -507,7 +530,10 @@ pub fn token_kinds(u: &Usage) -> [u64; crate::metrics::TOKEN_KINDS.len()] {
     let mut out = [0; crate::metrics::TOKEN_KINDS.len()];
     out[0] = clamped.prompt_tokens;
     out[1] = clamped.completion_tokens;
-    for (slot, m) in out[2..].iter_mut().zip(crate::usage::meter::Meter::ALL) {
+    let tokens = crate::usage::meter::Meter::ALL
+        .into_iter()
+        .filter(|m| m.is_token());
+    for (slot, m) in out[2..].iter_mut().zip(tokens) {
         *slot = m.count(&clamped);
     }
     out[out.len() - 1] = clamped.reasoning();

@@ -114,7 +114,7 @@ fn extrapolated(tokens: u64, kept: usize, dropped: u64) -> u64 {
 
 pub fn estimated_usage(ticket: &Ticket, request_body: &[u8], texts: &[String]) -> Usage {
     let (format, endpoint) = (ticket.who.format, ticket.who.endpoint);
-    format.estimate_usage(endpoint, ticket.order.encoding(), request_body, texts)
+    format.estimate_usage(endpoint, ticket.order.encoding(), request_body, texts, 0)
 }
 
 pub struct MeteredStream {

@@ -20,6 +20,12 @@ pub fn prompt_tokens(endpoint: Endpoint, enc: Encoding, request: &Value) -> u64 
         Endpoint::Completions => input_tokens(enc, request.get("prompt")),
         Endpoint::Embeddings => input_tokens(enc, request.get("input")),
         Endpoint::Responses => responses_prompt_tokens(enc, request),
+        Endpoint::Images => input_tokens(enc, request.get("prompt")),
+        Endpoint::AudioSpeech => {
+            input_tokens(enc, request.get("input")) + input_tokens(enc, request.get("instructions"))
+        }
+        // Audio uploads are multipart; their audio tokens are not text.
+        Endpoint::AudioTranscriptions | Endpoint::AudioTranslations => 0,
         // Other formats' requests are counted by their format (`crate::format`).
         Endpoint::Messages
         | Endpoint::GenerateContent

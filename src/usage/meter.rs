@@ -8,8 +8,12 @@
 //! Meters never overlap: every token of a request is counted by exactly
 //! one meter (the prompt's plain text is what its cached, cache-written,
 //! audio and image parts leave), so a row's meters price it again exactly.
+//!
+//! Most meters count tokens; the others count what SPEC 12 bills by the
+//! unit (`Unit`): images generated, seconds of audio, characters of text.
+//! They are never part of a token total.
 
-use super::{ToolCalls, Usage};
+use super::{ImageSpec, ToolCalls, Usage};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Meter {
@@ -29,11 +33,48 @@ pub enum Meter {
     ImageOutput,
     /// Prompt tokens of video (Gemini's `VIDEO` modality).
     VideoInput,
+    /// Images generated, priced per image by size and quality (`per_image`).
+    Images,
+    /// Seconds of audio transcribed or translated (`per_minute`, billed
+    /// per second).
+    AudioSeconds,
+    /// Characters of text spoken (`per_1k_chars`).
+    Characters,
+}
+
+/// What a meter counts, and so how its catalog price is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    /// Priced in USD per million tokens.
+    Token,
+    /// USD per image.
+    Image,
+    /// USD per minute, billed per second.
+    Second,
+    /// USD per 1,000 characters.
+    Character,
+}
+
+impl Unit {
+    /// zepto-USD per unit in one USD per the catalog's quantity (a million
+    /// tokens, an image, a minute, 1,000 characters), as a ratio
+    /// (numerator, denominator) of powers of ten and 60.
+    pub const fn zepto_per_usd(self) -> (u128, u128) {
+        const ZEPTO: u128 = 1_000_000_000_000_000_000_000;
+        match self {
+            Unit::Token => (ZEPTO, 1_000_000),
+            Unit::Image => (ZEPTO, 1),
+            Unit::Second => (ZEPTO, 60),
+            Unit::Character => (ZEPTO, 1_000),
+        }
+    }
 }
 
 impl Meter {
-    pub const COUNT: usize = 10;
-    /// In the order of the cost breakdown.
+    pub const COUNT: usize = 13;
+    /// The token meters: the first `TOKEN_COUNT` of `ALL`.
+    pub const TOKEN_COUNT: usize = 10;
+    /// In the order of the cost breakdown; the token meters first.
     pub const ALL: [Meter; Meter::COUNT] = [
         Meter::Input,
         Meter::CachedInput,
@@ -45,6 +86,9 @@ impl Meter {
         Meter::ImageInput,
         Meter::ImageOutput,
         Meter::VideoInput,
+        Meter::Images,
+        Meter::AudioSeconds,
+        Meter::Characters,
     ];
 
     /// The catalog key, the breakdown line and the `meters` key.
@@ -60,7 +104,38 @@ impl Meter {
             Meter::ImageInput => "image_input",
             Meter::ImageOutput => "image_output",
             Meter::VideoInput => "video_input",
+            Meter::Images => "images",
+            Meter::AudioSeconds => "audio_seconds",
+            Meter::Characters => "characters",
         }
+    }
+
+    pub const fn unit(self) -> Unit {
+        match self {
+            Meter::Images => Unit::Image,
+            Meter::AudioSeconds => Unit::Second,
+            Meter::Characters => Unit::Character,
+            _ => Unit::Token,
+        }
+    }
+
+    pub const fn is_token(self) -> bool {
+        matches!(self.unit(), Unit::Token)
+    }
+
+    /// The catalog key of its price: the name, for a token meter; the
+    /// unit's price for the others (`per_image`, `per_minute`, `per_1k_chars`).
+    pub const fn catalog_key(self) -> &'static str {
+        match self {
+            Meter::Images => "per_image",
+            Meter::AudioSeconds => "per_minute",
+            Meter::Characters => "per_1k_chars",
+            _ => self.name(),
+        }
+    }
+
+    pub fn from_catalog_key(key: &str) -> Option<Meter> {
+        Meter::ALL.into_iter().find(|m| m.catalog_key() == key)
     }
 
     pub fn from_name(name: &str) -> Option<Meter> {
@@ -72,6 +147,7 @@ impl Meter {
     pub fn fallback(self) -> Option<Meter> {
         match self {
             Meter::Input | Meter::Output => None,
+            Meter::Images | Meter::AudioSeconds | Meter::Characters => None,
             Meter::CachedInput
             | Meter::CacheWrite
             | Meter::AudioInput
@@ -82,12 +158,19 @@ impl Meter {
         }
     }
 
-    /// Prompt-side (true) or completion-side.
+    /// A token meter's side: prompt (true) or completion. The unit
+    /// meters are on neither (false, and never in a token total).
     pub fn is_prompt(self) -> bool {
-        !matches!(
-            self,
-            Meter::Output | Meter::AudioOutput | Meter::ImageOutput
-        )
+        self.is_token()
+            && !matches!(
+                self,
+                Meter::Output | Meter::AudioOutput | Meter::ImageOutput
+            )
+    }
+
+    /// A token meter of the completion side.
+    pub fn is_completion(self) -> bool {
+        self.is_token() && !self.is_prompt()
     }
 
     /// The part of a usage this meter counts, for a part-meter; `None`
@@ -103,6 +186,9 @@ impl Meter {
             Meter::AudioOutput => Some(u.audio_completion_tokens),
             Meter::ImageOutput => Some(u.image_completion_tokens),
             Meter::VideoInput => Some(u.video_prompt_tokens),
+            Meter::Images => Some(u.images),
+            Meter::AudioSeconds => Some(u.audio_seconds),
+            Meter::Characters => Some(u.characters),
         }
     }
 
@@ -116,7 +202,7 @@ impl Meter {
         }
         let parts = Meter::ALL
             .into_iter()
-            .filter(|m| m.is_prompt() == self.is_prompt())
+            .filter(|m| m.is_token() && m.is_prompt() == self.is_prompt())
             .filter_map(|m| m.part(u).flatten())
             .fold(0u64, u64::saturating_add);
         let total = if self.is_prompt() {
@@ -144,9 +230,15 @@ impl Meter {
             Meter::AudioOutput => Some(&mut u.audio_completion_tokens),
             Meter::ImageOutput => Some(&mut u.image_completion_tokens),
             Meter::VideoInput => Some(&mut u.video_prompt_tokens),
+            Meter::Images => Some(&mut u.images),
+            Meter::AudioSeconds => Some(&mut u.audio_seconds),
+            Meter::Characters => Some(&mut u.characters),
         };
         if let Some(part) = part {
             *part = Some(part.unwrap_or(0).saturating_add(n));
+        }
+        if !self.is_token() {
+            return;
         }
         let total = if self.is_prompt() {
             &mut u.prompt_tokens
@@ -161,8 +253,11 @@ impl Meter {
 /// keeps in `meters` to be priced again exactly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Meters {
+    /// The count per meter, in `Meter::ALL` order.
     pub tokens: [u64; Meter::COUNT],
     pub calls: ToolCalls,
+    /// The size and quality the images were made at (`per_image` prices).
+    pub image_spec: Option<ImageSpec>,
 }
 
 impl Meters {
@@ -171,6 +266,7 @@ impl Meters {
         Meters {
             tokens: Meter::ALL.map(|m| m.count(&clamped)),
             calls: usage.tool_calls,
+            image_spec: usage.image_spec,
         }
     }
 
@@ -183,7 +279,8 @@ impl Meters {
     }
 
     /// `{"input":12,"output":3,"web_search":1}`: the non-zero meters, then
-    /// the tool calls by kind (the `meters` column).
+    /// the tool calls by kind, then the images' `image_spec` (the `meters`
+    /// column).
     pub fn to_json(&self) -> String {
         use std::fmt::Write;
         let mut out = String::with_capacity(48);
@@ -198,6 +295,10 @@ impl Meters {
             let comma = if i > 0 { "," } else { "" };
             let _ = write!(out, "{comma}\"{name}\":{n}");
         }
+        if let Some(spec) = self.image_spec {
+            let comma = if out.len() > 1 { "," } else { "" };
+            let _ = write!(out, "{comma}\"image_spec\":\"{spec}\"");
+        }
         out.push('}');
         out
     }
@@ -205,9 +306,15 @@ impl Meters {
     /// Reads a `meters` column; keys it does not know are skipped, and text
     /// that is not such an object is `None`.
     pub fn parse(text: &str) -> Option<Meters> {
-        let map: std::collections::HashMap<String, u64> = serde_json::from_str(text).ok()?;
+        let map: std::collections::HashMap<String, serde_json::Value> =
+            serde_json::from_str(text).ok()?;
         let mut out = Meters::default();
-        for (name, n) in map {
+        for (name, value) in map {
+            if name == "image_spec" {
+                out.image_spec = value.as_str().and_then(ImageSpec::parse_key);
+                continue;
+            }
+            let Some(n) = value.as_u64() else { continue };
             if let Some(m) = Meter::from_name(&name) {
                 out.tokens[m as usize] = n;
             } else {
@@ -230,6 +337,7 @@ impl Meters {
             m.add_to(&mut u, self.get(m));
         }
         u.tool_calls = self.calls;
+        u.image_spec = self.image_spec;
         u
     }
 }

@@ -39,11 +39,19 @@ pub enum Endpoint {
     GenerateContent,
     /// Bedrock's Converse and ConverseStream.
     Converse,
+    /// `/v1/images/generations`, `/edits` and `/variations`.
+    Images,
+    /// `/v1/audio/transcriptions`.
+    AudioTranscriptions,
+    /// `/v1/audio/translations`.
+    AudioTranslations,
+    /// `/v1/audio/speech`.
+    AudioSpeech,
 }
 
 impl Endpoint {
     /// How many endpoints there are (`endpoint as usize` is below this).
-    pub const COUNT: usize = 9;
+    pub const COUNT: usize = 13;
 
     /// From a client path, OpenAI style (`/v1/chat/completions`) or Azure
     /// style (`/openai/deployments/{d}/chat/completions`).
@@ -58,6 +66,10 @@ impl Endpoint {
             "/embeddings" => Endpoint::Embeddings,
             "/responses" => Endpoint::Responses,
             "/messages" => Endpoint::Messages,
+            "/images/generations" | "/images/edits" | "/images/variations" => Endpoint::Images,
+            "/audio/transcriptions" => Endpoint::AudioTranscriptions,
+            "/audio/translations" => Endpoint::AudioTranslations,
+            "/audio/speech" => Endpoint::AudioSpeech,
             "/models" if !path.starts_with(crate::provider::AZURE_DEPLOYMENTS) => Endpoint::Models,
             _ => Endpoint::Other,
         }
@@ -75,6 +87,10 @@ impl Endpoint {
             Endpoint::Messages,
             Endpoint::GenerateContent,
             Endpoint::Converse,
+            Endpoint::Images,
+            Endpoint::AudioTranscriptions,
+            Endpoint::AudioTranslations,
+            Endpoint::AudioSpeech,
         ]
         .into_iter()
         .find(|e| e.label() == label)
@@ -92,6 +108,10 @@ impl Endpoint {
             Endpoint::Messages => "messages",
             Endpoint::GenerateContent => "generate_content",
             Endpoint::Converse => "converse",
+            Endpoint::Images => "images",
+            Endpoint::AudioTranscriptions => "audio.transcriptions",
+            Endpoint::AudioTranslations => "audio.translations",
+            Endpoint::AudioSpeech => "audio.speech",
         }
     }
 
@@ -107,6 +127,19 @@ impl Endpoint {
                 | Endpoint::Messages
                 | Endpoint::GenerateContent
                 | Endpoint::Converse
+                | Endpoint::Images
+                | Endpoint::AudioTranscriptions
+                | Endpoint::AudioTranslations
+                | Endpoint::AudioSpeech
+        )
+    }
+
+    /// Endpoints whose request body may be `multipart/form-data` (a file
+    /// upload) rather than JSON.
+    pub fn takes_uploads(self) -> bool {
+        matches!(
+            self,
+            Endpoint::Images | Endpoint::AudioTranscriptions | Endpoint::AudioTranslations
         )
     }
 
@@ -157,6 +190,14 @@ pub struct Usage {
     pub image_completion_tokens: Option<u64>,
     /// Built-in tool calls the provider bills per call.
     pub tool_calls: ToolCalls,
+    /// Images generated (`Meter::Images`), and the size and quality they
+    /// were made at.
+    pub images: Option<u64>,
+    pub image_spec: Option<ImageSpec>,
+    /// Seconds of audio billed (`Meter::AudioSeconds`).
+    pub audio_seconds: Option<u64>,
+    /// Characters of text billed (`Meter::Characters`).
+    pub characters: Option<u64>,
     pub source: TokenSource,
 }
 
@@ -174,6 +215,10 @@ impl Usage {
         audio_completion_tokens: None,
         image_completion_tokens: None,
         tool_calls: ToolCalls::NONE,
+        images: None,
+        image_spec: None,
+        audio_seconds: None,
+        characters: None,
         source: TokenSource::Upstream,
     };
 
@@ -241,6 +286,96 @@ impl Usage {
             *n = (*n).min(left);
         }
         self
+    }
+}
+
+/// The size and quality of generated images, which set their price per
+/// image (`per_image` keys: `"1024x1024/hd"`). A size of 0x0 is `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ImageSpec {
+    pub width: u16,
+    pub height: u16,
+    pub quality: ImageQuality,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ImageQuality {
+    Standard,
+    Hd,
+    Low,
+    Medium,
+    High,
+    /// `auto`, or a quality tollgate does not know: the dearest its row has.
+    Auto,
+}
+
+impl ImageQuality {
+    pub fn parse(s: &str) -> ImageQuality {
+        match s {
+            "standard" => ImageQuality::Standard,
+            "hd" => ImageQuality::Hd,
+            "low" => ImageQuality::Low,
+            "medium" => ImageQuality::Medium,
+            "high" => ImageQuality::High,
+            _ => ImageQuality::Auto,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageQuality::Standard => "standard",
+            ImageQuality::Hd => "hd",
+            ImageQuality::Low => "low",
+            ImageQuality::Medium => "medium",
+            ImageQuality::High => "high",
+            ImageQuality::Auto => "auto",
+        }
+    }
+}
+
+impl ImageSpec {
+    /// From a request's or response's `size` ("1024x1792", "auto") and
+    /// `quality`; `None` for a size that is neither.
+    pub fn parse(size: &str, quality: &str) -> Option<ImageSpec> {
+        let (width, height) = match size {
+            "auto" | "" => (0, 0),
+            s => {
+                let (w, h) = s.split_once('x')?;
+                (w.parse().ok()?, h.parse().ok()?)
+            }
+        };
+        Some(ImageSpec {
+            width,
+            height,
+            quality: ImageQuality::parse(quality),
+        })
+    }
+
+    /// From a `per_image` key (`"1024x1024/hd"`).
+    pub fn parse_key(key: &str) -> Option<ImageSpec> {
+        let (size, quality) = key.split_once('/')?;
+        ImageSpec::parse(size, quality)
+    }
+
+    pub fn is_auto(self) -> bool {
+        self.width == 0 || self.quality == ImageQuality::Auto
+    }
+
+    /// Whether a priced key stands for this spec: equal, or any value where
+    /// this one is `auto`.
+    pub fn covers(self, key: ImageSpec) -> bool {
+        let size = self.width == 0 || (self.width, self.height) == (key.width, key.height);
+        let quality = self.quality == ImageQuality::Auto || self.quality == key.quality;
+        size && quality
+    }
+}
+
+impl std::fmt::Display for ImageSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.width {
+            0 => write!(f, "auto/{}", self.quality.name()),
+            w => write!(f, "{w}x{}/{}", self.height, self.quality.name()),
+        }
     }
 }
 

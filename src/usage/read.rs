@@ -108,6 +108,8 @@ pub(crate) struct Counts {
     cache_read_input_tokens: Option<u64>,
     cache_creation_input_tokens: Option<u64>,
     prompt_tokens_details: Option<Details>,
+    /// Transcriptions spell it `input_token_details`.
+    #[serde(alias = "input_token_details")]
     input_tokens_details: Option<Details>,
     completion_tokens_details: Option<Details>,
     output_tokens_details: Option<Details>,
