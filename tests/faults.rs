@@ -74,15 +74,17 @@ async fn stored_ids(db: &std::path::Path) -> Vec<String> {
 }
 
 /// Waits until the database at `db` holds exactly `n` rows; their ids.
+/// Looks twice a second: each look opens the database anew, and opening a
+/// WAL database the writer is recovering into competes for its locks.
 async fn wait_stored(db: &std::path::Path, n: usize) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let ids = stored_ids(db).await;
         if ids.len() >= n || Instant::now() > deadline {
             assert_eq!(ids.len(), n);
             return ids;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 

@@ -231,8 +231,9 @@ async fn budgeted_teams_cannot_reach_endpoints_tollgate_cannot_price() {
     for (method, path) in [
         (reqwest::Method::POST, "/v1/batches"),
         (reqwest::Method::POST, "/v1/fine_tuning/jobs"),
-        (reqwest::Method::POST, "/v1/images/generations"),
-        (reqwest::Method::POST, "/v1/audio/speech"),
+        // Images and audio are metered now (tests/media.rs); these are not.
+        (reqwest::Method::POST, "/v1/vector_stores"),
+        (reqwest::Method::POST, "/v1/uploads"),
         (reqwest::Method::GET, "/v1/realtime/sessions"),
         (reqwest::Method::POST, "/v1/models"),
     ] {

@@ -23,6 +23,25 @@ use crate::usage::{Endpoint, ImageSpec, TokenSource, Usage};
 /// Most output tokens one image can cost: gpt-image-1's dearest (high
 /// quality, 1024x1536) is 6,240.
 pub const IMAGE_OUTPUT_TOKENS_BOUND: u64 = 8_000;
+/// Output tokens of one gpt-image-1 image by quality and size (OpenAI's
+/// image generation guide): the estimate when a response reports no usage.
+fn image_output_tokens(spec: ImageSpec) -> u64 {
+    use crate::usage::ImageQuality::{High, Low, Medium};
+    let square = spec.width == spec.height && spec.width != 0;
+    let table = match spec.quality {
+        Low => [272, 408],
+        Medium => [1_056, 1_584],
+        High => [4_160, 6_240],
+        // auto, or dall-e's qualities: the dearest.
+        _ => return 6_240,
+    };
+    match (spec.width, square) {
+        (0, _) => table[1],
+        (_, true) => table[0],
+        _ => table[1],
+    }
+}
+
 /// Output tokens of each partial image a streamed generation sends.
 const PARTIAL_IMAGE_TOKENS: u64 = 100;
 /// Fewest bytes a second of uploaded audio takes (4 kbps, below any codec
@@ -266,11 +285,12 @@ pub fn read_images_body(body: &[u8]) -> BodyFacts {
     let Ok(b) = serde_json::from_slice::<ImagesBody>(body) else {
         return BodyFacts::default();
     };
-    let mut usage = b
-        .usage
-        .as_ref()
-        .and_then(Counts::to_usage)
-        .unwrap_or(Usage::NONE);
+    let reported = b.usage.as_ref().and_then(Counts::to_usage);
+    let mut usage = reported.unwrap_or(Usage {
+        // No usage: a token model's tokens are estimated (`completed`).
+        source: TokenSource::Estimated,
+        ..Usage::NONE
+    });
     usage.images = b.data.as_ref().map(|d| d.len() as u64);
     if let (Some(size), Some(quality)) = (&b.size, &b.quality) {
         usage.image_spec = ImageSpec::parse(size, quality);
@@ -347,6 +367,30 @@ pub fn completed(endpoint: Endpoint, mut usage: Usage, asked: &Units, choices: u
             usage.image_spec = usage.image_spec.or(asked.image_spec);
             if usage.images.is_none() {
                 usage.images = Some(u64::from(choices));
+            }
+            // No usage from a token model: each image's tokens at its
+            // size and quality (a row priced per image prices none).
+            // DALL-E's qualities (standard, hd) are priced per image only.
+            let spec = usage.image_spec.unwrap_or(ImageSpec {
+                width: 0,
+                height: 0,
+                quality: crate::usage::ImageQuality::Auto,
+            });
+            let per_image_only = matches!(
+                spec.quality,
+                crate::usage::ImageQuality::Standard | crate::usage::ImageQuality::Hd
+            );
+            if per_image_only && usage.prompt_tokens == 0 {
+                usage.source = TokenSource::Upstream;
+            } else if usage.source == TokenSource::Estimated
+                && usage.image_completion_tokens.is_none()
+            {
+                let tokens = usage
+                    .images
+                    .unwrap_or(0)
+                    .saturating_mul(image_output_tokens(spec));
+                usage.completion_tokens = usage.completion_tokens.saturating_add(tokens);
+                usage.image_completion_tokens = Some(tokens);
             }
         }
         Endpoint::AudioSpeech => {

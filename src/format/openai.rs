@@ -200,7 +200,10 @@ fn odd_chunk(facts: &mut StreamFacts, data: &[u8]) -> bool {
 struct Request {
     model: Option<String>,
     stream: Option<bool>,
-    stream_options: Option<StreamOptionsBody>,
+    /// Absent (`None`), `null` (`Some(None)`) or an object: a `null`
+    /// cannot take a spliced field (JSON's last key would win).
+    #[serde(default, deserialize_with = "present")]
+    stream_options: Option<Option<StreamOptionsBody>>,
     n: Option<u32>,
     user: Option<String>,
     max_tokens: Option<u64>,
@@ -209,6 +212,15 @@ struct Request {
     service_tier: Option<String>,
     max_tool_calls: Option<u64>,
     tools: Option<Vec<ToolRef>>,
+}
+
+/// A field that is present, whatever its value (`null` included).
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 #[derive(Deserialize)]
@@ -268,7 +280,7 @@ pub fn request_facts(
         stream_options: match r.stream_options {
             None => StreamOptions::Absent,
             Some(o) => StreamOptions::Sent {
-                include_usage: o.include_usage == Some(true),
+                include_usage: o.and_then(|o| o.include_usage) == Some(true),
             },
         },
         units: request::Units::default(),

@@ -142,9 +142,19 @@ pub fn with_stream_usage(body: &Bytes, sent: StreamOptions) -> Result<Bytes, Api
         if let Some(open) = body.iter().position(|b| !b.is_ascii_whitespace()) {
             if body[open] == b'{' {
                 const FIELD: &[u8] = br#""stream_options":{"include_usage":true},"#;
+                // An empty object takes the field without its comma.
+                let empty = body[open + 1..]
+                    .iter()
+                    .find(|b| !b.is_ascii_whitespace())
+                    .is_some_and(|b| *b == b'}');
+                let field = if empty {
+                    &FIELD[..FIELD.len() - 1]
+                } else {
+                    FIELD
+                };
                 let mut out = BytesMut::with_capacity(body.len() + FIELD.len());
                 out.extend_from_slice(&body[..=open]);
-                out.extend_from_slice(FIELD);
+                out.extend_from_slice(field);
                 out.extend_from_slice(&body[open + 1..]);
                 return Ok(out.freeze());
             }

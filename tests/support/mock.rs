@@ -43,6 +43,19 @@
 //! - `x-mock-audio-prompt-tokens`: the AUDIO part of `promptTokensDetails`
 //! - `x-mock-grounded: 1`        `groundingMetadata` on the candidate
 //!
+//! And OpenAI's image and audio endpoints (SPEC 12): images (JSON or
+//! multipart; `n` images in `data`, and for `gpt-image-*` the size,
+//! quality and token usage, output tokens being image tokens),
+//! transcriptions and translations (multipart; `whisper-1` answers with
+//! `usage.type = "duration"`, `verbose_json` with `duration`, `text`,
+//! `srt` and `vtt` as text; the `gpt-4o-*` models with token usage whose
+//! input is audio tokens), speech (audio bytes, or with
+//! `stream_format = "sse"` audio deltas and a `speech.audio.done` event
+//! with usage). There:
+//! - `x-mock-audio-seconds: S`   the audio's duration (default 12.4)
+//! - `x-mock-audio-bytes: N`     bytes of speech audio (default 4800)
+//! - `x-mock-images: N`          images in `data` (default: `n`)
+//!
 //! And AWS Bedrock Runtime (`/model/{modelId}/{op}`): converse (JSON),
 //! converse-stream (AWS event-stream frames: messageStart, one
 //! contentBlockDelta per word, contentBlockStop, messageStop, metadata with
@@ -124,6 +137,10 @@ impl MockUpstream {
             .route("/v1beta/models/{*rest}", post(gemini))
             .route("/v1/models/{*rest}", any(gemini_or_echo))
             .route("/model/{model}/{op}", post(bedrock))
+            .route("/v1/images/{op}", post(images))
+            .route("/v1/audio/transcriptions", post(transcription))
+            .route("/v1/audio/translations", post(transcription))
+            .route("/v1/audio/speech", post(speech))
             .route("/v1/{*rest}", any(echo))
             .route(
                 "/openai/deployments/{deployment}/chat/completions",
@@ -559,6 +576,120 @@ async fn echo(State(state): State<Arc<MockState>>, req: Request) -> Response {
         return r;
     }
     json_response(json!({"method": rec.method, "path": rec.path, "body_len": rec.body.len()}))
+}
+
+/// A text field of a multipart body (the mock's own scan, enough for the
+/// SDKs' forms), or a JSON body's string or number field.
+fn form_field(rec: &Recorded, name: &str) -> Option<String> {
+    if let Some(v) = rec.json().get(name) {
+        return Some(v.as_str().map_or_else(|| v.to_string(), str::to_string));
+    }
+    let text = String::from_utf8_lossy(&rec.body);
+    let marker = format!("name=\"{name}\"");
+    let at = text.find(&marker)?;
+    let rest = &text[at + marker.len()..];
+    let start = rest.find("\r\n\r\n")? + 4;
+    let end = rest[start..].find("\r\n")?;
+    Some(rest[start..start + end].to_string())
+}
+
+fn mock_header(rec: &Recorded, name: &str) -> Option<String> {
+    rec.header(name)
+}
+
+async fn images(State(state): State<Arc<MockState>>, req: Request) -> Response {
+    let (rec, b) = record(&state, req).await;
+    if let Some(r) = early_answer(&b) {
+        return r;
+    }
+    let model = form_field(&rec, "model").unwrap_or_else(|| "dall-e-2".into());
+    let n: usize = mock_header(&rec, "x-mock-images")
+        .or_else(|| form_field(&rec, "n"))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let data: Vec<Value> = (0..n).map(|_| json!({"b64_json": "aGVsbG8="})).collect();
+    let mut out = json!({"created": 1, "data": data});
+    if model.starts_with("gpt-image") {
+        out["size"] = json!(form_field(&rec, "size").unwrap_or_else(|| "1024x1024".into()));
+        out["quality"] = json!(form_field(&rec, "quality").unwrap_or_else(|| "medium".into()));
+        out["output_format"] = json!("png");
+        if !b.omit_usage {
+            out["usage"] = json!({
+                "total_tokens": b.prompt + b.completion,
+                "input_tokens": b.prompt,
+                "output_tokens": b.completion,
+                "input_tokens_details": {"text_tokens": b.prompt - b.cached.min(b.prompt), "image_tokens": b.cached.min(b.prompt)},
+            });
+        }
+    } else {
+        out["data"] = json!((0..n)
+            .map(|_| json!({"url": "https://mock/img.png", "revised_prompt": "a cat"}))
+            .collect::<Vec<_>>());
+    }
+    rendered(b.render(&out))
+}
+
+async fn transcription(State(state): State<Arc<MockState>>, req: Request) -> Response {
+    let (rec, b) = record(&state, req).await;
+    if let Some(r) = early_answer(&b) {
+        return r;
+    }
+    let model = form_field(&rec, "model").unwrap_or_default();
+    let format = form_field(&rec, "response_format").unwrap_or_else(|| "json".into());
+    let seconds: f64 = mock_header(&rec, "x-mock-audio-seconds")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12.4);
+    let text = b.content.clone();
+    let plain =
+        |body: String| ([("content-type", "text/plain; charset=utf-8")], body).into_response();
+    match format.as_str() {
+        "text" => return plain(text),
+        "srt" => {
+            return plain(
+                format!("1\n00:00:00,000 --> 00:00:{:06.3}\n{text}\n\n", seconds).replace('.', ","),
+            )
+        }
+        "vtt" => {
+            return plain(format!(
+                "WEBVTT\n\n00:00:00.000 --> 00:00:{seconds:06.3}\n{text}\n"
+            ))
+        }
+        _ => {}
+    }
+    let mut out = json!({"text": text});
+    if format == "verbose_json" {
+        out = json!({"task": "transcribe", "language": "english", "duration": seconds, "text": text, "segments": []});
+    }
+    if !b.omit_usage {
+        if model.starts_with("gpt-4o") {
+            out["usage"] = json!({"type": "tokens", "input_tokens": b.prompt,
+                "input_token_details": {"text_tokens": 0, "audio_tokens": b.prompt},
+                "output_tokens": b.completion, "total_tokens": b.prompt + b.completion});
+        } else if format == "json" {
+            out["usage"] = json!({"type": "duration", "seconds": seconds.ceil() as u64});
+        }
+    }
+    rendered(b.render(&out))
+}
+
+async fn speech(State(state): State<Arc<MockState>>, req: Request) -> Response {
+    let (rec, b) = record(&state, req).await;
+    if let Some(r) = early_answer(&b) {
+        return r;
+    }
+    let bytes: usize = mock_header(&rec, "x-mock-audio-bytes")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4800);
+    if form_field(&rec, "stream_format").as_deref() == Some("sse") {
+        let delta = json!({"type": "speech.audio.delta", "audio": "AAAA"});
+        let mut done = json!({"type": "speech.audio.done"});
+        if !b.omit_usage {
+            done["usage"] = json!({"input_tokens": b.prompt, "output_tokens": b.completion, "total_tokens": b.prompt + b.completion});
+        }
+        let body = format!("data: {delta}\n\ndata: {delta}\n\ndata: {done}\n\n");
+        return ([("content-type", "text/event-stream")], body).into_response();
+    }
+    ([("content-type", "audio/mpeg")], vec![0x49u8; bytes]).into_response()
 }
 
 /// Streams the content word by word (one SSE event per word and choice),
