@@ -20,6 +20,9 @@ use crate::error::ApiError;
 use crate::usage::read::{BodyFacts, Counts};
 use crate::usage::{Endpoint, ImageSpec, TokenSource, Usage};
 
+/// The model OpenAI's image endpoints use when a request names none.
+pub const DEFAULT_IMAGE_MODEL: &str = "dall-e-2";
+
 /// Most output tokens one image can cost: gpt-image-1's dearest (high
 /// quality, 1024x1536) is 6,240.
 pub const IMAGE_OUTPUT_TOKENS_BOUND: u64 = 8_000;
@@ -165,7 +168,8 @@ fn image_spec(model: &str, size: Option<&str>, quality: Option<&str>) -> ImageSp
 
 /// What an image request asks for: `n` images of a size and quality, each
 /// at most `IMAGE_OUTPUT_TOKENS_BOUND` output tokens (and 100 per partial
-/// image). No model names OpenAI's default, `dall-e-2`.
+/// image). With no model named, OpenAI's default (`DEFAULT_IMAGE_MODEL`)
+/// serves it unless the path names a deployment.
 pub fn image_facts(body: &Bytes, content_type: &str) -> Result<RequestFacts, ApiError> {
     let r = if is_multipart(content_type) {
         let form = read_form(content_type, body)?;
@@ -181,20 +185,23 @@ pub fn image_facts(body: &Bytes, content_type: &str) -> Result<RequestFacts, Api
     } else {
         request::parse::<ImageRequest>(body)?
     };
-    let model = r
-        .model
-        .filter(|m| !m.is_empty())
-        .unwrap_or_else(|| "dall-e-2".into());
+    let model = r.model.filter(|m| !m.is_empty());
+    // The spec's defaults are the default model's when none is named.
+    let priced_as = model.as_deref().unwrap_or(DEFAULT_IMAGE_MODEL);
     let partials = r
         .partial_images
         .unwrap_or(0)
         .saturating_mul(PARTIAL_IMAGE_TOKENS);
     Ok(RequestFacts {
         units: Units {
-            image_spec: Some(image_spec(&model, r.size.as_deref(), r.quality.as_deref())),
+            image_spec: Some(image_spec(
+                priced_as,
+                r.size.as_deref(),
+                r.quality.as_deref(),
+            )),
             ..Units::default()
         },
-        model: Some(model),
+        model,
         n: r.n,
         stream: r.stream == Some(true),
         end_user: r.user,
@@ -485,7 +492,7 @@ mod tests {
             "application/json",
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(f.model.as_deref(), Some("dall-e-2"));
+        assert_eq!(f.model, None);
         assert_eq!(f.n, Some(2));
         assert_eq!(
             f.units.image_spec.map(|s| s.to_string()).as_deref(),

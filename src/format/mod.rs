@@ -200,7 +200,16 @@ impl WireFormat {
                 openai::request_facts(endpoint, body, content_type)
             }
         };
-        facts?.checked(model_required)
+        facts?.checked(model_required && self.default_model(endpoint).is_none())
+    }
+
+    /// The model an API uses for a request that names none (OpenAI's
+    /// image endpoints: `dall-e-2`).
+    pub fn default_model(self, endpoint: Endpoint) -> Option<&'static str> {
+        match (self, endpoint) {
+            (WireFormat::OpenAi, Endpoint::Images) => Some(media::DEFAULT_IMAGE_MODEL),
+            _ => None,
+        }
     }
 
     /// The model a client path names (an Azure deployment, Gemini's

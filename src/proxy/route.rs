@@ -51,7 +51,10 @@ pub fn route<'a>(
             .request_facts(who.endpoint, body, content_type, path_model.is_none())?;
     facts.stream |= who.format.path_streams(path);
     let requested = match facts.model() {
-        "" => path_model.map(|m| m.into_owned()).unwrap_or_default(),
+        "" => path_model
+            .map(|m| m.into_owned())
+            .or_else(|| who.format.default_model(who.endpoint).map(str::to_string))
+            .unwrap_or_default(),
         m => m.to_string(),
     };
     let upstream = pick_upstream(state, &parts.headers, Some(&requested), who.format)?;
