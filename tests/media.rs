@@ -162,6 +162,29 @@ async fn images_are_priced_per_image_by_size_and_quality_or_by_their_tokens() {
     );
     assert_eq!(row.token_source, "upstream");
 
+    // Streamed with partial images: the `image_generation.completed`
+    // event's usage prices it (each partial image's 100 tokens included).
+    let r = post_json(
+        &tg,
+        &key,
+        "/v1/images/generations",
+        json!({"model": "gpt-image-1", "prompt": "a lighthouse", "stream": true, "partial_images": 2}),
+        &[("x-mock-prompt-tokens", "50"), ("x-mock-completion-tokens", "4360")],
+    )
+    .await;
+    let id = support::request_id(&r);
+    let text = r.text().await.unwrap_or_default();
+    assert_eq!(
+        text.matches("image_generation.partial_image").count(),
+        4,
+        "{text}"
+    );
+    let row = tg.row(&id).await;
+    assert!(row.stream);
+    assert_eq!(meters(&row)["image_output"], 4_360);
+    assert_eq!(meters(&row)["images"], 1);
+    assert_eq!(row.cost_nano_usd, 50 * 5_000 + 4_360 * 40_000);
+
     // The edit endpoint takes an upload: the same tokens, the same price.
     let edit = form(
         &[

@@ -609,6 +609,29 @@ async fn images(State(state): State<Arc<MockState>>, req: Request) -> Response {
         .unwrap_or(1);
     let data: Vec<Value> = (0..n).map(|_| json!({"b64_json": "aGVsbG8="})).collect();
     let mut out = json!({"created": 1, "data": data});
+    if model.starts_with("gpt-image") && form_field(&rec, "stream").as_deref() == Some("true") {
+        // Partial images, then `image_generation.completed` with the usage.
+        let partials: usize = form_field(&rec, "partial_images")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = String::new();
+        for i in 0..partials {
+            let e = json!({"type": "image_generation.partial_image", "b64_json": "aGk=", "partial_image_index": i});
+            body.push_str(&format!(
+                "event: image_generation.partial_image\ndata: {e}\n\n"
+            ));
+        }
+        let mut done = json!({"type": "image_generation.completed", "b64_json": "aGVsbG8=",
+            "size": "1024x1024", "quality": "high", "output_format": "png"});
+        if !b.omit_usage {
+            done["usage"] = json!({"total_tokens": b.prompt + b.completion, "input_tokens": b.prompt,
+                "output_tokens": b.completion, "input_tokens_details": {"text_tokens": b.prompt, "image_tokens": 0}});
+        }
+        body.push_str(&format!(
+            "event: image_generation.completed\ndata: {done}\n\n"
+        ));
+        return ([("content-type", "text/event-stream")], body).into_response();
+    }
     if model.starts_with("gpt-image") {
         out["size"] = json!(form_field(&rec, "size").unwrap_or_else(|| "1024x1024".into()));
         out["quality"] = json!(form_field(&rec, "quality").unwrap_or_else(|| "medium".into()));
