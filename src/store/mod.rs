@@ -19,6 +19,30 @@ use crate::period::Budget;
 pub use postgres::PostgresStore;
 pub use writer::{RecordedSpend, UsageSink, UsageWriter, WriterConfig};
 
+/// The `after_release` hook of every pool: a connection handed back while
+/// sqlx still counts a transaction open on it is closed, never reused.
+///
+/// sqlx lowers its count only when a ROLLBACK or COMMIT succeeds. After a
+/// failed COMMIT (a full disk) SQLite has already rolled the transaction
+/// back, so the ROLLBACK on drop fails and the count stays up. The next
+/// `begin()` on that connection then issues a SAVEPOINT instead of BEGIN,
+/// and a second failure there leaves SQLite inside a transaction of its own:
+/// every later batch "commits" into it, reported written, seen by no other
+/// connection and lost on restart (the full-disk test in tests/faults.rs).
+/// A rollback still queued when the connection comes back counts too: a
+/// needless reconnect costs a cold page cache, a reused one costs rows.
+pub(crate) fn close_if_in_transaction<DB: sqlx::Database>(
+    conn: &mut DB::Connection,
+    _: sqlx::pool::PoolConnectionMetadata,
+) -> futures_util::future::BoxFuture<'_, Result<bool, sqlx::Error>> {
+    use sqlx::TransactionManager;
+    let settled = DB::TransactionManager::get_transaction_depth(conn) == 0;
+    if !settled {
+        tracing::warn!("a database connection came back inside a transaction: closed");
+    }
+    Box::pin(std::future::ready(Ok(settled)))
+}
+
 /// One row of the `usage` table (SPEC section 6).
 #[derive(Debug, Clone, PartialEq)]
 pub struct UsageRecord {

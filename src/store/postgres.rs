@@ -26,6 +26,7 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(5))
+            .after_release(super::close_if_in_transaction::<sqlx::Postgres>)
             .connect_with(options)
             .await?;
         let mut id = [0u8; 8];

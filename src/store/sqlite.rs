@@ -93,6 +93,7 @@ impl SqliteStore {
             .pragma("cache_size", "-1024");
         let pool = SqlitePoolOptions::new()
             .max_connections(2)
+            .after_release(super::close_if_in_transaction::<sqlx::Sqlite>)
             .connect_with(options.clone())
             .await?;
         // Opened on the first batch (CLI commands never need it), then kept.
@@ -100,6 +101,7 @@ impl SqliteStore {
             .max_connections(1)
             .idle_timeout(None)
             .max_lifetime(None)
+            .after_release(super::close_if_in_transaction::<sqlx::Sqlite>)
             .connect_lazy_with(options);
         let file = crate::config::sqlite_path(url)
             .filter(|p| p.to_str() != Some(":memory:"))
@@ -299,6 +301,72 @@ mod tests {
             store.check_file(),
             Err(StoreError::FileGone { .. })
         ));
+    }
+
+    /// Two failed commits in a row on the writer's one connection (the word
+    /// counts' flush on a full disk) used to leave it inside a transaction
+    /// sqlx no longer counted: the next usage batch then "committed" into
+    /// it, reported written on a full disk, seen by no other connection,
+    /// lost on restart (`super::close_if_in_transaction`).
+    #[tokio::test]
+    async fn failed_commits_on_a_full_disk_leave_no_transaction_behind() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let vol = dir.path().join("vol");
+        std::fs::create_dir_all(&vol).unwrap_or_else(|e| panic!("{e}"));
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(&vol)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("SKIPPED: mounting a tmpfs is not allowed here");
+            return;
+        }
+        let url = format!("sqlite://{}", vol.join("t.db").display());
+        let sqlite = SqliteStore::connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        sqlite.migrate().await.unwrap_or_else(|e| panic!("{e}"));
+        let store = super::super::Store::Sqlite(sqlite);
+        let ok = |r: Result<Vec<String>, StoreError>| r.unwrap_or_else(|e| panic!("{e}"));
+        ok(store.insert_usage(&[row("req_before")]).await);
+        let filler = vol.join("filler");
+        let _ = std::fs::write(&filler, vec![0u8; 4 << 20]);
+        let counts = [super::super::WordCount {
+            team: "t".into(),
+            family: "gpt".into(),
+            script: "latin".into(),
+            side: "prompt".into(),
+            samples: 1,
+            words: 2,
+            chars: 3,
+            tokens: 4,
+        }];
+        for _ in 0..2 {
+            assert!(store.insert_word_counts(&counts).await.is_err());
+        }
+        let rows: Vec<_> = (0..64).map(|i| row(&format!("req_{i}"))).collect();
+        assert!(
+            store.insert_usage(&rows).await.is_err(),
+            "a batch written to a full disk?"
+        );
+        std::fs::remove_file(&filler).unwrap_or_else(|e| panic!("{e}"));
+        ok(store.insert_usage(&rows).await);
+        // Another connection sees every row.
+        let other = SqlitePool::connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM usage")
+            .fetch_one(&other)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        other.close().await;
+        store.close().await;
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&vol)
+            .status();
+        assert_eq!(n, 65);
     }
 
     #[tokio::test]
