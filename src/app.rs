@@ -27,6 +27,8 @@ pub struct AppState {
     pub words: crate::words::WordSampler,
     /// Trailing windows of the self-hosted models served (`pricing::gpu`).
     pub gpu: crate::pricing::gpu::GpuMeters,
+    /// Background responses waiting to be billed (`proxy::background`).
+    pub background: crate::proxy::background::Registry,
 }
 
 impl AppState {

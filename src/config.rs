@@ -22,6 +22,29 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     pub shadow: Vec<ShadowConfig>,
     pub numbers: NumbersConfig,
+    pub background: BackgroundConfig,
+}
+
+/// Background responses (`background: true`, SPEC 12): billed when they
+/// finish, which a client may never come back through tollgate to see.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackgroundConfig {
+    /// How often tollgate polls the upstream itself for each response
+    /// still pending (OpenAI keeps a background response ~10 minutes).
+    pub poll_interval_ms: u64,
+    /// A response pending longer than this is reported: logged, counted in
+    /// `tollgate_pending_usage_overdue`, listed by `report`.
+    pub horizon_secs: u64,
+}
+
+impl Default for BackgroundConfig {
+    fn default() -> Self {
+        Self {
+            poll_interval_ms: 30_000,
+            horizon_secs: 3_600,
+        }
+    }
 }
 
 /// `tollgate numbers`: what is measured beyond the usage rows.
@@ -213,6 +236,10 @@ impl Default for AuthConfig {
             allow_unmetered: vec![
                 "GET /v1/models*".into(),
                 "/v1/files*".into(),
+                // A stored response's input items, and deleting it, are free
+                // (polling and cancelling are metered: `proxy::background`).
+                "GET /v1/responses/*/input_items".into(),
+                "DELETE /v1/responses/*".into(),
                 // Anthropic's token counting is free.
                 "POST /v1/messages/count_tokens".into(),
                 // So is Gemini's, and listing its models.

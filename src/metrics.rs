@@ -11,7 +11,7 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::{LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::pricing::{Catalog, NanoUsd};
@@ -375,6 +375,11 @@ pub struct Metrics {
     pub budget_limit: GaugeVec,
     pub budget_spent: GaugeVec,
     pub budget_remaining: GaugeVec,
+    /// Background responses answered but not billed yet, per team (all
+    /// replicas: read from the database).
+    pub pending_usage: IntGaugeVec,
+    /// Of those, pending past `background.horizon_secs`.
+    pub pending_overdue: IntGaugeVec,
     pub budget_rejections: IntCounterVec,
     pub records_dropped: IntCounter,
     /// Every try of an upstream (SPEC 10 fallbacks). Upstreams keep their
@@ -525,6 +530,22 @@ impl Metrics {
             ),
             &["model"],
         )?;
+        let pending_usage = IntGaugeVec::new(
+            Opts::new(
+                "tollgate_pending_usage",
+                "Background responses answered but not billed yet (the same on every replica: read from the database).",
+            ),
+            &["team"],
+        )?;
+        let pending_overdue = IntGaugeVec::new(
+            Opts::new(
+                "tollgate_pending_usage_overdue",
+                "Background responses pending past background.horizon_secs: never seen finished by tollgate.",
+            ),
+            &["team"],
+        )?;
+        registry.register(Box::new(pending_usage.clone()))?;
+        registry.register(Box::new(pending_overdue.clone()))?;
         let queue_depth = IntGauge::new(
             "tollgate_usage_write_queue_depth",
             "Usage records waiting for the background writer.",
@@ -658,6 +679,8 @@ impl Metrics {
             budget_limit,
             budget_spent,
             budget_remaining,
+            pending_usage,
+            pending_overdue,
             budget_rejections,
             records_dropped,
             upstream_attempts,
@@ -785,6 +808,29 @@ impl Metrics {
             self.budget_remaining
                 .with_label_values(&[team])
                 .set(s.remaining.as_usd_f64());
+        }
+    }
+
+    /// The pending gauges from the database's counts (teams as labels,
+    /// bounded like every team label); `horizon` marks the overdue.
+    pub fn publish_pending(
+        &self,
+        counts: &[crate::store::PendingCount],
+        overdue: &[(String, u64)],
+    ) {
+        self.pending_usage.reset();
+        self.pending_overdue.reset();
+        for c in counts {
+            let team = self.team_label(&c.team);
+            self.pending_usage
+                .with_label_values(&[&team])
+                .add(i64::try_from(c.pending).unwrap_or(i64::MAX));
+        }
+        for (team, n) in overdue {
+            let team = self.team_label(team);
+            self.pending_overdue
+                .with_label_values(&[&team])
+                .add(i64::try_from(*n).unwrap_or(i64::MAX));
         }
     }
 

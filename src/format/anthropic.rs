@@ -273,6 +273,7 @@ pub fn request_facts(body: &[u8]) -> Result<RequestFacts, ApiError> {
     let r: Request = request::parse(body)?;
     let tools = r.tools.unwrap_or_default();
     Ok(RequestFacts {
+        background: false,
         model: r.model,
         stream: r.stream == Some(true),
         end_user: r.metadata.and_then(|m| m.user_id),

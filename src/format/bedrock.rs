@@ -306,6 +306,7 @@ pub fn request_facts(endpoint: Endpoint, body: &[u8]) -> Result<RequestFacts, Ap
     }
     let r: Request = request::parse(body)?;
     Ok(RequestFacts {
+        background: false,
         output_limit: OutputLimit {
             requested: r.inference_config.and_then(|c| c.max_tokens),
             field: Some("inferenceConfig.maxTokens"),

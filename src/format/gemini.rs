@@ -351,6 +351,7 @@ pub fn request_facts(endpoint: Endpoint, body: &[u8]) -> Result<RequestFacts, Ap
         .iter()
         .any(|t| t.google_search.is_some() || t.google_search_retrieval.is_some());
     Ok(RequestFacts {
+        background: false,
         n: config.as_ref().and_then(|c| c.candidate_count),
         output_limit: OutputLimit {
             requested: config.as_ref().and_then(|c| c.max_output_tokens),

@@ -193,6 +193,7 @@ pub fn image_facts(body: &Bytes, content_type: &str) -> Result<RequestFacts, Api
         .unwrap_or(0)
         .saturating_mul(PARTIAL_IMAGE_TOKENS);
     Ok(RequestFacts {
+        background: false,
         units: Units {
             image_spec: Some(image_spec(
                 priced_as,
@@ -224,6 +225,7 @@ pub fn transcription_facts(body: &Bytes, content_type: &str) -> Result<RequestFa
     }
     let form = read_form(content_type, body)?;
     Ok(RequestFacts {
+        background: false,
         model: form.get("model").map(str::to_string),
         stream: number::<bool>(&form, "stream")? == Some(true),
         end_user: form.get("user").map(str::to_string),
@@ -241,6 +243,7 @@ pub fn speech_facts(body: &Bytes) -> Result<RequestFacts, ApiError> {
     let r: SpeechRequest = request::parse(body)?;
     let characters = r.input.as_deref().map_or(0, |t| t.chars().count() as u64);
     Ok(RequestFacts {
+        background: false,
         model: r.model,
         stream: r.stream_format.as_deref() == Some("sse"),
         end_user: r.user,

@@ -114,9 +114,15 @@ pub(crate) fn on_responses_event(facts: &mut StreamFacts, data: &[u8]) -> bool {
                 }
             }
         }
-        // `response.created` and friends say the model and tier early.
+        // `response.created` and friends say the model, the tier and the
+        // response's id early.
         _ => {
             if let Some(response) = &event.response {
+                if facts.response_id.is_none() {
+                    if let Some(id) = response.get("id").and_then(serde_json::Value::as_str) {
+                        facts.response_id = Some(crate::usage::bounded_model(id).to_string());
+                    }
+                }
                 let read = facts_from_value(response);
                 facts.see(read.served);
             }
@@ -212,6 +218,8 @@ struct Request {
     service_tier: Option<String>,
     max_tool_calls: Option<u64>,
     tools: Option<Vec<ToolRef>>,
+    /// Responses' `background: true`: answered `queued`, billed when done.
+    background: Option<bool>,
 }
 
 /// A field that is present, whatever its value (`null` included).
@@ -264,6 +272,7 @@ pub fn request_facts(
     };
     let tools = r.tools.unwrap_or_default();
     Ok(RequestFacts {
+        background: r.background == Some(true),
         model: r.model,
         stream: r.stream == Some(true),
         n: r.n,

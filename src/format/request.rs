@@ -39,6 +39,9 @@ pub struct RequestFacts {
     pub stream_options: StreamOptions,
     /// What it asks for that is billed by the unit (SPEC 12).
     pub units: Units,
+    /// A background response (SPEC 12): answered before it is done, billed
+    /// when a poll, the resumed stream or a cancel shows it finished.
+    pub background: bool,
 }
 
 /// What a request body says of the units it may be billed (images, audio

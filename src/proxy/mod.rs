@@ -16,6 +16,7 @@
 //! exception, in `reserve`), and none parses more of a body than it needs.
 
 pub mod admit;
+pub mod background;
 pub mod body;
 pub mod forward;
 pub mod reserve;
@@ -39,7 +40,7 @@ use crate::usage::frames::Framing;
 use crate::usage::{TokenSource, Usage};
 use forward::Answer;
 use settle::{settle, settle_without_usage, Ticket};
-use stream::{MeteredStream, StreamSettlement};
+use stream::{MeteredStream, StreamEnd, StreamSettlement};
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-tollgate-request-id");
 pub const COST_USD: HeaderName = HeaderName::from_static("x-tollgate-cost-usd");
@@ -68,7 +69,11 @@ pub async fn handle(state: Arc<AppState>, req: http::Request<Body>) -> Response 
     // Boxed: hyper keeps a connection's request future allocated for as long
     // as the connection lives, so the large forwarding state machines go in
     // their own allocation, freed when the response starts.
-    let result = if metered {
+    let polled = format == crate::format::WireFormat::OpenAi
+        && background::poll_of(req.method(), req.uri().path()).is_some();
+    let result = if polled {
+        Box::pin(background::poll(&state, ticket, req)).await
+    } else if metered {
         Box::pin(metered_request(&state, ticket, req)).await
     } else {
         Box::pin(unmetered(&state, ticket, req)).await
@@ -132,6 +137,9 @@ async fn metered_request(
     let body = stage!(ticket, admit::read_body(state, body, &parts.headers).await);
     let (routed, order) = stage!(ticket, route::route(state, &ticket.who, &parts, &body));
     ticket.order = order;
+    if ticket.order.background {
+        ticket.poll_credentials = background::poll_credentials(state, &parts.headers);
+    }
     ticket.sent = settle::Sent {
         upstream: routed.upstream.name.clone(),
         provider: routed.upstream.provider.name(),
@@ -204,7 +212,13 @@ async fn answered(
     let upstream_wait = answer.sent_at.elapsed();
     // Whatever the body says (or fails to say) about usage, the client gets
     // it unchanged; tollgate estimates what it cannot read.
-    let facts = ticket.who.format.read_body(ticket.who.endpoint, &bytes);
+    let mut facts = ticket.who.format.read_body(ticket.who.endpoint, &bytes);
+    // A background response, answered before it is done: billed when it is.
+    if let Some(id) = facts.unfinished.take().filter(|_| status == StatusCode::OK) {
+        let remaining = background::open(state, ticket, id).await;
+        let response = build_response(status, headers, Body::from(bytes));
+        return Ok(Forwarded::Done(response, remaining));
+    }
     let usage = match facts.usage {
         Some(usage) => usage,
         None => estimate_non_stream(&ticket, &request_body, &bytes).await,
@@ -268,6 +282,7 @@ impl PendingStream {
             ticket: self.ticket,
             request_body: self.request_body,
             overhead: self.overhead,
+            end: StreamEnd::Settle,
         };
         let stream = MeteredStream::new(
             Box::pin(self.response.into_body().into_data_stream()),

@@ -69,6 +69,7 @@ pub fn route<'a>(
             .as_ref()
             .map(|u| u.chars().take(256).collect()),
         units: facts.units,
+        background: facts.background,
         model,
     };
     let routed = Routed {

@@ -47,6 +47,8 @@ pub struct Order {
     pub end_user: Option<String>,
     /// What the request says of its units (images, audio, characters).
     pub units: crate::format::request::Units,
+    /// `background: true` (SPEC 12): billed when it finishes (`background`).
+    pub background: bool,
 }
 
 impl Order {
@@ -62,6 +64,7 @@ impl Order {
             audio_bytes: None,
             characters: None,
         },
+        background: false,
     };
 
     /// The tokenizer for estimates: the catalog's for the model, else o200k.
@@ -112,6 +115,9 @@ pub struct Ticket {
     durable_ack: Option<tokio::sync::oneshot::Sender<()>>,
     /// Metric handles for (team, model_label); see `Ticket::series`.
     series: Option<Arc<Series>>,
+    /// A background response in passthrough mode: the client's credentials,
+    /// for tollgate to poll it with (`background`). Memory only.
+    pub poll_credentials: Option<Box<http::HeaderMap>>,
 }
 
 /// What settling leaves for the response.
@@ -130,6 +136,15 @@ impl Ticket {
             sent: Sent::NOWHERE,
             durable_ack,
             series: None,
+            poll_credentials: None,
+        }
+    }
+
+    /// Answers the durable ack now: the request's row comes later (a
+    /// background response, recorded as pending meanwhile).
+    pub fn answer_durable(&mut self) {
+        if let Some(ack) = self.durable_ack.take() {
+            let _ = ack.send(());
         }
     }
 

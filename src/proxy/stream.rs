@@ -30,11 +30,42 @@ pub struct StreamSettlement {
     pub request_body: Bytes,
     /// Time spent in tollgate before the stream started.
     pub overhead: Duration,
+    pub end: StreamEnd,
+}
+
+/// What the end of a stream settles.
+pub enum StreamEnd {
+    /// The request's own usage (every stream but the two below).
+    Settle,
+    /// A background response's resumed stream (`GET /v1/responses/{id}`):
+    /// the poll's own row, and the response billed if it finished.
+    Claim(String),
 }
 
 impl StreamSettlement {
     fn finish(self, status: u16, summary: StreamSummary, meter_time: Duration) {
         let overhead = self.overhead + meter_time;
+        if let StreamEnd::Claim(id) = self.end {
+            let usage = summary.done.then_some(summary.usage).flatten();
+            super::background::stream_ended(
+                self.state,
+                self.ticket,
+                id,
+                status,
+                usage,
+                summary.served,
+                overhead,
+            );
+            return;
+        }
+        // A background creation cut before its response finished goes on
+        // upstream: billed when it does, not estimated now.
+        if self.ticket.order.background && summary.usage.is_none() {
+            if let Some(id) = summary.response_id {
+                super::background::open_later(self.state, self.ticket, id);
+                return;
+            }
+        }
         if let Some(usage) = summary.usage {
             if status == 200 && summary.text_bytes_dropped == 0 && !summary.tool_text {
                 self.state.words.offer(|| {

@@ -271,6 +271,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         ledger,
         words,
         gpu: Default::default(),
+        background: Default::default(),
     });
     state.refresh().await?;
     tracing::info!(?auth_mode, keys = state.directory.key_count(), "auth");
@@ -290,6 +291,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         })
     };
     let reloader = tokio::spawn(reload_catalog(Arc::downgrade(&state)));
+    let sweeper = crate::proxy::background::spawn_sweeper(
+        Arc::downgrade(&state),
+        Duration::from_millis(state.config.background.poll_interval_ms),
+    );
     let app = router(state.clone());
     drop(state);
     tracing::info!(?fd_limit, "open-file limit");
@@ -312,6 +317,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     refresher.abort();
     reloader.abort();
+    sweeper.abort();
     // Every sink is gone once the server and its connections are: the
     // writer drains the queue and ends.
     if tokio::time::timeout(Duration::from_secs(60), writer.finish())

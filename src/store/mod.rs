@@ -5,6 +5,7 @@
 //! the writer's bounded queue and moves on.
 
 mod dialect;
+mod pending;
 mod postgres;
 mod queries;
 pub mod spool;
@@ -16,6 +17,7 @@ use std::borrow::Borrow;
 
 use crate::period::Budget;
 
+pub use pending::{PendingCount, PendingRow};
 pub use postgres::PostgresStore;
 pub use writer::{RecordedSpend, UsageSink, UsageWriter, WriterConfig};
 

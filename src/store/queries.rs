@@ -7,8 +7,7 @@
 use chrono::{DateTime, Utc};
 
 use super::{
-    dialect, to_i64, to_u64, CountsRow, KeyRow, ReportBy, ReportRow, Store, StoreError, TeamRow,
-    WordCount,
+    to_i64, to_u64, CountsRow, KeyRow, ReportBy, ReportRow, Store, StoreError, TeamRow, WordCount,
 };
 use crate::period::{Budget, Period};
 use crate::pricing::{Line, NanoUsd};
@@ -20,16 +19,17 @@ macro_rules! on_db {
     ($store:expr, $pool:ident, $writer:ident, $d:ident => $body:expr) => {
         match $store {
             Store::Sqlite(s) => {
-                let ($pool, $writer, $d) = (s.pool(), s.writer(), dialect::Sqlite);
+                let ($pool, $writer, $d) = (s.pool(), s.writer(), $crate::store::dialect::Sqlite);
                 $body
             }
             Store::Postgres(s) => {
-                let ($pool, $writer, $d) = (s.pool(), s.pool(), dialect::Postgres);
+                let ($pool, $writer, $d) = (s.pool(), s.pool(), $crate::store::dialect::Postgres);
                 $body
             }
         }
     };
 }
+pub(super) use on_db;
 
 impl Store {
     /// Proves the database can be written (at start of `serve`): a read-only
@@ -185,15 +185,19 @@ impl Store {
         Ok(())
     }
 
-    /// A team's recorded spend since `since`, in nano-USD.
+    /// A team's recorded spend since `since`, in nano-USD, with what its
+    /// background responses still pending hold (`pending_usage`).
     pub async fn spend_since(&self, team: &str, since: DateTime<Utc>) -> Result<u64, StoreError> {
         let total: i64 = on_db!(self, pool, _writer, d => {
             sqlx::query_scalar(
-                "SELECT CAST(COALESCE(SUM(cost_nano_usd), 0) AS BIGINT) FROM usage \
-                 WHERE team = $1 AND created_at >= $2",
+                "SELECT CAST(COALESCE(SUM(cost_nano_usd), 0) AS BIGINT) \
+                 + (SELECT CAST(COALESCE(SUM(reserved_nano_usd), 0) AS BIGINT) \
+                    FROM pending_usage WHERE team = $1 AND created_ms >= $3) \
+                 FROM usage WHERE team = $1 AND created_at >= $2",
             )
             .bind(team)
             .bind(d.since(since))
+            .bind(since.timestamp_millis())
             .fetch_one(pool)
             .await?
         });

@@ -53,6 +53,16 @@ pub struct BodyFacts {
     pub served: Served,
     /// The body was JSON tollgate could read at all.
     pub readable: bool,
+    /// A Responses API object not finished yet (`queued`, `in_progress`: a
+    /// background response, SPEC 12): its id.
+    pub unfinished: Option<String>,
+}
+
+/// Whether a Responses API `status` is still on its way (`queued`,
+/// `in_progress`), not finished (`completed`, `failed`, `incomplete`,
+/// `cancelled`).
+pub fn is_unfinished(status: &str) -> bool {
+    matches!(status, "queued" | "in_progress")
 }
 
 /// The fields read from a response body; everything else is skipped. The
@@ -77,6 +87,10 @@ struct Body<'a> {
     /// The Responses API's.
     #[serde(default, borrow)]
     incomplete_details: Option<Incomplete<'a>>,
+    #[serde(default, borrow)]
+    status: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    id: Option<std::borrow::Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -247,6 +261,10 @@ pub fn read_body(body: &[u8]) -> BodyFacts {
                 usage: b.usage.as_ref().and_then(Counts::to_usage),
                 served,
                 readable: true,
+                unfinished: match (&b.status, &b.id) {
+                    (Some(s), Some(id)) if is_unfinished(s) => Some(id.to_string()),
+                    _ => None,
+                },
             }
         }
         Err(_) => match serde_json::from_slice::<Value>(body) {
@@ -291,10 +309,15 @@ pub fn facts_from_value(v: &Value) -> BodyFacts {
             served.see_stop(r);
         }
     }
+    let unfinished = match (v.get("status").and_then(Value::as_str), v.get("id")) {
+        (Some(s), Some(Value::String(id))) if is_unfinished(s) => Some(id.clone()),
+        _ => None,
+    };
     BodyFacts {
         usage: v.get("usage").and_then(usage_from_value),
         served,
         readable: true,
+        unfinished,
     }
 }
 

@@ -54,6 +54,8 @@ pub struct StreamFacts {
     tool_text: bool,
     pub(crate) done: bool,
     pub(crate) unparsable_events: u64,
+    /// The Responses API's response id (`response.created`).
+    pub(crate) response_id: Option<String>,
 }
 
 impl StreamFacts {
@@ -111,6 +113,9 @@ pub struct StreamSummary {
     pub done: bool,
     pub events: u64,
     pub unparsable_events: u64,
+    /// A Responses API stream's response id (a background response cut
+    /// before it finished is billed when it does).
+    pub response_id: Option<String>,
 }
 
 impl SseMeter {
@@ -271,6 +276,7 @@ impl StreamFacts {
             done: f.done,
             events,
             unparsable_events: f.unparsable_events,
+            response_id: f.response_id.take(),
         }
     }
 }

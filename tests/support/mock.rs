@@ -21,6 +21,10 @@
 //! - `x-mock-finish-reason: R`   why the answer stopped (`length`: at its
 //!   cap; Anthropic's `stop_reason`, e.g. `max_tokens`); streams put it on
 //!   the last chunk
+//! - `x-mock-polls-pending: N`   a Responses request with `background: true`
+//!   answers `queued`; `GET /v1/responses/{id}` answers `in_progress` N
+//!   times (default 1), then the finished response (`?stream=true`: its
+//!   events, resumed after `starting_after`); `POST .../cancel` cancels it
 //!
 //! It also speaks Anthropic's Messages API (`/v1/messages`, JSON and SSE:
 //! message_start, content_block_*, ping, message_delta, message_stop),
@@ -106,6 +110,9 @@ pub struct MockState {
     gate: tokio::sync::Semaphore,
     /// Answer every request with this status (0: behave normally).
     forced_status: std::sync::atomic::AtomicU16,
+    /// Background responses by id: the finished object, and the polls
+    /// still to answer `in_progress`.
+    background: Mutex<std::collections::HashMap<String, (Value, u32)>>,
 }
 
 impl Default for MockState {
@@ -114,6 +121,7 @@ impl Default for MockState {
             requests: Mutex::new(Vec::new()),
             gate: tokio::sync::Semaphore::new(0),
             forced_status: std::sync::atomic::AtomicU16::new(0),
+            background: Mutex::new(std::collections::HashMap::new()),
         }
     }
 }
@@ -131,6 +139,8 @@ impl MockUpstream {
             .route("/v1/completions", post(completions))
             .route("/v1/embeddings", post(embeddings))
             .route("/v1/responses", post(responses))
+            .route("/v1/responses/{id}", get(background_poll))
+            .route("/v1/responses/{id}/cancel", post(background_cancel))
             .route("/v1/models", get(models))
             .route("/v1/messages", post(messages))
             .route("/v1/messages/count_tokens", post(count_tokens))
@@ -526,6 +536,9 @@ async fn responses(State(state): State<Arc<MockState>>, req: Request) -> Respons
     if !b.omit_usage {
         response["usage"] = usage;
     }
+    if rec.json()["background"] == json!(true) {
+        return background_created(&state, &rec, response);
+    }
     if rec.json()["stream"] == json!(true) {
         let mut events = vec![format!(
             "event: response.created\ndata: {}\n\n",
@@ -558,6 +571,153 @@ async fn responses(State(state): State<Arc<MockState>>, req: Request) -> Respons
             .into_response();
     }
     rendered(b.render(&response))
+}
+
+/// A background response: answered `queued` (or, streamed, its
+/// `response.created`), finished after `x-mock-polls-pending` polls
+/// (default 1) answered `in_progress`. `x-mock-cut-after` cuts the
+/// creation stream after that many events.
+fn background_created(state: &MockState, rec: &Recorded, mut finished: Value) -> Response {
+    let id = {
+        let Ok(mut map) = state.background.lock() else {
+            return mock_error(500, "mock state poisoned");
+        };
+        let id = format!("resp_bg_{}", map.len() + 1);
+        finished["id"] = json!(id);
+        finished["background"] = json!(true);
+        let polls = mock_header(rec, "x-mock-polls-pending")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
+        map.insert(id.clone(), (finished.clone(), polls));
+        id
+    };
+    let queued = json!({"id": id, "object": "response", "status": "queued", "background": true,
+                        "model": finished["model"], "output": [], "usage": null});
+    if rec.json()["stream"] != json!(true) {
+        return json_response(queued);
+    }
+    let cut = mock_header(rec, "x-mock-cut-after").and_then(|v| v.parse::<usize>().ok());
+    let events = background_events(&id, &finished);
+    let n = cut.unwrap_or(events.len()).min(events.len());
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
+    tokio::spawn(async move {
+        for e in events.into_iter().take(n) {
+            if tx.send(Ok(Bytes::from(e))).await.is_err() {
+                return;
+            }
+        }
+        if cut.is_some() {
+            // After the events are on the wire.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = tx.send(Err(std::io::Error::other("mock cut"))).await;
+        }
+    });
+    (
+        [("content-type", "text/event-stream")],
+        Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+        .into_response()
+}
+
+/// A background response's events, each with its `sequence_number`.
+fn background_events(id: &str, finished: &Value) -> Vec<String> {
+    let text = finished["output"]
+        .as_array()
+        .and_then(|o| o.last())
+        .and_then(|m| m["content"][0]["text"].as_str())
+        .unwrap_or("")
+        .to_string();
+    let created = json!({"type": "response.created", "sequence_number": 0,
+        "response": {"id": id, "model": finished["model"], "status": "queued", "background": true}});
+    let delta = json!({"type": "response.output_text.delta", "sequence_number": 1, "delta": text});
+    let done = json!({"type": "response.completed", "sequence_number": 2, "response": finished});
+    [created, delta, done]
+        .iter()
+        .map(|e| format!("event: {}\ndata: {e}\n\n", e["type"].as_str().unwrap_or("")))
+        .collect()
+}
+
+fn mock_error(status: u16, message: &str) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (code, axum::Json(json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": null}}))).into_response()
+}
+
+/// `GET /v1/responses/{id}`: `in_progress` while polls are pending, then
+/// the finished object; `?stream=true` streams its events (resumed).
+async fn background_poll(
+    State(state): State<Arc<MockState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    req: Request,
+) -> Response {
+    let (rec, b) = record(&state, req).await;
+    if let Some(r) = early_answer(&b) {
+        return r;
+    }
+    let Some((finished, pending)) = state.background.lock().ok().and_then(|mut map| {
+        let entry = map.get_mut(&id)?;
+        let out = entry.clone();
+        entry.1 = entry.1.saturating_sub(1);
+        Some(out)
+    }) else {
+        return mock_error(404, &format!("Response with id '{id}' not found."));
+    };
+    if rec.path.contains("stream=true") {
+        let events = background_events(&id, &finished);
+        let skip = rec
+            .path
+            .split("starting_after=")
+            .nth(1)
+            .and_then(|v| v.split('&').next()?.parse::<usize>().ok())
+            .map_or(0, |n| n + 1);
+        let items: Vec<Result<Bytes, std::io::Error>> = events
+            .into_iter()
+            .skip(skip)
+            .map(|e| Ok(Bytes::from(e)))
+            .collect();
+        return (
+            [("content-type", "text/event-stream")],
+            Body::from_stream(tokio_stream::iter(items)),
+        )
+            .into_response();
+    }
+    if pending > 0 {
+        return json_response(
+            json!({"id": id, "object": "response", "status": "in_progress",
+            "background": true, "model": finished["model"], "output": [], "usage": null}),
+        );
+    }
+    json_response(finished)
+}
+
+/// `POST /v1/responses/{id}/cancel`: cancelled, with the usage so far
+/// (`x-mock-completion-tokens` on the cancel: the output generated).
+async fn background_cancel(
+    State(state): State<Arc<MockState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    req: Request,
+) -> Response {
+    let (rec, b) = record(&state, req).await;
+    if let Some(r) = early_answer(&b) {
+        return r;
+    }
+    let Ok(mut map) = state.background.lock() else {
+        return mock_error(500, "mock state poisoned");
+    };
+    let Some(entry) = map.get_mut(&id) else {
+        return mock_error(404, &format!("Response with id '{id}' not found."));
+    };
+    if entry.1 > 0 {
+        entry.0["status"] = json!("cancelled");
+        if let Some(done) =
+            mock_header(&rec, "x-mock-completion-tokens").and_then(|v| v.parse::<u64>().ok())
+        {
+            let input = entry.0["usage"]["input_tokens"].as_u64().unwrap_or(0);
+            entry.0["usage"]["output_tokens"] = json!(done);
+            entry.0["usage"]["total_tokens"] = json!(input + done);
+        }
+        entry.1 = 0;
+    }
+    json_response(entry.0.clone())
 }
 
 async fn models(State(state): State<Arc<MockState>>, req: Request) -> Response {
