@@ -702,3 +702,81 @@ async fn every_query_answers_alike_on_sqlite_and_postgres() {
     );
     assert_eq!(on_sqlite, on_postgres);
 }
+
+/// A background response created on one replica and polled on both at
+/// once is billed exactly once (issue 22: the claim is one `DELETE ...
+/// RETURNING`), whichever replica wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_background_response_polled_on_two_replicas_is_billed_once() {
+    let Some(db) = PgDb::create("background").await else {
+        return;
+    };
+    let mock = MockUpstream::start().await;
+    let a = start(&mock, &db).await;
+    let b = start(&mock, &db).await;
+    stdout(&a.cli(&["teams", "create", "research"]));
+    let key = first_line(&stdout(&a.cli(&["keys", "create", "--team", "research"])));
+    wait_for_key(&a, &key).await;
+    wait_for_key(&b, &key).await;
+    let r = client()
+        .post(a.url("/v1/responses"))
+        .bearer_auth(&key)
+        .header("x-mock-polls-pending", "0")
+        .header("x-mock-prompt-tokens", "1000")
+        .header("x-mock-completion-tokens", "2000")
+        .json(&json!({"model": "gpt-4o-mini", "input": "report", "background": true}))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let created = support::request_id(&r);
+    let id = r.json::<serde_json::Value>().await.unwrap_or_default()["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let mut polls = Vec::new();
+    for i in 0..16 {
+        let url = if i % 2 == 0 { a.url("") } else { b.url("") };
+        let (key, id) = (key.clone(), id.clone());
+        polls.push(tokio::spawn(async move {
+            client()
+                .get(format!("{url}/v1/responses/{id}"))
+                .bearer_auth(key)
+                .send()
+                .await
+                .ok()
+                .and_then(|r| r.headers().get("x-tollgate-cost-usd").map(|_| ()))
+                .is_some()
+        }));
+    }
+    let mut billed_by = 0;
+    for p in polls {
+        if p.await.unwrap_or(false) {
+            billed_by += 1;
+        }
+    }
+    assert_eq!(billed_by, 1, "one poll bills it");
+    let pool = db.pool().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT request_id, cost_nano_usd FROM usage WHERE endpoint = 'responses'",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap_or_default();
+        if !rows.is_empty() {
+            assert_eq!(rows, vec![(created.clone(), 1_000 * 150 + 2_000 * 600)]);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never billed");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let pending: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM pending_usage")
+        .fetch_one(&pool)
+        .await
+        .unwrap_or(-1);
+    assert_eq!(pending, 0);
+    pool.close().await;
+    drop((a, b));
+    db.drop_db().await;
+}
