@@ -29,6 +29,8 @@ pub struct AppState {
     pub gpu: crate::pricing::gpu::GpuMeters,
     /// Background responses waiting to be billed (`proxy::background`).
     pub background: crate::proxy::background::Registry,
+    /// Budget holds of batches not billed yet (`proxy::batch`).
+    pub batches: crate::proxy::batch::Registry,
 }
 
 impl AppState {

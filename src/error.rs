@@ -58,6 +58,8 @@ pub enum ApiError {
     UpstreamTimeout { upstream: String, timeout_ms: u64 },
     #[error("Not found: {path}")]
     NotFound { path: String },
+    #[error("Team `{team}` has a budget, and tollgate cannot bound the cost of this batch: {reason}. Upload the batch's input file through tollgate (within server.max_body_bytes), every line naming a priced model; the batch was not sent.")]
+    BatchNotBounded { team: String, reason: String },
     #[error("Internal error: {0}")]
     Internal(String),
 }
@@ -82,9 +84,9 @@ impl ApiError {
             | ApiError::UnknownUpstream { .. } => StatusCode::BAD_REQUEST,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized | ApiError::TollgateKeyInPassthrough => StatusCode::UNAUTHORIZED,
-            ApiError::ModelNotAllowed { .. } | ApiError::EndpointNotMetered { .. } => {
-                StatusCode::FORBIDDEN
-            }
+            ApiError::ModelNotAllowed { .. }
+            | ApiError::EndpointNotMetered { .. }
+            | ApiError::BatchNotBounded { .. } => StatusCode::FORBIDDEN,
             ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::BudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::UpstreamUnreachable { .. } | ApiError::UpstreamBadResponse { .. } => {
@@ -105,9 +107,9 @@ impl ApiError {
             | ApiError::UpstreamTimeout { .. } => "upstream_error",
             ApiError::Internal(_) | ApiError::BudgetUnavailable { .. } => "server_error",
             ApiError::Unauthorized => "invalid_request_error",
-            ApiError::ModelNotAllowed { .. } | ApiError::EndpointNotMetered { .. } => {
-                "permission_error"
-            }
+            ApiError::ModelNotAllowed { .. }
+            | ApiError::EndpointNotMetered { .. }
+            | ApiError::BatchNotBounded { .. } => "permission_error",
             ApiError::BudgetExceeded { .. } => "insufficient_quota",
             _ => "invalid_request_error",
         }
@@ -134,6 +136,7 @@ impl ApiError {
             ApiError::UpstreamBadResponse { .. } => "upstream_bad_response",
             ApiError::UpstreamTimeout { .. } => "upstream_timeout",
             ApiError::NotFound { .. } => "not_found",
+            ApiError::BatchNotBounded { .. } => "batch_not_bounded",
             ApiError::Internal(_) => "internal_error",
             ApiError::BudgetUnavailable { .. } => "budget_unavailable",
         }

@@ -552,6 +552,7 @@ fn stored_row(
         meters: tollgate::usage::meter::Meters::of(&usage),
         budget_period: None,
         lease_node: None,
+        batch_id: None,
     }
 }
 

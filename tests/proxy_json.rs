@@ -354,13 +354,13 @@ async fn models_and_other_paths_are_forwarded_and_counted_without_tokens() {
     let out: serde_json::Value = resp.json().await.unwrap_or_default();
     assert_eq!(out["data"][0]["id"], "gpt-4o-mini");
     let resp = c
-        .post(tg.url("/v1/files?purpose=batch"))
+        .post(tg.url("/v1/uploads?purpose=batch"))
         .body(vec![b'x'; 100_000])
         .send()
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let out: serde_json::Value = resp.json().await.unwrap_or_default();
-    assert_eq!(out["path"], "/v1/files?purpose=batch");
+    assert_eq!(out["path"], "/v1/uploads?purpose=batch");
     assert_eq!(out["body_len"], 100_000);
     let rows = tg.wait_rows(2).await;
     assert_eq!(rows[0].endpoint, "models");

@@ -228,8 +228,14 @@ async fn budgeted_teams_cannot_reach_endpoints_tollgate_cannot_price() {
             .send()
     };
     let seen = mock.request_count();
+    // A batch is metered now, and one it cannot bound is refused too.
+    let r = send(reqwest::Method::POST, "/v1/batches", &capped)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status(), 403);
+    let body: Value = r.json().await.unwrap_or(Value::Null);
+    assert_eq!(body["error"]["code"], "batch_not_bounded");
     for (method, path) in [
-        (reqwest::Method::POST, "/v1/batches"),
         (reqwest::Method::POST, "/v1/fine_tuning/jobs"),
         // Images and audio are metered now (tests/media.rs); these are not.
         (reqwest::Method::POST, "/v1/vector_stores"),
@@ -256,7 +262,7 @@ async fn budgeted_teams_cannot_reach_endpoints_tollgate_cannot_price() {
         assert_eq!(r.status(), 200, "{method} {path}");
     }
     // A team without a budget may use every path.
-    let r = send(reqwest::Method::POST, "/v1/batches", &free)
+    let r = send(reqwest::Method::POST, "/v1/fine_tuning/jobs", &free)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(r.status(), 200);

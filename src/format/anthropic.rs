@@ -291,6 +291,25 @@ pub fn request_facts(body: &[u8]) -> Result<RequestFacts, ApiError> {
     })
 }
 
+/// A Message Batches results line: `{"custom_id", "result": {"type":
+/// "succeeded", "message"}}`; `errored`, `canceled` and `expired` requests
+/// are not billed.
+pub fn batch_line(line: &serde_json::Value) -> Option<super::BatchLine<'_>> {
+    let custom_id = line.get("custom_id")?.as_str()?;
+    let result = line.get("result")?;
+    let (status, body) = match result.get("type").and_then(serde_json::Value::as_str) {
+        Some("succeeded") => (200, result.get("message").filter(|m| m.is_object())),
+        Some("canceled") => (499, None),
+        Some("expired") => (408, None),
+        _ => (500, None),
+    };
+    Some(super::BatchLine {
+        custom_id,
+        status,
+        body,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

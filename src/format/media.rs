@@ -61,6 +61,8 @@ const SPEECH_TOKENS_PER_SECOND: u64 = 20;
 pub struct Form {
     pub fields: Vec<(String, String)>,
     pub file_bytes: u64,
+    /// The file's bytes, when asked for (`read_form_with_file`).
+    pub file: Option<Vec<u8>>,
 }
 
 impl Form {
@@ -78,6 +80,15 @@ const MAX_FIELD_BYTES: usize = 256 * 1024;
 /// Reads a `multipart/form-data` body already in memory. The body is fed
 /// to the parser in slices (no copy of it whole); the parse never waits.
 pub fn read_form(content_type: &str, body: &Bytes) -> Result<Form, ApiError> {
+    parse_form(content_type, body, false)
+}
+
+/// `read_form`, keeping the (first) file's bytes: a batch input file.
+pub fn read_form_with_file(content_type: &str, body: &Bytes) -> Result<Form, ApiError> {
+    parse_form(content_type, body, true)
+}
+
+fn parse_form(content_type: &str, body: &Bytes, keep_file: bool) -> Result<Form, ApiError> {
     let boundary = multer::parse_boundary(content_type).map_err(|_| {
         ApiError::invalid("Expected a multipart/form-data body with a boundary.", None)
     })?;
@@ -91,8 +102,16 @@ pub fn read_form(content_type: &str, body: &Bytes) -> Result<Form, ApiError> {
         while let Some(mut field) = form.next_field().await? {
             let name = field.name().unwrap_or("").to_string();
             if field.file_name().is_some() {
+                let keep = keep_file && out.file.is_none();
+                let mut file = Vec::new();
                 while let Some(chunk) = field.chunk().await? {
                     out.file_bytes = out.file_bytes.saturating_add(chunk.len() as u64);
+                    if keep {
+                        file.extend_from_slice(&chunk);
+                    }
+                }
+                if keep {
+                    out.file = Some(file);
                 }
             } else {
                 let mut text = Vec::new();

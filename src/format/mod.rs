@@ -31,6 +31,15 @@ use crate::usage::read::BodyFacts;
 use crate::usage::sse::{EventReader, SseMeter};
 use crate::usage::{estimate, Encoding, Endpoint, Usage};
 
+/// One result line of a batch: the id the client gave its request, the
+/// status the request got, and its response body when it succeeded.
+#[derive(Debug)]
+pub struct BatchLine<'a> {
+    pub custom_id: &'a str,
+    pub status: u16,
+    pub body: Option<&'a Value>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WireFormat {
     /// OpenAI's chat and text completions, embeddings and Responses API;
@@ -163,6 +172,16 @@ impl WireFormat {
             (WireFormat::Gemini, _) => gemini::on_event,
             (WireFormat::OpenAi, Endpoint::Responses) => openai::on_responses_event,
             (WireFormat::OpenAi, _) => openai::on_chunk,
+        }
+    }
+
+    /// One line of a batch's results in this format (SPEC 12); `None`
+    /// for a line that is not one, or a format without batches.
+    pub fn batch_line(self, line: &Value) -> Option<BatchLine<'_>> {
+        match self {
+            WireFormat::OpenAi => openai::batch_line(line),
+            WireFormat::Anthropic => anthropic::batch_line(line),
+            WireFormat::Gemini | WireFormat::Bedrock => None,
         }
     }
 

@@ -296,6 +296,26 @@ pub fn request_facts(
     })
 }
 
+/// A Batch API output line: `{"custom_id", "response": {"status_code",
+/// "body"}, "error"}`; a line whose request failed has no body to bill.
+pub fn batch_line(line: &serde_json::Value) -> Option<super::BatchLine<'_>> {
+    let custom_id = line.get("custom_id")?.as_str()?;
+    let response = line.get("response").filter(|r| r.is_object());
+    let status = response
+        .and_then(|r| r.get("status_code"))
+        .and_then(serde_json::Value::as_u64)
+        .and_then(|s| u16::try_from(s).ok())
+        .unwrap_or(500);
+    let body = response
+        .and_then(|r| r.get("body"))
+        .filter(|b| b.is_object() && status == 200);
+    Some(super::BatchLine {
+        custom_id,
+        status,
+        body,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

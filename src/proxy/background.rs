@@ -538,7 +538,8 @@ async fn report(state: &AppState, horizon: Duration) {
     state.metrics.publish_pending(&counts, &overdue);
 }
 
-/// Runs `sweep` every `background.poll_interval_ms` while the state lives.
+/// Runs `sweep` (and the batches' `batch::sweep`) every
+/// `background.poll_interval_ms` while the state lives.
 pub fn spawn_sweeper(
     state: std::sync::Weak<AppState>,
     interval: Duration,
@@ -550,6 +551,7 @@ pub fn spawn_sweeper(
             tick.tick().await;
             let Some(state) = state.upgrade() else { break };
             sweep(&state).await;
+            super::batch::sweep(&state).await;
         }
     })
 }

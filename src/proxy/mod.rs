@@ -17,6 +17,7 @@
 
 pub mod admit;
 pub mod background;
+pub mod batch;
 pub mod body;
 pub mod forward;
 pub mod reserve;
@@ -71,8 +72,11 @@ pub async fn handle(state: Arc<AppState>, req: http::Request<Body>) -> Response 
     // their own allocation, freed when the response starts.
     let polled = format == crate::format::WireFormat::OpenAi
         && background::poll_of(req.method(), req.uri().path()).is_some();
+    let batch_op = batch::op_of(format, req.method(), req.uri().path());
     let result = if polled {
         Box::pin(background::poll(&state, ticket, req)).await
+    } else if let Some(op) = batch_op {
+        Box::pin(batch::handle(&state, ticket, req, op)).await
     } else if metered {
         Box::pin(metered_request(&state, ticket, req)).await
     } else {

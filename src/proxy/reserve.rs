@@ -208,9 +208,50 @@ async fn exact_prompt(ticket: &Ticket, body: &Bytes, bound: u64) -> u64 {
     .unwrap_or(bound)
 }
 
+/// The most one request of a batch may cost at the model's batch prices
+/// (SPEC 12): every byte of its body a prompt token, its output limit (else
+/// the model's) of output, its built-in tool calls; `None` when it cannot
+/// be bounded (unreadable, no model, an unpriced model).
+pub fn batch_line_bound(
+    state: &AppState,
+    format: crate::format::WireFormat,
+    endpoint: Endpoint,
+    body: &Bytes,
+) -> Option<NanoUsd> {
+    let facts = format
+        .request_facts(endpoint, body, "application/json", true)
+        .ok()?;
+    let catalog = state.catalog.load();
+    let resolved = catalog.resolve(facts.model());
+    let price = resolved.price.as_deref()?;
+    let completion = match endpoint {
+        Endpoint::Embeddings => 0,
+        _ => facts
+            .output_limit
+            .requested
+            .or(price.max_output_tokens)
+            .unwrap_or(DEFAULT_MAX_OUTPUT)
+            .saturating_mul(u64::from(facts.n.unwrap_or(1))),
+    };
+    let calls = facts.tool_call_bound(state.config.budget.tool_call_allowance);
+    let searches = calls
+        .iter()
+        .find(|(k, _)| *k == "web_search")
+        .map_or(0, |(_, n)| *n);
+    let images = match body::mentions_images(body) {
+        true => body::image_token_bound(body),
+        false => 0,
+    };
+    let prompt = (body.len() as u64 + 16)
+        .saturating_add(format.added_prompt_bound(facts.has_tools, searches))
+        .saturating_add(images);
+    let tiers = [crate::usage::ServiceTier::Batch; 2];
+    Some(price.worst_case(prompt, completion, &tiers, &calls, catalog.tool_call_fees()))
+}
+
 /// Reserves from the local ledger; on Postgres, from this replica's lease,
 /// topped up from the shared budget when it runs short.
-async fn reserve_amount(
+pub(super) async fn reserve_amount(
     state: &AppState,
     team: &str,
     amount: NanoUsd,

@@ -70,6 +70,7 @@ pub fn route<'a>(
             .map(|u| u.chars().take(256).collect()),
         units: facts.units,
         background: facts.background,
+        batch_id: None,
         model,
     };
     let routed = Routed {

@@ -49,6 +49,8 @@ pub struct Order {
     pub units: crate::format::request::Units,
     /// `background: true` (SPEC 12): billed when it finishes (`background`).
     pub background: bool,
+    /// The batch whose result line this is (`batch`).
+    pub batch_id: Option<String>,
 }
 
 impl Order {
@@ -65,6 +67,7 @@ impl Order {
             characters: None,
         },
         background: false,
+        batch_id: None,
     };
 
     /// The tokenizer for estimates: the catalog's for the model, else o200k.
@@ -457,6 +460,7 @@ fn record(state: &AppState, t: Ticket, row: Row<'_>) {
         meters: crate::usage::meter::Meters::of(usage),
         budget_period: row.budget_period,
         lease_node: None,
+        batch_id: order.batch_id,
     };
     state.usage.record(Box::new(record), durable_ack);
 }

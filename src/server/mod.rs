@@ -272,6 +272,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         words,
         gpu: Default::default(),
         background: Default::default(),
+        batches: Default::default(),
     });
     state.refresh().await?;
     tracing::info!(?auth_mode, keys = state.directory.key_count(), "auth");

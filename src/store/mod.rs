@@ -4,6 +4,7 @@
 //! The request path never awaits the database: it hands a `UsageRecord` to
 //! the writer's bounded queue and moves on.
 
+mod batches;
 mod dialect;
 mod pending;
 mod postgres;
@@ -17,6 +18,7 @@ use std::borrow::Borrow;
 
 use crate::period::Budget;
 
+pub use batches::BatchRow;
 pub use pending::{PendingCount, PendingRow};
 pub use postgres::PostgresStore;
 pub use writer::{RecordedSpend, UsageSink, UsageWriter, WriterConfig};
@@ -95,11 +97,14 @@ pub struct UsageRecord {
     /// The replica whose lease paid for it, when not this one (a row of an
     /// earlier process, replayed from the spool); not a column.
     pub lease_node: Option<String>,
+    /// The batch whose result line this row is (`request_id` is then the
+    /// line's `custom_id`).
+    pub batch_id: Option<String>,
 }
 
 /// The `usage` columns tollgate writes, in the order both stores bind
 /// them: a new column is one line here and one in `UsageRecord::values`.
-pub(crate) const USAGE_COLUMNS: [(&str, ColumnType); 30] = [
+pub(crate) const USAGE_COLUMNS: [(&str, ColumnType); 31] = [
     ("created_at", ColumnType::Time),
     ("request_id", ColumnType::Text),
     ("team", ColumnType::Text),
@@ -130,12 +135,13 @@ pub(crate) const USAGE_COLUMNS: [(&str, ColumnType); 30] = [
     ("choices", ColumnType::Int4),
     ("capped", ColumnType::Bool),
     ("meters", ColumnType::Json),
+    ("batch_id", ColumnType::Text),
 ];
 
 /// Columns of `USAGE_COLUMNS` whose database default (0, NULL, 1 attempt) most rows
 /// share: a row with none of these set is written without them (fewer
 /// values to bind and store per row on SQLite's hot path).
-pub(crate) const DETAIL_COLUMNS: [&str; 10] = [
+pub(crate) const DETAIL_COLUMNS: [&str; 11] = [
     "service_tier",
     "reasoning_tokens",
     "audio_prompt_tokens",
@@ -146,6 +152,7 @@ pub(crate) const DETAIL_COLUMNS: [&str; 10] = [
     "attempts",
     "choices",
     "capped",
+    "batch_id",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,6 +190,7 @@ impl UsageRecord {
             || self.attempts != 1
             || self.choices != 1
             || self.capped
+            || self.batch_id.is_some()
     }
 
     /// The row's values in `USAGE_COLUMNS` order.
@@ -218,6 +226,7 @@ impl UsageRecord {
             Value::Int4(i32::from(self.choices)),
             Value::Bool(self.capped),
             Value::Json(self.meters.to_json()),
+            Value::Text(self.batch_id.as_deref().unwrap_or("")),
         ]
     }
 }

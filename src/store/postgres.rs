@@ -141,7 +141,7 @@ fn insert_rows(
             .collect();
         format!(
             "INSERT INTO usage ({}) SELECT {} FROM UNNEST({}) AS t({}) \
-             ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
+             ON CONFLICT (request_id, batch_id) DO NOTHING RETURNING request_id",
             names.join(", "),
             select.join(", "),
             arrays.join(", "),

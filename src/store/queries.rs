@@ -186,13 +186,16 @@ impl Store {
     }
 
     /// A team's recorded spend since `since`, in nano-USD, with what its
-    /// background responses still pending hold (`pending_usage`).
+    /// background responses still pending and its batches not billed yet
+    /// hold (`pending_usage`, `batches`).
     pub async fn spend_since(&self, team: &str, since: DateTime<Utc>) -> Result<u64, StoreError> {
         let total: i64 = on_db!(self, pool, _writer, d => {
             sqlx::query_scalar(
                 "SELECT CAST(COALESCE(SUM(cost_nano_usd), 0) AS BIGINT) \
                  + (SELECT CAST(COALESCE(SUM(reserved_nano_usd), 0) AS BIGINT) \
                     FROM pending_usage WHERE team = $1 AND created_ms >= $3) \
+                 + (SELECT CAST(COALESCE(SUM(reserved_nano_usd), 0) AS BIGINT) \
+                    FROM batches WHERE team = $1 AND created_ms >= $3 AND billed_ms IS NULL) \
                  FROM usage WHERE team = $1 AND created_at >= $2",
             )
             .bind(team)

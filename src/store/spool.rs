@@ -75,6 +75,9 @@ struct SpoolRow {
     meters: Option<String>,
     budget_period: Option<String>,
     lease_node: Option<String>,
+    /// A batch result line's batch (absent in rows spooled before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    batch_id: Option<String>,
 }
 
 fn one() -> u16 {
@@ -145,6 +148,7 @@ impl SpoolRow {
                 .lease_node
                 .clone()
                 .or_else(|| r.budget_period.as_ref().and(node.map(str::to_string))),
+            batch_id: r.batch_id.clone(),
         }
     }
 
@@ -202,6 +206,7 @@ impl SpoolRow {
                 .unwrap_or_default(),
             budget_period: self.budget_period,
             lease_node: self.lease_node,
+            batch_id: self.batch_id,
         }
     }
 }
@@ -579,6 +584,7 @@ mod tests {
             meters: crate::usage::meter::Meters::of(&crate::usage::Usage::tokens(1, 2)),
             budget_period: Some("total".into()),
             lease_node: None,
+            batch_id: None,
         }
     }
 

@@ -247,6 +247,7 @@ mod tests {
             meters: Default::default(),
             budget_period: None,
             lease_node: None,
+            batch_id: None,
         }
     }
 

@@ -31,7 +31,8 @@ pub fn prompt_tokens(endpoint: Endpoint, enc: Encoding, request: &Value) -> u64 
         | Endpoint::GenerateContent
         | Endpoint::Converse
         | Endpoint::Models
-        | Endpoint::Other => 0,
+        | Endpoint::Other
+        | Endpoint::Batch => 0,
     }
 }
 

@@ -47,11 +47,14 @@ pub enum Endpoint {
     AudioTranslations,
     /// `/v1/audio/speech`.
     AudioSpeech,
+    /// A result line of a batch (OpenAI's Batch API, Anthropic's Message
+    /// Batches), billed when the batch's results are read.
+    Batch,
 }
 
 impl Endpoint {
     /// How many endpoints there are (`endpoint as usize` is below this).
-    pub const COUNT: usize = 13;
+    pub const COUNT: usize = 14;
 
     /// From a client path, OpenAI style (`/v1/chat/completions`) or Azure
     /// style (`/openai/deployments/{d}/chat/completions`).
@@ -91,6 +94,7 @@ impl Endpoint {
             Endpoint::AudioTranscriptions,
             Endpoint::AudioTranslations,
             Endpoint::AudioSpeech,
+            Endpoint::Batch,
         ]
         .into_iter()
         .find(|e| e.label() == label)
@@ -112,6 +116,7 @@ impl Endpoint {
             Endpoint::AudioTranscriptions => "audio.transcriptions",
             Endpoint::AudioTranslations => "audio.translations",
             Endpoint::AudioSpeech => "audio.speech",
+            Endpoint::Batch => "batch",
         }
     }
 

@@ -21,6 +21,14 @@
 //! - `x-mock-finish-reason: R`   why the answer stopped (`length`: at its
 //!   cap; Anthropic's `stop_reason`, e.g. `max_tokens`); streams put it on
 //!   the last chunk
+//! - Batches: `POST /v1/files` keeps a file; `POST /v1/batches` reads its
+//!   lines and `GET /v1/batches/{id}` answers `in_progress`
+//!   `x-mock-polls-pending` times (default 1), then `completed` with an
+//!   output file of one line per request (each with the creation's
+//!   `x-mock-prompt-tokens` / `-completion-tokens`; the last
+//!   `x-mock-failed-lines` fail); `.../cancel` leaves
+//!   `x-mock-completed-lines` (default 1) done; Anthropic's
+//!   `/v1/messages/batches` (inline requests, `ended`, `/results`) alike
 //! - `x-mock-polls-pending: N`   a Responses request with `background: true`
 //!   answers `queued`; `GET /v1/responses/{id}` answers `in_progress` N
 //!   times (default 1), then the finished response (`?stream=true`: its
@@ -113,6 +121,26 @@ pub struct MockState {
     /// Background responses by id: the finished object, and the polls
     /// still to answer `in_progress`.
     background: Mutex<std::collections::HashMap<String, (Value, u32)>>,
+    /// Files by id (`POST /v1/files`, and batches' output files).
+    files: Mutex<std::collections::HashMap<String, Bytes>>,
+    /// Batches by id (OpenAI's and Anthropic's).
+    batches: Mutex<std::collections::HashMap<String, MockBatch>>,
+}
+
+/// A batch of the mock: its requests' custom ids and models, the usage
+/// every line reports, the polls still to answer in progress.
+#[derive(Clone)]
+pub struct MockBatch {
+    pub anthropic: bool,
+    pub endpoint: String,
+    pub lines: Vec<(String, String)>,
+    pub prompt: u64,
+    pub completion: u64,
+    /// The last `failed` lines fail (OpenAI: status 400; Anthropic: errored).
+    pub failed: usize,
+    pub polls: u32,
+    /// Cancelled: only the first `completed` lines ran.
+    pub cancelled: Option<usize>,
 }
 
 impl Default for MockState {
@@ -122,6 +150,8 @@ impl Default for MockState {
             gate: tokio::sync::Semaphore::new(0),
             forced_status: std::sync::atomic::AtomicU16::new(0),
             background: Mutex::new(std::collections::HashMap::new()),
+            files: Mutex::new(std::collections::HashMap::new()),
+            batches: Mutex::new(std::collections::HashMap::new()),
         }
     }
 }
@@ -141,6 +171,17 @@ impl MockUpstream {
             .route("/v1/responses", post(responses))
             .route("/v1/responses/{id}", get(background_poll))
             .route("/v1/responses/{id}/cancel", post(background_cancel))
+            .route("/v1/files", post(file_upload))
+            .route("/v1/files/{id}/content", get(file_content))
+            .route("/v1/batches", post(batch_create))
+            .route("/v1/batches/{id}", get(batch_poll))
+            .route("/v1/batches/{id}/cancel", post(batch_cancel))
+            .route("/v1/messages/batches", post(message_batch_create))
+            .route("/v1/messages/batches/{id}", get(message_batch_poll))
+            .route(
+                "/v1/messages/batches/{id}/results",
+                get(message_batch_results),
+            )
             .route("/v1/models", get(models))
             .route("/v1/messages", post(messages))
             .route("/v1/messages/count_tokens", post(count_tokens))
@@ -718,6 +759,308 @@ async fn background_cancel(
         entry.1 = 0;
     }
     json_response(entry.0.clone())
+}
+
+/// `POST /v1/files` (multipart: `purpose`, `file`): kept by id.
+async fn file_upload(State(state): State<Arc<MockState>>, req: Request) -> Response {
+    let (rec, b) = record(&state, req).await;
+    if let Some(r) = early_answer(&b) {
+        return r;
+    }
+    let text = String::from_utf8_lossy(&rec.body).into_owned();
+    let content = text
+        .find("filename=")
+        .and_then(|at| {
+            let rest = &text[at..];
+            let start = rest.find("\r\n\r\n")? + 4;
+            let end = rest[start..].find("\r\n--")?;
+            Some(rest[start..start + end].to_string())
+        })
+        .unwrap_or_default();
+    let purpose = form_field(&rec, "purpose").unwrap_or_default();
+    let Ok(mut files) = state.files.lock() else {
+        return mock_error(500, "mock state poisoned");
+    };
+    let id = format!("file-{}", files.len() + 1);
+    let bytes = content.len();
+    files.insert(id.clone(), Bytes::from(content));
+    json_response(
+        json!({"id": id, "object": "file", "bytes": bytes, "created_at": 1_700_000_000,
+                         "filename": "batch.jsonl", "purpose": purpose, "status": "processed"}),
+    )
+}
+
+async fn file_content(
+    State(state): State<Arc<MockState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    req: Request,
+) -> Response {
+    let (_rec, b) = record(&state, req).await;
+    if let Some(r) = early_answer(&b) {
+        return r;
+    }
+    match state.files.lock().ok().and_then(|f| f.get(&id).cloned()) {
+        Some(bytes) => ([("content-type", "application/octet-stream")], bytes).into_response(),
+        None => mock_error(404, &format!("No such File object: {id}")),
+    }
+}
+
+fn batch_of(
+    b: &Behaviour,
+    rec: &Recorded,
+    anthropic: bool,
+    endpoint: String,
+    lines: Vec<(String, String)>,
+) -> MockBatch {
+    let num = |name: &str, default: u64| {
+        mock_header(rec, name)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    MockBatch {
+        anthropic,
+        endpoint,
+        lines,
+        prompt: b.prompt,
+        completion: b.completion,
+        failed: num("x-mock-failed-lines", 0) as usize,
+        polls: num("x-mock-polls-pending", 1) as u32,
+        cancelled: None,
+    }
+}
+
+/// `POST /v1/batches`: its lines read from the input file.
+async fn batch_create(State(state): State<Arc<MockState>>, req: Request) -> Response {
+    let (rec, b) = record(&state, req).await;
+    if let Some(r) = early_answer(&b) {
+        return r;
+    }
+    let body = rec.json();
+    let input = body["input_file_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let Some(file) = state.files.lock().ok().and_then(|f| f.get(&input).cloned()) else {
+        return mock_error(400, &format!("No such File object: {input}"));
+    };
+    let lines: Vec<(String, String)> = String::from_utf8_lossy(&file)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|v| {
+            (
+                v["custom_id"].as_str().unwrap_or_default().to_string(),
+                v["body"]["model"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    let endpoint = body["endpoint"]
+        .as_str()
+        .unwrap_or("/v1/chat/completions")
+        .to_string();
+    let batch = batch_of(&b, &rec, false, endpoint, lines);
+    let Ok(mut batches) = state.batches.lock() else {
+        return mock_error(500, "mock state poisoned");
+    };
+    let id = format!("batch_{}", batches.len() + 1);
+    let out = openai_batch(&id, &input, &batch, "validating", None);
+    batches.insert(id, batch);
+    json_response(out)
+}
+
+fn openai_batch(
+    id: &str,
+    input: &str,
+    batch: &MockBatch,
+    status: &str,
+    output: Option<&str>,
+) -> Value {
+    let n = batch.lines.len();
+    json!({"id": id, "object": "batch", "endpoint": batch.endpoint, "input_file_id": input,
+           "completion_window": "24h", "status": status, "output_file_id": output,
+           "error_file_id": null, "created_at": 1_700_000_000,
+           "request_counts": {"total": n, "completed": n - batch.failed.min(n), "failed": batch.failed.min(n)}})
+}
+
+/// The result lines of a batch that ran (the first `completed` when cancelled).
+fn batch_results(batch: &MockBatch) -> String {
+    let ran = batch
+        .cancelled
+        .unwrap_or(batch.lines.len())
+        .min(batch.lines.len());
+    let failing_from = batch.lines.len().saturating_sub(batch.failed);
+    let mut out = String::new();
+    for (i, (custom_id, model)) in batch.lines.iter().enumerate().take(ran) {
+        let failed = i >= failing_from;
+        let line = if batch.anthropic {
+            if failed {
+                json!({"custom_id": custom_id, "result": {"type": "errored", "error": {"type": "invalid_request_error", "message": "bad"}}})
+            } else {
+                json!({"custom_id": custom_id, "result": {"type": "succeeded", "message": {
+                    "id": format!("msg_{i}"), "type": "message", "role": "assistant", "model": model,
+                    "content": [{"type": "text", "text": "Hello from the mock"}], "stop_reason": "end_turn",
+                    "usage": {"input_tokens": batch.prompt, "output_tokens": batch.completion}}}})
+            }
+        } else if failed {
+            json!({"id": format!("batch_req_{i}"), "custom_id": custom_id, "response": {"status_code": 400,
+                   "request_id": format!("req_{i}"), "body": {"error": {"message": "bad", "type": "invalid_request_error"}}}, "error": null})
+        } else {
+            let usage = if batch.endpoint.contains("embeddings") {
+                json!({"prompt_tokens": batch.prompt, "total_tokens": batch.prompt})
+            } else {
+                json!({"prompt_tokens": batch.prompt, "completion_tokens": batch.completion, "total_tokens": batch.prompt + batch.completion})
+            };
+            json!({"id": format!("batch_req_{i}"), "custom_id": custom_id, "response": {"status_code": 200,
+                   "request_id": format!("req_{i}"), "body": {"id": format!("chatcmpl-{i}"), "object": "chat.completion",
+                   "model": model, "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello from the mock"}, "finish_reason": "stop"}],
+                   "usage": usage}}, "error": null})
+        };
+        out.push_str(&line.to_string());
+        out.push('\n');
+    }
+    out
+}
+
+/// `GET /v1/batches/{id}`: in progress while polls are pending, then
+/// completed (or cancelled) with its output file.
+async fn batch_poll(
+    State(state): State<Arc<MockState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    req: Request,
+) -> Response {
+    let (_rec, b) = record(&state, req).await;
+    if let Some(r) = early_answer(&b) {
+        return r;
+    }
+    let Some(batch) = state.batches.lock().ok().and_then(|mut m| {
+        let batch = m.get_mut(&id)?;
+        let seen = batch.clone();
+        batch.polls = batch.polls.saturating_sub(1);
+        Some(seen)
+    }) else {
+        return mock_error(404, &format!("No batch found with id '{id}'."));
+    };
+    if batch.polls > 0 && batch.cancelled.is_none() {
+        return json_response(openai_batch(&id, "file-in", &batch, "in_progress", None));
+    }
+    let output = format!("file-out-{id}");
+    if let Ok(mut files) = state.files.lock() {
+        files.insert(output.clone(), Bytes::from(batch_results(&batch)));
+    }
+    let status = if batch.cancelled.is_some() {
+        "cancelled"
+    } else {
+        "completed"
+    };
+    json_response(openai_batch(&id, "file-in", &batch, status, Some(&output)))
+}
+
+/// `POST /v1/batches/{id}/cancel`: `x-mock-completed-lines` ran (default 1).
+async fn batch_cancel(
+    State(state): State<Arc<MockState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    req: Request,
+) -> Response {
+    let (rec, b) = record(&state, req).await;
+    if let Some(r) = early_answer(&b) {
+        return r;
+    }
+    let completed = mock_header(&rec, "x-mock-completed-lines")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let Some(batch) = state.batches.lock().ok().and_then(|mut m| {
+        let batch = m.get_mut(&id)?;
+        batch.cancelled = Some(completed);
+        Some(batch.clone())
+    }) else {
+        return mock_error(404, &format!("No batch found with id '{id}'."));
+    };
+    json_response(openai_batch(&id, "file-in", &batch, "cancelling", None))
+}
+
+fn message_batch(id: &str, batch: &MockBatch, ended: bool, base: &str) -> Value {
+    let n = batch.lines.len();
+    json!({"id": id, "type": "message_batch", "processing_status": if ended { "ended" } else { "in_progress" },
+           "request_counts": {"processing": if ended { 0 } else { n }, "succeeded": if ended { n - batch.failed.min(n) } else { 0 },
+                              "errored": if ended { batch.failed.min(n) } else { 0 }, "canceled": 0, "expired": 0},
+           "results_url": if ended { json!(format!("{base}/v1/messages/batches/{id}/results")) } else { Value::Null },
+           "created_at": "2026-12-07T10:00:00Z", "expires_at": "2026-12-08T10:00:00Z"})
+}
+
+/// `POST /v1/messages/batches`: the requests inline.
+async fn message_batch_create(State(state): State<Arc<MockState>>, req: Request) -> Response {
+    if let Some(r) = anthropic_refusal(&req) {
+        return r;
+    }
+    let (rec, b) = record(&state, req).await;
+    if let Some(status) = b.status {
+        return anthropic_error(status);
+    }
+    let lines: Vec<(String, String)> = rec.json()["requests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            (
+                r["custom_id"].as_str().unwrap_or_default().to_string(),
+                r["params"]["model"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .collect();
+    let batch = batch_of(&b, &rec, true, "/v1/messages".into(), lines);
+    let Ok(mut batches) = state.batches.lock() else {
+        return mock_error(500, "mock state poisoned");
+    };
+    let id = format!("msgbatch_{}", batches.len() + 1);
+    let out = message_batch(&id, &batch, false, "");
+    batches.insert(id, batch);
+    json_response(out)
+}
+
+async fn message_batch_poll(
+    State(state): State<Arc<MockState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    req: Request,
+) -> Response {
+    if let Some(r) = anthropic_refusal(&req) {
+        return r;
+    }
+    let (_rec, _b) = record(&state, req).await;
+    let Some(batch) = state.batches.lock().ok().and_then(|mut m| {
+        let batch = m.get_mut(&id)?;
+        let seen = batch.clone();
+        batch.polls = batch.polls.saturating_sub(1);
+        Some(seen)
+    }) else {
+        return anthropic_error(404);
+    };
+    json_response(message_batch(
+        &id,
+        &batch,
+        batch.polls == 0,
+        "https://api.anthropic.com",
+    ))
+}
+
+async fn message_batch_results(
+    State(state): State<Arc<MockState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    req: Request,
+) -> Response {
+    if let Some(r) = anthropic_refusal(&req) {
+        return r;
+    }
+    let (_rec, _b) = record(&state, req).await;
+    match state.batches.lock().ok().and_then(|m| m.get(&id).cloned()) {
+        Some(batch) if batch.polls == 0 => (
+            [("content-type", "application/binary")],
+            batch_results(&batch),
+        )
+            .into_response(),
+        _ => anthropic_error(404),
+    }
 }
 
 async fn models(State(state): State<Arc<MockState>>, req: Request) -> Response {

@@ -321,6 +321,8 @@ pub struct UsageRow {
     pub attempts: i64,
     pub choices: i64,
     pub capped: bool,
+    /// The batch of a result line's row ('' for every other row).
+    pub batch_id: String,
 }
 
 async fn fetch_rows(pool: &sqlx::SqlitePool) -> Vec<UsageRow> {
@@ -363,6 +365,7 @@ async fn fetch_rows(pool: &sqlx::SqlitePool) -> Vec<UsageRow> {
             attempts: r.try_get("attempts").unwrap_or(1),
             choices: r.try_get("choices").unwrap_or(1),
             capped: r.try_get::<i64, _>("capped").unwrap_or(0) != 0,
+            batch_id: r.try_get("batch_id").unwrap_or_default(),
         })
         .collect()
 }
