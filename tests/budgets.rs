@@ -410,13 +410,13 @@ async fn spend_survives_a_restart_and_output_caps_are_enforced() {
     let csv = stdout(&tg.cli(&["report", "--by", "model", "--format", "csv"]));
     let line = csv.lines().find(|l| l.starts_with("gpt-4o-mini,"));
     // Totals, then the cost by component (input, cached_input, cache_write,
-    // cache_write_1h, output, audio in/out, image in/out, video in, images,
-    // audio seconds, characters, tool calls, gpu).
+    // cache_write_1h, output, audio in/out, image in/out, video in, cached
+    // audio in, images, audio seconds, characters, tool calls, gpu).
     assert_eq!(
         line,
         Some(
             format!(
-                "gpt-4o-mini,3,1000020,15,0,0.{:09},0.150003000,0.000000000,0.000000000,0.000000000,0.000009000,0.000000000,0.000000000,0.000000000,0.000000000,0.000000000,0.000000000,0.000000000,0.000000000,0.000000000,0.000000000",
+                "gpt-4o-mini,3,1000020,15,0,0.{:09},0.150003000,0.000000000,0.000000000,0.000000000,0.000009000,0.000000000,0.000000000,0.000000000,0.000000000,0.000000000,0.000000000,0.000000000,0.000000000,0.000000000,0.000000000,0.000000000",
                 spent + 4_500
             )
             .as_str()

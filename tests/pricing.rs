@@ -328,7 +328,7 @@ async fn reports_show_the_breakdown_by_component_tier_and_provider() {
     );
     let csv = report("model", "csv");
     let header = csv.lines().next().unwrap_or("");
-    assert!(header.ends_with(",cost_input_usd,cost_cached_input_usd,cost_cache_write_usd,cost_cache_write_1h_usd,cost_output_usd,cost_audio_input_usd,cost_audio_output_usd,cost_image_input_usd,cost_image_output_usd,cost_video_input_usd,cost_images_usd,cost_audio_seconds_usd,cost_characters_usd,cost_tool_calls_usd,cost_gpu_usd"), "{header}");
+    assert!(header.ends_with(",cost_input_usd,cost_cached_input_usd,cost_cache_write_usd,cost_cache_write_1h_usd,cost_output_usd,cost_audio_input_usd,cost_audio_output_usd,cost_image_input_usd,cost_image_output_usd,cost_video_input_usd,cost_audio_cached_input_usd,cost_images_usd,cost_audio_seconds_usd,cost_characters_usd,cost_tool_calls_usd,cost_gpu_usd"), "{header}");
     assert!(
         csv.contains(
             "o3,1,10000,2000,0,0.018000000,0.010000000,0.000000000,0.000000000,0.000000000,0.008000000"

@@ -12,7 +12,7 @@ use super::request::{self, OutputLimit, RequestFacts, StreamOptions};
 use crate::error::ApiError;
 use crate::usage::read::{facts_from_value, Counts};
 use crate::usage::sse::StreamFacts;
-use crate::usage::Endpoint;
+use crate::usage::{Endpoint, Usage};
 
 #[derive(Deserialize)]
 struct ChoiceChunk<'a> {
@@ -313,6 +313,108 @@ pub fn batch_line(line: &serde_json::Value) -> Option<super::BatchLine<'_>> {
         custom_id,
         status,
         body,
+    })
+}
+
+/// What tollgate reads of one Realtime API event (text frames of the
+/// `/v1/realtime` WebSocket, SPEC 12).
+#[derive(Debug, PartialEq, Eq)]
+pub enum RealtimeEvent {
+    /// `session.created` / `session.updated`: the session's id and model.
+    Session {
+        id: Option<String>,
+        model: Option<String>,
+    },
+    /// `response.done`: one response finished, with its usage.
+    ResponseDone {
+        id: String,
+        usage: Option<Box<Usage>>,
+    },
+    /// The client's `response.create`: a response that will cost.
+    ResponseCreate {
+        max_output_tokens: Option<u64>,
+    },
+    Other,
+}
+
+#[derive(Deserialize)]
+struct RealtimeFrame {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    session: Option<RealtimeSession>,
+    response: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct RealtimeSession {
+    id: Option<String>,
+    model: Option<String>,
+}
+
+/// Reads one Realtime event's text; anything unreadable is `Other`.
+pub fn realtime_event(text: &str) -> RealtimeEvent {
+    let Ok(frame) = serde_json::from_str::<RealtimeFrame>(text) else {
+        return RealtimeEvent::Other;
+    };
+    match frame.kind.as_deref() {
+        Some("session.created" | "session.updated") => RealtimeEvent::Session {
+            id: frame.session.as_ref().and_then(|s| s.id.clone()),
+            model: frame.session.and_then(|s| s.model),
+        },
+        Some("response.done") => {
+            let response = frame.response.unwrap_or_default();
+            RealtimeEvent::ResponseDone {
+                id: response
+                    .get("id")
+                    .and_then(serde_json::Value::as_str)
+                    .map(|id| crate::usage::bounded_model(id).to_string())
+                    .unwrap_or_default(),
+                usage: response.get("usage").and_then(realtime_usage).map(Box::new),
+            }
+        }
+        Some("response.create") => RealtimeEvent::ResponseCreate {
+            max_output_tokens: frame
+                .response
+                .as_ref()
+                .and_then(|r| {
+                    r.get("max_output_tokens")
+                        .or_else(|| r.get("max_response_output_tokens"))
+                })
+                .and_then(serde_json::Value::as_u64),
+        },
+        _ => RealtimeEvent::Other,
+    }
+}
+
+/// A Realtime `usage`: cached tokens split into text and audio
+/// (`cached_tokens_details`), so that no meter overlaps another: cached
+/// text at `cached_input`, cached audio at `audio_cached_input`, the rest
+/// of the audio at `audio_input`.
+pub fn realtime_usage(u: &serde_json::Value) -> Option<Usage> {
+    let n = |v: Option<&serde_json::Value>| v.and_then(serde_json::Value::as_u64);
+    let input = n(u.get("input_tokens"))?;
+    let output = n(u.get("output_tokens")).unwrap_or(0);
+    let details = u.get("input_token_details");
+    let detail = |k: &str| n(details.and_then(|d| d.get(k)));
+    let cached = detail("cached_tokens").unwrap_or(0);
+    let cached_audio = n(details
+        .and_then(|d| d.get("cached_tokens_details"))
+        .and_then(|d| d.get("audio_tokens")))
+    .unwrap_or(0)
+    .min(cached);
+    let audio = detail("audio_tokens").unwrap_or(0);
+    let output_audio = n(u
+        .get("output_token_details")
+        .and_then(|d| d.get("audio_tokens")));
+    Some(Usage {
+        prompt_tokens: input,
+        completion_tokens: output,
+        cached_tokens: Some(cached - cached_audio),
+        audio_prompt_tokens: Some(audio.saturating_sub(cached_audio)),
+        audio_cached_tokens: Some(cached_audio),
+        audio_completion_tokens: output_audio,
+        source: crate::usage::TokenSource::Upstream,
+        ..Usage::NONE
     })
 }
 

@@ -38,6 +38,7 @@ fn litellm_key(c: Meter) -> Option<&'static str> {
         Meter::AudioOutput => "output_cost_per_audio_token",
         Meter::ImageInput => "input_cost_per_image_token",
         Meter::ImageOutput => "output_cost_per_image_token",
+        Meter::AudioCachedInput => "cache_read_input_audio_token_cost",
         // Per second there; per unit meters are `unit_lines`'.
         Meter::VideoInput | Meter::Images | Meter::AudioSeconds | Meter::Characters => return None,
     })

@@ -175,6 +175,33 @@ pub async fn forward_as_is(
     send_attempt(upstream, request).await.map_err(|(e, _)| e)
 }
 
+/// A WebSocket handshake (`GET` with `Upgrade: websocket`) passed up as
+/// `forward_as_is` passes a request, its upgrade headers put back (they
+/// belong to one hop, and this hop asks for the same); the upstream's
+/// answer: 101 with its upgraded connection, or a refusal.
+pub async fn forward_upgrade(
+    state: &AppState,
+    upstream: &Upstream,
+    parts: &mut http::request::Parts,
+) -> Result<http::Response<hyper::body::Incoming>, ApiError> {
+    let upgrade = parts.headers.get(header::UPGRADE).cloned();
+    let mode = state.auth.mode();
+    let mut request = http::Request::new(Body::empty());
+    *request.method_mut() = Method::GET;
+    *request.uri_mut() = upstream_uri(upstream, &parts.uri, "", mode)?;
+    let mut headers = upstream_headers(std::mem::take(&mut parts.headers), upstream, mode);
+    headers.insert(
+        header::CONNECTION,
+        http::HeaderValue::from_static("upgrade"),
+    );
+    if let Some(u) = upgrade {
+        headers.insert(header::UPGRADE, u);
+    }
+    *request.headers_mut() = headers;
+    sign(upstream, &mut request, None, mode)?;
+    send_attempt(upstream, request).await.map_err(|(e, _)| e)
+}
+
 /// Headers that belong to one hop, or that tollgate sets itself.
 fn is_hop_header(name: &HeaderName) -> bool {
     matches!(

@@ -20,6 +20,7 @@ pub mod background;
 pub mod batch;
 pub mod body;
 pub mod forward;
+pub mod realtime;
 pub mod reserve;
 pub mod route;
 pub mod settle;
@@ -73,7 +74,9 @@ pub async fn handle(state: Arc<AppState>, req: http::Request<Body>) -> Response 
     let polled = format == crate::format::WireFormat::OpenAi
         && background::poll_of(req.method(), req.uri().path()).is_some();
     let batch_op = batch::op_of(format, req.method(), req.uri().path());
-    let result = if polled {
+    let result = if format == crate::format::WireFormat::OpenAi && realtime::is_realtime(&req) {
+        Box::pin(realtime::open(&state, ticket, req)).await
+    } else if polled {
         Box::pin(background::poll(&state, ticket, req)).await
     } else if let Some(op) = batch_op {
         Box::pin(batch::handle(&state, ticket, req, op)).await

@@ -139,7 +139,8 @@ async fn serve_connection(
     let mut builder = hyper::server::conn::http1::Builder::new();
     // The header timeout is ours (it must not also close idle keep-alives).
     builder.header_read_timeout(None);
-    let conn = builder.serve_connection(io, service);
+    // Upgrades: a Realtime WebSocket (`proxy::realtime`) takes the connection over.
+    let conn = builder.serve_connection(io, service).with_upgrades();
     tokio::pin!(conn);
     let every = limits.check_interval();
     let check = tokio::time::sleep(every);

@@ -32,7 +32,8 @@ pub fn prompt_tokens(endpoint: Endpoint, enc: Encoding, request: &Value) -> u64 
         | Endpoint::Converse
         | Endpoint::Models
         | Endpoint::Other
-        | Endpoint::Batch => 0,
+        | Endpoint::Batch
+        | Endpoint::Realtime => 0,
     }
 }
 

@@ -33,6 +33,9 @@ pub enum Meter {
     ImageOutput,
     /// Prompt tokens of video (Gemini's `VIDEO` modality).
     VideoInput,
+    /// Prompt tokens of audio read from the cache (Realtime's
+    /// `cached_tokens_details.audio_tokens`).
+    AudioCachedInput,
     /// Images generated, priced per image by size and quality (`per_image`).
     Images,
     /// Seconds of audio transcribed or translated (`per_minute`, billed
@@ -71,9 +74,9 @@ impl Unit {
 }
 
 impl Meter {
-    pub const COUNT: usize = 13;
+    pub const COUNT: usize = 14;
     /// The token meters: the first `TOKEN_COUNT` of `ALL`.
-    pub const TOKEN_COUNT: usize = 10;
+    pub const TOKEN_COUNT: usize = 11;
     /// In the order of the cost breakdown; the token meters first.
     pub const ALL: [Meter; Meter::COUNT] = [
         Meter::Input,
@@ -86,6 +89,7 @@ impl Meter {
         Meter::ImageInput,
         Meter::ImageOutput,
         Meter::VideoInput,
+        Meter::AudioCachedInput,
         Meter::Images,
         Meter::AudioSeconds,
         Meter::Characters,
@@ -104,6 +108,7 @@ impl Meter {
             Meter::ImageInput => "image_input",
             Meter::ImageOutput => "image_output",
             Meter::VideoInput => "video_input",
+            Meter::AudioCachedInput => "audio_cached_input",
             Meter::Images => "images",
             Meter::AudioSeconds => "audio_seconds",
             Meter::Characters => "characters",
@@ -154,6 +159,8 @@ impl Meter {
             | Meter::ImageInput
             | Meter::VideoInput => Some(Meter::Input),
             Meter::CacheWrite1h => Some(Meter::CacheWrite),
+            // Cached audio at the cached rate where the row has no own one.
+            Meter::AudioCachedInput => Some(Meter::CachedInput),
             Meter::AudioOutput | Meter::ImageOutput => Some(Meter::Output),
         }
     }
@@ -186,6 +193,7 @@ impl Meter {
             Meter::AudioOutput => Some(u.audio_completion_tokens),
             Meter::ImageOutput => Some(u.image_completion_tokens),
             Meter::VideoInput => Some(u.video_prompt_tokens),
+            Meter::AudioCachedInput => Some(u.audio_cached_tokens),
             Meter::Images => Some(u.images),
             Meter::AudioSeconds => Some(u.audio_seconds),
             Meter::Characters => Some(u.characters),
@@ -230,6 +238,7 @@ impl Meter {
             Meter::AudioOutput => Some(&mut u.audio_completion_tokens),
             Meter::ImageOutput => Some(&mut u.image_completion_tokens),
             Meter::VideoInput => Some(&mut u.video_prompt_tokens),
+            Meter::AudioCachedInput => Some(&mut u.audio_cached_tokens),
             Meter::Images => Some(&mut u.images),
             Meter::AudioSeconds => Some(&mut u.audio_seconds),
             Meter::Characters => Some(&mut u.characters),

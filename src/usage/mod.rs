@@ -50,11 +50,13 @@ pub enum Endpoint {
     /// A result line of a batch (OpenAI's Batch API, Anthropic's Message
     /// Batches), billed when the batch's results are read.
     Batch,
+    /// One response of a Realtime WebSocket session (`/v1/realtime`).
+    Realtime,
 }
 
 impl Endpoint {
     /// How many endpoints there are (`endpoint as usize` is below this).
-    pub const COUNT: usize = 14;
+    pub const COUNT: usize = 15;
 
     /// From a client path, OpenAI style (`/v1/chat/completions`) or Azure
     /// style (`/openai/deployments/{d}/chat/completions`).
@@ -95,6 +97,7 @@ impl Endpoint {
             Endpoint::AudioTranslations,
             Endpoint::AudioSpeech,
             Endpoint::Batch,
+            Endpoint::Realtime,
         ]
         .into_iter()
         .find(|e| e.label() == label)
@@ -117,6 +120,7 @@ impl Endpoint {
             Endpoint::AudioTranslations => "audio.translations",
             Endpoint::AudioSpeech => "audio.speech",
             Endpoint::Batch => "batch",
+            Endpoint::Realtime => "realtime",
         }
     }
 
@@ -189,6 +193,9 @@ pub struct Usage {
     pub audio_prompt_tokens: Option<u64>,
     pub image_prompt_tokens: Option<u64>,
     pub video_prompt_tokens: Option<u64>,
+    /// Prompt audio tokens read from the cache (not in `cached_tokens` nor
+    /// `audio_prompt_tokens`: meters never overlap).
+    pub audio_cached_tokens: Option<u64>,
     /// Completion tokens spent reasoning (billed as output).
     pub reasoning_tokens: Option<u64>,
     pub audio_completion_tokens: Option<u64>,
@@ -216,6 +223,7 @@ impl Usage {
         audio_prompt_tokens: None,
         image_prompt_tokens: None,
         video_prompt_tokens: None,
+        audio_cached_tokens: None,
         reasoning_tokens: None,
         audio_completion_tokens: None,
         image_completion_tokens: None,
@@ -269,6 +277,7 @@ impl Usage {
             &mut self.audio_prompt_tokens,
             &mut self.image_prompt_tokens,
             &mut self.video_prompt_tokens,
+            &mut self.audio_cached_tokens,
         ]
         .into_iter()
         .flatten()

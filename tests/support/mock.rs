@@ -171,6 +171,7 @@ impl MockUpstream {
             .route("/v1/responses", post(responses))
             .route("/v1/responses/{id}", get(background_poll))
             .route("/v1/responses/{id}/cancel", post(background_cancel))
+            .route("/v1/realtime", get(realtime))
             .route("/v1/files", post(file_upload))
             .route("/v1/files/{id}/content", get(file_content))
             .route("/v1/batches", post(batch_create))
@@ -759,6 +760,63 @@ async fn background_cancel(
         entry.1 = 0;
     }
     json_response(entry.0.clone())
+}
+
+/// The usage every mock Realtime `response.done` reports: 1,000 input
+/// tokens (200 text, 800 audio; 300 of them cached: 100 text, 200 audio)
+/// and 500 output (100 text, 400 audio).
+pub fn realtime_usage() -> Value {
+    json!({"total_tokens": 1500, "input_tokens": 1000, "output_tokens": 500,
+           "input_token_details": {"cached_tokens": 300, "text_tokens": 200, "audio_tokens": 800,
+                                   "cached_tokens_details": {"text_tokens": 100, "audio_tokens": 200}},
+           "output_token_details": {"text_tokens": 100, "audio_tokens": 400}})
+}
+
+/// `GET /v1/realtime` (WebSocket): `session.created`, then for each
+/// `response.create` a `response.created` and a `response.done` with
+/// `realtime_usage()`; every other event is echoed back as
+/// `mock.echo` (so a test can see what went up).
+async fn realtime(
+    State(state): State<Arc<MockState>>,
+    ws: axum::extract::ws::WebSocketUpgrade,
+    req: Request,
+) -> Response {
+    let (rec, _b) = record(&state, req).await;
+    let model = rec
+        .path
+        .split("model=")
+        .nth(1)
+        .map(|m| m.split('&').next().unwrap_or("").to_string())
+        .unwrap_or_default();
+    ws.on_upgrade(move |mut socket| async move {
+        use axum::extract::ws::Message;
+        let created = json!({"type": "session.created", "event_id": "ev_0",
+                             "session": {"id": "sess_mock_1", "object": "realtime.session", "model": model}});
+        if socket.send(Message::Text(created.to_string().into())).await.is_err() {
+            return;
+        }
+        let mut responses = 0;
+        while let Some(Ok(message)) = socket.recv().await {
+            let Message::Text(text) = message else { continue };
+            let event: Value = serde_json::from_str(text.as_str()).unwrap_or_default();
+            let replies = if event["type"] == "response.create" {
+                responses += 1;
+                let id = format!("resp_rt_{responses}");
+                vec![
+                    json!({"type": "response.created", "response": {"id": id, "object": "realtime.response", "status": "in_progress"}}),
+                    json!({"type": "response.done", "response": {"id": id, "object": "realtime.response",
+                           "status": "completed", "output": [], "usage": realtime_usage()}}),
+                ]
+            } else {
+                vec![json!({"type": "mock.echo", "of": event["type"]})]
+            };
+            for reply in replies {
+                if socket.send(Message::Text(reply.to_string().into())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
 }
 
 /// `POST /v1/files` (multipart: `purpose`, `file`): kept by id.
