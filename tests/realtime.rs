@@ -192,3 +192,27 @@ async fn the_budget_is_checked_at_open_and_before_each_response() {
     );
     assert_eq!(mock.request_count(), before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_python_sdk_talks_realtime_through_tollgate() {
+    let Some(python) = support::sdk_python() else {
+        return;
+    };
+    let mock = MockUpstream::start().await;
+    let (tg, keys) = support::start_for_sdks(&mock).await;
+    let script =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/realtime_sdk.py");
+    let out = support::run_sdk_script(python, script, &tg, keys).await;
+    support::assert_lines(
+        &out,
+        &[
+            "connected: session.created",
+            "response.done: resp_rt_1, 1000 in, 500 out",
+            "response.done: resp_rt_2, 1000 in, 500 out",
+        ],
+    );
+    let rows = realtime_rows(&tg, 2).await;
+    assert!(rows
+        .iter()
+        .all(|r| r.cost_nano_usd == RESPONSE && r.team == "app"));
+}
