@@ -152,40 +152,18 @@ pub(super) async fn handle(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    let mut bound = None;
-    let mut lines_endpoint = String::new();
-    if let (Op::Create, Some(bytes)) = (&op, &read) {
-        let (b, endpoint) = match created_bound(state, format, &ticket.who.team, bytes).await {
-            Ok(found) => found,
-            Err(e) => return Err(Refused(ticket, e)),
-        };
-        lines_endpoint = endpoint;
-        if budgeted {
-            match b {
-                Some(amount) => {
-                    match reserve::reserve_amount(state, &ticket.who.team, amount).await {
-                        Ok(r) => {
-                            if let Some(r) = &r {
-                                ticket.hold.remaining = Some(r.remaining());
-                            }
-                            bound = r;
-                        }
-                        Err(refusal) => {
-                            let e = refused(state, &ticket.who.team, refusal);
-                            return Err(Refused(ticket, e));
-                        }
-                    }
+    let (bound, lines_endpoint) = match (&op, &read) {
+        (Op::Create, Some(bytes)) => match hold(state, &ticket, bytes).await {
+            Ok((hold, endpoint)) => {
+                if let Some(h) = &hold {
+                    ticket.hold.remaining = Some(h.remaining());
                 }
-                None => {
-                    let e = ApiError::BatchNotBounded {
-                        team: ticket.who.team.clone(),
-                        reason: "its input file was not uploaded through tollgate by this team, or a line names no priced model".into(),
-                    };
-                    return Err(Refused(ticket, e));
-                }
+                (hold, endpoint)
             }
-        }
-    }
+            Err(e) => return Err(Refused(ticket, e)),
+        },
+        _ => (None, String::new()),
+    };
     let response = forward::forward_as_is(state, upstream, &mut parts, body).await;
     let mut response = match response {
         Ok(r) => r,
@@ -240,23 +218,27 @@ pub(super) async fn handle(
     Ok(Forwarded::Done(response, settled.remaining))
 }
 
-fn refused(state: &AppState, team: &str, refusal: crate::budget::Refusal) -> ApiError {
-    match refusal {
-        crate::budget::Refusal::Unavailable => ApiError::BudgetUnavailable {
-            team: team.to_string(),
-        },
-        crate::budget::Refusal::Over(over) => {
-            state
-                .metrics
-                .budget_rejections
-                .with_label_values(&[team])
-                .inc();
-            ApiError::BudgetExceeded {
-                team: team.to_string(),
-                needed: over.needed,
-                remaining: over.remaining,
-            }
-        }
+/// A batch creation's hold, for a budgeted team (its bound reserved, or
+/// why not), and its lines' endpoint label.
+async fn hold(
+    state: &AppState,
+    ticket: &Ticket,
+    body: &Bytes,
+) -> Result<(Option<crate::budget::Reservation>, String), ApiError> {
+    let team = &ticket.who.team;
+    let (bound, endpoint) = created_bound(state, ticket.who.format, team, body).await?;
+    if !state.ledger.has_budget(team) {
+        return Ok((None, endpoint));
+    }
+    let Some(amount) = bound else {
+        return Err(ApiError::BatchNotBounded {
+            team: team.clone(),
+            reason: "its input file was not uploaded through tollgate by this team, or a line names no priced model".into(),
+        });
+    };
+    match reserve::reserve_amount(state, team, amount).await {
+        Ok(hold) => Ok((hold, endpoint)),
+        Err(refusal) => Err(reserve::refusal_error(state, team, refusal)),
     }
 }
 

@@ -277,21 +277,11 @@ impl Relay {
                 None
             }
             Ok(None) => None,
-            Err(refusal) => Some(error_event(&match refusal {
-                crate::budget::Refusal::Unavailable => ApiError::BudgetUnavailable { team },
-                crate::budget::Refusal::Over(over) => {
-                    self.state
-                        .metrics
-                        .budget_rejections
-                        .with_label_values(&[&team])
-                        .inc();
-                    ApiError::BudgetExceeded {
-                        team,
-                        needed: over.needed,
-                        remaining: over.remaining,
-                    }
-                }
-            })),
+            Err(refusal) => Some(error_event(&reserve::refusal_error(
+                &self.state,
+                &team,
+                refusal,
+            ))),
         }
     }
 

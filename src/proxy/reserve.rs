@@ -249,6 +249,28 @@ pub fn batch_line_bound(
     Some(price.worst_case(prompt, completion, &tiers, &calls, catalog.tool_call_fees()))
 }
 
+/// The error a refused reservation answers with (a refusal for the budget
+/// counted in `tollgate_budget_rejections_total`).
+pub(super) fn refusal_error(state: &AppState, team: &str, refusal: Refusal) -> ApiError {
+    match refusal {
+        Refusal::Unavailable => ApiError::BudgetUnavailable {
+            team: team.to_string(),
+        },
+        Refusal::Over(over) => {
+            state
+                .metrics
+                .budget_rejections
+                .with_label_values(&[team])
+                .inc();
+            ApiError::BudgetExceeded {
+                team: team.to_string(),
+                needed: over.needed,
+                remaining: over.remaining,
+            }
+        }
+    }
+}
+
 /// Reserves from the local ledger; on Postgres, from this replica's lease,
 /// topped up from the shared budget when it runs short.
 pub(super) async fn reserve_amount(
