@@ -27,10 +27,6 @@ pub struct AppState {
     pub words: crate::words::WordSampler,
     /// Trailing windows of the self-hosted models served (`pricing::gpu`).
     pub gpu: crate::pricing::gpu::GpuMeters,
-    /// Background responses waiting to be billed (`proxy::background`).
-    pub background: crate::proxy::background::Registry,
-    /// Budget holds of batches not billed yet (`proxy::batch`).
-    pub batches: crate::proxy::batch::Registry,
 }
 
 impl AppState {

@@ -811,20 +811,16 @@ impl Metrics {
         }
     }
 
-    /// The pending gauges from the database's counts (teams as labels,
-    /// bounded like every team label); `horizon` marks the overdue.
-    pub fn publish_pending(
-        &self,
-        counts: &[crate::store::PendingCount],
-        overdue: &[(String, u64)],
-    ) {
+    /// The pending gauges from the database's counts per team (teams as
+    /// labels, bounded like every team label), and the overdue of them.
+    pub fn publish_pending(&self, counts: &[(String, u64)], overdue: &[(String, u64)]) {
         self.pending_usage.reset();
         self.pending_overdue.reset();
-        for c in counts {
-            let team = self.team_label(&c.team);
+        for (team, n) in counts {
+            let team = self.team_label(team);
             self.pending_usage
                 .with_label_values(&[&team])
-                .add(i64::try_from(c.pending).unwrap_or(i64::MAX));
+                .add(i64::try_from(*n).unwrap_or(i64::MAX));
         }
         for (team, n) in overdue {
             let team = self.team_label(team);

@@ -19,7 +19,7 @@
 //! polls touch the database here.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -27,62 +27,20 @@ use bytes::Bytes;
 use chrono::Utc;
 use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 
+use super::parked::{Proxy, Waiting};
+use super::reply::{build_response, Forwarded, Refused, COST_USD};
 use super::settle::{self, settle, settle_without_usage, Admission, Order, Ticket};
 use super::stream::{MeteredStream, StreamEnd, StreamSettlement};
-use super::{build_response, forward, route, Forwarded, Refused, COST_USD};
-use crate::app::AppState;
+use super::{forward, route};
+
 use crate::error::ApiError;
 use crate::format::WireFormat;
 use crate::pricing::NanoUsd;
 use crate::store::PendingRow;
 use crate::usage::frames::Framing;
 use crate::usage::read::Served;
+use crate::usage::sse::StreamSummary;
 use crate::usage::{Endpoint, Usage};
-
-/// The background responses this replica created and still holds the
-/// ticket of.
-#[derive(Default)]
-pub struct Registry {
-    waiting: Mutex<HashMap<String, Waiting>>,
-    /// Responses already reported overdue (logged once each).
-    reported: Mutex<HashSet<String>>,
-}
-
-struct Waiting {
-    ticket: Ticket,
-    upstream: String,
-    /// Passthrough mode: the client's credentials, to poll with. Memory
-    /// only, never stored.
-    credentials: HeaderMap,
-    /// The `pending_usage` row was written (else only this process can bill it).
-    stored: bool,
-    last_polled: Instant,
-}
-
-impl Registry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Waiting>> {
-        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn take(&self, id: &str) -> Option<Waiting> {
-        self.lock().remove(id)
-    }
-
-    /// The team and upstream of a response this replica waits for.
-    fn owner(&self, id: &str) -> Option<(String, String)> {
-        self.lock()
-            .get(id)
-            .map(|w| (w.ticket.who.team.clone(), w.upstream.clone()))
-    }
-
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
 
 /// A poll's path: the response id, and whether it is a cancel.
 pub fn poll_of<'a>(method: &Method, path: &'a str) -> Option<(&'a str, bool)> {
@@ -94,32 +52,8 @@ pub fn poll_of<'a>(method: &Method, path: &'a str) -> Option<(&'a str, bool)> {
     }
 }
 
-/// The client's credentials as a poll needs them (passthrough mode only:
-/// in virtual-keys mode tollgate polls with the upstream's own key).
-pub fn poll_credentials(state: &AppState, headers: &HeaderMap) -> Option<Box<HeaderMap>> {
-    if state.auth.mode() != crate::config::AuthMode::Passthrough {
-        return None;
-    }
-    let mut out = HeaderMap::new();
-    for name in crate::auth::CREDENTIAL_HEADERS
-        .iter()
-        .chain(&["openai-organization", "openai-project"])
-    {
-        if let Some(v) = headers.get(*name) {
-            if let Ok(name) = header::HeaderName::from_bytes(name.as_bytes()) {
-                out.insert(name, v.clone());
-            }
-        }
-    }
-    Some(Box::new(out))
-}
-
 /// Parks a creation answered unfinished until it finishes; the budget left.
-pub async fn open(
-    state: &Arc<AppState>,
-    mut ticket: Ticket,
-    response_id: String,
-) -> Option<NanoUsd> {
+pub async fn open(state: &Arc<Proxy>, mut ticket: Ticket, response_id: String) -> Option<NanoUsd> {
     let reserved = ticket.hold.reservation.as_ref().map_or(0, |r| r.amount().0);
     let remaining = match &ticket.hold.reservation {
         Some(r) => Some(r.remaining()),
@@ -166,7 +100,7 @@ pub async fn open(
 }
 
 /// The pending gauges set again, off the request's way.
-fn gauges_later(state: &Arc<AppState>) {
+fn gauges_later(state: &Arc<Proxy>) {
     let state = state.clone();
     tokio::spawn(async move {
         let horizon = Duration::from_secs(state.config.background.horizon_secs);
@@ -174,9 +108,24 @@ fn gauges_later(state: &Arc<AppState>) {
     });
 }
 
+/// The end of a background creation's stream: cut before its response
+/// finished, the response goes on upstream, so it is parked (billed when it
+/// finishes), not estimated; else it settles as any stream.
+pub fn creation_end() -> StreamEnd {
+    Box::new(|s: StreamSettlement, _status, summary: StreamSummary| {
+        match (&summary.usage, &summary.response_id) {
+            (None, Some(id)) => {
+                open_later(s.state, s.ticket, id.clone());
+                None
+            }
+            _ => Some((s, summary)),
+        }
+    })
+}
+
 /// `open`, for a creation stream cut before its response finished (from
 /// the stream's end, which cannot wait).
-pub fn open_later(state: Arc<AppState>, ticket: Ticket, response_id: String) {
+fn open_later(state: Arc<Proxy>, ticket: Ticket, response_id: String) {
     tokio::spawn(async move {
         open(&state, ticket, response_id).await;
     });
@@ -184,7 +133,7 @@ pub fn open_later(state: Arc<AppState>, ticket: Ticket, response_id: String) {
 
 /// Claims a finished response for billing: its ticket (this replica's
 /// own, or one made from the stored row), to this caller only.
-async fn claim(state: &AppState, id: &str) -> Option<Ticket> {
+async fn claim(state: &Proxy, id: &str) -> Option<Ticket> {
     match state.store.claim_pending(id).await {
         Ok(Some(row)) => Some(match state.background.take(id) {
             Some(w) => w.ticket,
@@ -203,7 +152,7 @@ async fn claim(state: &AppState, id: &str) -> Option<Ticket> {
 }
 
 /// The ticket of a response another process created, from its row.
-fn ticket_of(state: &AppState, row: PendingRow) -> Ticket {
+fn ticket_of(state: &Proxy, row: PendingRow) -> Ticket {
     let age = (Utc::now() - row.created_at).to_std().unwrap_or_default();
     let who = Admission {
         request_id: row.request_id,
@@ -241,7 +190,7 @@ fn ticket_of(state: &AppState, row: PendingRow) -> Ticket {
 }
 
 /// Bills a claimed response with what its final object says; the cost.
-fn bill(state: &AppState, ticket: Ticket, usage: Option<Usage>, served: &Served) -> NanoUsd {
+fn bill(state: &Proxy, ticket: Ticket, usage: Option<Usage>, served: &Served) -> NanoUsd {
     let overhead = Duration::ZERO;
     settle(
         state,
@@ -257,7 +206,7 @@ fn bill(state: &AppState, ticket: Ticket, usage: Option<Usage>, served: &Served)
 /// `GET /v1/responses/{id}` and `POST /v1/responses/{id}/cancel`: passed up
 /// as they are; a finished response is billed here, once.
 pub(super) async fn poll(
-    state: &Arc<AppState>,
+    state: &Arc<Proxy>,
     mut ticket: Ticket,
     req: http::Request<Body>,
 ) -> Result<Forwarded, Refused> {
@@ -347,7 +296,7 @@ pub(super) async fn poll(
 /// billed when its last event passes (and stays pending if the stream is
 /// cut before).
 fn resumed_stream(
-    state: &Arc<AppState>,
+    state: &Arc<Proxy>,
     ticket: Ticket,
     id: String,
     response: http::Response<hyper::body::Incoming>,
@@ -361,7 +310,21 @@ fn resumed_stream(
         ticket,
         request_body: Bytes::new(),
         overhead: Duration::ZERO,
-        end: StreamEnd::Claim(id),
+        end: Some(Box::new(
+            move |s: StreamSettlement, status, summary: StreamSummary| {
+                let usage = summary.done.then_some(summary.usage).flatten();
+                stream_ended(
+                    s.state,
+                    s.ticket,
+                    id,
+                    status,
+                    usage,
+                    summary.served,
+                    s.overhead,
+                );
+                None
+            },
+        )),
     };
     let stream = MeteredStream::new(
         Box::pin(http_body_util::BodyExt::into_data_stream(
@@ -378,8 +341,8 @@ fn resumed_stream(
 
 /// The end of a resumed stream: the poll's own row, and the response
 /// billed if the stream showed it finished.
-pub fn stream_ended(
-    state: Arc<AppState>,
+fn stream_ended(
+    state: Arc<Proxy>,
     poll: Ticket,
     id: String,
     status: u16,
@@ -402,7 +365,7 @@ pub fn stream_ended(
 /// One round of the sweeper: polls what is pending (where tollgate holds a
 /// credential), releases what another replica billed, reports the overdue,
 /// and sets the gauges.
-pub async fn sweep(state: &Arc<AppState>) {
+pub async fn sweep(state: &Arc<Proxy>) {
     let interval = Duration::from_millis(state.config.background.poll_interval_ms);
     let horizon = Duration::from_secs(state.config.background.horizon_secs);
     let now = Instant::now();
@@ -446,7 +409,7 @@ pub async fn sweep(state: &Arc<AppState>) {
 /// Polls one pending response upstream; bills it if it finished. A
 /// response the upstream no longer knows (expired, deleted) is reported by
 /// `report` once past the horizon.
-async fn poll_upstream(state: &AppState, id: &str, upstream: &str, credentials: HeaderMap) {
+async fn poll_upstream(state: &Proxy, id: &str, upstream: &str, credentials: HeaderMap) {
     let Some(upstream) = state.upstreams.by_name(upstream) else {
         return;
     };
@@ -479,7 +442,7 @@ async fn poll_upstream(state: &AppState, id: &str, upstream: &str, credentials: 
 
 /// Drops this replica's tickets whose row another replica claimed (their
 /// budget holds are released with them).
-async fn release_claimed_elsewhere(state: &AppState) {
+async fn release_claimed_elsewhere(state: &Proxy) {
     let ids: Vec<String> = {
         let waiting = state.background.lock();
         waiting
@@ -497,7 +460,7 @@ async fn release_claimed_elsewhere(state: &AppState) {
 
 /// The pending gauges, and a warning for each response pending past the
 /// horizon (once per response and process).
-async fn report(state: &AppState, horizon: Duration) {
+async fn report(state: &Proxy, horizon: Duration) {
     let counts = match state.store.pending_counts().await {
         Ok(c) => c,
         Err(e) => {
@@ -535,23 +498,6 @@ async fn report(state: &AppState, horizon: Duration) {
         }
     }
     let overdue: Vec<(String, u64)> = overdue.into_iter().collect();
+    let counts: Vec<(String, u64)> = counts.into_iter().map(|c| (c.team, c.pending)).collect();
     state.metrics.publish_pending(&counts, &overdue);
-}
-
-/// Runs `sweep` (and the batches' `batch::sweep`) every
-/// `background.poll_interval_ms` while the state lives.
-pub fn spawn_sweeper(
-    state: std::sync::Weak<AppState>,
-    interval: Duration,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(interval.max(Duration::from_millis(100)));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        loop {
-            tick.tick().await;
-            let Some(state) = state.upgrade() else { break };
-            sweep(&state).await;
-            super::batch::sweep(&state).await;
-        }
-    })
 }

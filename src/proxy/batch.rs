@@ -21,8 +21,7 @@
 //! Everything else under those paths (lists, cancels, file metadata) goes
 //! up as it is.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -31,9 +30,11 @@ use chrono::Utc;
 use http::{header, HeaderMap, Method, StatusCode};
 use http_body_util::BodyExt;
 
+use super::parked::{Held, Proxy};
+use super::reply::{build_response, Forwarded, Refused};
 use super::settle::{self, settle, settle_without_usage, Admission, Order, Ticket};
-use super::{admit, build_response, forward, reserve, route, Forwarded, Refused};
-use crate::app::AppState;
+use super::{admit, forward, reserve, route};
+
 use crate::error::ApiError;
 use crate::format::WireFormat;
 use crate::pricing::NanoUsd;
@@ -90,31 +91,9 @@ pub fn op_of(format: WireFormat, method: &Method, path: &str) -> Option<Op> {
     }
 }
 
-/// The budget holds of the batches this replica created, until billed.
-#[derive(Default)]
-pub struct Registry {
-    held: Mutex<HashMap<String, Held>>,
-}
-
-struct Held {
-    reservation: crate::budget::Reservation,
-    /// Passthrough mode: the client's credentials (memory only).
-    credentials: HeaderMap,
-}
-
-impl Registry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Held>> {
-        self.held.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn credentials(&self, id: &str) -> Option<HeaderMap> {
-        self.lock().get(id).map(|h| h.credentials.clone())
-    }
-}
-
 /// A request under the batch paths, whichever it is.
 pub(super) async fn handle(
-    state: &Arc<AppState>,
+    state: &Arc<Proxy>,
     mut ticket: Ticket,
     req: http::Request<Body>,
     op: Op,
@@ -130,7 +109,7 @@ pub(super) async fn handle(
         provider: upstream.provider.name(),
         attempts: 1,
     };
-    let credentials = super::background::poll_credentials(state, &parts.headers)
+    let credentials = super::parked::poll_credentials(state, &parts.headers)
         .map(|b| *b)
         .unwrap_or_default();
     let budgeted = state.ledger.has_budget(&ticket.who.team);
@@ -221,7 +200,7 @@ pub(super) async fn handle(
 /// A batch creation's hold, for a budgeted team (its bound reserved, or
 /// why not), and its lines' endpoint label.
 async fn hold(
-    state: &AppState,
+    state: &Proxy,
     ticket: &Ticket,
     body: &Bytes,
 ) -> Result<(Option<crate::budget::Reservation>, String), ApiError> {
@@ -245,7 +224,7 @@ async fn hold(
 /// What a batch creation may cost (`None`: not bounded) and its lines'
 /// endpoint label.
 async fn created_bound(
-    state: &AppState,
+    state: &Proxy,
     format: WireFormat,
     team: &str,
     body: &Bytes,
@@ -303,7 +282,7 @@ async fn created_bound(
 /// A batch input file uploaded by a budgeted team: what its requests may
 /// cost, recorded under the id the upstream gave it.
 async fn uploaded(
-    state: &AppState,
+    state: &Proxy,
     team: &str,
     content_type: &str,
     body: &Bytes,
@@ -350,7 +329,7 @@ async fn uploaded(
 /// A batch the upstream accepted: recorded with its team and key, its
 /// hold kept until it is billed.
 async fn created(
-    state: &AppState,
+    state: &Proxy,
     ticket: &Ticket,
     format: WireFormat,
     answer: &serde_json::Value,
@@ -418,7 +397,7 @@ fn standing(format: WireFormat, answer: &serde_json::Value) -> (bool, Option<Str
 }
 
 async fn polled(
-    state: &Arc<AppState>,
+    state: &Arc<Proxy>,
     format: WireFormat,
     id: &str,
     answer: &serde_json::Value,
@@ -437,7 +416,7 @@ async fn polled(
 
 /// A client read a batch's results: billed from them (tollgate reads them
 /// itself, whole, whatever the client reads).
-fn results_read(state: &Arc<AppState>, format: WireFormat, id: String, credentials: HeaderMap) {
+fn results_read(state: &Arc<Proxy>, format: WireFormat, id: String, credentials: HeaderMap) {
     let state = state.clone();
     tokio::spawn(async move {
         let batch_id = match format {
@@ -456,7 +435,7 @@ fn results_read(state: &Arc<AppState>, format: WireFormat, id: String, credentia
 /// GETs `path` from the batch's upstream with `credentials` (passthrough)
 /// or the upstream's own key.
 async fn fetch(
-    state: &AppState,
+    state: &Proxy,
     upstream: &crate::upstream::Upstream,
     path: &str,
     credentials: HeaderMap,
@@ -483,7 +462,7 @@ async fn fetch(
 /// Bills a batch whose results are ready, once: polls it (it must have
 /// ended), claims it, reads its results line by line, writes a row per
 /// line, then settles the batch's hold with what the lines cost.
-pub async fn bill(state: &Arc<AppState>, batch_id: &str, credentials: HeaderMap) {
+pub async fn bill(state: &Arc<Proxy>, batch_id: &str, credentials: HeaderMap) {
     let Ok(Some(batch)) = state.store.batch(batch_id).await else {
         return;
     };
@@ -549,7 +528,7 @@ pub async fn bill(state: &Arc<AppState>, batch_id: &str, credentials: HeaderMap)
 /// Reads a batch's results as they stream in, one usage row per line;
 /// what they cost in all.
 async fn bill_results(
-    state: &AppState,
+    state: &Proxy,
     batch: &BatchRow,
     upstream: &crate::upstream::Upstream,
     path: &str,
@@ -590,7 +569,7 @@ async fn bill_results(
 }
 
 /// One result line's usage row; its cost.
-fn bill_line(state: &AppState, batch: &BatchRow, line: &[u8]) -> NanoUsd {
+fn bill_line(state: &Proxy, batch: &BatchRow, line: &[u8]) -> NanoUsd {
     if line.iter().all(u8::is_ascii_whitespace) {
         return NanoUsd(0);
     }
@@ -646,7 +625,7 @@ fn bill_line(state: &AppState, batch: &BatchRow, line: &[u8]) -> NanoUsd {
 
 /// tollgate's own polls of the batches not billed yet (every
 /// `background.poll_interval_ms`), so a batch nobody polls is billed too.
-pub async fn sweep(state: &Arc<AppState>) {
+pub async fn sweep(state: &Arc<Proxy>) {
     let interval = Duration::from_millis(state.config.background.poll_interval_ms);
     let before = Utc::now() - chrono::Duration::from_std(interval).unwrap_or_default();
     let Ok(open) = state.store.open_batches(before, 1000).await else {

@@ -20,7 +20,9 @@ pub mod background;
 pub mod batch;
 pub mod body;
 pub mod forward;
+pub mod parked;
 pub mod realtime;
+pub mod reply;
 pub mod reserve;
 pub mod route;
 pub mod settle;
@@ -32,24 +34,19 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
-use http_body_util::BodyExt;
+use http::{header, HeaderValue, Method, StatusCode};
 
-use crate::app::AppState;
-use crate::error::ApiError;
-use crate::pricing::NanoUsd;
 use crate::usage::frames::Framing;
 use crate::usage::{TokenSource, Usage};
 use forward::Answer;
+pub use parked::Proxy;
+pub use reply::{
+    build_response, Forwarded, PendingStream, Refused, BUDGET_REMAINING, COST_USD, REQUEST_ID,
+};
 use settle::{settle, settle_without_usage, Ticket};
-use stream::{MeteredStream, StreamEnd, StreamSettlement};
-
-pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-tollgate-request-id");
-pub const COST_USD: HeaderName = HeaderName::from_static("x-tollgate-cost-usd");
-pub const BUDGET_REMAINING: HeaderName = HeaderName::from_static("x-tollgate-budget-remaining-usd");
 
 /// Entry point for every `/v1/*` request.
-pub async fn handle(state: Arc<AppState>, req: http::Request<Body>) -> Response {
+pub async fn handle(state: Arc<Proxy>, req: http::Request<Body>) -> Response {
     let request_id = state.request_ids.next();
     // The header is made now: the id itself moves into the usage row.
     let id_header = HeaderValue::from_str(&request_id).ok();
@@ -111,18 +108,6 @@ pub async fn handle(state: Arc<AppState>, req: http::Request<Body>) -> Response 
     response
 }
 
-/// How a forwarded request continues once the upstream has answered.
-enum Forwarded {
-    /// Settled; the response is complete (with the budget left).
-    Done(Response, Option<NanoUsd>),
-    /// A stream to tee; settled when it ends.
-    Stream(Box<PendingStream>),
-}
-
-/// A stage's refusal, with the ticket as far as it got: settled without
-/// usage, rendered in the client's format.
-struct Refused(Ticket, ApiError);
-
 /// A stage's value, or the request refused with its ticket so far.
 macro_rules! stage {
     ($ticket:ident, $result:expr) => {
@@ -136,7 +121,7 @@ macro_rules! stage {
 /// Chat, completions, embeddings, responses, messages, generateContent,
 /// Converse: admitted, routed, reserved, forwarded, metered.
 async fn metered_request(
-    state: &Arc<AppState>,
+    state: &Arc<Proxy>,
     mut ticket: Ticket,
     req: http::Request<Body>,
 ) -> Result<Forwarded, Refused> {
@@ -145,7 +130,7 @@ async fn metered_request(
     let (routed, order) = stage!(ticket, route::route(state, &ticket.who, &parts, &body));
     ticket.order = order;
     if ticket.order.background {
-        ticket.poll_credentials = background::poll_credentials(state, &parts.headers);
+        ticket.poll_credentials = parked::poll_credentials(state, &parts.headers);
     }
     ticket.sent = settle::Sent {
         upstream: routed.upstream.name.clone(),
@@ -181,7 +166,7 @@ async fn metered_request(
 /// unchanged, a stream to tee, or a body read, metered and settled before
 /// it goes back with its cost.
 async fn answered(
-    state: &Arc<AppState>,
+    state: &Arc<Proxy>,
     ticket: Ticket,
     answer: Answer<'_>,
     request_body: Bytes,
@@ -203,7 +188,9 @@ async fn answered(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     if let Some(framing) = Framing::of(content_type) {
+        let end = ticket.order.background.then(background::creation_end);
         return Ok(Forwarded::Stream(Box::new(PendingStream {
+            end,
             response,
             ticket,
             status,
@@ -263,45 +250,6 @@ async fn answered(
     Ok(Forwarded::Done(response, settled.remaining))
 }
 
-/// A streamed answer, forwarded chunk by chunk once the response starts.
-struct PendingStream {
-    response: http::Response<hyper::body::Incoming>,
-    ticket: Ticket,
-    status: StatusCode,
-    headers: HeaderMap,
-    framing: Framing,
-    strip_usage_chunk: bool,
-    request_body: Bytes,
-    overhead: Duration,
-    idle_timeout: Duration,
-}
-
-impl PendingStream {
-    fn into_response(
-        self,
-        state: Arc<AppState>,
-        durable: Option<tokio::sync::oneshot::Receiver<()>>,
-    ) -> Response {
-        let (format, endpoint) = (self.ticket.who.format, self.ticket.who.endpoint);
-        let meter = format.stream_meter(endpoint, self.framing, self.strip_usage_chunk);
-        let settlement = StreamSettlement {
-            state,
-            ticket: self.ticket,
-            request_body: self.request_body,
-            overhead: self.overhead,
-            end: StreamEnd::Settle,
-        };
-        let stream = MeteredStream::new(
-            Box::pin(self.response.into_body().into_data_stream()),
-            meter,
-            self.idle_timeout,
-            settlement,
-            durable,
-        );
-        build_response(self.status, self.headers, Body::from_stream(stream))
-    }
-}
-
 fn with_request_id(mut response: Response, id: Option<HeaderValue>) -> Response {
     if let Some(v) = id {
         response.headers_mut().insert(REQUEST_ID, v);
@@ -336,7 +284,7 @@ async fn estimate_non_stream(ticket: &Ticket, request: &Bytes, response: &Bytes)
 /// where `auth.allow_unmetered` says), forwarded as it is, streamed both
 /// ways, counted as a request without tokens.
 async fn unmetered(
-    state: &Arc<AppState>,
+    state: &Arc<Proxy>,
     mut ticket: Ticket,
     req: http::Request<Body>,
 ) -> Result<Forwarded, Refused> {
@@ -369,9 +317,20 @@ async fn unmetered(
     Ok(Forwarded::Done(response, settled.remaining))
 }
 
-fn build_response(status: StatusCode, headers: HeaderMap, body: Body) -> Response {
-    let mut response = Response::new(body);
-    *response.status_mut() = status;
-    *response.headers_mut() = headers;
-    response
+/// Runs `sweep` (and the batches' `batch::sweep`) every
+/// `background.poll_interval_ms` while the state lives.
+pub fn spawn_sweeper(
+    state: std::sync::Weak<Proxy>,
+    interval: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval.max(Duration::from_millis(100)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tick.tick().await;
+            let Some(state) = state.upgrade() else { break };
+            background::sweep(&state).await;
+            batch::sweep(&state).await;
+        }
+    })
 }

@@ -30,9 +30,11 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
+use super::parked::Proxy;
+use super::reply::{build_response, Forwarded, Refused};
 use super::settle::{self, settle, settle_without_usage, Admission, Order, Ticket};
-use super::{forward, reserve, route, Forwarded, Refused};
-use crate::app::AppState;
+use super::{forward, reserve, route};
+
 use crate::error::ApiError;
 use crate::format::openai::{realtime_event, RealtimeEvent};
 use crate::format::WireFormat;
@@ -69,7 +71,7 @@ fn query_model(uri: &http::Uri) -> Option<String> {
 /// The handshake: checked against the budget, passed up, and on the
 /// upstream's 101 the relay started.
 pub(super) async fn open(
-    state: &Arc<AppState>,
+    state: &Arc<Proxy>,
     mut ticket: Ticket,
     mut req: http::Request<Body>,
 ) -> Result<Forwarded, Refused> {
@@ -120,7 +122,7 @@ pub(super) async fn open(
         // A refusal (401, 404, ...) reaches the client as it came.
         let headers = forward::client_headers(std::mem::take(response.headers_mut()));
         let settled = settle_without_usage(state, ticket, status.as_u16(), pre_send);
-        let response = super::build_response(status, headers, Body::new(response.into_body()));
+        let response = build_response(status, headers, Body::new(response.into_body()));
         return Ok(Forwarded::Done(response, settled.remaining));
     }
     let upstream_upgrade = hyper::upgrade::on(&mut response);
@@ -139,13 +141,13 @@ pub(super) async fn open(
             }
         }
     });
-    let response = super::build_response(StatusCode::SWITCHING_PROTOCOLS, headers, Body::empty());
+    let response = build_response(StatusCode::SWITCHING_PROTOCOLS, headers, Body::empty());
     Ok(Forwarded::Done(response, remaining))
 }
 
 /// One session's relay and meter.
 struct Relay {
-    state: Arc<AppState>,
+    state: Arc<Proxy>,
     /// The handshake's ticket: who, where, and the model asked for.
     socket: Ticket,
     model: String,
@@ -160,7 +162,7 @@ struct Relay {
 }
 
 impl Relay {
-    fn new(state: Arc<AppState>, socket: Ticket, model: String) -> Relay {
+    fn new(state: Arc<Proxy>, socket: Ticket, model: String) -> Relay {
         Relay {
             state,
             socket,

@@ -13,8 +13,8 @@ use bytes::Bytes;
 use futures_util::stream::{BoxStream, Stream};
 use tokio::time::Sleep;
 
+use super::parked::Proxy;
 use super::settle::{settle, Ticket};
-use crate::app::AppState;
 use crate::usage::frames::StreamMeter;
 use crate::usage::sse::StreamSummary;
 use crate::usage::{estimate, Usage};
@@ -24,48 +24,39 @@ pub const STATUS_CLIENT_CLOSED: u16 = 499;
 
 /// Everything needed to settle the stream once it ends.
 pub struct StreamSettlement {
-    pub state: Arc<AppState>,
+    pub state: Arc<Proxy>,
     pub ticket: Ticket,
     /// The client's request body, for a prompt estimate if usage never comes.
     pub request_body: Bytes,
     /// Time spent in tollgate before the stream started.
     pub overhead: Duration,
-    pub end: StreamEnd,
+    /// `None`: settled here.
+    pub end: Option<StreamEnd>,
 }
 
-/// What the end of a stream settles.
-pub enum StreamEnd {
-    /// The request's own usage (every stream but the two below).
-    Settle,
-    /// A background response's resumed stream (`GET /v1/responses/{id}`):
-    /// the poll's own row, and the response billed if it finished.
-    Claim(String),
-}
+/// A stream's end handled by another module (a background response's,
+/// `background`): it gets the settlement and what the stream said, and
+/// hands them back when the stream is to settle as any other.
+pub type StreamEnd = Box<
+    dyn FnOnce(StreamSettlement, u16, StreamSummary) -> Option<(StreamSettlement, StreamSummary)>
+        + Send,
+>;
 
 impl StreamSettlement {
-    fn finish(self, status: u16, summary: StreamSummary, meter_time: Duration) {
-        let overhead = self.overhead + meter_time;
-        if let StreamEnd::Claim(id) = self.end {
-            let usage = summary.done.then_some(summary.usage).flatten();
-            super::background::stream_ended(
-                self.state,
-                self.ticket,
-                id,
-                status,
-                usage,
-                summary.served,
-                overhead,
-            );
-            return;
-        }
-        // A background creation cut before its response finished goes on
-        // upstream: billed when it does, not estimated now.
-        if self.ticket.order.background && summary.usage.is_none() {
-            if let Some(id) = summary.response_id {
-                super::background::open_later(self.state, self.ticket, id);
-                return;
-            }
-        }
+    fn finish(mut self, status: u16, summary: StreamSummary, meter_time: Duration) {
+        self.overhead += meter_time;
+        let (this, summary) = match self.end.take() {
+            Some(end) => match end(self, status, summary) {
+                Some(back) => back,
+                None => return,
+            },
+            None => (self, summary),
+        };
+        this.settle(status, summary);
+    }
+
+    fn settle(self, status: u16, summary: StreamSummary) {
+        let overhead = self.overhead;
         if let Some(usage) = summary.usage {
             if status == 200 && summary.text_bytes_dropped == 0 && !summary.tool_text {
                 self.state.words.offer(|| {

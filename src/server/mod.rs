@@ -38,7 +38,8 @@ use crate::store::{Store, UsageWriter, WriterConfig};
 use crate::upstream::Upstreams;
 use connections::Phase;
 
-pub fn router(state: Arc<AppState>) -> Router {
+pub fn router(proxy: Arc<proxy::Proxy>) -> Router {
+    let state = proxy.app.clone();
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -47,11 +48,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         // `/v1` and everything below it, dispatched here rather than by a
         // `/v1/{*rest}` route: a wildcard route captures the rest of the path
         // into a parameter map on every request, which the proxy never reads.
-        .fallback(proxy_or_not_found)
+        .fallback(move |req: Request| proxy_or_not_found(proxy.clone(), req))
         .with_state(state)
 }
 
-async fn proxy_or_not_found(State(state): State<Arc<AppState>>, req: Request) -> Response {
+async fn proxy_or_not_found(state: Arc<proxy::Proxy>, req: Request) -> Response {
     let path = req.uri().path();
     // OpenAI style, Azure's (`AzureOpenAI(azure_endpoint=tollgate)`),
     // Gemini's (`/v1beta/models/...`) and Bedrock's (`/model/{id}/converse`).
@@ -271,8 +272,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         ledger,
         words,
         gpu: Default::default(),
-        background: Default::default(),
-        batches: Default::default(),
     });
     state.refresh().await?;
     tracing::info!(?auth_mode, keys = state.directory.key_count(), "auth");
@@ -292,11 +291,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         })
     };
     let reloader = tokio::spawn(reload_catalog(Arc::downgrade(&state)));
-    let sweeper = crate::proxy::background::spawn_sweeper(
-        Arc::downgrade(&state),
+    let proxy = Arc::new(proxy::Proxy::new(state.clone()));
+    let sweeper = crate::proxy::spawn_sweeper(
+        Arc::downgrade(&proxy),
         Duration::from_millis(state.config.background.poll_interval_ms),
     );
-    let app = router(state.clone());
+    let app = router(proxy);
     drop(state);
     tracing::info!(?fd_limit, "open-file limit");
     // The one "listening" line, on stderr for people and scripts (tests
