@@ -204,6 +204,16 @@ pub struct KeyEntry {
 }
 
 impl KeyEntry {
+    /// The key named in a stored row (a parked response, a batch): its id
+    /// and team, no model limits (the request was admitted already).
+    pub fn of_row(id: String, team: String) -> Arc<KeyEntry> {
+        Arc::new(KeyEntry {
+            id,
+            team,
+            models: Vec::new(),
+        })
+    }
+
     pub fn allows(&self, model: &str) -> bool {
         self.models.is_empty() || self.models.iter().any(|g| g.matches(model))
     }

@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::{client, metric, MockUpstream, Tollgate};
@@ -74,19 +74,16 @@ async fn billed(tg: &Tollgate, n: usize) -> Vec<support::UsageRow> {
 }
 
 async fn pending_gauge(tg: &Tollgate, team: &str, want: f64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = tg.metrics().await;
-        let seen = metric(&m, "tollgate_pending_usage", &[("team", team)]).unwrap_or(0.0);
-        if seen == want {
-            return;
+    tg.wait_metrics(|m| {
+        let seen = metric(m, "tollgate_pending_usage", &[("team", team)]).unwrap_or(0.0);
+        match seen == want {
+            true => Ok(()),
+            false => Err(format!(
+                "tollgate_pending_usage{{team={team}}} = {seen}, want {want}"
+            )),
         }
-        assert!(
-            Instant::now() < deadline,
-            "tollgate_pending_usage{{team={team}}} = {seen}, want {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -307,20 +304,13 @@ async fn tollgate_bills_a_response_nobody_polls_and_reports_one_that_never_finis
     .await;
     let body: Value = r.json().await.unwrap_or_default();
     let id = body["id"].as_str().unwrap_or_default().to_string();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = tg.metrics().await;
-        if metric(
-            &m,
-            "tollgate_pending_usage_overdue",
-            &[("team", "research")],
-        ) == Some(1.0)
-        {
-            break;
+    tg.wait_metrics(|m| {
+        match metric(m, "tollgate_pending_usage_overdue", &[("team", "research")]) {
+            Some(1.0) => Ok(()),
+            _ => Err("never reported overdue".into()),
         }
-        assert!(Instant::now() < deadline, "never reported overdue");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     let log = tg.log();
     let lines: Vec<_> = log
         .iter()

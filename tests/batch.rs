@@ -7,7 +7,7 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::{client, metric, MockUpstream, Tollgate};
@@ -103,20 +103,17 @@ async fn batch_rows(tg: &Tollgate, n: usize) -> Vec<support::UsageRow> {
 
 /// Waits until the team's budget gauges read `spent` and `remaining` USD.
 async fn budget_reads(tg: &Tollgate, team: &str, spent: f64, remaining: f64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = tg.metrics().await;
-        let s = metric(&m, "tollgate_budget_spent_usd", &[("team", team)]).unwrap_or(f64::NAN);
-        let r = metric(&m, "tollgate_budget_remaining_usd", &[("team", team)]).unwrap_or(f64::NAN);
-        if (s - spent).abs() < 1e-9 && (r - remaining).abs() < 1e-9 {
-            return;
+    tg.wait_metrics(|m| {
+        let s = metric(m, "tollgate_budget_spent_usd", &[("team", team)]).unwrap_or(f64::NAN);
+        let r = metric(m, "tollgate_budget_remaining_usd", &[("team", team)]).unwrap_or(f64::NAN);
+        match (s - spent).abs() < 1e-9 && (r - remaining).abs() < 1e-9 {
+            true => Ok(()),
+            false => Err(format!(
+                "spent {s}, remaining {r}; want {spent}, {remaining}"
+            )),
         }
-        assert!(
-            Instant::now() < deadline,
-            "spent {s}, remaining {r}; want {spent}, {remaining}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

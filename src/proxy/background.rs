@@ -29,7 +29,7 @@ use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 
 use super::parked::{Proxy, Waiting};
 use super::reply::{build_response, Forwarded, Refused, COST_USD};
-use super::settle::{self, settle, settle_without_usage, Admission, Order, Ticket};
+use super::settle::{self, settle, settle_without_usage, Admission, Ticket};
 use super::stream::{MeteredStream, StreamEnd, StreamSettlement};
 use super::{forward, route};
 
@@ -160,32 +160,15 @@ fn ticket_of(state: &Proxy, row: PendingRow) -> Ticket {
         created_at: row.created_at,
         format: WireFormat::OpenAi,
         endpoint: Endpoint::Responses,
-        key: row.key_id.map(|id| {
-            Arc::new(crate::auth::KeyEntry {
-                id,
-                team: row.team.clone(),
-                models: Vec::new(),
-            })
-        }),
+        key: row
+            .key_id
+            .map(|id| crate::auth::KeyEntry::of_row(id, row.team.clone())),
         team: row.team,
     };
-    let mut ticket = Ticket::new(who, None);
-    ticket.order = Order {
-        model_label: state.metrics.model_label(&row.model),
-        resolved: Some(state.catalog.load().resolve(&row.model)),
-        model: row.model,
-        end_user: row.end_user,
-        background: true,
-        ..Order::NONE
-    };
-    ticket.sent = settle::Sent {
-        provider: state
-            .upstreams
-            .by_name(&row.upstream)
-            .map_or("openai", |u| u.provider.name()),
-        upstream: row.upstream,
-        attempts: 1,
-    };
+    let sent = settle::Sent::to_named(&state.upstreams, row.upstream);
+    let mut ticket = Ticket::for_row(state, who, row.model, sent);
+    ticket.order.end_user = row.end_user;
+    ticket.order.background = true;
     ticket
 }
 
@@ -245,11 +228,7 @@ pub(super) async fn poll(
             Err(e) => return Err(Refused(ticket, e)),
         },
     };
-    ticket.sent = settle::Sent {
-        upstream: upstream.name.clone(),
-        provider: upstream.provider.name(),
-        attempts: 1,
-    };
+    ticket.sent = settle::Sent::to(upstream);
     let pre_send = ticket.who.started.elapsed();
     let mut response = match forward::forward_as_is(state, upstream, &mut parts, body).await {
         Ok(r) => r,

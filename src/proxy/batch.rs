@@ -32,7 +32,7 @@ use http_body_util::BodyExt;
 
 use super::parked::{Held, Proxy};
 use super::reply::{build_response, Forwarded, Refused};
-use super::settle::{self, settle, settle_without_usage, Admission, Order, Ticket};
+use super::settle::{self, settle, settle_without_usage, Admission, Ticket};
 use super::{admit, forward, reserve, route};
 
 use crate::error::ApiError;
@@ -104,11 +104,7 @@ pub(super) async fn handle(
         Ok(u) => u,
         Err(e) => return Err(Refused(ticket, e)),
     };
-    ticket.sent = settle::Sent {
-        upstream: upstream.name.clone(),
-        provider: upstream.provider.name(),
-        attempts: 1,
-    };
+    ticket.sent = settle::Sent::to(upstream);
     let credentials = super::parked::poll_credentials(state, &parts.headers)
         .map(|b| *b)
         .unwrap_or_default();
@@ -595,30 +591,14 @@ fn bill_line(state: &Proxy, batch: &BatchRow, line: &[u8]) -> NanoUsd {
         format,
         endpoint: Endpoint::Batch,
         team: batch.team.clone(),
-        key: batch.key_id.as_ref().map(|id| {
-            Arc::new(crate::auth::KeyEntry {
-                id: id.clone(),
-                team: batch.team.clone(),
-                models: Vec::new(),
-            })
-        }),
+        key: batch
+            .key_id
+            .clone()
+            .map(|id| crate::auth::KeyEntry::of_row(id, batch.team.clone())),
     };
-    let mut ticket = Ticket::new(who, None);
-    ticket.order = Order {
-        model_label: state.metrics.model_label(&model),
-        resolved: Some(state.catalog.load().resolve(&model)),
-        model,
-        batch_id: Some(batch.batch_id.clone()),
-        ..Order::NONE
-    };
-    ticket.sent = settle::Sent {
-        provider: state
-            .upstreams
-            .by_name(&batch.upstream)
-            .map_or("openai", |u| u.provider.name()),
-        upstream: batch.upstream.clone(),
-        attempts: 1,
-    };
+    let sent = settle::Sent::to_named(&state.upstreams, batch.upstream.clone());
+    let mut ticket = Ticket::for_row(state, who, model, sent);
+    ticket.order.batch_id = Some(batch.batch_id.clone());
     let usage = facts.usage.unwrap_or(Usage::NONE);
     settle(state, ticket, result.status, usage, &served, Duration::ZERO).cost
 }

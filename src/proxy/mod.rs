@@ -132,11 +132,7 @@ async fn metered_request(
     if ticket.order.background {
         ticket.poll_credentials = parked::poll_credentials(state, &parts.headers);
     }
-    ticket.sent = settle::Sent {
-        upstream: routed.upstream.name.clone(),
-        provider: routed.upstream.provider.name(),
-        attempts: 1,
-    };
+    ticket.sent = settle::Sent::to(routed.upstream);
     stage!(ticket, route::check_order(state, &ticket));
     // The team's output cap, enforced on the way up.
     let cap = state
@@ -299,11 +295,7 @@ async fn unmetered(
         ticket,
         route::pick_upstream(state, &parts.headers, None, format)
     );
-    ticket.sent = settle::Sent {
-        upstream: upstream.name.clone(),
-        provider: upstream.provider.name(),
-        attempts: 1,
-    };
+    ticket.sent = settle::Sent::to(upstream);
     ticket.hold.remaining = state.ledger.status(&ticket.who.team).map(|s| s.remaining);
     let pre_send = ticket.who.started.elapsed();
     let mut response = stage!(

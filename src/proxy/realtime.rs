@@ -107,11 +107,7 @@ pub(super) async fn open(
         Ok(u) => u,
         Err(e) => return Err(Refused(ticket, e)),
     };
-    ticket.sent = settle::Sent {
-        upstream: upstream.name.clone(),
-        provider: upstream.provider.name(),
-        attempts: 1,
-    };
+    ticket.sent = settle::Sent::to(upstream);
     let pre_send = ticket.who.started.elapsed();
     let mut response = match forward::forward_upgrade(state, upstream, &mut parts).await {
         Ok(r) => r,
@@ -333,21 +329,10 @@ impl Relay {
             team: who.team.clone(),
             key: who.key.clone(),
         };
-        let mut ticket = Ticket::new(admission, None);
-        let model = self.model.clone();
-        ticket.order = Order {
-            model_label: self.state.metrics.model_label(&model),
-            resolved: Some(self.state.catalog.load().resolve(&model)),
-            model,
-            end_user: self.socket.order.end_user.clone(),
-            batch_id: self.session_id.clone(),
-            ..Order::NONE
-        };
-        ticket.sent = settle::Sent {
-            upstream: self.socket.sent.upstream.clone(),
-            provider: self.socket.sent.provider,
-            attempts: 1,
-        };
+        let sent = self.socket.sent.clone();
+        let mut ticket = Ticket::for_row(&self.state, admission, self.model.clone(), sent);
+        ticket.order.end_user = self.socket.order.end_user.clone();
+        ticket.order.batch_id = self.session_id.clone();
         ticket.hold.reservation = self.holds.pop_front();
         let served = crate::usage::read::Served::default();
         let usage = usage.unwrap_or(Usage::NONE);

@@ -88,6 +88,7 @@ pub struct Hold {
 }
 
 /// Where the request went: `forward`'s value.
+#[derive(Clone)]
 pub struct Sent {
     pub upstream: String,
     /// The upstream's provider (`provider::Provider::name`): `azure` always;
@@ -104,6 +105,27 @@ impl Sent {
         provider: "openai",
         attempts: 1,
     };
+
+    /// Sent once to `upstream`.
+    pub fn to(upstream: &crate::upstream::Upstream) -> Sent {
+        Sent {
+            upstream: upstream.name.clone(),
+            provider: upstream.provider.name(),
+            attempts: 1,
+        }
+    }
+
+    /// Sent once to the upstream named in a stored row (a parked response,
+    /// a batch); `openai` if the configuration no longer has it.
+    pub fn to_named(upstreams: &crate::upstream::Upstreams, name: String) -> Sent {
+        Sent {
+            provider: upstreams
+                .by_name(&name)
+                .map_or("openai", |u| u.provider.name()),
+            upstream: name,
+            attempts: 1,
+        }
+    }
 }
 
 /// Everything the usage row needs besides the outcome: one value per stage
@@ -141,6 +163,21 @@ impl Ticket {
             series: None,
             poll_credentials: None,
         }
+    }
+
+    /// The ticket of a row billed after the request that made it ended (a
+    /// parked response, a batch line, a realtime response): who, the model
+    /// served, where it went.
+    pub fn for_row(state: &AppState, who: Admission, model: String, sent: Sent) -> Ticket {
+        let mut ticket = Ticket::new(who, None);
+        ticket.order = Order {
+            model_label: state.metrics.model_label(&model),
+            resolved: Some(state.catalog.load().resolve(&model)),
+            model,
+            ..Order::NONE
+        };
+        ticket.sent = sent;
+        ticket
     }
 
     /// Answers the durable ack now: the request's row comes later (a

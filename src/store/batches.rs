@@ -8,7 +8,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 
-use super::queries::on_db;
+use super::queries::{on_db, row_by_key};
 use super::{to_i64, to_u64, Store, StoreError};
 
 /// A batch created through tollgate.
@@ -125,26 +125,16 @@ impl Store {
     }
 
     pub async fn batch(&self, batch_id: &str) -> Result<Option<BatchRow>, StoreError> {
-        on_db!(self, pool, _writer, _d => {
-            let row = sqlx::query(&format!("SELECT {COLUMNS} FROM batches WHERE batch_id = $1"))
-                .bind(batch_id)
-                .fetch_optional(pool)
-                .await?;
-            Ok(row.as_ref().map(read).transpose()?)
-        })
+        let sql = format!("SELECT {COLUMNS} FROM batches WHERE batch_id = $1");
+        row_by_key!(self, &sql, batch_id, read)
     }
 
     /// The unbilled batch whose output file this is.
     pub async fn batch_of_output(&self, file_id: &str) -> Result<Option<BatchRow>, StoreError> {
-        on_db!(self, pool, _writer, _d => {
-            let row = sqlx::query(&format!(
-                "SELECT {COLUMNS} FROM batches WHERE output_file_id = $1 AND billed_ms IS NULL"
-            ))
-            .bind(file_id)
-            .fetch_optional(pool)
-            .await?;
-            Ok(row.as_ref().map(read).transpose()?)
-        })
+        let sql = format!(
+            "SELECT {COLUMNS} FROM batches WHERE output_file_id = $1 AND billed_ms IS NULL"
+        );
+        row_by_key!(self, &sql, file_id, read)
     }
 
     pub async fn set_batch_output(&self, batch_id: &str, file_id: &str) -> Result<(), StoreError> {

@@ -7,7 +7,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 
-use super::queries::on_db;
+use super::queries::{on_db, row_by_key};
 use super::{to_i64, to_u64, Store, StoreError};
 
 /// What a pending response's usage row will need from its creation.
@@ -88,28 +88,14 @@ impl Store {
     /// Takes a pending response for billing: its row, to this caller only
     /// (`None` when it was never pending or is claimed already).
     pub async fn claim_pending(&self, response_id: &str) -> Result<Option<PendingRow>, StoreError> {
-        on_db!(self, pool, _writer, _d => {
-            let row = sqlx::query(&format!(
-                "DELETE FROM pending_usage WHERE response_id = $1 RETURNING {COLUMNS}"
-            ))
-            .bind(response_id)
-            .fetch_optional(pool)
-            .await?;
-            Ok(row.as_ref().map(read).transpose()?)
-        })
+        let sql = format!("DELETE FROM pending_usage WHERE response_id = $1 RETURNING {COLUMNS}");
+        row_by_key!(self, &sql, response_id, read)
     }
 
     /// A pending response, left in place.
     pub async fn pending(&self, response_id: &str) -> Result<Option<PendingRow>, StoreError> {
-        on_db!(self, pool, _writer, _d => {
-            let row = sqlx::query(&format!(
-                "SELECT {COLUMNS} FROM pending_usage WHERE response_id = $1"
-            ))
-            .bind(response_id)
-            .fetch_optional(pool)
-            .await?;
-            Ok(row.as_ref().map(read).transpose()?)
-        })
+        let sql = format!("SELECT {COLUMNS} FROM pending_usage WHERE response_id = $1");
+        row_by_key!(self, &sql, response_id, read)
     }
 
     /// Pending responses begun before `before`, oldest first.

@@ -31,6 +31,18 @@ macro_rules! on_db {
 }
 pub(super) use on_db;
 
+/// The one row a text key names (`None`: no such row), read with `$read`,
+/// on either database.
+macro_rules! row_by_key {
+    ($store:expr, $sql:expr, $key:expr, $read:path) => {
+        on_db!($store, pool, _writer, _d => {
+            let row = sqlx::query($sql).bind($key).fetch_optional(pool).await?;
+            Ok(row.as_ref().map($read).transpose()?)
+        })
+    };
+}
+pub(super) use row_by_key;
+
 impl Store {
     /// Proves the database can be written (at start of `serve`): a read-only
     /// file or a full disk must stop the server, not drop every row.

@@ -684,6 +684,21 @@ fn mock_error(status: u16, message: &str) -> Response {
     (code, axum::Json(json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": null}}))).into_response()
 }
 
+/// One poll of what `id` names: it as it was, with one pending poll fewer
+/// left (`None`: no such id).
+fn poll_once<T: Clone>(
+    map: &Mutex<std::collections::HashMap<String, T>>,
+    id: &str,
+    polls: impl Fn(&mut T) -> &mut u32,
+) -> Option<T> {
+    let mut map = map.lock().ok()?;
+    let entry = map.get_mut(id)?;
+    let seen = entry.clone();
+    let left = polls(entry);
+    *left = left.saturating_sub(1);
+    Some(seen)
+}
+
 /// `GET /v1/responses/{id}`: `in_progress` while polls are pending, then
 /// the finished object; `?stream=true` streams its events (resumed).
 async fn background_poll(
@@ -695,12 +710,7 @@ async fn background_poll(
     if let Some(r) = early_answer(&b) {
         return r;
     }
-    let Some((finished, pending)) = state.background.lock().ok().and_then(|mut map| {
-        let entry = map.get_mut(&id)?;
-        let out = entry.clone();
-        entry.1 = entry.1.saturating_sub(1);
-        Some(out)
-    }) else {
+    let Some((finished, pending)) = poll_once(&state.background, &id, |e| &mut e.1) else {
         return mock_error(404, &format!("Response with id '{id}' not found."));
     };
     if rec.path.contains("stream=true") {
@@ -989,12 +999,7 @@ async fn batch_poll(
     if let Some(r) = early_answer(&b) {
         return r;
     }
-    let Some(batch) = state.batches.lock().ok().and_then(|mut m| {
-        let batch = m.get_mut(&id)?;
-        let seen = batch.clone();
-        batch.polls = batch.polls.saturating_sub(1);
-        Some(seen)
-    }) else {
+    let Some(batch) = poll_once(&state.batches, &id, |b| &mut b.polls) else {
         return mock_error(404, &format!("No batch found with id '{id}'."));
     };
     if batch.polls > 0 && batch.cancelled.is_none() {
@@ -1086,12 +1091,7 @@ async fn message_batch_poll(
         return r;
     }
     let (_rec, _b) = record(&state, req).await;
-    let Some(batch) = state.batches.lock().ok().and_then(|mut m| {
-        let batch = m.get_mut(&id)?;
-        let seen = batch.clone();
-        batch.polls = batch.polls.saturating_sub(1);
-        Some(seen)
-    }) else {
+    let Some(batch) = poll_once(&state.batches, &id, |b| &mut b.polls) else {
         return anthropic_error(404);
     };
     json_response(message_batch(

@@ -254,6 +254,20 @@ impl Tollgate {
         }
     }
 
+    /// Waits (10 s at most) until `/metrics` reads as `ready` wants; each
+    /// try's failure says what was seen.
+    pub async fn wait_metrics(&self, ready: impl Fn(&str) -> Result<(), String>) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let seen = ready(&self.metrics().await);
+            match seen {
+                Ok(()) => return,
+                Err(why) => assert!(std::time::Instant::now() < deadline, "{why}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn metrics(&self) -> String {
         reqwest::get(self.url("/metrics"))
             .await
