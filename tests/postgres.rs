@@ -781,3 +781,88 @@ async fn a_background_response_polled_on_two_replicas_is_billed_once() {
     drop((a, b));
     db.drop_db().await;
 }
+
+/// Issue 23: three replicas writing the same rollup rows at once (same
+/// teams, models, hour) leave `usage_daily` equal to the rows, to the
+/// nano-USD, and every report read from it equal to the rows' own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_keep_the_rollups_equal_to_the_rows() {
+    let Some(db) = PgDb::create("rollup_replicas").await else {
+        return;
+    };
+    let mock = MockUpstream::start().await;
+    let mut replicas = vec![
+        start(&mock, &db).await,
+        start(&mock, &db).await,
+        start(&mock, &db).await,
+    ];
+    let keys: Vec<String> = ["north", "south"]
+        .iter()
+        .map(|team| {
+            stdout(&replicas[0].cli(&["teams", "create", team]));
+            first_line(&stdout(
+                &replicas[0].cli(&["keys", "create", "--team", team]),
+            ))
+        })
+        .collect();
+    for tg in &replicas {
+        for key in &keys {
+            wait_for_key(tg, key).await;
+        }
+    }
+    let c = client();
+    let mut tasks = Vec::new();
+    for i in 0..300usize {
+        let url = replicas[i % 3].url("/v1/chat/completions");
+        let key = keys[i % 2].clone();
+        let model = ["gpt-4o", "gpt-4o-mini", "o3-mini"][i % 3 / 2 + i % 2];
+        let mut body = chat_body(model);
+        body["stream"] = json!(i % 4 == 0);
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            c.post(url)
+                .bearer_auth(key)
+                .header("x-mock-prompt-tokens", (100 + i).to_string())
+                .header("x-mock-status", if i % 10 == 0 { "500" } else { "none" })
+                .json(&body)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }));
+    }
+    for t in tasks {
+        assert!(matches!(t.await.unwrap_or(0), 200 | 500));
+    }
+    for tg in &mut replicas {
+        assert_eq!(tg.terminate(), Some(0));
+    }
+    let store = tollgate::store::Store::open(&db.url)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let epoch = chrono::DateTime::<chrono::Utc>::UNIX_EPOCH;
+    let total = support::assert_rollups_match_rows(&store, &[epoch]).await;
+    let pool = db.pool().await;
+    let (n, raw): (i64, i64) = sqlx::query_as(
+        "SELECT COUNT(*), COALESCE(SUM(cost_nano_usd), 0)::BIGINT FROM usage \
+         WHERE endpoint = 'chat.completions'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let rolled: (i64, i64) = sqlx::query_as(
+        "SELECT SUM(requests)::BIGINT, SUM(cost_nano_usd)::BIGINT FROM usage_daily \
+         WHERE endpoint = 'chat.completions'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(n, 300, "one row per request");
+    assert!(raw > 0);
+    assert_eq!(rolled, (n, raw), "usage_daily sums the rows");
+    assert!(total >= raw);
+    println!("three replicas: {n} rows, {raw} nano-USD, rollups equal");
+    pool.close().await;
+    store.close().await;
+    db.drop_db().await;
+}

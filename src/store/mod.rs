@@ -9,6 +9,7 @@ mod dialect;
 mod pending;
 mod postgres;
 mod queries;
+mod rollup;
 pub mod spool;
 mod sqlite;
 pub mod writer;

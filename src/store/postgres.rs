@@ -2,7 +2,7 @@
 //! table written in one UNNEST insert per batch, and the shared budget
 //! tables several replicas use to enforce one budget (see `budget::shared`).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -65,16 +65,24 @@ impl PostgresStore {
     ) -> Result<Vec<String>, StoreError> {
         let rows: Vec<&UsageRecord> = rows.iter().map(|r| r.borrow()).collect();
         let mut tx = self.pool.begin().await?;
-        let inserted: Vec<String> = insert_rows(&rows).fetch_all(&mut *tx).await?;
-        let inserted: std::collections::HashSet<String> = inserted.into_iter().collect();
+        let inserted: Vec<(String, String)> = insert_rows(&rows).fetch_all(&mut *tx).await?;
+        let inserted: std::collections::HashSet<(String, String)> = inserted.into_iter().collect();
+        let was_inserted = |r: &UsageRecord| {
+            let id = (r.request_id.clone(), r.batch_id.clone().unwrap_or_default());
+            inserted.contains(&id)
+        };
 
-        let mut recorded: HashMap<(&str, &str, &str), u64> = HashMap::new();
+        // Ordered: every replica updates the rows it shares with the others
+        // (budget_state, usage_daily) in the same order, so none deadlock.
+        let mut recorded: BTreeMap<(&str, &str, &str), u64> = BTreeMap::new();
         let mut skipped = Vec::new();
+        let mut new = Vec::with_capacity(rows.len());
         for r in &rows {
-            if !inserted.contains(&r.request_id) {
+            if !was_inserted(r) {
                 skipped.push(r.request_id.clone());
                 continue;
             }
+            new.push(*r);
             if let Some(period) = r.budget_period.as_deref() {
                 let node = r.lease_node.as_deref().unwrap_or(&self.node);
                 *recorded.entry((r.team.as_str(), period, node)).or_default() += r.cost_nano_usd;
@@ -100,6 +108,7 @@ impl PostgresStore {
             .execute(&mut *tx)
             .await?;
         }
+        super::rollup::Rollup::of(new).upsert(&mut tx).await?;
         tx.commit().await?;
         Ok(skipped)
     }
@@ -110,10 +119,11 @@ impl PostgresStore {
 }
 
 /// The UNNEST insert of `rows`, one array per column of `USAGE_COLUMNS`,
-/// returning the request ids inserted (those already stored are skipped).
+/// returning the (request id, batch id) of the rows inserted (those already
+/// stored are skipped).
 fn insert_rows(
     rows: &[&UsageRecord],
-) -> sqlx::query::QueryScalar<'static, sqlx::Postgres, String, sqlx::postgres::PgArguments> {
+) -> sqlx::query::QueryAs<'static, sqlx::Postgres, (String, String), sqlx::postgres::PgArguments> {
     static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         let names: Vec<&str> = USAGE_COLUMNS.iter().map(|(n, _)| *n).collect();
         let arrays: Vec<String> = USAGE_COLUMNS
@@ -141,7 +151,7 @@ fn insert_rows(
             .collect();
         format!(
             "INSERT INTO usage ({}) SELECT {} FROM UNNEST({}) AS t({}) \
-             ON CONFLICT (request_id, batch_id) DO NOTHING RETURNING request_id",
+             ON CONFLICT (request_id, batch_id) DO NOTHING RETURNING request_id, batch_id",
             names.join(", "),
             select.join(", "),
             arrays.join(", "),
@@ -149,7 +159,7 @@ fn insert_rows(
         )
     });
     let values: Vec<[Value<'_>; USAGE_COLUMNS.len()]> = rows.iter().map(|r| r.values()).collect();
-    let mut q = sqlx::query_scalar::<_, String>(SQL.as_str());
+    let mut q = sqlx::query_as::<_, (String, String)>(SQL.as_str());
     for (i, (_, ty)) in USAGE_COLUMNS.iter().enumerate() {
         let col = values.iter().map(|v| &v[i]);
         q = match ty {

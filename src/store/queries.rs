@@ -201,29 +201,34 @@ impl Store {
     /// background responses still pending and its batches not billed yet
     /// hold (`pending_usage`, `batches`).
     pub async fn spend_since(&self, team: &str, since: DateTime<Utc>) -> Result<u64, StoreError> {
-        let total: i64 = on_db!(self, pool, _writer, d => {
+        let held: i64 = on_db!(self, pool, _writer, _d => {
             sqlx::query_scalar(
-                "SELECT CAST(COALESCE(SUM(cost_nano_usd), 0) AS BIGINT) \
+                "SELECT (SELECT CAST(COALESCE(SUM(reserved_nano_usd), 0) AS BIGINT) \
+                    FROM pending_usage WHERE team = $1 AND created_ms >= $2) \
                  + (SELECT CAST(COALESCE(SUM(reserved_nano_usd), 0) AS BIGINT) \
-                    FROM pending_usage WHERE team = $1 AND created_ms >= $3) \
-                 + (SELECT CAST(COALESCE(SUM(reserved_nano_usd), 0) AS BIGINT) \
-                    FROM batches WHERE team = $1 AND created_ms >= $3 AND billed_ms IS NULL) \
-                 FROM usage WHERE team = $1 AND created_at >= $2",
+                    FROM batches WHERE team = $1 AND created_ms >= $2 AND billed_ms IS NULL)",
             )
             .bind(team)
-            .bind(d.since(since))
             .bind(since.timestamp_millis())
             .fetch_one(pool)
             .await?
         });
-        Ok(to_u64(total))
+        Ok(self.usage_spend_since(team, since).await? + to_u64(held))
     }
 
-    pub async fn report(
+    /// A report read from the rows themselves, from `since` until `until`
+    /// (`Store::report` reads the rollups and only the rest of an hour here).
+    pub async fn report_rows(
         &self,
         by: ReportBy,
         since: DateTime<Utc>,
+        until: Option<DateTime<Utc>>,
     ) -> Result<Vec<ReportRow>, StoreError> {
+        let until_filter = if until.is_some() {
+            " AND created_at < $2"
+        } else {
+            ""
+        };
         on_db!(self, pool, _writer, d => {
             let sql = match by {
                 ReportBy::Component => {
@@ -232,7 +237,8 @@ impl Store {
                         "SELECT j.key AS grp, COUNT(*) AS requests, CAST(0 AS BIGINT) AS p, \
                          CAST(0 AS BIGINT) AS c, CAST(0 AS BIGINT) AS ca, \
                          CAST(COALESCE(SUM({value}), 0) AS BIGINT) AS cost \
-                         FROM usage, {entries} WHERE created_at >= $1 GROUP BY grp ORDER BY grp"
+                         FROM usage, {entries} WHERE created_at >= $1{until_filter} \
+                         GROUP BY grp ORDER BY grp"
                     )
                 }
                 _ => {
@@ -247,7 +253,7 @@ impl Store {
                         .join(", ");
                     format!(
                         "SELECT {} AS grp, COUNT(*) AS requests, {}, {sums} FROM usage \
-                         WHERE created_at >= $1 GROUP BY grp ORDER BY grp",
+                         WHERE created_at >= $1{until_filter} GROUP BY grp ORDER BY grp",
                         group_of(by, d.day()),
                         TOTALS
                     )
@@ -255,6 +261,7 @@ impl Store {
             };
             let rows = sqlx::query(&sql)
                 .bind(d.since(since))
+                .bind(until.map(|t| d.since(t)))
                 .fetch_all(pool)
                 .await?;
             rows.iter()

@@ -42,7 +42,10 @@ fn insert_sql(details: bool) -> Vec<String> {
     let row = format!("({})", vec!["?"; names.len()].join(", "));
     STATEMENT_ROWS
         .iter()
-        .map(|&n| format!("{head}{}", vec![row.as_str(); n].join(", ")))
+        .map(|&n| {
+            let values = vec![row.as_str(); n].join(", ");
+            format!("{head}{values} RETURNING request_id, batch_id")
+        })
         .collect()
 }
 
@@ -157,7 +160,8 @@ impl SqliteStore {
     }
 }
 
-/// One batch in one transaction: all rows or none.
+/// One batch in one transaction: all rows or none, and the rollups of the
+/// rows inserted (`RETURNING` tells them: a row stored already is skipped).
 async fn insert_batch<R: std::borrow::Borrow<UsageRecord> + Sync>(
     conn: &mut sqlx::SqliteConnection,
     rows: &[R],
@@ -169,6 +173,7 @@ async fn insert_batch<R: std::borrow::Borrow<UsageRecord> + Sync>(
     // with them, so rows keep their arrival order (`id`) either way.
     let rows: Vec<&UsageRecord> = rows.iter().map(|r| r.borrow()).collect();
     let details = rows.iter().any(|r| r.has_details());
+    let mut inserted: Vec<&UsageRecord> = Vec::with_capacity(rows.len());
     for (sql, chunk) in statements(&rows, details) {
         // Arguments added in place: `Query::bind` moves the whole query
         // per value.
@@ -190,8 +195,19 @@ async fn insert_batch<R: std::borrow::Borrow<UsageRecord> + Sync>(
                 added.map_err(sqlx::Error::Encode)?;
             }
         }
-        sqlx::query_with(sql, args).execute(&mut *tx).await?;
+        let new: Vec<(String, String)> = sqlx::query_as_with(sql, args).fetch_all(&mut *tx).await?;
+        match new.len() == chunk.len() {
+            true => inserted.extend(chunk.iter().copied()),
+            false => {
+                let new: std::collections::HashSet<(&str, &str)> =
+                    new.iter().map(|(r, b)| (r.as_str(), b.as_str())).collect();
+                inserted.extend(chunk.iter().copied().filter(|r| {
+                    new.contains(&(r.request_id.as_str(), r.batch_id.as_deref().unwrap_or("")))
+                }));
+            }
+        }
     }
+    super::rollup::Rollup::of(inserted).upsert(&mut tx).await?;
     tx.commit().await?;
     Ok(())
 }

@@ -797,3 +797,37 @@ pub fn config_around(dir: &std::path::Path, upstreams: &str) -> String {
         db = dir.join("tollgate.db").display(),
     )
 }
+
+/// Asserts that every report the rollups answer (`Store::report`) equals
+/// the same report read from the rows (`Store::report_rows`), since each of
+/// `since`; returns the total cost since the first.
+pub async fn assert_rollups_match_rows(
+    store: &tollgate::store::Store,
+    since: &[chrono::DateTime<chrono::Utc>],
+) -> i64 {
+    use tollgate::store::ReportBy;
+    let mut total = None;
+    for &t in since {
+        for by in [
+            ReportBy::Team,
+            ReportBy::Model,
+            ReportBy::Key,
+            ReportBy::Day,
+            ReportBy::Component,
+            ReportBy::Provider,
+            ReportBy::Tier,
+        ] {
+            let fast = store.report(by, t).await.unwrap_or_else(|e| panic!("{e}"));
+            let mut rows = store
+                .report_rows(by, t, None)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            rows.sort_by(|a, b| a.group.cmp(&b.group));
+            assert_eq!(fast, rows, "report --by {by:?} since {t}");
+            if by == ReportBy::Team && total.is_none() {
+                total = Some(fast.iter().map(|r| r.cost_nano_usd).sum());
+            }
+        }
+    }
+    total.unwrap_or(0)
+}

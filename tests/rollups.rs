@@ -1,0 +1,214 @@
+//! Issue 23, rollups: `usage_daily` equals the usage rows to the nano-USD,
+//! whatever the rows, however they arrive (batches of any size, a batch
+//! written twice as a spool replay does), on SQLite and Postgres, and a
+//! report since any instant (mid-hour included) reads it exactly.
+
+mod support;
+
+use chrono::{DateTime, Duration, Utc};
+use tollgate::pricing::{Breakdown, Line, Meter};
+use tollgate::store::{Store, UsageRecord};
+use tollgate::usage::{ToolCalls, Usage};
+
+/// A varied row: team, key, model, tier, status, batch and cost lines all
+/// follow `i`, and it is `minutes_ago` old.
+fn row(i: u64, now: DateTime<Utc>, minutes_ago: i64) -> UsageRecord {
+    const TEAMS: [&str; 3] = ["alpha", "beta", "gamma"];
+    const MODELS: [&str; 4] = ["gpt-4o", "gpt-4o-mini", "claude-sonnet-4-5", "o3"];
+    let team = TEAMS[(i % 3) as usize];
+    let usage = Usage {
+        prompt_tokens: 100 + i % 997,
+        completion_tokens: 10 + i % 113,
+        cached_tokens: (i % 4 == 0).then_some(40),
+        cache_write_tokens: (i % 7 == 0).then_some(30),
+        audio_prompt_tokens: (i % 11 == 0).then_some(5),
+        tool_calls: ToolCalls {
+            web_search: u32::from(i % 13 == 0),
+            file_search: 0,
+        },
+        ..Usage::NONE
+    };
+    let mut breakdown = Breakdown::default();
+    breakdown.0[Line::Meter(Meter::Input).index()] = 1_000 + i * 7;
+    breakdown.0[Line::Meter(Meter::Output).index()] = 3_000 + i % 101;
+    if i % 4 == 0 {
+        breakdown.0[Line::Meter(Meter::CachedInput).index()] = 123;
+    }
+    if i % 13 == 0 {
+        breakdown.0[Line::ToolCalls.index()] = 10_000_000;
+    }
+    let status = if i % 17 == 0 { 500 } else { 200 };
+    UsageRecord {
+        created_at: now - Duration::minutes(minutes_ago),
+        request_id: format!("req_{i:08}"),
+        team: team.into(),
+        key_id: (i % 5 != 0).then(|| format!("key_{team}_{}", i % 2)),
+        model: MODELS[(i % 4) as usize].into(),
+        base_model: MODELS[(i % 4) as usize].into(),
+        upstream: "openai".into(),
+        endpoint: if i % 9 == 0 {
+            "responses"
+        } else {
+            "chat.completions"
+        },
+        stream: i % 2 == 0,
+        status,
+        prompt_tokens: usage.prompt_tokens,
+        completion_tokens: usage.completion_tokens,
+        cached_tokens: usage.cached(),
+        cost_nano_usd: if status == 500 {
+            0
+        } else {
+            breakdown.0.iter().sum()
+        },
+        token_source: "upstream",
+        latency_ms: 40,
+        end_user: None,
+        service_tier: match i % 6 {
+            0 => Some("flex"),
+            1 => Some("priority"),
+            _ => None,
+        },
+        reasoning_tokens: 0,
+        audio_prompt_tokens: usage.audio_prompt_tokens.unwrap_or(0),
+        audio_completion_tokens: 0,
+        cache_write_tokens: usage.cache_write_tokens.unwrap_or(0),
+        image_tokens: 0,
+        tool_calls: u64::from(usage.tool_calls.web_search),
+        provider: if i % 4 == 2 { "anthropic" } else { "openai" },
+        attempts: 1,
+        choices: 1,
+        capped: false,
+        cost_breakdown: if status == 500 {
+            Breakdown::default()
+        } else {
+            breakdown
+        },
+        meters: tollgate::usage::meter::Meters::of(&usage),
+        budget_period: None,
+        lease_node: None,
+        // Two batches whose lines reuse the same custom ids.
+        batch_id: (i % 23 == 0).then(|| format!("batch_{}", i % 2)),
+    }
+}
+
+/// Writes 3,000 rows spread over the last three days in batches of every
+/// size, one batch twice (a spool replay), then checks every report since
+/// several instants, on the hour and between hours.
+async fn rollups_equal_rows(store: &Store) {
+    let now = Utc::now();
+    let rows: Vec<UsageRecord> = (0..3_000u64)
+        .map(|i| row(i, now, ((i * 37) % (3 * 24 * 60)) as i64))
+        .collect();
+    let mut written = 0;
+    for (n, size) in [1usize, 7, 64, 255, 256, 500, 917]
+        .iter()
+        .cycle()
+        .enumerate()
+    {
+        if written >= rows.len() {
+            break;
+        }
+        let batch = &rows[written..(written + size).min(rows.len())];
+        store
+            .insert_usage(batch)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        if n == 3 {
+            // Replayed: every row of it is stored already.
+            store
+                .insert_usage(batch)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            // Half of the next one too, mixed with new rows.
+            let (start, end) = (written, (written + 2 * size).min(rows.len()));
+            store
+                .insert_usage(&rows[start..end])
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            written = end;
+            continue;
+        }
+        written += size;
+    }
+    let on_hour = chrono::DurationRound::duration_trunc(now, Duration::hours(1)).unwrap_or(now);
+    let since = [
+        DateTime::<Utc>::UNIX_EPOCH,
+        now - Duration::hours(24),
+        now - Duration::minutes(90),
+        on_hour - Duration::hours(5),
+        now - Duration::seconds(20),
+    ];
+    let total = support::assert_rollups_match_rows(store, &since).await;
+    let want: u64 = rows.iter().map(|r| r.cost_nano_usd).sum();
+    assert_eq!(total, want as i64, "every row once");
+    for team in ["alpha", "beta"] {
+        let since = now - Duration::minutes(150);
+        let raw: u64 = rows
+            .iter()
+            .filter(|r| r.team == team && r.created_at >= since)
+            .map(|r| r.cost_nano_usd)
+            .sum();
+        let spent = store
+            .spend_since(team, since)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(spent, raw, "{team}'s spend since {since}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_rollups_equal_the_rows_after_batches_and_replays() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let url = format!("sqlite://{}", dir.path().join("r.db").display());
+    let store = Store::open(&url).await.unwrap_or_else(|e| panic!("{e}"));
+    rollups_equal_rows(&store).await;
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_rollups_equal_the_rows_after_batches_and_replays() {
+    let Some(db) = support::PgDb::create("rollups").await else {
+        return;
+    };
+    let store = Store::open(&db.url).await.unwrap_or_else(|e| panic!("{e}"));
+    rollups_equal_rows(&store).await;
+    store.close().await;
+    db.drop_db().await;
+}
+
+/// Rows written before the rollups existed are summed by the migration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_migration_rolls_up_the_rows_already_there() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let url = format!("sqlite://{}", dir.path().join("old.db").display());
+    let store = Store::open(&url).await.unwrap_or_else(|e| panic!("{e}"));
+    let now = Utc::now();
+    let rows: Vec<UsageRecord> = (0..500u64).map(|i| row(i, now, (i * 11) as i64)).collect();
+    store
+        .insert_usage(&rows)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    store.close().await;
+    // As a database of the release before: no rollups, migration undone.
+    let pool = sqlx::SqlitePool::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for sql in [
+        "DROP TABLE usage_daily",
+        "DELETE FROM _sqlx_migrations WHERE description = 'usage daily'",
+    ] {
+        sqlx::query(sql)
+            .execute(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    pool.close().await;
+    let store = Store::open(&url).await.unwrap_or_else(|e| panic!("{e}"));
+    let total = support::assert_rollups_match_rows(&store, &[DateTime::<Utc>::UNIX_EPOCH]).await;
+    assert_eq!(
+        total as u64,
+        rows.iter().map(|r| r.cost_nano_usd).sum::<u64>()
+    );
+    store.close().await;
+}
