@@ -19,11 +19,11 @@ fn row(i: u64, now: DateTime<Utc>, minutes_ago: i64) -> UsageRecord {
     let usage = Usage {
         prompt_tokens: 100 + i % 997,
         completion_tokens: 10 + i % 113,
-        cached_tokens: (i % 4 == 0).then_some(40),
-        cache_write_tokens: (i % 7 == 0).then_some(30),
-        audio_prompt_tokens: (i % 11 == 0).then_some(5),
+        cached_tokens: (i.is_multiple_of(4)).then_some(40),
+        cache_write_tokens: (i.is_multiple_of(7)).then_some(30),
+        audio_prompt_tokens: (i.is_multiple_of(11)).then_some(5),
         tool_calls: ToolCalls {
-            web_search: u32::from(i % 13 == 0),
+            web_search: u32::from(i.is_multiple_of(13)),
             file_search: 0,
         },
         ..Usage::NONE
@@ -31,27 +31,27 @@ fn row(i: u64, now: DateTime<Utc>, minutes_ago: i64) -> UsageRecord {
     let mut breakdown = Breakdown::default();
     breakdown.0[Line::Meter(Meter::Input).index()] = 1_000 + i * 7;
     breakdown.0[Line::Meter(Meter::Output).index()] = 3_000 + i % 101;
-    if i % 4 == 0 {
+    if i.is_multiple_of(4) {
         breakdown.0[Line::Meter(Meter::CachedInput).index()] = 123;
     }
-    if i % 13 == 0 {
+    if i.is_multiple_of(13) {
         breakdown.0[Line::ToolCalls.index()] = 10_000_000;
     }
-    let status = if i % 17 == 0 { 500 } else { 200 };
+    let status = if i.is_multiple_of(17) { 500 } else { 200 };
     UsageRecord {
         created_at: now - Duration::minutes(minutes_ago),
         request_id: format!("req_{i:08}"),
         team: team.into(),
-        key_id: (i % 5 != 0).then(|| format!("key_{team}_{}", i % 2)),
+        key_id: (!i.is_multiple_of(5)).then(|| format!("key_{team}_{}", i % 2)),
         model: MODELS[(i % 4) as usize].into(),
         base_model: MODELS[(i % 4) as usize].into(),
         upstream: "openai".into(),
-        endpoint: if i % 9 == 0 {
+        endpoint: if i.is_multiple_of(9) {
             "responses"
         } else {
             "chat.completions"
         },
-        stream: i % 2 == 0,
+        stream: i.is_multiple_of(2),
         status,
         prompt_tokens: usage.prompt_tokens,
         completion_tokens: usage.completion_tokens,
@@ -88,7 +88,7 @@ fn row(i: u64, now: DateTime<Utc>, minutes_ago: i64) -> UsageRecord {
         budget_period: None,
         lease_node: None,
         // Two batches whose lines reuse the same custom ids.
-        batch_id: (i % 23 == 0).then(|| format!("batch_{}", i % 2)),
+        batch_id: (i.is_multiple_of(23)).then(|| format!("batch_{}", i % 2)),
     }
 }
 
