@@ -113,7 +113,9 @@ impl<'a> Rollup<'a> {
     }
 
     /// Adds the sums to `usage_daily`, in key order, inside the caller's
-    /// transaction (one statement per rollup row; a batch has few).
+    /// transaction: statements of `STATEMENT_ROWS` rollup rows (a batch of
+    /// 512 requests of 200 keys each in its own hour makes 400 rollup rows:
+    /// 256 + 128 + 16, three statements).
     pub(crate) async fn upsert<'c, DB>(
         &self,
         tx: &mut sqlx::Transaction<'c, DB>,
@@ -127,19 +129,31 @@ impl<'a> Rollup<'a> {
         for<'q> i16: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
         for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     {
-        for (key, sums) in &self.0 {
-            let hour = i16::try_from(key.hour).unwrap_or(0);
-            let mut q = sqlx::query::<DB>(&UPSERT_SQL)
-                .bind(key.day.format("%Y-%m-%d").to_string())
-                .bind(hour)
-                .bind(key.team)
-                .bind(key.key_id)
-                .bind(key.model)
-                .bind(key.provider)
-                .bind(key.endpoint)
-                .bind(key.tier);
-            for v in sums.0 {
-                q = q.bind(super::to_i64(v));
+        let rows: Vec<(&Key, &Sums)> = self.0.iter().collect();
+        let mut rest = rows.as_slice();
+        while let Some(i) = STATEMENT_ROWS.iter().position(|&n| n <= rest.len()) {
+            let (chunk, next) = rest.split_at(STATEMENT_ROWS[i]);
+            rest = next;
+            // SQLite's `$n` parameters are looked up by name, each bind a
+            // scan of them all: positional `?` there.
+            let texts = match DB::NAME == "SQLite" {
+                true => &UPSERT_SQL[1],
+                false => &UPSERT_SQL[0],
+            };
+            let mut q = sqlx::query::<DB>(&texts[i]);
+            for (key, sums) in chunk {
+                q = q
+                    .bind(key.day.format("%Y-%m-%d").to_string())
+                    .bind(i16::try_from(key.hour).unwrap_or(0))
+                    .bind(key.team)
+                    .bind(key.key_id)
+                    .bind(key.model)
+                    .bind(key.provider)
+                    .bind(key.endpoint)
+                    .bind(key.tier);
+                for v in sums.0 {
+                    q = q.bind(super::to_i64(v));
+                }
             }
             q.execute(&mut **tx).await?;
         }
@@ -147,22 +161,47 @@ impl<'a> Rollup<'a> {
     }
 }
 
-/// One rollup row added: inserted, or summed into the row of its key.
-static UPSERT_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+/// Rollup rows per upsert statement, largest first; each size has one SQL
+/// text, prepared once (256 rows bind 15,616 values: under both databases'
+/// limits).
+const STATEMENT_ROWS: [usize; 9] = [256, 128, 64, 32, 16, 8, 4, 2, 1];
+
+/// Rollup rows added: inserted, or summed into the row of their key; one
+/// text per `STATEMENT_ROWS` size, with `$n` parameters (Postgres) and `?`.
+static UPSERT_SQL: std::sync::LazyLock<[Vec<String>; 2]> =
+    std::sync::LazyLock::new(|| [upsert_sql(true), upsert_sql(false)]);
+
+fn upsert_sql(numbered: bool) -> Vec<String> {
     let sums: Vec<String> = sum_columns().collect();
-    let params: Vec<String> = (1..=8 + sums.len()).map(|i| format!("${i}")).collect();
+    let width = 8 + sums.len();
     let add: Vec<String> = sums
         .iter()
         .map(|c| format!("{c} = usage_daily.{c} + excluded.{c}"))
         .collect();
-    format!(
-        "INSERT INTO usage_daily ({KEY_COLUMNS}, {}) VALUES ({}) \
-         ON CONFLICT ({KEY_COLUMNS}) DO UPDATE SET {}",
-        sums.join(", "),
-        params.join(", "),
-        add.join(", ")
-    )
-});
+    STATEMENT_ROWS
+        .iter()
+        .map(|&n| {
+            let values: Vec<String> = (0..n)
+                .map(|r| {
+                    let params: Vec<String> = (1..=width)
+                        .map(|i| match numbered {
+                            true => format!("${}", r * width + i),
+                            false => "?".to_string(),
+                        })
+                        .collect();
+                    format!("({})", params.join(", "))
+                })
+                .collect();
+            format!(
+                "INSERT INTO usage_daily ({KEY_COLUMNS}, {}) VALUES {} \
+                 ON CONFLICT ({KEY_COLUMNS}) DO UPDATE SET {}",
+                sums.join(", "),
+                values.join(", "),
+                add.join(", ")
+            )
+        })
+        .collect()
+}
 
 /// The first whole hour at or after `t`.
 fn hour_at_or_after(t: DateTime<Utc>) -> DateTime<Utc> {
@@ -264,7 +303,27 @@ impl Store {
         let (day, hour) = day_hour(from);
         let team_filter = if team.is_some() { " AND team = $3" } else { "" };
         let sum = |c: &str| format!("CAST(COALESCE(SUM({c}), 0) AS BIGINT) AS {c}");
-        let sums: Vec<String> = sum_columns().map(|c| sum(&c)).collect();
+        // Only the sums a report line shows.
+        let read = [
+            "requests",
+            "prompt_tokens",
+            "completion_tokens",
+            "cached_tokens",
+            "cost_nano_usd",
+        ];
+        let lines = Line::ALL.iter().map(|l| format!("c_{}", l.name()));
+        let sums: Vec<String> = match by {
+            ReportBy::Component => lines
+                .chain(Line::ALL.iter().map(|l| format!("n_{}", l.name())))
+                .map(|c| sum(&c))
+                .collect(),
+            _ => read
+                .iter()
+                .map(|c| c.to_string())
+                .chain(lines)
+                .map(|c| sum(&c))
+                .collect(),
+        };
         let sql = match by {
             ReportBy::Component => format!(
                 "SELECT {} FROM usage_daily WHERE {FROM_HOUR}{team_filter}",
@@ -353,11 +412,14 @@ mod tests {
     #[test]
     fn the_sums_have_a_column_each() {
         assert_eq!(sum_columns().count(), SUMS);
-        let sql = UPSERT_SQL.as_str();
+        let [numbered, positional] = &*UPSERT_SQL;
+        let one = numbered[STATEMENT_ROWS.len() - 1].as_str();
         assert!(
-            sql.contains("n_gpu = usage_daily.n_gpu + excluded.n_gpu"),
-            "{sql}"
+            one.contains("n_gpu = usage_daily.n_gpu + excluded.n_gpu"),
+            "{one}"
         );
-        assert!(sql.contains(&format!("${}", 8 + SUMS)), "{sql}");
+        assert!(one.contains(&format!("${})", 8 + SUMS)), "{one}");
+        assert!(numbered[0].contains(&format!("${})", 256 * (8 + SUMS))));
+        assert_eq!(positional[0].matches('?').count(), 256 * (8 + SUMS));
     }
 }
