@@ -199,32 +199,27 @@ async fn a_gpu_row_without_a_floor_is_refused() {
 /// Inserts a usage row of llama-local that started at `start_ms` (Unix
 /// ms) and took `latency_ms`, with `tokens` (prompt) and `cost`.
 async fn seed(
-    pool: &sqlx::SqlitePool,
+    store: &tollgate::store::Store,
     id: &str,
     start_ms: i64,
     latency_ms: i64,
     tokens: i64,
     cost: i64,
 ) {
-    let at = chrono::DateTime::from_timestamp_millis(start_ms)
-        .unwrap_or_default()
-        .format("%Y-%m-%dT%H:%M:%S%.3fZ")
-        .to_string();
-    sqlx::query(
-        "INSERT INTO usage (created_at, request_id, team, key_id, model, base_model, upstream, endpoint, \
-         stream, status, prompt_tokens, completion_tokens, cached_tokens, cost_nano_usd, token_source, \
-         latency_ms, provider, cost_breakdown) \
-         VALUES (?, ?, 'ml', NULL, 'llama-local', 'llama-local', 'mock', 'chat.completions', 0, 200, ?, 0, 0, ?, \
-         'upstream', ?, 'vllm', '{}')",
-    )
-    .bind(at)
-    .bind(id)
-    .bind(tokens)
-    .bind(cost)
-    .bind(latency_ms)
-    .execute(pool)
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    let at = chrono::DateTime::from_timestamp_millis(start_ms).unwrap_or_default();
+    let mut row = support::usage_record(id, "ml", "llama-local", at);
+    row.prompt_tokens = tokens as u64;
+    row.cost_nano_usd = cost as u64;
+    row.latency_ms = latency_ms as u64;
+    row.provider = "vllm";
+    row.meters = tollgate::usage::meter::Meters::of(&tollgate::usage::Usage {
+        prompt_tokens: tokens as u64,
+        ..tollgate::usage::Usage::NONE
+    });
+    store
+        .insert_usage(&[row])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -232,7 +227,7 @@ async fn numbers_show_what_batching_does_to_throughput_and_cost() {
     let mock = MockUpstream::start().await;
     let tg = start(&mock).await;
     let url = format!("sqlite://{}", tg.dir.path().join("tollgate.db").display());
-    let pool = sqlx::SqlitePool::connect(&url)
+    let pool = tollgate::store::Store::open(&url)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     // One request alone for a second (1,000 tokens), then four at once for

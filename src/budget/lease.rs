@@ -52,12 +52,12 @@ pub async fn acquire(
     sqlx::query(
         "INSERT INTO budget_state (team, period, spent) \
          SELECT $1, $2, COALESCE(SUM(cost_nano_usd), 0)::BIGINT FROM usage \
-         WHERE team = $1 AND ($3::timestamptz IS NULL OR created_at >= $3) \
+         WHERE team = $1 AND ($3::bigint IS NULL OR created_ms >= $3) \
          ON CONFLICT (team, period) DO NOTHING",
     )
     .bind(team)
     .bind(period)
-    .bind(period_start)
+    .bind(period_start.map(|t| t.timestamp_millis()))
     .execute(&mut *tx)
     .await?;
     let spent: i64 = sqlx::query_scalar(

@@ -587,7 +587,10 @@ fn bill_line(state: &Proxy, batch: &BatchRow, line: &[u8]) -> NanoUsd {
     let who = Admission {
         request_id: crate::usage::bounded_model(result.custom_id).to_string(),
         started: Instant::now(),
-        created_at: Utc::now(),
+        // The batch's creation, not the billing: a line read twice is one
+        // row with one time (on Postgres, in one month's partition), and
+        // its cost lands where its hold was.
+        created_at: batch.created_at,
         format,
         endpoint: Endpoint::Batch,
         team: batch.team.clone(),

@@ -79,12 +79,6 @@ impl Sqlite {
     pub fn day(&self) -> &'static str {
         "substr(created_at, 1, 10)"
     }
-
-    /// `created_at` in Unix milliseconds.
-    pub fn unix_ms(&self) -> &'static str {
-        "(CAST(strftime('%s', created_at) AS INTEGER) * 1000 \
-         + CAST(substr(created_at, 21, 3) AS INTEGER))"
-    }
 }
 
 impl Postgres {
@@ -134,9 +128,5 @@ impl Postgres {
 
     pub fn day(&self) -> &'static str {
         "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
-    }
-
-    pub fn unix_ms(&self) -> &'static str {
-        "(EXTRACT(EPOCH FROM created_at) * 1000)::BIGINT"
     }
 }

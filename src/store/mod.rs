@@ -10,6 +10,7 @@ mod pending;
 mod postgres;
 mod queries;
 mod rollup;
+mod rows;
 pub mod spool;
 mod sqlite;
 pub mod writer;
@@ -101,135 +102,6 @@ pub struct UsageRecord {
     /// The batch whose result line this row is (`request_id` is then the
     /// line's `custom_id`).
     pub batch_id: Option<String>,
-}
-
-/// The `usage` columns tollgate writes, in the order both stores bind
-/// them: a new column is one line here and one in `UsageRecord::values`.
-pub(crate) const USAGE_COLUMNS: [(&str, ColumnType); 31] = [
-    ("created_at", ColumnType::Time),
-    ("request_id", ColumnType::Text),
-    ("team", ColumnType::Text),
-    ("key_id", ColumnType::OptText),
-    ("model", ColumnType::Text),
-    ("base_model", ColumnType::Text),
-    ("upstream", ColumnType::Text),
-    ("endpoint", ColumnType::Text),
-    ("stream", ColumnType::Bool),
-    ("status", ColumnType::Int4),
-    ("prompt_tokens", ColumnType::Int),
-    ("completion_tokens", ColumnType::Int),
-    ("cached_tokens", ColumnType::Int),
-    ("cost_nano_usd", ColumnType::Int),
-    ("token_source", ColumnType::Text),
-    ("latency_ms", ColumnType::Int),
-    ("end_user", ColumnType::OptText),
-    ("service_tier", ColumnType::OptText),
-    ("reasoning_tokens", ColumnType::Int),
-    ("audio_prompt_tokens", ColumnType::Int),
-    ("audio_completion_tokens", ColumnType::Int),
-    ("cache_write_tokens", ColumnType::Int),
-    ("image_tokens", ColumnType::Int),
-    ("tool_calls", ColumnType::Int),
-    ("provider", ColumnType::Text),
-    ("cost_breakdown", ColumnType::Json),
-    ("attempts", ColumnType::Int4),
-    ("choices", ColumnType::Int4),
-    ("capped", ColumnType::Bool),
-    ("meters", ColumnType::Json),
-    ("batch_id", ColumnType::Text),
-];
-
-/// Columns of `USAGE_COLUMNS` whose database default (0, NULL, 1 attempt) most rows
-/// share: a row with none of these set is written without them (fewer
-/// values to bind and store per row on SQLite's hot path).
-pub(crate) const DETAIL_COLUMNS: [&str; 11] = [
-    "service_tier",
-    "reasoning_tokens",
-    "audio_prompt_tokens",
-    "audio_completion_tokens",
-    "cache_write_tokens",
-    "image_tokens",
-    "tool_calls",
-    "attempts",
-    "choices",
-    "capped",
-    "batch_id",
-];
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ColumnType {
-    Time,
-    Text,
-    OptText,
-    Bool,
-    Int4,
-    Int,
-    Json,
-}
-
-/// One value of a usage row, as both stores bind it.
-pub(crate) enum Value<'a> {
-    Time(DateTime<Utc>),
-    Text(&'a str),
-    OptText(Option<&'a str>),
-    Bool(bool),
-    Int4(i32),
-    Int(i64),
-    Json(String),
-}
-
-impl UsageRecord {
-    /// True when some `DETAIL_COLUMNS` value differs from its default.
-    pub(crate) fn has_details(&self) -> bool {
-        self.service_tier.is_some()
-            || self.reasoning_tokens > 0
-            || self.audio_prompt_tokens > 0
-            || self.audio_completion_tokens > 0
-            || self.cache_write_tokens > 0
-            || self.image_tokens > 0
-            || self.tool_calls > 0
-            || self.attempts != 1
-            || self.choices != 1
-            || self.capped
-            || self.batch_id.is_some()
-    }
-
-    /// The row's values in `USAGE_COLUMNS` order.
-    pub(crate) fn values(&self) -> [Value<'_>; USAGE_COLUMNS.len()] {
-        [
-            Value::Time(self.created_at),
-            Value::Text(&self.request_id),
-            Value::Text(&self.team),
-            Value::OptText(self.key_id.as_deref()),
-            Value::Text(&self.model),
-            Value::Text(&self.base_model),
-            Value::Text(&self.upstream),
-            Value::Text(self.endpoint),
-            Value::Bool(self.stream),
-            Value::Int4(i32::from(self.status)),
-            Value::Int(to_i64(self.prompt_tokens)),
-            Value::Int(to_i64(self.completion_tokens)),
-            Value::Int(to_i64(self.cached_tokens)),
-            Value::Int(to_i64(self.cost_nano_usd)),
-            Value::Text(self.token_source),
-            Value::Int(to_i64(self.latency_ms)),
-            Value::OptText(self.end_user.as_deref()),
-            Value::OptText(self.service_tier),
-            Value::Int(to_i64(self.reasoning_tokens)),
-            Value::Int(to_i64(self.audio_prompt_tokens)),
-            Value::Int(to_i64(self.audio_completion_tokens)),
-            Value::Int(to_i64(self.cache_write_tokens)),
-            Value::Int(to_i64(self.image_tokens)),
-            Value::Int(to_i64(self.tool_calls)),
-            Value::Text(self.provider),
-            Value::Json(self.cost_breakdown.to_json()),
-            Value::Int4(i32::from(self.attempts)),
-            Value::Int4(i32::from(self.choices)),
-            Value::Bool(self.capped),
-            Value::Json(self.meters.to_json()),
-            Value::Text(self.batch_id.as_deref().unwrap_or("")),
-        ]
-    }
 }
 
 #[derive(Debug, thiserror::Error)]

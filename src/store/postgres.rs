@@ -5,11 +5,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
-use super::{to_i64, ColumnType, StoreError, UsageRecord, Value, USAGE_COLUMNS};
+use super::rows::{Batch, ColumnType, Compact, Names, Value, COLUMNS};
+use super::{to_i64, StoreError, UsageRecord};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -18,6 +18,8 @@ pub struct PostgresStore {
     pool: PgPool,
     /// This replica's name in `budget_leases`: random per process.
     node: std::sync::Arc<str>,
+    /// Name ids this replica has seen (`rows::Names`).
+    names: std::sync::Arc<Names>,
 }
 
 impl PostgresStore {
@@ -36,6 +38,7 @@ impl PostgresStore {
         Ok(PostgresStore {
             pool,
             node: node.into(),
+            names: Default::default(),
         })
     }
 
@@ -64,21 +67,26 @@ impl PostgresStore {
         rows: &[R],
     ) -> Result<Vec<String>, StoreError> {
         let rows: Vec<&UsageRecord> = rows.iter().map(|r| r.borrow()).collect();
+        let (mut batch, missing) = Batch::new(rows, &self.names);
+        if !missing.is_empty() {
+            batch.add(self.resolve(missing).await?, &self.names);
+        }
+        let more = batch.overflowing();
+        if !more.is_empty() {
+            batch.add(self.resolve(more).await?, &self.names);
+        }
+        let rows = batch.compact();
         let mut tx = self.pool.begin().await?;
-        let inserted: Vec<(String, String)> = insert_rows(&rows).fetch_all(&mut *tx).await?;
-        let inserted: std::collections::HashSet<(String, String)> = inserted.into_iter().collect();
-        let was_inserted = |r: &UsageRecord| {
-            let id = (r.request_id.clone(), r.batch_id.clone().unwrap_or_default());
-            inserted.contains(&id)
-        };
+        let inserted: Vec<i64> = insert_rows(&rows).fetch_all(&mut *tx).await?;
+        let inserted: std::collections::HashSet<i64> = inserted.into_iter().collect();
 
         // Ordered: every replica updates the rows it shares with the others
         // (budget_state, usage_daily) in the same order, so none deadlock.
         let mut recorded: BTreeMap<(&str, &str, &str), u64> = BTreeMap::new();
         let mut skipped = Vec::new();
         let mut new = Vec::with_capacity(rows.len());
-        for r in &rows {
-            if !was_inserted(r) {
+        for (r, c) in &rows {
+            if !inserted.contains(&c.id) {
                 skipped.push(r.request_id.clone());
                 continue;
             }
@@ -113,89 +121,92 @@ impl PostgresStore {
         Ok(skipped)
     }
 
+    /// The ids of `names`, added to the `names` table where new (committed
+    /// on their own; two replicas adding one name get the same id).
+    async fn resolve(
+        &self,
+        names: Vec<String>,
+    ) -> Result<std::collections::HashMap<String, i64>, sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO names (name) SELECT UNNEST($1::text[]) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(&names)
+        .execute(&self.pool)
+        .await?;
+        let found: Vec<(i64, String)> =
+            sqlx::query_as("SELECT CAST(id AS BIGINT), name FROM names WHERE name = ANY($1)")
+                .bind(&names)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(found.into_iter().map(|(id, n)| (n, id)).collect())
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }
 }
 
-/// The UNNEST insert of `rows`, one array per column of `USAGE_COLUMNS`,
-/// returning the (request id, batch id) of the rows inserted (those already
-/// stored are skipped).
+/// The UNNEST insert of `rows`, one array per column of `rows::COLUMNS`,
+/// returning the ids of the rows inserted (those already stored, in their
+/// month's partition, are skipped).
 fn insert_rows(
-    rows: &[&UsageRecord],
-) -> sqlx::query::QueryAs<'static, sqlx::Postgres, (String, String), sqlx::postgres::PgArguments> {
+    rows: &[(&UsageRecord, Compact)],
+) -> sqlx::query::QueryScalar<'static, sqlx::Postgres, i64, sqlx::postgres::PgArguments> {
     static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-        let names: Vec<&str> = USAGE_COLUMNS.iter().map(|(n, _)| *n).collect();
-        let arrays: Vec<String> = USAGE_COLUMNS
+        let names: Vec<&str> = COLUMNS.iter().map(|(n, _, _)| *n).collect();
+        let arrays: Vec<String> = COLUMNS
             .iter()
             .enumerate()
-            .map(|(i, (_, t))| {
+            .map(|(i, (_, t, _))| {
                 let ty = match t {
-                    ColumnType::Time => "timestamptz",
-                    ColumnType::Text | ColumnType::OptText => "text",
-                    ColumnType::Bool => "bool",
+                    ColumnType::Int8 => "int8",
                     ColumnType::Int4 => "int4",
-                    ColumnType::Int => "int8",
+                    ColumnType::Int2 => "int2",
                     // Cast in the SELECT: UNNEST cannot take jsonb text.
                     ColumnType::Json => "text",
                 };
                 format!("${}::{ty}[]", i + 1)
             })
             .collect();
-        let select: Vec<String> = USAGE_COLUMNS
+        let select: Vec<String> = COLUMNS
             .iter()
-            .map(|(n, t)| match t {
+            .map(|(n, t, _)| match t {
                 ColumnType::Json => format!("{n}::jsonb"),
                 _ => n.to_string(),
             })
             .collect();
         format!(
-            "INSERT INTO usage ({}) SELECT {} FROM UNNEST({}) AS t({}) \
-             ON CONFLICT (request_id, batch_id) DO NOTHING RETURNING request_id, batch_id",
+            "INSERT INTO usage_rows ({}) SELECT {} FROM UNNEST({}) AS t({}) \
+             ON CONFLICT DO NOTHING RETURNING id",
             names.join(", "),
             select.join(", "),
             arrays.join(", "),
             names.join(", ")
         )
     });
-    let values: Vec<[Value<'_>; USAGE_COLUMNS.len()]> = rows.iter().map(|r| r.values()).collect();
-    let mut q = sqlx::query_as::<_, (String, String)>(SQL.as_str());
-    for (i, (_, ty)) in USAGE_COLUMNS.iter().enumerate() {
-        let col = values.iter().map(|v| &v[i]);
+    let mut q = sqlx::query_scalar::<_, i64>(SQL.as_str());
+    for (i, (_, ty, _)) in COLUMNS.iter().enumerate() {
+        let col = rows.iter().map(|(_, c)| &c.values[i]);
+        let int = |v: &Value| match v {
+            Value::Int(n) => *n,
+            Value::Json(_) => None,
+        };
         q = match ty {
-            ColumnType::Time => q.bind(
-                col.map(|v| match v {
-                    Value::Time(t) => *t,
-                    _ => DateTime::<Utc>::MIN_UTC,
-                })
-                .collect::<Vec<_>>(),
+            ColumnType::Int8 => q.bind(col.map(int).collect::<Vec<Option<i64>>>()),
+            ColumnType::Int4 => q.bind(
+                col.map(|v| int(v).map(|n| i32::try_from(n).unwrap_or(i32::MAX)))
+                    .collect::<Vec<Option<i32>>>(),
             ),
-            ColumnType::Text | ColumnType::OptText | ColumnType::Json => q.bind(
+            ColumnType::Int2 => q.bind(
+                col.map(|v| int(v).map(|n| i16::try_from(n).unwrap_or(i16::MAX)))
+                    .collect::<Vec<Option<i16>>>(),
+            ),
+            ColumnType::Json => q.bind(
                 col.map(|v| match v {
-                    Value::Text(t) => Some(t.to_string()),
-                    Value::OptText(t) => t.map(str::to_string),
-                    Value::Json(j) => Some(j.clone()),
-                    _ => None,
+                    Value::Json(j) => j.clone(),
+                    Value::Int(_) => None,
                 })
                 .collect::<Vec<Option<String>>>(),
-            ),
-            ColumnType::Bool => q.bind(
-                col.map(|v| matches!(v, Value::Bool(true)))
-                    .collect::<Vec<_>>(),
-            ),
-            ColumnType::Int4 => q.bind(
-                col.map(|v| match v {
-                    Value::Int4(n) => *n,
-                    _ => 0,
-                })
-                .collect::<Vec<_>>(),
-            ),
-            ColumnType::Int => q.bind(
-                col.map(|v| match v {
-                    Value::Int(n) => *n,
-                    _ => 0,
-                })
-                .collect::<Vec<_>>(),
             ),
         };
     }

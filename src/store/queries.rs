@@ -225,7 +225,7 @@ impl Store {
         until: Option<DateTime<Utc>>,
     ) -> Result<Vec<ReportRow>, StoreError> {
         let until_filter = if until.is_some() {
-            " AND created_at < $2"
+            " AND created_ms < $2"
         } else {
             ""
         };
@@ -237,7 +237,7 @@ impl Store {
                         "SELECT j.key AS grp, COUNT(*) AS requests, CAST(0 AS BIGINT) AS p, \
                          CAST(0 AS BIGINT) AS c, CAST(0 AS BIGINT) AS ca, \
                          CAST(COALESCE(SUM({value}), 0) AS BIGINT) AS cost \
-                         FROM usage, {entries} WHERE created_at >= $1{until_filter} \
+                         FROM usage, {entries} WHERE created_ms >= $1{until_filter} \
                          GROUP BY grp ORDER BY grp"
                     )
                 }
@@ -253,15 +253,15 @@ impl Store {
                         .join(", ");
                     format!(
                         "SELECT {} AS grp, COUNT(*) AS requests, {}, {sums} FROM usage \
-                         WHERE created_at >= $1{until_filter} GROUP BY grp ORDER BY grp",
+                         WHERE created_ms >= $1{until_filter} GROUP BY grp ORDER BY grp",
                         group_of(by, d.day()),
                         TOTALS
                     )
                 }
             };
             let rows = sqlx::query(&sql)
-                .bind(d.since(since))
-                .bind(until.map(|t| d.since(t)))
+                .bind(since.timestamp_millis())
+                .bind(until.map(|t| t.timestamp_millis()))
                 .fetch_all(pool)
                 .await?;
             rows.iter()
@@ -274,11 +274,11 @@ impl Store {
     pub async fn counts_since(&self, since: DateTime<Utc>) -> Result<Vec<CountsRow>, StoreError> {
         on_db!(self, pool, _writer, d => {
             let sql = format!(
-                "SELECT {} FROM usage WHERE created_at >= $1 ORDER BY id",
-                super::counts_columns(|c| d.json_text(c), d.unix_ms())
+                "SELECT {} FROM usage WHERE created_ms >= $1 ORDER BY created_ms, id",
+                super::counts_columns(|c| d.json_text(c), "created_ms")
             );
             let rows = sqlx::query(&sql)
-                .bind(d.since(since))
+                .bind(since.timestamp_millis())
                 .fetch_all(pool)
                 .await?;
             rows.iter()

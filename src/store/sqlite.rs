@@ -6,7 +6,8 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::SqlitePool;
 
-use super::{time_text, StoreError, UsageRecord, Value, DETAIL_COLUMNS, USAGE_COLUMNS};
+use super::rows::{Batch, Names, Value, COLUMNS};
+use super::{StoreError, UsageRecord};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -31,27 +32,26 @@ static INSERT_SQL: std::sync::LazyLock<[Vec<String>; 2]> =
     std::sync::LazyLock::new(|| [insert_sql(true), insert_sql(false)]);
 
 /// The INSERT texts of every statement size, with the detail columns
-/// (`DETAIL_COLUMNS`) or without them.
+/// (`rows::COLUMNS` marked `true`) or without them.
 fn insert_sql(details: bool) -> Vec<String> {
-    let names: Vec<&str> = USAGE_COLUMNS
+    let names: Vec<&str> = COLUMNS
         .iter()
-        .map(|(name, _)| *name)
-        .filter(|name| details || !DETAIL_COLUMNS.contains(name))
+        .filter(|(_, _, detail)| details || !detail)
+        .map(|(name, _, _)| *name)
         .collect();
-    let head = format!("INSERT OR IGNORE INTO usage ({}) VALUES ", names.join(", "));
+    let head = format!(
+        "INSERT OR IGNORE INTO usage_rows ({}) VALUES ",
+        names.join(", ")
+    );
     let row = format!("({})", vec!["?"; names.len()].join(", "));
     STATEMENT_ROWS
         .iter()
         .map(|&n| {
             let values = vec![row.as_str(); n].join(", ");
-            format!("{head}{values} RETURNING request_id, batch_id")
+            format!("{head}{values} RETURNING id")
         })
         .collect()
 }
-
-/// Which `USAGE_COLUMNS` a row written without details binds.
-static PLAIN_COLUMNS: std::sync::LazyLock<[bool; USAGE_COLUMNS.len()]> =
-    std::sync::LazyLock::new(|| USAGE_COLUMNS.map(|(name, _)| !DETAIL_COLUMNS.contains(&name)));
 
 /// `rows` cut into chunks of `STATEMENT_ROWS` sizes, each with its SQL text
 /// (with or without the detail columns).
@@ -78,6 +78,8 @@ pub struct SqliteStore {
     /// file deleted or moved under a running server keeps taking writes
     /// through the open handles, into a file nobody will ever read.
     file: Option<(std::path::PathBuf, (u64, u64))>,
+    /// Name ids the writer has seen (`rows::Names`).
+    names: std::sync::Arc<Names>,
 }
 
 fn file_identity(path: &std::path::Path) -> Option<(u64, u64)> {
@@ -109,7 +111,12 @@ impl SqliteStore {
         let file = crate::config::sqlite_path(url)
             .filter(|p| p.to_str() != Some(":memory:"))
             .and_then(|p| file_identity(&p).map(|id| (p, id)));
-        Ok(SqliteStore { pool, writer, file })
+        Ok(SqliteStore {
+            pool,
+            writer,
+            file,
+            names: Default::default(),
+        })
     }
 
     /// Err when the database file is no longer the one opened.
@@ -142,7 +149,7 @@ impl SqliteStore {
         rows: &[R],
     ) -> Result<Vec<String>, StoreError> {
         let mut conn = self.writer.acquire().await?;
-        let written = insert_batch(&mut conn, rows).await;
+        let written = insert_batch(&mut conn, rows, &self.names).await;
         if written.is_err() {
             // A failed statement (disk full, I/O error) may have ended the
             // transaction inside SQLite behind sqlx's back. Rather than
@@ -160,50 +167,88 @@ impl SqliteStore {
     }
 }
 
+/// The ids of `names`, added to the `names` table where new (committed on
+/// their own: an id never used is harmless, a batch's rollback keeps them).
+async fn resolve(
+    conn: &mut sqlx::SqliteConnection,
+    names: Vec<String>,
+) -> Result<std::collections::HashMap<String, i64>, sqlx::Error> {
+    let mut ids = std::collections::HashMap::new();
+    for chunk in names.chunks(500) {
+        // One text per size, never cached: the inserts' prepared
+        // statements stay in sqlx's cache.
+        let marks = vec!["(?)"; chunk.len()].join(", ");
+        let sql = format!("INSERT OR IGNORE INTO names (name) VALUES {marks}");
+        let mut insert = sqlx::query(&sql).persistent(false);
+        for n in chunk {
+            insert = insert.bind(n);
+        }
+        insert.execute(&mut *conn).await?;
+        let marks = vec!["?"; chunk.len()].join(", ");
+        let sql = format!("SELECT id, name FROM names WHERE name IN ({marks})");
+        let mut select = sqlx::query_as::<_, (i64, String)>(&sql).persistent(false);
+        for n in chunk {
+            select = select.bind(n);
+        }
+        for (id, name) in select.fetch_all(&mut *conn).await? {
+            ids.insert(name, id);
+        }
+    }
+    Ok(ids)
+}
+
 /// One batch in one transaction: all rows or none, and the rollups of the
 /// rows inserted (`RETURNING` tells them: a row stored already is skipped).
 async fn insert_batch<R: std::borrow::Borrow<UsageRecord> + Sync>(
     conn: &mut sqlx::SqliteConnection,
     rows: &[R],
+    names: &Names,
 ) -> Result<(), StoreError> {
     use sqlx::{Arguments, Connection};
+    let rows: Vec<&UsageRecord> = rows.iter().map(|r| r.borrow()).collect();
+    let (mut batch, missing) = Batch::new(rows, names);
+    if !missing.is_empty() {
+        batch.add(resolve(conn, missing).await?, names);
+    }
+    let more = batch.overflowing();
+    if !more.is_empty() {
+        batch.add(resolve(conn, more).await?, names);
+    }
+    let rows = batch.compact();
     let mut tx = conn.begin().await?;
     // Most batches carry no detail at all (no tier, audio, reasoning...):
-    // they go out without those columns. A batch with any goes out whole
-    // with them, so rows keep their arrival order (`id`) either way.
-    let rows: Vec<&UsageRecord> = rows.iter().map(|r| r.borrow()).collect();
-    let details = rows.iter().any(|r| r.has_details());
+    // they go out without those columns; a batch with any, with all.
+    let details = rows.iter().any(|(_, c)| !c.plain);
     let mut inserted: Vec<&UsageRecord> = Vec::with_capacity(rows.len());
     for (sql, chunk) in statements(&rows, details) {
         // Arguments added in place: `Query::bind` moves the whole query
         // per value.
         let mut args = sqlx::sqlite::SqliteArguments::default();
-        for r in chunk {
-            for (v, wanted) in r.values().into_iter().zip(PLAIN_COLUMNS.iter()) {
-                if !details && !wanted {
+        for (_, c) in chunk {
+            for (v, (_, _, detail)) in c.values.iter().zip(COLUMNS.iter()) {
+                if !details && *detail {
                     continue;
                 }
                 let added = match v {
-                    Value::Time(t) => args.add(time_text(t)),
-                    Value::Text(t) => args.add(t),
-                    Value::OptText(t) => args.add(t),
-                    Value::Bool(b) => args.add(b),
-                    Value::Int4(n) => args.add(n),
-                    Value::Int(n) => args.add(n),
-                    Value::Json(j) => args.add(j),
+                    Value::Int(n) => args.add(*n),
+                    Value::Json(j) => args.add(j.clone()),
                 };
                 added.map_err(sqlx::Error::Encode)?;
             }
         }
-        let new: Vec<(String, String)> = sqlx::query_as_with(sql, args).fetch_all(&mut *tx).await?;
+        let new: Vec<i64> = sqlx::query_scalar_with(sql, args)
+            .fetch_all(&mut *tx)
+            .await?;
         match new.len() == chunk.len() {
-            true => inserted.extend(chunk.iter().copied()),
+            true => inserted.extend(chunk.iter().map(|(r, _)| *r)),
             false => {
-                let new: std::collections::HashSet<(&str, &str)> =
-                    new.iter().map(|(r, b)| (r.as_str(), b.as_str())).collect();
-                inserted.extend(chunk.iter().copied().filter(|r| {
-                    new.contains(&(r.request_id.as_str(), r.batch_id.as_deref().unwrap_or("")))
-                }));
+                let new: std::collections::HashSet<i64> = new.into_iter().collect();
+                inserted.extend(
+                    chunk
+                        .iter()
+                        .filter(|(_, c)| new.contains(&c.id))
+                        .map(|(r, _)| *r),
+                );
             }
         }
     }
@@ -404,7 +449,7 @@ mod tests {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let stored: Vec<(String, Option<String>, i64)> = sqlx::query_as(
-            "SELECT request_id, service_tier, reasoning_tokens FROM usage ORDER BY id",
+            "SELECT request_id, service_tier, reasoning_tokens FROM usage ORDER BY request_id",
         )
         .fetch_all(&store.pool)
         .await

@@ -831,3 +831,48 @@ pub async fn assert_rollups_match_rows(
     }
     total.unwrap_or(0)
 }
+
+/// A usage row of `team` and `model` at `created_at` with nothing counted
+/// yet: tests set what they need and write it with `Store::insert_usage`.
+pub fn usage_record(
+    request_id: &str,
+    team: &str,
+    model: &str,
+    created_at: chrono::DateTime<chrono::Utc>,
+) -> tollgate::store::UsageRecord {
+    tollgate::store::UsageRecord {
+        created_at,
+        request_id: request_id.into(),
+        team: team.into(),
+        key_id: None,
+        model: model.into(),
+        base_model: model.into(),
+        upstream: "mock".into(),
+        endpoint: "chat.completions",
+        stream: false,
+        status: 200,
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        cached_tokens: 0,
+        cost_nano_usd: 0,
+        token_source: "upstream",
+        latency_ms: 0,
+        end_user: None,
+        service_tier: None,
+        reasoning_tokens: 0,
+        audio_prompt_tokens: 0,
+        audio_completion_tokens: 0,
+        cache_write_tokens: 0,
+        image_tokens: 0,
+        tool_calls: 0,
+        provider: "openai",
+        attempts: 1,
+        choices: 1,
+        capped: false,
+        cost_breakdown: Default::default(),
+        meters: Default::default(),
+        budget_period: None,
+        lease_node: None,
+        batch_id: None,
+    }
+}
