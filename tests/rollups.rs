@@ -212,3 +212,197 @@ async fn the_migration_rolls_up_the_rows_already_there() {
     );
     store.close().await;
 }
+
+/// Every kind of row (own and foreign request ids, batch lines, tiers, a
+/// row with more than input and output) reads back through the view
+/// `usage` exactly as written: its ids, names, counts, time and JSON.
+async fn rows_read_back_as_written(
+    store: &Store,
+    pool_rows: Vec<serde_json::Value>,
+    rows: &[UsageRecord],
+) {
+    let _ = store;
+    assert_eq!(pool_rows.len(), rows.len());
+    let by_id: std::collections::HashMap<(String, String), &serde_json::Value> = pool_rows
+        .iter()
+        .map(|v| {
+            let id = v["request_id"].as_str().unwrap_or("").to_string();
+            let batch = v["batch_id"].as_str().unwrap_or("").to_string();
+            ((id, batch), v)
+        })
+        .collect();
+    for r in rows {
+        let key = (r.request_id.clone(), r.batch_id.clone().unwrap_or_default());
+        let got = by_id
+            .get(&key)
+            .unwrap_or_else(|| panic!("{key:?} not read back"));
+        let json = |t: String| serde_json::from_str::<serde_json::Value>(&t).unwrap_or_default();
+        let want = serde_json::json!({
+            "request_id": r.request_id, "batch_id": r.batch_id.clone().unwrap_or_default(),
+            "created_at": tollgate::store::time_text(r.created_at),
+            "team": r.team, "key_id": r.key_id, "model": r.model, "base_model": r.base_model,
+            "upstream": r.upstream, "endpoint": r.endpoint, "provider": r.provider,
+            "stream": r.stream, "status": r.status, "prompt_tokens": r.prompt_tokens,
+            "completion_tokens": r.completion_tokens, "cached_tokens": r.cached_tokens,
+            "cost_nano_usd": r.cost_nano_usd, "token_source": r.token_source,
+            "latency_ms": r.latency_ms, "end_user": r.end_user, "service_tier": r.service_tier,
+            "reasoning_tokens": r.reasoning_tokens, "audio_prompt_tokens": r.audio_prompt_tokens,
+            "cache_write_tokens": r.cache_write_tokens, "tool_calls": r.tool_calls,
+            "attempts": r.attempts, "choices": r.choices, "capped": r.capped,
+            "cost_breakdown": json(r.cost_breakdown.to_json()), "meters": json(r.meters.to_json()),
+        });
+        assert_eq!(*got, &want, "{key:?}");
+    }
+}
+
+fn varied_rows() -> Vec<UsageRecord> {
+    let now = Utc::now();
+    let ids = tollgate::app::RequestIds::new();
+    (0..200u64)
+        .map(|i| {
+            let mut r = row(i, now, (i * 7) as i64);
+            if i % 3 != 0 {
+                r.request_id = ids.next();
+                r.batch_id = None;
+            }
+            r.end_user = (i % 4 == 1).then(|| format!("user-{}", i % 3));
+            r.base_model = if i % 5 == 1 {
+                "gpt-4o-2024-08-06".into()
+            } else {
+                r.model.clone()
+            };
+            r.token_source = if i % 8 == 3 { "estimated" } else { "upstream" };
+            r.capped = i % 10 == 7;
+            r.attempts = if i % 12 == 5 { 2 } else { 1 };
+            r.choices = if i % 14 == 9 { 3 } else { 1 };
+            r.reasoning_tokens = if i % 6 == 4 { 9 } else { 0 };
+            r
+        })
+        .collect()
+}
+
+const READ_BACK: &str = "SELECT request_id, batch_id, created_at, team, key_id, model, base_model, \
+     upstream, endpoint, provider, stream, status, prompt_tokens, completion_tokens, cached_tokens, \
+     cost_nano_usd, token_source, latency_ms, end_user, service_tier, reasoning_tokens, \
+     audio_prompt_tokens, cache_write_tokens, tool_calls, attempts, choices, capped, \
+     cost_breakdown, meters FROM usage";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_rows_read_back_through_the_view_as_written() {
+    use sqlx::Row;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let url = format!("sqlite://{}", dir.path().join("v.db").display());
+    let store = Store::open(&url).await.unwrap_or_else(|e| panic!("{e}"));
+    let rows = varied_rows();
+    store
+        .insert_usage(&rows)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let pool = sqlx::SqlitePool::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let read = sqlx::query(READ_BACK)
+        .fetch_all(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let text = |r: &sqlx::sqlite::SqliteRow, c: &str| {
+        r.try_get::<Option<String>, _>(c)
+            .unwrap_or_else(|e| panic!("{c}: {e}"))
+    };
+    let int = |r: &sqlx::sqlite::SqliteRow, c: &str| {
+        r.try_get::<i64, _>(c)
+            .unwrap_or_else(|e| panic!("{c}: {e}"))
+    };
+    let json = |r: &sqlx::sqlite::SqliteRow, c: &str| {
+        serde_json::from_str::<serde_json::Value>(&text(r, c).unwrap_or_default())
+            .unwrap_or_default()
+    };
+    let values = read
+        .iter()
+        .map(|r| {
+            let mut v = serde_json::Map::new();
+            for c in [
+                "request_id",
+                "batch_id",
+                "created_at",
+                "team",
+                "key_id",
+                "model",
+                "base_model",
+                "upstream",
+                "endpoint",
+                "provider",
+                "token_source",
+                "end_user",
+                "service_tier",
+            ] {
+                v.insert(c.into(), serde_json::json!(text(r, c)));
+            }
+            for c in [
+                "status",
+                "prompt_tokens",
+                "completion_tokens",
+                "cached_tokens",
+                "cost_nano_usd",
+                "latency_ms",
+                "reasoning_tokens",
+                "audio_prompt_tokens",
+                "cache_write_tokens",
+                "tool_calls",
+                "attempts",
+                "choices",
+            ] {
+                v.insert(c.into(), serde_json::json!(int(r, c)));
+            }
+            for c in ["stream", "capped"] {
+                v.insert(
+                    c.into(),
+                    serde_json::json!(r
+                        .try_get::<bool, _>(c)
+                        .unwrap_or_else(|e| panic!("{c}: {e}"))),
+                );
+            }
+            for c in ["cost_breakdown", "meters"] {
+                v.insert(c.into(), json(r, c));
+            }
+            serde_json::Value::Object(v)
+        })
+        .collect();
+    rows_read_back_as_written(&store, values, &rows).await;
+    pool.close().await;
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_rows_read_back_through_the_view_as_written() {
+    let Some(db) = support::PgDb::create("view").await else {
+        return;
+    };
+    let store = Store::open(&db.url).await.unwrap_or_else(|e| panic!("{e}"));
+    let rows = varied_rows();
+    store
+        .insert_usage(&rows)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let pool = db.pool().await;
+    // The database spells the row as JSON itself; its time as SPEC 6 text.
+    let sql = format!(
+        "SELECT row_to_json(v)::text FROM ({}) v",
+        READ_BACK.replace(
+            "created_at,",
+            "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS created_at,"
+        )
+    );
+    let read: Vec<String> = sqlx::query_scalar(&sql)
+        .fetch_all(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let values = read
+        .iter()
+        .map(|t| serde_json::from_str::<serde_json::Value>(t).unwrap_or_default())
+        .collect();
+    rows_read_back_as_written(&store, values, &rows).await;
+    pool.close().await;
+    store.close().await;
+    db.drop_db().await;
+}
