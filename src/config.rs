@@ -194,6 +194,9 @@ pub struct DatabaseConfig {
     /// How long a budgeted request waits for Postgres to grant a budget
     /// lease before it is refused with 503 (fail fast, fail closed).
     pub lease_timeout_ms: u64,
+    /// Usage rows older than this many days are deleted (rollups kept);
+    /// unset: kept forever (SPEC 15).
+    pub retention_days: Option<u32>,
 }
 
 /// What a crash of the process can lose.
@@ -381,6 +384,7 @@ impl Default for DatabaseConfig {
             spool_path: None,
             spool_max_bytes: 1 << 30,
             lease_timeout_ms: 1_000,
+            retention_days: None,
         }
     }
 }
@@ -539,6 +543,12 @@ impl Config {
             return Err(bad(
                 "database",
                 "batch_size and queue_capacity must be > 0".into(),
+            ));
+        }
+        if self.database.retention_days == Some(0) {
+            return Err(bad(
+                "database.retention_days",
+                "must be at least 1 (leave it out to keep usage rows forever)".into(),
             ));
         }
         let m = self.catalog.finetune_multiple;

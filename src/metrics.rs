@@ -380,6 +380,12 @@ pub struct Metrics {
     pub pending_usage: IntGaugeVec,
     /// Of those, pending past `background.horizon_secs`.
     pub pending_overdue: IntGaugeVec,
+    /// How far retention is behind: seconds the oldest expired usage row
+    /// (or partition) is past `database.retention_days` (0: on time).
+    pub retention_lag: IntGauge,
+    /// Usage rows deleted and monthly partitions dropped by retention.
+    pub retention_deleted: IntCounter,
+    pub retention_partitions_dropped: IntCounter,
     pub budget_rejections: IntCounterVec,
     pub records_dropped: IntCounter,
     /// Every try of an upstream (SPEC 10 fallbacks). Upstreams keep their
@@ -546,6 +552,21 @@ impl Metrics {
         )?;
         registry.register(Box::new(pending_usage.clone()))?;
         registry.register(Box::new(pending_overdue.clone()))?;
+        let retention_lag = IntGauge::new(
+            "tollgate_retention_lag_seconds",
+            "Seconds the oldest usage row past database.retention_days is overdue for deletion (0: retention is on time).",
+        )?;
+        let retention_deleted = IntCounter::new(
+            "tollgate_retention_deleted_rows_total",
+            "Usage rows deleted by retention (rollups are kept).",
+        )?;
+        let retention_partitions_dropped = IntCounter::new(
+            "tollgate_retention_partitions_dropped_total",
+            "Monthly usage partitions dropped by retention (Postgres).",
+        )?;
+        registry.register(Box::new(retention_lag.clone()))?;
+        registry.register(Box::new(retention_deleted.clone()))?;
+        registry.register(Box::new(retention_partitions_dropped.clone()))?;
         let queue_depth = IntGauge::new(
             "tollgate_usage_write_queue_depth",
             "Usage records waiting for the background writer.",
@@ -681,6 +702,9 @@ impl Metrics {
             budget_remaining,
             pending_usage,
             pending_overdue,
+            retention_lag,
+            retention_deleted,
+            retention_partitions_dropped,
             budget_rejections,
             records_dropped,
             upstream_attempts,

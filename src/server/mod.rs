@@ -85,11 +85,16 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         return not_ready(&problem);
     }
     match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
-        Ok(Ok(())) => (
-            [(header::CONTENT_TYPE, "application/json")],
-            r#"{"status":"ready"}"#,
-        )
-            .into_response(),
+        Ok(Ok(())) => {
+            // Retention behind is said, not refused: the replica serves.
+            let lag = state.metrics.retention_lag.get();
+            let body = match lag {
+                0 => r#"{"status":"ready"}"#.to_string(),
+                _ => serde_json::json!({"status": "ready", "retention_behind_seconds": lag})
+                    .to_string(),
+            };
+            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
         Ok(Err(e)) => not_ready(&e.to_string()),
         Err(_) => not_ready("database did not answer within 2 s"),
     }
@@ -291,6 +296,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         })
     };
     let reloader = tokio::spawn(reload_catalog(Arc::downgrade(&state)));
+    let retention = crate::store::retention::spawn(
+        state.store.clone(),
+        state.metrics.clone(),
+        state.config.database.retention_days,
+    );
     let proxy = Arc::new(proxy::Proxy::new(state.clone()));
     let sweeper = crate::proxy::spawn_sweeper(
         Arc::downgrade(&proxy),
@@ -318,6 +328,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     refresher.abort();
     reloader.abort();
+    retention.abort();
     sweeper.abort();
     // Every sink is gone once the server and its connections are: the
     // writer drains the queue and ends.

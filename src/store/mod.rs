@@ -9,6 +9,7 @@ mod dialect;
 mod pending;
 mod postgres;
 mod queries;
+pub mod retention;
 mod rollup;
 mod rows;
 pub mod spool;
@@ -23,6 +24,7 @@ use crate::period::Budget;
 pub use batches::BatchRow;
 pub use pending::{PendingCount, PendingRow};
 pub use postgres::PostgresStore;
+pub use retention::Expired;
 pub use writer::{RecordedSpend, UsageSink, UsageWriter, WriterConfig};
 
 /// The `after_release` hook of every pool: a connection handed back while
