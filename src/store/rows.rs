@@ -83,25 +83,20 @@ pub(crate) struct Names(Mutex<HashMap<String, i64>>);
 impl Names {
     const LIMIT: usize = 100_000;
 
-    /// The ids known of `names`, and the names not known.
-    pub(crate) fn known<'n>(
-        &self,
-        names: impl Iterator<Item = &'n str>,
-    ) -> (HashMap<String, i64>, Vec<String>) {
+    /// The ids known of `names` (each once), and the names not known.
+    pub(crate) fn known(&self, names: HashSet<&str>) -> (HashMap<String, i64>, Vec<String>) {
         let cache = self.0.lock().ok();
-        let mut found = HashMap::new();
-        let mut missing = HashSet::new();
+        let mut found = HashMap::with_capacity(names.len());
+        let mut missing = Vec::new();
         for n in names {
             match cache.as_ref().and_then(|c| c.get(n)) {
                 Some(id) => {
                     found.insert(n.to_string(), *id);
                 }
-                None => {
-                    missing.insert(n.to_string());
-                }
+                None => missing.push(n.to_string()),
             }
         }
-        (found, missing.into_iter().collect())
+        (found, missing)
     }
 
     /// Remembers names resolved (request keys of other ids excepted: each
@@ -151,10 +146,11 @@ impl<'r> Batch<'r> {
             .iter()
             .map(|r| RequestKey::of(&r.request_id, r.batch_id.as_deref()))
             .collect();
-        let names = rows
+        let names: HashSet<&str> = rows
             .iter()
             .flat_map(|r| names_of(r).into_iter().flatten())
-            .chain(keys.iter().map(RequestKey::name));
+            .chain(keys.iter().map(RequestKey::name))
+            .collect();
         let (ids, missing) = cache.known(names);
         (Batch { rows, keys, ids }, missing)
     }
