@@ -53,39 +53,22 @@ fn row(w: usize, i: u64, n: u64, now: chrono::DateTime<Utc>) -> Box<UsageRecord>
     let team = format!("team-{}", i % 10);
     let age_ms = (30 * 86_400_000) * (n - i) as i64 / n.max(1) as i64;
     Box::new(UsageRecord {
-        created_at: now - chrono::Duration::milliseconds(age_ms),
-        request_id: format!("req_{w:016x}{i:08x}"),
         key_id: Some(format!("key-{}", i % 50)),
-        team,
-        model: MODELS[(i % 8) as usize].into(),
-        base_model: MODELS[(i % 8) as usize].into(),
         upstream: "openai".into(),
-        endpoint: "chat.completions",
         stream: i.is_multiple_of(2),
-        status: 200,
         prompt_tokens: usage.prompt_tokens,
         completion_tokens: usage.completion_tokens,
         cached_tokens: usage.cached(),
         cost_nano_usd: breakdown.0.iter().sum(),
-        token_source: "upstream",
         latency_ms: 300 + i % 700,
-        end_user: None,
-        service_tier: None,
-        reasoning_tokens: 0,
-        audio_prompt_tokens: 0,
-        audio_completion_tokens: 0,
-        cache_write_tokens: 0,
-        image_tokens: 0,
-        tool_calls: 0,
-        provider: "openai",
-        attempts: 1,
-        choices: 1,
-        capped: false,
         cost_breakdown: breakdown,
         meters: tollgate::usage::meter::Meters::of(&usage),
-        budget_period: None,
-        lease_node: None,
-        batch_id: None,
+        ..UsageRecord::plain(
+            format!("req_{w:016x}{i:08x}"),
+            &team,
+            MODELS[(i % 8) as usize],
+            now - chrono::Duration::milliseconds(age_ms),
+        )
     })
 }
 

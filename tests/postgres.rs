@@ -520,39 +520,26 @@ fn stored_row(
     breakdown.0[Line::Meter(Meter::Output).index()] = 3_000;
     breakdown.0[Line::Meter(Meter::CacheWrite).index()] = 77;
     tollgate::store::UsageRecord {
-        created_at: chrono::Utc::now() - chrono::Duration::days(days_ago),
-        request_id: request_id.into(),
-        team: team.into(),
         key_id: Some(format!("key_{team}")),
-        model: model.into(),
-        base_model: model.into(),
         upstream: "openai".into(),
         endpoint: "chat_completions",
         stream: days_ago == 0,
-        status: 200,
         prompt_tokens: usage.prompt_tokens,
         completion_tokens: usage.completion_tokens,
         cached_tokens: usage.cached(),
         cost_nano_usd: breakdown.0.iter().sum(),
-        token_source: "upstream",
         latency_ms: 42,
-        end_user: None,
         service_tier: tier,
-        reasoning_tokens: 0,
-        audio_prompt_tokens: 0,
-        audio_completion_tokens: 0,
         cache_write_tokens: 75,
-        image_tokens: 0,
         tool_calls: 3,
-        provider: "openai",
-        attempts: 1,
-        choices: 1,
-        capped: false,
         cost_breakdown: breakdown,
         meters: tollgate::usage::meter::Meters::of(&usage),
-        budget_period: None,
-        lease_node: None,
-        batch_id: None,
+        ..tollgate::store::UsageRecord::plain(
+            request_id,
+            team,
+            model,
+            chrono::Utc::now() - chrono::Duration::days(days_ago),
+        )
     }
 }
 

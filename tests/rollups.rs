@@ -39,12 +39,7 @@ fn row(i: u64, now: DateTime<Utc>, minutes_ago: i64) -> UsageRecord {
     }
     let status = if i.is_multiple_of(17) { 500 } else { 200 };
     UsageRecord {
-        created_at: now - Duration::minutes(minutes_ago),
-        request_id: format!("req_{i:08}"),
-        team: team.into(),
         key_id: (!i.is_multiple_of(5)).then(|| format!("key_{team}_{}", i % 2)),
-        model: MODELS[(i % 4) as usize].into(),
-        base_model: MODELS[(i % 4) as usize].into(),
         upstream: "openai".into(),
         endpoint: if i.is_multiple_of(9) {
             "responses"
@@ -61,34 +56,30 @@ fn row(i: u64, now: DateTime<Utc>, minutes_ago: i64) -> UsageRecord {
         } else {
             breakdown.0.iter().sum()
         },
-        token_source: "upstream",
         latency_ms: 40,
-        end_user: None,
         service_tier: match i % 6 {
             0 => Some("flex"),
             1 => Some("priority"),
             _ => None,
         },
-        reasoning_tokens: 0,
         audio_prompt_tokens: usage.audio_prompt_tokens.unwrap_or(0),
-        audio_completion_tokens: 0,
         cache_write_tokens: usage.cache_write_tokens.unwrap_or(0),
-        image_tokens: 0,
         tool_calls: u64::from(usage.tool_calls.web_search),
         provider: if i % 4 == 2 { "anthropic" } else { "openai" },
-        attempts: 1,
-        choices: 1,
-        capped: false,
         cost_breakdown: if status == 500 {
             Breakdown::default()
         } else {
             breakdown
         },
         meters: tollgate::usage::meter::Meters::of(&usage),
-        budget_period: None,
-        lease_node: None,
         // Two batches whose lines reuse the same custom ids.
         batch_id: (i.is_multiple_of(23)).then(|| format!("batch_{}", i % 2)),
+        ..UsageRecord::plain(
+            format!("req_{i:08}"),
+            team,
+            MODELS[(i % 4) as usize],
+            now - Duration::minutes(minutes_ago),
+        )
     }
 }
 

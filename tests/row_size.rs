@@ -43,6 +43,15 @@ fn plain_rows() -> Vec<UsageRecord> {
         .collect()
 }
 
+/// Checks that every row is stored and that they cost at most `BOUND`
+/// bytes each on disk.
+fn per_row(db: &str, bytes: i64, stored: i64) {
+    assert_eq!(stored as usize, ROWS);
+    let per_row = bytes as f64 / ROWS as f64;
+    println!("{db}: {bytes} bytes for {ROWS} rows = {per_row:.1} bytes per row");
+    assert!(per_row <= BOUND, "{db}: {per_row:.1} bytes per row");
+}
+
 async fn write(store: &Store, rows: &[UsageRecord]) {
     for chunk in rows.chunks(512) {
         store
@@ -80,10 +89,7 @@ async fn a_plain_sqlite_row_costs_at_most_150_bytes_with_its_indexes() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     pool.close().await;
-    assert_eq!(stored as usize, ROWS);
-    let per_row = bytes as f64 / ROWS as f64;
-    println!("sqlite: {bytes} bytes for {ROWS} rows = {per_row:.1} bytes per row");
-    assert!(per_row <= BOUND, "{per_row:.1} bytes per row");
+    per_row("sqlite", bytes, stored);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,8 +120,5 @@ async fn a_plain_postgres_row_costs_at_most_150_bytes_with_its_indexes() {
         .unwrap_or_else(|e| panic!("{e}"));
     pool.close().await;
     db.drop_db().await;
-    assert_eq!(stored as usize, ROWS);
-    let per_row = bytes as f64 / ROWS as f64;
-    println!("postgres: {bytes} bytes for {ROWS} rows = {per_row:.1} bytes per row");
-    assert!(per_row <= BOUND, "{per_row:.1} bytes per row");
+    per_row("postgres", bytes, stored);
 }

@@ -106,6 +106,54 @@ pub struct UsageRecord {
     pub batch_id: Option<String>,
 }
 
+impl UsageRecord {
+    /// A plain row: `team` asked `model` (an OpenAI chat completion through
+    /// upstream `mock`, answered 200) at `at`, nothing counted yet. Tests,
+    /// benches and imports set what they need on top of it.
+    pub fn plain(
+        request_id: impl Into<String>,
+        team: &str,
+        model: &str,
+        at: DateTime<Utc>,
+    ) -> UsageRecord {
+        UsageRecord {
+            created_at: at,
+            request_id: request_id.into(),
+            team: team.into(),
+            key_id: None,
+            model: model.into(),
+            base_model: model.into(),
+            upstream: "mock".into(),
+            endpoint: "chat.completions",
+            stream: false,
+            status: 200,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cached_tokens: 0,
+            cost_nano_usd: 0,
+            token_source: "upstream",
+            latency_ms: 0,
+            end_user: None,
+            service_tier: None,
+            reasoning_tokens: 0,
+            audio_prompt_tokens: 0,
+            audio_completion_tokens: 0,
+            cache_write_tokens: 0,
+            image_tokens: 0,
+            tool_calls: 0,
+            provider: "openai",
+            attempts: 1,
+            choices: 1,
+            capped: false,
+            cost_breakdown: crate::pricing::Breakdown::default(),
+            meters: crate::usage::meter::Meters::default(),
+            budget_period: None,
+            lease_node: None,
+            batch_id: None,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database: {0}")]

@@ -9,6 +9,7 @@
 
 use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
 
+use super::queries::on_db;
 use super::{Store, StoreError};
 
 /// Months of partitions made ahead of now (this one included).
@@ -120,12 +121,7 @@ impl Store {
                 expired.rows = done.rows_affected();
             }
             Store::Postgres(pg) => {
-                let names: Vec<String> = sqlx::query_scalar(
-                    "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
-                     WHERE i.inhparent = 'usage_rows'::regclass AND c.relname ~ '^usage_rows_[0-9]{4}_[0-9]{2}$'",
-                )
-                .fetch_all(pg.pool())
-                .await?;
+                let names = monthly_partitions(pg.pool()).await?;
                 for name in names {
                     let ends = month_of(&name)
                         .and_then(|(y, m)| partition(y, m))
@@ -164,12 +160,7 @@ impl Store {
                     .await?
             }
             Store::Postgres(pg) => {
-                let names: Vec<String> = sqlx::query_scalar(
-                    "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
-                     WHERE i.inhparent = 'usage_rows'::regclass AND c.relname ~ '^usage_rows_[0-9]{4}_[0-9]{2}$'",
-                )
-                .fetch_all(pg.pool())
-                .await?;
+                let names = monthly_partitions(pg.pool()).await?;
                 // A month past the cutoff still there: behind since it ended.
                 let month = names
                     .iter()
@@ -193,46 +184,31 @@ impl Store {
     /// batches billed (or files uploaded) before `cutoff`.
     pub async fn expire_side_tables(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError> {
         let ms = cutoff.timestamp_millis();
-        let mut n = 0;
-        match self {
-            Store::Sqlite(s) => {
-                let text = super::time_text(cutoff);
-                n += sqlx::query("DELETE FROM word_counts WHERE created_at < $1")
-                    .bind(text)
-                    .execute(s.writer())
-                    .await?
-                    .rows_affected();
-                for sql in [
-                    "DELETE FROM batches WHERE billed_ms < $1",
-                    "DELETE FROM batch_files WHERE created_ms < $1",
-                ] {
-                    n += sqlx::query(sql)
-                        .bind(ms)
-                        .execute(s.writer())
-                        .await?
-                        .rows_affected();
-                }
+        on_db!(self, _pool, writer, d => {
+            let mut n = sqlx::query("DELETE FROM word_counts WHERE created_at < $1")
+                .bind(d.since(cutoff))
+                .execute(writer)
+                .await?
+                .rows_affected();
+            for sql in [
+                "DELETE FROM batches WHERE billed_ms < $1",
+                "DELETE FROM batch_files WHERE created_ms < $1",
+            ] {
+                n += sqlx::query(sql).bind(ms).execute(writer).await?.rows_affected();
             }
-            Store::Postgres(pg) => {
-                n += sqlx::query("DELETE FROM word_counts WHERE created_at < $1")
-                    .bind(cutoff)
-                    .execute(pg.pool())
-                    .await?
-                    .rows_affected();
-                for sql in [
-                    "DELETE FROM batches WHERE billed_ms < $1",
-                    "DELETE FROM batch_files WHERE created_ms < $1",
-                ] {
-                    n += sqlx::query(sql)
-                        .bind(ms)
-                        .execute(pg.pool())
-                        .await?
-                        .rows_affected();
-                }
-            }
-        }
-        Ok(n)
+            Ok(n)
+        })
     }
+}
+
+/// The names of `usage_rows`' monthly partitions (`usage_rows_YYYY_MM`).
+async fn monthly_partitions(pool: &sqlx::PgPool) -> Result<Vec<String>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+         WHERE i.inhparent = 'usage_rows'::regclass AND c.relname ~ '^usage_rows_[0-9]{4}_[0-9]{2}$'",
+    )
+    .fetch_all(pool)
+    .await?)
 }
 
 /// Rows deleted per statement: a short transaction, so the writer waits

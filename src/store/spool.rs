@@ -545,34 +545,17 @@ mod tests {
 
     fn row(id: &str) -> UsageRecord {
         UsageRecord {
-            created_at: Utc::now(),
-            request_id: id.into(),
-            team: "t".into(),
             key_id: Some("key_1".into()),
-            model: "gpt-4o".into(),
-            base_model: "gpt-4o".into(),
-            upstream: "mock".into(),
-            endpoint: "chat.completions",
             stream: true,
             status: 499,
             prompt_tokens: 1,
             completion_tokens: 2,
-            cached_tokens: 0,
             cost_nano_usd: 3,
             token_source: "estimated",
             latency_ms: 4,
-            end_user: None,
             service_tier: Some("flex"),
             reasoning_tokens: 1,
-            audio_prompt_tokens: 0,
-            audio_completion_tokens: 0,
-            cache_write_tokens: 0,
-            image_tokens: 0,
             tool_calls: 2,
-            provider: "openai",
-            attempts: 1,
-            choices: 1,
-            capped: false,
             cost_breakdown: {
                 use crate::pricing::{Line, Meter};
                 let mut b = crate::pricing::Breakdown::default();
@@ -583,8 +566,7 @@ mod tests {
             },
             meters: crate::usage::meter::Meters::of(&crate::usage::Usage::tokens(1, 2)),
             budget_period: Some("total".into()),
-            lease_node: None,
-            batch_id: None,
+            ..UsageRecord::plain(id, "t", "gpt-4o", Utc::now())
         }
     }
 

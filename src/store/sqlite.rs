@@ -276,39 +276,11 @@ mod tests {
 
     fn row(request_id: &str) -> UsageRecord {
         UsageRecord {
-            created_at: Utc::now(),
-            request_id: request_id.into(),
-            team: "t".into(),
-            key_id: None,
-            model: "gpt-4o".into(),
-            base_model: "gpt-4o".into(),
-            upstream: "mock".into(),
-            endpoint: "chat.completions",
-            stream: false,
-            status: 200,
             prompt_tokens: 1,
             completion_tokens: 2,
-            cached_tokens: 0,
             cost_nano_usd: 3,
-            token_source: "upstream",
             latency_ms: 4,
-            end_user: None,
-            service_tier: None,
-            reasoning_tokens: 0,
-            audio_prompt_tokens: 0,
-            audio_completion_tokens: 0,
-            cache_write_tokens: 0,
-            image_tokens: 0,
-            tool_calls: 0,
-            provider: "openai",
-            attempts: 1,
-            choices: 1,
-            capped: false,
-            cost_breakdown: crate::pricing::Breakdown::default(),
-            meters: Default::default(),
-            budget_period: None,
-            lease_node: None,
-            batch_id: None,
+            ..UsageRecord::plain(request_id, "t", "gpt-4o", Utc::now())
         }
     }
 
