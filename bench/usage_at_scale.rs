@@ -93,6 +93,7 @@ async fn write(url: String, w: usize, rows: u64, spool: std::path::PathBuf) -> f
             flush_interval: Duration::from_millis(25),
             capacity,
             durable: false,
+            observer: None,
         },
     );
     let now = Utc::now();

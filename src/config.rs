@@ -23,6 +23,38 @@ pub struct Config {
     pub shadow: Vec<ShadowConfig>,
     pub numbers: NumbersConfig,
     pub background: BackgroundConfig,
+    pub otel: OtelConfig,
+}
+
+/// OpenTelemetry (SPEC 15): a span per request over OTLP/HTTP, made from
+/// its usage row off the request path. Off unless `endpoint` is set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtelConfig {
+    /// The collector's OTLP/HTTP address (`http://collector:4318`); spans
+    /// go to `{endpoint}/v1/traces`.
+    pub endpoint: Option<String>,
+    /// Headers on every export (a vendor's key: `"${OTEL_KEY}"`); never logged.
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// The spans' `service.name`.
+    pub service_name: String,
+    /// Spans waiting for export at most; past it new spans are dropped and
+    /// counted (`tollgate_otel_spans_total{outcome="dropped"}`).
+    pub queue_capacity: usize,
+    /// Longest one export waits for the collector, retries included.
+    pub timeout_ms: u64,
+}
+
+impl Default for OtelConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            headers: Default::default(),
+            service_name: "tollgate".into(),
+            queue_capacity: 4_096,
+            timeout_ms: 5_000,
+        }
+    }
 }
 
 /// Background responses (`background: true`, SPEC 12): billed when they
@@ -549,6 +581,20 @@ impl Config {
             return Err(bad(
                 "database.retention_days",
                 "must be at least 1 (leave it out to keep usage rows forever)".into(),
+            ));
+        }
+        if let Some(endpoint) = &self.otel.endpoint {
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                return Err(bad(
+                    "otel.endpoint",
+                    format!("`{endpoint}`: use the collector's OTLP/HTTP address, e.g. http://collector:4318"),
+                ));
+            }
+        }
+        if self.otel.queue_capacity == 0 || self.otel.timeout_ms == 0 {
+            return Err(bad(
+                "otel",
+                "queue_capacity and timeout_ms must be > 0".into(),
             ));
         }
         let m = self.catalog.finetune_multiple;

@@ -24,6 +24,7 @@ pub mod provider;
 pub mod proxy;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod upstream;
 pub mod usage;
 pub mod words;

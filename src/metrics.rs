@@ -386,6 +386,10 @@ pub struct Metrics {
     /// Usage rows deleted and monthly partitions dropped by retention.
     pub retention_deleted: IntCounter,
     pub retention_partitions_dropped: IntCounter,
+    /// OpenTelemetry spans by outcome: `exported`, `failed` (the collector
+    /// refused or could not be reached), `dropped` (the export queue was
+    /// full). Present only with `[otel] endpoint`.
+    pub otel_spans: IntCounterVec,
     pub budget_rejections: IntCounterVec,
     pub records_dropped: IntCounter,
     /// Every try of an upstream (SPEC 10 fallbacks). Upstreams keep their
@@ -567,6 +571,14 @@ impl Metrics {
         registry.register(Box::new(retention_lag.clone()))?;
         registry.register(Box::new(retention_deleted.clone()))?;
         registry.register(Box::new(retention_partitions_dropped.clone()))?;
+        let otel_spans = IntCounterVec::new(
+            Opts::new(
+                "tollgate_otel_spans_total",
+                "OpenTelemetry spans by outcome: exported, failed (the collector could not take them), dropped (export queue full).",
+            ),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(otel_spans.clone()))?;
         let queue_depth = IntGauge::new(
             "tollgate_usage_write_queue_depth",
             "Usage records waiting for the background writer.",
@@ -705,6 +717,7 @@ impl Metrics {
             retention_lag,
             retention_deleted,
             retention_partitions_dropped,
+            otel_spans,
             budget_rejections,
             records_dropped,
             upstream_attempts,

@@ -44,6 +44,14 @@ pub fn admit(
         endpoint,
         team,
         key,
+        trace_parent: match state.config.otel.endpoint {
+            Some(_) => req
+                .headers()
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            None => None,
+        },
     })
 }
 

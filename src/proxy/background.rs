@@ -164,6 +164,7 @@ fn ticket_of(state: &Proxy, row: PendingRow) -> Ticket {
             .key_id
             .map(|id| crate::auth::KeyEntry::of_row(id, row.team.clone())),
         team: row.team,
+        trace_parent: None,
     };
     let sent = settle::Sent::to_named(&state.upstreams, row.upstream);
     let mut ticket = Ticket::for_row(state, who, row.model, sent);

@@ -598,6 +598,7 @@ fn bill_line(state: &Proxy, batch: &BatchRow, line: &[u8]) -> NanoUsd {
             .key_id
             .clone()
             .map(|id| crate::auth::KeyEntry::of_row(id, batch.team.clone())),
+        trace_parent: None,
     };
     let sent = settle::Sent::to_named(&state.upstreams, batch.upstream.clone());
     let mut ticket = Ticket::for_row(state, who, model, sent);

@@ -328,6 +328,7 @@ impl Relay {
             endpoint: Endpoint::Realtime,
             team: who.team.clone(),
             key: who.key.clone(),
+            trace_parent: who.trace_parent.clone(),
         };
         let sent = self.socket.sent.clone();
         let mut ticket = Ticket::for_row(&self.state, admission, self.model.clone(), sent);

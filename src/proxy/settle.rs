@@ -31,6 +31,8 @@ pub struct Admission {
     pub team: String,
     /// The virtual key used (`virtual-keys` mode).
     pub key: Option<Arc<crate::auth::KeyEntry>>,
+    /// The client's `traceparent` header, kept only with `[otel]` on.
+    pub trace_parent: Option<String>,
 }
 
 /// What was asked for, as it is priced: `route`'s value (`Order::NONE`
@@ -464,6 +466,11 @@ fn record(state: &AppState, t: Ticket, row: Row<'_>) {
         Some(r) => r.base_model,
         None => order.model.clone(),
     };
+    // Only spans read these (`telemetry`): nothing is copied without them.
+    let served_model = match state.config.otel.endpoint {
+        Some(_) => served.model.clone().filter(|m| *m != order.model),
+        None => None,
+    };
     let record = UsageRecord {
         created_at: who.created_at,
         request_id: who.request_id,
@@ -498,6 +505,8 @@ fn record(state: &AppState, t: Ticket, row: Row<'_>) {
         budget_period: row.budget_period,
         lease_node: None,
         batch_id: order.batch_id,
+        served_model,
+        trace_parent: who.trace_parent,
     };
     state.usage.record(Box::new(record), durable_ack);
 }

@@ -209,6 +209,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             "usage rows from an earlier run are in the spool; replaying them"
         );
     }
+    let telemetry = crate::telemetry::Telemetry::start(&config.otel, &metrics)
+        .map_err(anyhow::Error::msg)?
+        .map(Arc::new);
     let (usage, writer) = UsageWriter::spawn(
         store.clone(),
         metrics.clone(),
@@ -219,6 +222,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             flush_interval: Duration::from_millis(config.database.flush_interval_ms),
             capacity: config.database.queue_capacity,
             durable: config.database.durability == Durability::Spool,
+            observer: telemetry
+                .clone()
+                .map(|t| t as Arc<dyn crate::store::writer::WrittenRows>),
         },
     );
     // The tokenizers are not loaded here: each costs tens of MB and most
@@ -264,6 +270,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         metrics.clone(),
         Duration::from_millis(config.database.flush_interval_ms.max(1000)),
     );
+    let otel_timeout = Duration::from_millis(config.otel.timeout_ms);
     let state = Arc::new(AppState {
         config,
         catalog: arc_swap::ArcSwap::new(catalog),
@@ -337,6 +344,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .is_err()
     {
         tracing::error!("usage writer did not finish within 60 s");
+    }
+    // Every row is written and told: the spans still queued go now.
+    if let Some(telemetry) = telemetry {
+        let sent = tokio::task::spawn_blocking(move || telemetry.shutdown(otel_timeout));
+        let _ = tokio::time::timeout(otel_timeout + Duration::from_secs(1), sent).await;
     }
     // The sampler went with the state: the counting thread writes its last
     // counts and ends.

@@ -104,6 +104,12 @@ pub struct UsageRecord {
     /// The batch whose result line this row is (`request_id` is then the
     /// line's `custom_id`).
     pub batch_id: Option<String>,
+    /// The model the response says served it, when that is not `model`
+    /// and OpenTelemetry is on (`gen_ai.response.model`); not a column.
+    pub served_model: Option<String>,
+    /// The client's W3C `traceparent`, kept only when OpenTelemetry is on,
+    /// so the request's span joins the client's trace; not a column.
+    pub trace_parent: Option<String>,
 }
 
 impl UsageRecord {
@@ -150,6 +156,8 @@ impl UsageRecord {
             budget_period: None,
             lease_node: None,
             batch_id: None,
+            served_model: None,
+            trace_parent: None,
         }
     }
 }

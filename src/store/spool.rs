@@ -207,6 +207,8 @@ impl SpoolRow {
             budget_period: self.budget_period,
             lease_node: self.lease_node,
             batch_id: self.batch_id,
+            served_model: None,
+            trace_parent: None,
         }
     }
 }

@@ -101,6 +101,16 @@ pub struct WriterConfig {
     pub capacity: usize,
     /// Append every row to the spool before acknowledging it.
     pub durable: bool,
+    /// Told of every row of this process the database took (`None`: nobody).
+    pub observer: Option<Arc<dyn WrittenRows>>,
+}
+
+/// Told of the rows of each batch the database took, once, by the writer's
+/// task: what is made of a finished request there (an OpenTelemetry span,
+/// `telemetry`) costs its request nothing. Rows replayed from the spool are
+/// an earlier process's and are not told again.
+pub trait WrittenRows: Send + Sync {
+    fn written(&self, rows: &[Box<UsageRecord>]);
 }
 
 /// Told of the spend a shared budget's lease paid for once its rows are in
@@ -480,7 +490,10 @@ impl Writer {
         self.retry_at = None;
         self.recorded(job.rows(), &skipped);
         match job {
-            Job::Rows { segments, .. } => {
+            Job::Rows { rows, segments } => {
+                if let Some(observer) = &self.config.observer {
+                    observer.written(&rows);
+                }
                 for id in segments.into_iter().flatten() {
                     self.spool.written(id, 1);
                 }
