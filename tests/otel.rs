@@ -209,11 +209,12 @@ async fn every_request_is_a_span_with_the_genai_conventions_and_its_exact_cost()
     let mock = MockUpstream::start().await;
     let (endpoint, received) = collector().await;
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let otel = format!(
-        "[otel]\nendpoint = \"{endpoint}\"\nservice_name = \"tollgate-test\"\nheaders = {{ authorization = \"Bearer otel-collector-token\" }}"
-    );
+    // The README's snippet, the collector here, its key from the environment.
+    let otel = support::readme_toml("OpenTelemetry").replace("http://collector:4318", &endpoint)
+        + "service_name = \"tollgate-test\"\n";
     let config = config(&mock, dir.path(), &otel);
-    let mut tg = Tollgate::start_with_config(dir, &config).await;
+    let mut tg =
+        Tollgate::start_in_shell(dir, &config, "export HONEYCOMB_KEY=otel-collector-token").await;
     let key = tg.budgeted_key("alpha", "100", "monthly").await;
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let parent = "00f067aa0ba902b7";
@@ -325,8 +326,10 @@ async fn every_request_is_a_span_with_the_genai_conventions_and_its_exact_cost()
             Some("application/x-protobuf")
         );
         assert_eq!(
-            headers.get("authorization").and_then(|v| v.to_str().ok()),
-            Some("Bearer otel-collector-token")
+            headers
+                .get("x-honeycomb-team")
+                .and_then(|v| v.to_str().ok()),
+            Some("otel-collector-token")
         );
         for secret in [key.as_str(), "sk-upstream-secret", "sk-ant-upstream-secret"] {
             assert!(
@@ -378,6 +381,10 @@ async fn a_collector_that_never_answers_costs_requests_nothing_and_spans_are_dro
     tg.wait_rows(N + 1).await;
     // Every span is either dropped at the full queue or failed at export:
     // at most the queue's 8 ever waited.
+    assert!(
+        !tg.log().iter().any(|l| l.contains("otel-collector-token")),
+        "the collector's key in the log"
+    );
     tg.wait_metrics(|m| {
         let get =
             |o: &str| metric(m, "tollgate_otel_spans_total", &[("outcome", o)]).unwrap_or(0.0);
