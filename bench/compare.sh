@@ -89,3 +89,9 @@ MO=$(median "${OLD_CPU[@]}"); MN=$(median "${NEW_CPU[@]}")
 echo
 echo "Median CPU per request: old $MO µs, new $MN µs, new / old **$(python3 -c "print(f'{$MN / $MO:.3f}')")**."
 echo "Peak RSS: old $(awk '/VmHWM/{print $2}' "/proc/$OLD_PID/status") KiB, new $(awk '/VmHWM/{print $2}' "/proc/$NEW_PID/status") KiB."
+# Spans by outcome, when a server exports them ([otel] in OLD_EXTRA / NEW_EXTRA).
+for side in old:$OLD_PORT new:$NEW_PORT; do
+  spans=$(curl -s "http://127.0.0.1:${side#*:}/metrics" | awk '/^tollgate_otel_spans_total/ {printf "%s %s, ", $1, $2}')
+  [ -n "$spans" ] && echo "OpenTelemetry spans, ${side%%:*}: ${spans%, }."
+done
+true

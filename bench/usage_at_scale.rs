@@ -3,11 +3,11 @@
 //! holds millions of rows.
 //!
 //! ```text
-//! cargo run --release --example usage_at_scale -- URL ROWS [WRITERS]
+//! cargo run --release --example usage_at_scale -- URL ROWS [WRITERS] [BATCH]
 //! ```
 //!
 //! Each of WRITERS (default 1; replicas sharing one Postgres) runs the real
-//! `UsageWriter` with the default batching (512 rows, 25 ms) on its own
+//! `UsageWriter` with the default batching (BATCH = 512 rows, 25 ms) on its own
 //! connection pool, fed as fast as its queue takes rows. The rows are chat
 //! requests of 10 teams, 50 keys and 8 models spread over the last 30 days.
 //! Then every report `tollgate report` offers is timed (`--since 30d`, read
@@ -74,7 +74,7 @@ fn row(w: usize, i: u64, n: u64, now: chrono::DateTime<Utc>) -> Box<UsageRecord>
 
 /// Feeds `rows` rows to a writer of its own and waits until they are
 /// stored; the seconds it took.
-async fn write(url: String, w: usize, rows: u64, spool: std::path::PathBuf) -> f64 {
+async fn write(url: String, w: usize, rows: u64, batch: usize, spool: std::path::PathBuf) -> f64 {
     let store = Store::open(&url)
         .await
         .unwrap_or_else(|e| panic!("{url}: {e}"));
@@ -89,7 +89,7 @@ async fn write(url: String, w: usize, rows: u64, spool: std::path::PathBuf) -> f
         Arc::new(NoSharedBudget),
         spool,
         WriterConfig {
-            batch_size: 512,
+            batch_size: batch,
             flush_interval: Duration::from_millis(25),
             capacity,
             durable: false,
@@ -119,10 +119,11 @@ fn main() {
         args.first(),
         args.get(1).and_then(|n| n.parse::<u64>().ok()),
     ) else {
-        eprintln!("usage: usage_at_scale URL ROWS [WRITERS]");
+        eprintln!("usage: usage_at_scale URL ROWS [WRITERS] [BATCH]");
         std::process::exit(2);
     };
     let writers: usize = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(1);
+    let batch: usize = args.get(3).and_then(|n| n.parse().ok()).unwrap_or(512);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -139,7 +140,7 @@ fn main() {
         let tasks: Vec<_> = (0..writers)
             .map(|w| {
                 let dir = spool.path().join(format!("w{w}"));
-                tokio::spawn(write(url.clone(), w, rows / writers as u64, dir))
+                tokio::spawn(write(url.clone(), w, rows / writers as u64, batch, dir))
             })
             .collect();
         for t in tasks {

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
@@ -162,6 +163,7 @@ impl UsageWriter {
             failing_since: None,
             last_failure_log: None,
             last_spool_error: None,
+            replaying: false,
         };
         let task = tokio::spawn(writer.run(rx, stop.clone()));
         (sink, UsageWriter { stop, task })
@@ -226,18 +228,28 @@ struct Writer {
     failing_since: Option<Instant>,
     last_failure_log: Option<Instant>,
     last_spool_error: Option<Instant>,
+    /// A spool replay is in flight (it goes alone).
+    replaying: bool,
 }
 
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Entry>, stop: Arc<Notify>) {
         let mut buf: Vec<Entry> = Vec::with_capacity(self.config.batch_size);
-        let mut inflight: Option<Inflight> = None;
+        // Postgres takes a second transaction while the first commits (its
+        // rows and the Rust side's work overlap the other's commit); SQLite
+        // has one writing connection.
+        let depth = match self.store.shared() {
+            Some(_) => 2,
+            None => 1,
+        };
+        let mut inflight: FuturesUnordered<Inflight> = FuturesUnordered::new();
         let mut closed = false;
         let mut stopping: Option<Instant> = None;
         loop {
             let now = Instant::now();
             let flushing = stopping.is_some() || closed;
-            if inflight.is_none() && self.flush_due(now, flushing) {
+            let room = inflight.len() < depth && !self.replaying;
+            if room && self.flush_due(now, flushing) {
                 // Top the batch up with what queued while it waited.
                 while buf.len() < self.config.batch_size.saturating_sub(self.pending.len()) {
                     match rx.try_recv() {
@@ -249,15 +261,18 @@ impl Writer {
                     self.accept(&mut buf);
                 }
             }
-            if inflight.is_none() {
-                inflight = self.next_job(now, flushing);
+            while inflight.len() < depth && !self.replaying {
+                match self.next_job(now, flushing, inflight.is_empty()) {
+                    Some(job) => inflight.push(job),
+                    None => break,
+                }
             }
-            if closed && inflight.is_none() && self.pending.is_empty() {
+            if closed && inflight.is_empty() && self.pending.is_empty() {
                 // Rows only the spool holds wait for the next start.
                 break;
             }
             if let Some(since) = stopping {
-                if inflight.is_none() && closed && since.elapsed() > SHUTDOWN_RETRY {
+                if inflight.is_empty() && closed && since.elapsed() > SHUTDOWN_RETRY {
                     self.spill_all("shutting down while the database fails");
                     break;
                 }
@@ -270,7 +285,7 @@ impl Writer {
             let listen = !closed
                 && (self.config.durable
                     || self.retry_at.is_some()
-                    || (inflight.is_none() && self.pending.is_empty()));
+                    || (inflight.len() < depth && !self.replaying && self.pending.is_empty()));
             let wake = self.wake_at(now, flushing);
             tokio::select! {
                 n = rx.recv_many(&mut buf, self.config.batch_size), if listen => {
@@ -281,11 +296,10 @@ impl Writer {
                         self.accept(&mut buf);
                     }
                 }
-                done = async { match inflight.as_mut() { Some(f) => f.await, None => std::future::pending().await } } => {
-                    inflight = None;
+                Some(done) = inflight.next(), if !inflight.is_empty() => {
                     self.finished(done.0, done.1);
                 }
-                _ = tokio::time::sleep_until(wake.into()), if inflight.is_none() => {}
+                _ = tokio::time::sleep_until(wake.into()), if inflight.len() < depth && !self.replaying => {}
                 _ = stop.notified(), if stopping.is_none() => stopping = Some(Instant::now()),
             }
         }
@@ -413,7 +427,9 @@ impl Writer {
 
     /// The next insert, if one is due: pending rows first (a full batch at
     /// once, a partial one after the flush interval), else a spool replay.
-    fn next_job(&mut self, now: Instant, flushing: bool) -> Option<Inflight> {
+    /// A spool replay only goes `alone`: its segment's read offset moves
+    /// once it is written, so a second one would read the same rows.
+    fn next_job(&mut self, now: Instant, flushing: bool, alone: bool) -> Option<Inflight> {
         if self.retry_at.is_some_and(|t| t > now) {
             return None;
         }
@@ -431,7 +447,7 @@ impl Writer {
             }
             self.oldest = (!self.pending.is_empty()).then_some(now);
             Job::Rows { rows, segments }
-        } else if self.spool.needs_replay() {
+        } else if alone && self.spool.needs_replay() {
             match self.spool.next_replay(self.config.batch_size) {
                 Ok(Some(b)) => Job::Replay {
                     segment: b.segment,
@@ -448,6 +464,7 @@ impl Writer {
         } else {
             return None;
         };
+        self.replaying = matches!(job, Job::Replay { .. });
         let store = self.store.clone();
         Some(Box::pin(async move {
             let result = if job.rows().is_empty() {
@@ -460,6 +477,9 @@ impl Writer {
     }
 
     fn finished(&mut self, job: Job, result: Result<Vec<String>, StoreError>) {
+        if matches!(job, Job::Replay { .. }) {
+            self.replaying = false;
+        }
         let skipped = match result {
             Ok(skipped) => skipped,
             Err(e) => {
