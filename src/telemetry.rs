@@ -181,7 +181,7 @@ fn traces_url(endpoint: &str) -> String {
 }
 
 /// `gen_ai.operation.name` of an endpoint (the `endpoint` column).
-fn operation(endpoint: &str) -> &str {
+fn operation(endpoint: &'static str) -> &'static str {
     match endpoint {
         "chat.completions" | "responses" | "messages" | "converse" | "realtime" => "chat",
         "completions" => "text_completion",
@@ -192,7 +192,7 @@ fn operation(endpoint: &str) -> &str {
 }
 
 /// `gen_ai.provider.name` as the conventions spell tollgate's providers.
-fn provider_name(provider: &str) -> &str {
+fn provider_name(provider: &'static str) -> &'static str {
     match provider {
         "azure" => "azure.ai.openai",
         "gemini" => "gcp.gemini",
@@ -215,14 +215,11 @@ fn remote_parent(header: &str) -> Context {
 /// The span's attributes: the GenAI conventions, the cost, and tollgate's
 /// own names for what they have no name for. No secret: a key's id, never
 /// the key.
-fn attributes(row: &UsageRecord, operation: &str) -> Vec<KeyValue> {
+fn attributes(row: &UsageRecord, operation: &'static str) -> Vec<KeyValue> {
     let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     let mut a = vec![
-        KeyValue::new("gen_ai.operation.name", operation.to_string()),
-        KeyValue::new(
-            "gen_ai.provider.name",
-            provider_name(row.provider).to_string(),
-        ),
+        KeyValue::new("gen_ai.operation.name", operation),
+        KeyValue::new("gen_ai.provider.name", provider_name(row.provider)),
         KeyValue::new("gen_ai.request.model", row.model.clone()),
         KeyValue::new(
             "gen_ai.response.model",

@@ -116,7 +116,9 @@ impl PostgresStore {
             .execute(&mut *tx)
             .await?;
         }
-        super::rollup::Rollup::of(new).upsert(&mut tx).await?;
+        super::rollup::Rollup::of(new)
+            .upsert_postgres(&mut tx)
+            .await?;
         tx.commit().await?;
         Ok(skipped)
     }

@@ -113,7 +113,7 @@ impl<'a> Rollup<'a> {
     }
 
     /// Adds the sums to `usage_daily`, in key order, inside the caller's
-    /// transaction: statements of `STATEMENT_ROWS` rollup rows (a batch of
+    /// transaction (SQLite; Postgres takes `upsert_postgres`): statements of `STATEMENT_ROWS` rollup rows (a batch of
     /// 512 requests of 200 keys each in its own hour makes 400 rollup rows:
     /// 256 + 128 + 16, three statements).
     pub(crate) async fn upsert<'c, DB>(
@@ -160,6 +160,77 @@ impl<'a> Rollup<'a> {
         Ok(())
     }
 }
+
+impl Rollup<'_> {
+    /// `upsert` on Postgres: one statement whatever the batch, its rows as
+    /// one array per column (`UNNEST`), so the server neither parses
+    /// thousands of parameters nor plans a `VALUES` list per batch. Arrays
+    /// keep their order: the rollup rows are locked in key order.
+    pub(crate) async fn upsert_postgres(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    ) -> Result<(), sqlx::Error> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        let n = self.0.len();
+        let (mut day, mut hour) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let mut text: [Vec<&str>; 6] = Default::default();
+        let mut sums: Vec<Vec<i64>> = (0..SUMS).map(|_| Vec::with_capacity(n)).collect();
+        for (key, row) in &self.0 {
+            day.push(key.day.format("%Y-%m-%d").to_string());
+            hour.push(i16::try_from(key.hour).unwrap_or(0));
+            let texts = [
+                key.team,
+                key.key_id,
+                key.model,
+                key.provider,
+                key.endpoint,
+                key.tier,
+            ];
+            for (column, value) in text.iter_mut().zip(texts) {
+                column.push(value);
+            }
+            for (column, v) in sums.iter_mut().zip(row.0) {
+                column.push(super::to_i64(v));
+            }
+        }
+        let mut q = sqlx::query(&UPSERT_UNNEST).bind(day).bind(hour);
+        for column in text {
+            q = q.bind(column);
+        }
+        for column in sums {
+            q = q.bind(column);
+        }
+        q.execute(&mut **tx).await?;
+        Ok(())
+    }
+}
+
+/// Postgres' one upsert text (`upsert_postgres`).
+static UPSERT_UNNEST: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let sums: Vec<String> = sum_columns().collect();
+    let arrays: Vec<String> = [
+        "text", "int2", "text", "text", "text", "text", "text", "text",
+    ]
+    .iter()
+    .map(|t| t.to_string())
+    .chain(sums.iter().map(|_| "int8".to_string()))
+    .enumerate()
+    .map(|(i, t)| format!("${}::{t}[]", i + 1))
+    .collect();
+    let add: Vec<String> = sums
+        .iter()
+        .map(|c| format!("{c} = usage_daily.{c} + excluded.{c}"))
+        .collect();
+    format!(
+        "INSERT INTO usage_daily ({KEY_COLUMNS}, {}) SELECT * FROM UNNEST({}) \
+         ON CONFLICT ({KEY_COLUMNS}) DO UPDATE SET {}",
+        sums.join(", "),
+        arrays.join(", "),
+        add.join(", ")
+    )
+});
 
 /// Rollup rows per upsert statement, largest first; each size has one SQL
 /// text, prepared once (256 rows bind 15,616 values: under both databases'
