@@ -409,7 +409,7 @@ impl Default for DatabaseConfig {
     fn default() -> Self {
         Self {
             url: "sqlite://tollgate.db".into(),
-            batch_size: 512,
+            batch_size: 4096,
             flush_interval_ms: 25,
             queue_capacity: 65_536,
             durability: Durability::Batch,
