@@ -547,6 +547,7 @@ impl Config {
             ("server.body_timeout_ms", self.server.body_timeout_ms),
             ("server.idle_timeout_ms", self.server.idle_timeout_ms),
             ("database.lease_timeout_ms", self.database.lease_timeout_ms),
+            ("otel.timeout_ms", self.otel.timeout_ms),
         ] {
             if ms == 0 {
                 return Err(bad(key, "must be > 0".into()));
@@ -591,11 +592,8 @@ impl Config {
                 ));
             }
         }
-        if self.otel.queue_capacity == 0 || self.otel.timeout_ms == 0 {
-            return Err(bad(
-                "otel",
-                "queue_capacity and timeout_ms must be > 0".into(),
-            ));
+        if self.otel.queue_capacity == 0 {
+            return Err(bad("otel.queue_capacity", "must be > 0".into()));
         }
         let m = self.catalog.finetune_multiple;
         if !(m.is_finite() && m > 0.0) {

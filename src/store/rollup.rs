@@ -1,6 +1,6 @@
 //! `usage_daily` (SPEC 15): the usage rows summed per UTC day and hour,
 //! team, key, model, provider, endpoint and tier. The writer adds the rows
-//! it inserts in the same transaction (`Rollup::of` then `upsert`), rows
+//! it inserts in the same transaction (`Rollup::of` then an upsert), rows
 //! already stored (a spool replay) excluded, so the table always equals
 //! the rows. Reports read it (`Store::report`): whole hours from here, the
 //! part of an hour before them from the rows, so a report since any instant
@@ -61,6 +61,13 @@ pub(crate) struct Key<'a> {
     tier: &'a str,
 }
 
+impl Key<'_> {
+    /// The `day` column: `YYYY-MM-DD`.
+    fn day_text(&self) -> String {
+        self.day.format("%Y-%m-%d").to_string()
+    }
+}
+
 /// A rollup row's sums, in `sum_columns` order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Sums([u64; SUMS]);
@@ -112,38 +119,24 @@ impl<'a> Rollup<'a> {
         Rollup(sums)
     }
 
-    /// Adds the sums to `usage_daily`, in key order, inside the caller's
-    /// transaction (SQLite; Postgres takes `upsert_postgres`): statements of `STATEMENT_ROWS` rollup rows (a batch of
-    /// 512 requests of 200 keys each in its own hour makes 400 rollup rows:
-    /// 256 + 128 + 16, three statements).
-    pub(crate) async fn upsert<'c, DB>(
+    /// SQLite: adds the sums to `usage_daily`, in key order, inside the
+    /// caller's transaction: statements of `STATEMENT_ROWS` rollup rows (a
+    /// batch of 512 requests of 200 keys each in its own hour makes 400
+    /// rollup rows: 256 + 128 + 16, three statements). Postgres takes
+    /// `upsert_postgres`.
+    pub(crate) async fn upsert_sqlite(
         &self,
-        tx: &mut sqlx::Transaction<'c, DB>,
-    ) -> Result<(), sqlx::Error>
-    where
-        DB: sqlx::Database,
-        for<'q> <DB as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
-        for<'e> &'e mut <DB as sqlx::Database>::Connection: sqlx::Executor<'e, Database = DB>,
-        for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-        for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-        for<'q> i16: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-        for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    {
+        tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    ) -> Result<(), sqlx::Error> {
         let rows: Vec<(&Key, &Sums)> = self.0.iter().collect();
         let mut rest = rows.as_slice();
         while let Some(i) = STATEMENT_ROWS.iter().position(|&n| n <= rest.len()) {
             let (chunk, next) = rest.split_at(STATEMENT_ROWS[i]);
             rest = next;
-            // SQLite's `$n` parameters are looked up by name, each bind a
-            // scan of them all: positional `?` there.
-            let texts = match DB::NAME == "SQLite" {
-                true => &UPSERT_SQL[1],
-                false => &UPSERT_SQL[0],
-            };
-            let mut q = sqlx::query::<DB>(&texts[i]);
+            let mut q = sqlx::query(&UPSERT_SQL[i]);
             for (key, sums) in chunk {
                 q = q
-                    .bind(key.day.format("%Y-%m-%d").to_string())
+                    .bind(key.day_text())
                     .bind(i16::try_from(key.hour).unwrap_or(0))
                     .bind(key.team)
                     .bind(key.key_id)
@@ -178,7 +171,7 @@ impl Rollup<'_> {
         let mut text: [Vec<&str>; 6] = Default::default();
         let mut sums: Vec<Vec<i64>> = (0..SUMS).map(|_| Vec::with_capacity(n)).collect();
         for (key, row) in &self.0 {
-            day.push(key.day.format("%Y-%m-%d").to_string());
+            day.push(key.day_text());
             hour.push(i16::try_from(key.hour).unwrap_or(0));
             let texts = [
                 key.team,
@@ -219,16 +212,11 @@ static UPSERT_UNNEST: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| 
     .enumerate()
     .map(|(i, t)| format!("${}::{t}[]", i + 1))
     .collect();
-    let add: Vec<String> = sums
-        .iter()
-        .map(|c| format!("{c} = usage_daily.{c} + excluded.{c}"))
-        .collect();
     format!(
-        "INSERT INTO usage_daily ({KEY_COLUMNS}, {}) SELECT * FROM UNNEST({}) \
-         ON CONFLICT ({KEY_COLUMNS}) DO UPDATE SET {}",
+        "INSERT INTO usage_daily ({KEY_COLUMNS}, {}) SELECT * FROM UNNEST({}) {}",
         sums.join(", "),
         arrays.join(", "),
-        add.join(", ")
+        add_on_conflict(&sums)
     )
 });
 
@@ -238,40 +226,34 @@ static UPSERT_UNNEST: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| 
 const STATEMENT_ROWS: [usize; 9] = [256, 128, 64, 32, 16, 8, 4, 2, 1];
 
 /// Rollup rows added: inserted, or summed into the row of their key; one
-/// text per `STATEMENT_ROWS` size, with `$n` parameters (Postgres) and `?`.
-static UPSERT_SQL: std::sync::LazyLock<[Vec<String>; 2]> =
-    std::sync::LazyLock::new(|| [upsert_sql(true), upsert_sql(false)]);
-
-fn upsert_sql(numbered: bool) -> Vec<String> {
+/// text per `STATEMENT_ROWS` size. Positional `?`: SQLite looks `$n`
+/// parameters up by name, each bind a scan of them all.
+static UPSERT_SQL: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
     let sums: Vec<String> = sum_columns().collect();
-    let width = 8 + sums.len();
+    let row = format!("({})", vec!["?"; 8 + sums.len()].join(", "));
+    STATEMENT_ROWS
+        .iter()
+        .map(|&n| {
+            format!(
+                "INSERT INTO usage_daily ({KEY_COLUMNS}, {}) VALUES {} {}",
+                sums.join(", "),
+                vec![row.as_str(); n].join(", "),
+                add_on_conflict(&sums)
+            )
+        })
+        .collect()
+});
+
+/// A rollup row already there gets the new sums added to its own.
+fn add_on_conflict(sums: &[String]) -> String {
     let add: Vec<String> = sums
         .iter()
         .map(|c| format!("{c} = usage_daily.{c} + excluded.{c}"))
         .collect();
-    STATEMENT_ROWS
-        .iter()
-        .map(|&n| {
-            let values: Vec<String> = (0..n)
-                .map(|r| {
-                    let params: Vec<String> = (1..=width)
-                        .map(|i| match numbered {
-                            true => format!("${}", r * width + i),
-                            false => "?".to_string(),
-                        })
-                        .collect();
-                    format!("({})", params.join(", "))
-                })
-                .collect();
-            format!(
-                "INSERT INTO usage_daily ({KEY_COLUMNS}, {}) VALUES {} \
-                 ON CONFLICT ({KEY_COLUMNS}) DO UPDATE SET {}",
-                sums.join(", "),
-                values.join(", "),
-                add.join(", ")
-            )
-        })
-        .collect()
+    format!(
+        "ON CONFLICT ({KEY_COLUMNS}) DO UPDATE SET {}",
+        add.join(", ")
+    )
 }
 
 /// The first whole hour at or after `t`.
@@ -483,14 +465,21 @@ mod tests {
     #[test]
     fn the_sums_have_a_column_each() {
         assert_eq!(sum_columns().count(), SUMS);
-        let [numbered, positional] = &*UPSERT_SQL;
-        let one = numbered[STATEMENT_ROWS.len() - 1].as_str();
+        let one = UPSERT_SQL[STATEMENT_ROWS.len() - 1].as_str();
         assert!(
             one.contains("n_gpu = usage_daily.n_gpu + excluded.n_gpu"),
             "{one}"
         );
-        assert!(one.contains(&format!("${})", 8 + SUMS)), "{one}");
-        assert!(numbered[0].contains(&format!("${})", 256 * (8 + SUMS))));
-        assert_eq!(positional[0].matches('?').count(), 256 * (8 + SUMS));
+        assert_eq!(one.matches('?').count(), 8 + SUMS);
+        assert_eq!(UPSERT_SQL[0].matches('?').count(), 256 * (8 + SUMS));
+        let unnest = UPSERT_UNNEST.as_str();
+        assert!(
+            unnest.contains("n_gpu = usage_daily.n_gpu + excluded.n_gpu"),
+            "{unnest}"
+        );
+        assert!(
+            unnest.contains(&format!("${}::int8[])", 8 + SUMS)),
+            "{unnest}"
+        );
     }
 }

@@ -252,7 +252,9 @@ async fn insert_batch<R: std::borrow::Borrow<UsageRecord> + Sync>(
             }
         }
     }
-    super::rollup::Rollup::of(inserted).upsert(&mut tx).await?;
+    super::rollup::Rollup::of(inserted)
+        .upsert_sqlite(&mut tx)
+        .await?;
     tx.commit().await?;
     Ok(())
 }
