@@ -198,3 +198,77 @@ async fn postgres_retention_drops_whole_months_and_keeps_rollups() {
     drop(tg);
     db.drop_db().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_statistics_of_changed_usage_tables_are_refreshed() {
+    let Some(db) = PgDb::create("statistics").await else {
+        return;
+    };
+    let store = Store::open(&db.url).await.unwrap_or_else(|e| panic!("{e}"));
+    let month = (Utc::now() - Duration::seconds(3))
+        .format("usage_rows_%Y_%m")
+        .to_string();
+    let refresh = || async {
+        store
+            .refresh_statistics()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    // Postgres counts a backend's changes within about a second.
+    let refresh_until = |table: String| async move {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let analyzed = refresh().await;
+            if analyzed.contains(&table) || std::time::Instant::now() > deadline {
+                return analyzed;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    };
+    // The tables were just made: whatever they hold has no statistics yet.
+    refresh().await;
+    store
+        .insert_usage(&aged(0, 5_000, Duration::seconds(3), 7))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let pool = db.pool().await;
+    let stats = |table: String| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT COUNT(*) FROM pg_stats WHERE tablename = $1 AND attname = 'created_ms'",
+            )
+            .bind(table)
+            .fetch_one(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+        }
+    };
+    assert_eq!(stats(month.clone()).await, 0);
+    let analyzed = refresh_until(month.clone()).await;
+    assert!(
+        analyzed.contains(&month) && analyzed.contains(&"usage_daily".to_string()),
+        "{analyzed:?}"
+    );
+    assert_eq!(stats(month.clone()).await, 1, "{month} analyzed");
+    assert_eq!(
+        refresh().await,
+        Vec::<String>::new(),
+        "nothing changed since"
+    );
+    // A twentieth more rows is not yet worth a new analysis; a fifth is.
+    store
+        .insert_usage(&aged(10_000, 250, Duration::seconds(2), 7))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    assert!(!refresh().await.contains(&month));
+    store
+        .insert_usage(&aged(20_000, 1_000, Duration::seconds(1), 7))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(refresh_until(month.clone()).await.contains(&month));
+    store.close().await;
+    pool.close().await;
+    db.drop_db().await;
+}

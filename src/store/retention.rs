@@ -5,7 +5,8 @@
 //! drops whole monthly partitions of `usage_rows` once the month is past
 //! the cutoff (rows of a younger month wait for the month to end), and
 //! deletes in batches only from the default partition. Postgres also gets
-//! its partitions made ahead here: this month's and the next two.
+//! its partitions made ahead here: this month's and the next two, and its
+//! usage tables' statistics kept fresh (`refresh_statistics`).
 
 use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
 
@@ -180,6 +181,50 @@ impl Store {
         Ok(oldest.map_or(0, |ms| ((cutoff_ms - ms) / 1000).max(0)))
     }
 
+    /// Postgres: summarizes the new block ranges of each usage partition's
+    /// time index and re-analyzes the usage tables that changed by more than
+    /// a tenth since their last analysis; what autovacuum does, done here
+    /// too so a report's time filter uses the index even where autovacuum
+    /// is off or behind (a never-analyzed month of millions of rows is read
+    /// whole). One replica at a time; the tables it analyzed.
+    pub async fn refresh_statistics(&self) -> Result<Vec<String>, StoreError> {
+        let Some(pg) = self.shared() else {
+            return Ok(Vec::new());
+        };
+        let mut tx = pg.pool().begin().await?;
+        let ours: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(7410237)")
+            .fetch_one(&mut *tx)
+            .await?;
+        if !ours {
+            return Ok(Vec::new());
+        }
+        sqlx::query(
+            "SELECT brin_summarize_new_values(x.indexrelid::regclass) FROM pg_index x \
+             JOIN pg_class c ON c.oid = x.indexrelid JOIN pg_am a ON a.oid = c.relam \
+             JOIN pg_inherits i ON i.inhrelid = x.indrelid \
+             WHERE a.amname = 'brin' AND i.inhparent = 'usage_rows'::regclass",
+        )
+        .execute(&mut *tx)
+        .await?;
+        let stale: Vec<String> = sqlx::query_scalar(
+            "SELECT relname::text FROM pg_stat_user_tables \
+             WHERE (relname ~ '^usage_rows_' OR relname = 'usage_daily') \
+             AND n_mod_since_analyze > 0 \
+             AND (n_mod_since_analyze > n_live_tup / 10 \
+                  OR COALESCE(last_analyze, last_autoanalyze) IS NULL) \
+             ORDER BY relname",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        for table in &stale {
+            // Names from the catalog, quoted as identifiers.
+            let analyze = format!("ANALYZE \"{}\"", table.replace('"', "\"\""));
+            sqlx::query(&analyze).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(stale)
+    }
+
     /// Side tables kept only as long as usage rows: word counts, and
     /// batches billed (or files uploaded) before `cutoff`.
     pub async fn expire_side_tables(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError> {
@@ -219,7 +264,8 @@ const DELETE_BATCH: u32 = 1_000;
 const PASS_BUDGET: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// The retention task: at start, then every minute, makes Postgres'
-/// partitions ahead and, with `retention_days`, deletes what is older.
+/// partitions ahead, refreshes its statistics and, with `retention_days`,
+/// deletes what is older.
 pub fn spawn(
     store: Store,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
@@ -232,6 +278,13 @@ pub fn spawn(
             tick.tick().await;
             if let Err(e) = store.ensure_partitions(Utc::now()).await {
                 tracing::warn!(error = %e, "making usage partitions ahead failed");
+            }
+            match store.refresh_statistics().await {
+                Ok(tables) if !tables.is_empty() => {
+                    tracing::debug!(?tables, "usage statistics refreshed")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "refreshing usage statistics failed"),
             }
             if let Some(days) = retention_days {
                 check(&store, &metrics, days).await;
