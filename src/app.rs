@@ -78,9 +78,34 @@ impl AppState {
                 None => self.ledger.set_budget(&t.name, None, |_| 0),
             }
         }
+        self.refresh_level_budgets().await?;
         self.directory.replace(key_map, team_map);
         if let Some(pg) = self.store.shared() {
             self.ledger.sync(pg).await?;
+        }
+        Ok(())
+    }
+
+    /// The budgets of keys, end users and tags into the ledger (SPEC 14),
+    /// those cleared out of it.
+    async fn refresh_level_budgets(&self) -> Result<(), crate::store::StoreError> {
+        use crate::budget::{level_of, Level};
+        let budgets = self.store.level_budgets().await?;
+        let set: std::collections::HashSet<&str> =
+            budgets.iter().map(|(a, _)| a.as_str()).collect();
+        for account in self.ledger.names() {
+            if level_of(&account).0 != Level::Team && !set.contains(account.as_str()) {
+                self.ledger.set_budget(&account, None, |_| 0);
+            }
+        }
+        for (account, budget) in budgets {
+            if self.ledger.is_shared() || self.ledger.is_current(&account, budget) {
+                self.ledger.set_budget(&account, Some(budget), |_| 0);
+            } else {
+                let start = budget.period.start(chrono::Utc::now());
+                let spent = self.store.account_spend_since(&account, start).await?;
+                self.ledger.set_budget(&account, Some(budget), |_| spent);
+            }
         }
         Ok(())
     }

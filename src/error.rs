@@ -28,9 +28,12 @@ pub enum ApiError {
     BodyTimeout { timeout_ms: u64 },
     #[error("This key may not use the model `{model}`.")]
     ModelNotAllowed { model: String },
-    #[error("Team `{team}` has not enough budget left for this request: it may cost up to ${needed} and ${remaining} remains in the current period.")]
+    #[error("{budget} has not enough budget left for this request: it may cost up to ${needed} and ${remaining} remains in the current period.")]
     BudgetExceeded {
-        team: String,
+        /// Which budget refused (`error.param`).
+        level: crate::budget::Level,
+        /// "Team `acme`", "Key `key_1`", "End user `alice` of team `acme`", "Tag `prod`".
+        budget: String,
         needed: crate::pricing::NanoUsd,
         remaining: crate::pricing::NanoUsd,
     },
@@ -65,6 +68,27 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// The 429 of a reservation `over` refused.
+    pub fn over_budget(over: &crate::budget::OverBudget) -> ApiError {
+        use crate::budget::Level;
+        let (level, name) = over.level();
+        let budget = match level {
+            Level::Team => format!("Team `{name}`"),
+            Level::Key => format!("Key `{name}`"),
+            Level::EndUser => match name.split_once(':') {
+                Some((team, user)) => format!("End user `{user}` of team `{team}`"),
+                None => format!("End user `{name}`"),
+            },
+            Level::Tag => format!("Tag `{name}`"),
+        };
+        ApiError::BudgetExceeded {
+            level,
+            budget,
+            needed: over.needed,
+            remaining: over.remaining,
+        }
+    }
+
     pub fn invalid(message: impl Into<String>, param: Option<&str>) -> ApiError {
         ApiError::InvalidRequest {
             message: message.into(),
@@ -150,6 +174,7 @@ impl ApiError {
             | ApiError::NoUpstream { .. }
             | ApiError::ModelTooLong { .. }
             | ApiError::ModelNotAllowed { .. } => Some("model"),
+            ApiError::BudgetExceeded { level, .. } => Some(level.as_str()),
             _ => None,
         }
     }

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-use tollgate::budget::Period;
+use tollgate::budget::{BudgetStatus, Level, Period};
 use tollgate::config::Config;
 use tollgate::manage;
 use tollgate::pricing::{litellm, Catalog, NanoUsd};
@@ -53,10 +53,26 @@ enum Command {
         #[command(subcommand)]
         command: TeamsCommand,
     },
-    /// Manage virtual API keys.
+    /// Manage virtual API keys and their budgets.
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
+    },
+    /// Budgets of end users within a team (the OpenAI `user` field,
+    /// Anthropic `metadata.user_id`, or header `x-tollgate-end-user`).
+    EndUsers {
+        #[command(subcommand)]
+        command: EndUsersCommand,
+    },
+    /// Budgets of tags (header `x-tollgate-tags: a,b`).
+    Tags {
+        #[command(subcommand)]
+        command: TagsCommand,
+    },
+    /// Every key, end-user and tag budget, with its spend this period.
+    Budgets {
+        #[command(subcommand)]
+        command: BudgetsCommand,
     },
     /// The numbers every LLM developer should know, measured on this
     /// traffic: where a change would save money, and how much.
@@ -123,6 +139,19 @@ enum TeamsCommand {
     },
 }
 
+/// A key's, end user's or tag's budget.
+#[derive(clap::Args)]
+struct LevelBudgetArgs {
+    /// USD per period; without it the budget is cleared.
+    #[arg(long)]
+    budget_usd: Option<String>,
+    /// Budget period [default: monthly when --budget-usd is given].
+    #[arg(long, value_enum)]
+    period: Option<Period>,
+    #[arg(long, value_enum, default_value = "table")]
+    format: OutputFormat,
+}
+
 #[derive(Subcommand)]
 enum KeysCommand {
     /// Create a key; it is printed once, alone on the first line of stdout.
@@ -134,8 +163,20 @@ enum KeysCommand {
         /// Comma-separated model globs the key may use (default: all).
         #[arg(long, value_delimiter = ',')]
         models: Vec<String>,
+        /// The key's own budget, USD per period (the team's applies too).
+        #[arg(long)]
+        budget_usd: Option<String>,
+        /// The key budget's period [default: monthly].
+        #[arg(long, value_enum)]
+        period: Option<Period>,
         #[arg(long, value_enum, default_value = "table")]
         format: OutputFormat,
+    },
+    /// Set (or with no --budget-usd, clear) a key's budget.
+    SetBudget {
+        id: String,
+        #[command(flatten)]
+        budget: LevelBudgetArgs,
     },
     /// List keys (never their secrets).
     List {
@@ -144,6 +185,37 @@ enum KeysCommand {
     },
     /// Revoke a key by id; running servers refuse it within a second.
     Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum EndUsersCommand {
+    /// Set (or with no --budget-usd, clear) an end user's budget in a team.
+    SetBudget {
+        #[arg(long)]
+        team: String,
+        user: String,
+        #[command(flatten)]
+        budget: LevelBudgetArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum TagsCommand {
+    /// Set (or with no --budget-usd, clear) a tag's budget.
+    SetBudget {
+        tag: String,
+        #[command(flatten)]
+        budget: LevelBudgetArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum BudgetsCommand {
+    /// List every key, end-user and tag budget (teams: `teams list`).
+    List {
+        #[arg(long, value_enum, default_value = "table")]
+        format: OutputFormat,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -267,6 +339,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Catalog { command } => catalog(command, &config),
         Command::Teams { command } => runtime()?.block_on(teams(command, &config)),
         Command::Keys { command } => runtime()?.block_on(keys(command, &config)),
+        Command::EndUsers {
+            command: EndUsersCommand::SetBudget { team, user, budget },
+        } => runtime()?.block_on(set_level_budget(
+            &config,
+            Level::EndUser,
+            Some(&team),
+            &user,
+            budget,
+        )),
+        Command::Tags {
+            command: TagsCommand::SetBudget { tag, budget },
+        } => runtime()?.block_on(set_level_budget(&config, Level::Tag, None, &tag, budget)),
+        Command::Budgets {
+            command: BudgetsCommand::List { format },
+        } => runtime()?.block_on(list_level_budgets(&config, format)),
         Command::Numbers {
             since,
             team,
@@ -383,16 +470,100 @@ async fn teams(command: TeamsCommand, config: &Config) -> anyhow::Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
+/// `keys set-budget`, `end-users set-budget`, `tags set-budget`.
+async fn set_level_budget(
+    config: &Config,
+    level: Level,
+    team: Option<&str>,
+    name: &str,
+    args: LevelBudgetArgs,
+) -> anyhow::Result<ExitCode> {
+    let store = open_store(config, false).await?;
+    let budget = manage::budget_from(args.budget_usd.as_deref(), args.period)?;
+    let account = manage::level_account(&store, level, team, name).await?;
+    let cleared = !store.set_level_budget(&account, budget).await? && budget.is_none();
+    store.close().await;
+    let who = match team {
+        Some(t) => format!("{} {name} of team {t}", level.as_str()),
+        None => format!("{} {name}", level.as_str()),
+    };
+    match (args.format, budget) {
+        (OutputFormat::Json, Some(b)) => print_json(&manage::level_budget_json(&account, b, None)),
+        (OutputFormat::Json, None) => print_json(&serde_json::json!({
+            "level": level.as_str(), "name": name, "team": team, "budget_usd": null
+        })),
+        (OutputFormat::Table, Some(b)) => {
+            println!("{who}: budget ${} {}", b.limit, b.period.as_str())
+        }
+        (OutputFormat::Table, None) if cleared => println!("{who}: had no budget"),
+        (OutputFormat::Table, None) => println!("{who}: budget cleared"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `budgets list`: spend this period read from the usage rows.
+async fn list_level_budgets(config: &Config, format: OutputFormat) -> anyhow::Result<ExitCode> {
+    let store = open_store(config, false).await?;
+    let now = chrono::Utc::now();
+    let mut rows = Vec::new();
+    for (account, budget) in store.level_budgets().await? {
+        let spent = store
+            .account_spend_since(&account, budget.period.start(now))
+            .await?;
+        let status = BudgetStatus {
+            limit: budget.limit,
+            spent: NanoUsd(spent),
+            reserved: NanoUsd(0),
+            remaining: NanoUsd(budget.limit.0.saturating_sub(spent)),
+        };
+        rows.push(manage::level_budget_json(&account, budget, Some(status)));
+    }
+    store.close().await;
+    match format {
+        OutputFormat::Json => print_json(&serde_json::Value::Array(rows)),
+        OutputFormat::Table => {
+            println!(
+                "{:<9} {:<24} {:<16} {:>14} {:<8} {:>14}",
+                "level", "name", "team", "budget_usd", "period", "spent_usd"
+            );
+            for r in rows {
+                let text = |k: &str| r[k].as_str().unwrap_or("-").to_string();
+                println!(
+                    "{:<9} {:<24} {:<16} {:>14} {:<8} {:>14}",
+                    text("level"),
+                    text("name"),
+                    text("team"),
+                    text("budget_usd"),
+                    text("period"),
+                    text("spent_usd")
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn keys(command: KeysCommand, config: &Config) -> anyhow::Result<ExitCode> {
     let store = open_store(config, false).await?;
     match command {
+        KeysCommand::SetBudget { id, budget } => {
+            store.close().await;
+            return set_level_budget(config, Level::Key, None, &id, budget).await;
+        }
         KeysCommand::Create {
             team,
             name,
             models,
+            budget_usd,
+            period,
             format,
         } => {
+            let budget = manage::budget_from(budget_usd.as_deref(), period)?;
             let (row, secret) = manage::create_key(&store, &team, name, models).await?;
+            if let Some(budget) = budget {
+                let account = tollgate::budget::account(Level::Key, &row.id);
+                store.set_level_budget(&account, Some(budget)).await?;
+            }
             match format {
                 OutputFormat::Json => {
                     print_json(&serde_json::json!({"id": row.id, "key": secret, "team": row.team}))

@@ -65,6 +65,74 @@ pub fn team_json(t: &TeamRow, status: Option<BudgetStatus>) -> Value {
     })
 }
 
+/// The ledger account of a key's, an end user's or a tag's budget, checked:
+/// the key exists, the end user's team exists, the tag is a name as a
+/// team's is. `team` is the end user's team (else unused).
+pub async fn level_account(
+    store: &Store,
+    level: crate::budget::Level,
+    team: Option<&str>,
+    name: &str,
+) -> Result<String, ManageError> {
+    use crate::budget::{account, end_user_account, Level};
+    match level {
+        Level::Team => {
+            store.team(name).await?;
+            Ok(name.to_string())
+        }
+        Level::Key => {
+            if !store.keys().await?.iter().any(|k| k.id == name) {
+                return Err(StoreError::NotFound(format!("key `{name}`")).into());
+            }
+            Ok(account(Level::Key, name))
+        }
+        Level::EndUser => {
+            let Some(team) = team else {
+                return Err(ManageError::Invalid(
+                    "an end user's budget needs its team".into(),
+                ));
+            };
+            store.team(team).await?;
+            if name.is_empty() || name.chars().count() > 256 {
+                return Err(ManageError::Invalid(format!(
+                    "end user `{name}`: 1-256 characters"
+                )));
+            }
+            Ok(end_user_account(team, name))
+        }
+        Level::Tag => {
+            if !auth::is_valid_team_name(name) {
+                return Err(ManageError::Invalid(format!(
+                    "tag `{name}`: use 1-64 letters, digits, '-', '_' or '.'"
+                )));
+            }
+            Ok(account(Level::Tag, name))
+        }
+    }
+}
+
+/// A key's, end user's or tag's budget as the CLI and the admin API show it.
+pub fn level_budget_json(account: &str, budget: Budget, status: Option<BudgetStatus>) -> Value {
+    let (level, name) = crate::budget::level_of(account);
+    let (team, name) = match level {
+        crate::budget::Level::EndUser => match name.split_once(':') {
+            Some((t, u)) => (Some(t), u),
+            None => (None, name),
+        },
+        _ => (None, name),
+    };
+    json!({
+        "level": level.as_str(),
+        "name": name,
+        "team": team,
+        "budget_usd": budget.limit.to_string(),
+        "period": budget.period.as_str(),
+        "spent_usd": status.map(|s| s.spent.to_string()),
+        "reserved_usd": status.map(|s| s.reserved.to_string()),
+        "remaining_usd": status.map(|s| s.remaining.to_string()),
+    })
+}
+
 pub fn key_json(k: &KeyRow) -> Value {
     json!({
         "id": k.id,

@@ -346,6 +346,9 @@ impl Series {
     }
 }
 
+/// Most key, end-user or tag budgets shown as gauges per level.
+pub const MAX_LEVEL_BUDGET_LABELS: usize = 200;
+
 pub struct Metrics {
     registry: Registry,
     model_labels: LabelSet,
@@ -391,6 +394,15 @@ pub struct Metrics {
     /// full). Present only with `[otel] endpoint`.
     pub otel_spans: IntCounterVec,
     pub budget_rejections: IntCounterVec,
+    /// Budgets of keys, end users and tags (SPEC 14): `level`, `name`; at
+    /// most `MAX_LEVEL_BUDGET_LABELS` per level, those with least left.
+    pub level_budget_limit: GaugeVec,
+    pub level_budget_spent: GaugeVec,
+    pub level_budget_remaining: GaugeVec,
+    /// Budgets set per level, all of them (the gauges above may show fewer).
+    pub level_budgets: IntGaugeVec,
+    /// Refusals by the level of the budget that refused.
+    pub level_rejections: IntCounterVec,
     pub records_dropped: IntCounter,
     /// Every try of an upstream (SPEC 10 fallbacks). Upstreams keep their
     /// own `ok` handle (`upstream::Upstream::attempts_ok`).
@@ -607,6 +619,44 @@ impl Metrics {
             ),
             &["team"],
         )?;
+        let level_gauge =
+            |name: &str, help: &str| GaugeVec::new(Opts::new(name, help), &["level", "name"]);
+        let level_budget_limit = level_gauge(
+            "tollgate_level_budget_limit_usd",
+            "Budget of a key, end user (name TEAM:USER) or tag for the current period.",
+        )?;
+        let level_budget_spent = level_gauge(
+            "tollgate_level_budget_spent_usd",
+            "Spend recorded against a key, end user or tag budget in the current period.",
+        )?;
+        let level_budget_remaining = level_gauge(
+            "tollgate_level_budget_remaining_usd",
+            "Key, end user or tag budget left: limit - spent - reserved.",
+        )?;
+        let level_budgets = IntGaugeVec::new(
+            Opts::new(
+                "tollgate_level_budgets",
+                "Budgets set per level (team, key, end_user, tag).",
+            ),
+            &["level"],
+        )?;
+        let level_rejections = IntCounterVec::new(
+            Opts::new(
+                "tollgate_budget_level_rejections_total",
+                "Requests refused by a budget, by the level of the budget that refused.",
+            ),
+            &["level"],
+        )?;
+        for level in crate::budget::Level::ALL {
+            level_rejections
+                .with_label_values(&[level.as_str()])
+                .inc_by(0);
+        }
+        registry.register(Box::new(level_budget_limit.clone()))?;
+        registry.register(Box::new(level_budget_spent.clone()))?;
+        registry.register(Box::new(level_budget_remaining.clone()))?;
+        registry.register(Box::new(level_budgets.clone()))?;
+        registry.register(Box::new(level_rejections.clone()))?;
         registry.register(Box::new(budget_limit.clone()))?;
         registry.register(Box::new(budget_spent.clone()))?;
         registry.register(Box::new(budget_remaining.clone()))?;
@@ -719,6 +769,11 @@ impl Metrics {
             retention_partitions_dropped,
             otel_spans,
             budget_rejections,
+            level_budget_limit,
+            level_budget_spent,
+            level_budget_remaining,
+            level_budgets,
+            level_rejections,
             records_dropped,
             upstream_attempts,
             shadow_cost,
@@ -825,15 +880,59 @@ impl Metrics {
     }
 
     /// Budget gauges from the ledger, set at scrape time.
+    /// A refusal by a budget at `level`.
+    pub fn count_level_rejection(&self, level: crate::budget::Level) {
+        self.level_rejections
+            .with_label_values(&[level.as_str()])
+            .inc();
+    }
+
     pub fn publish_budgets(&self, budgets: &[(String, crate::period::BudgetStatus)]) {
+        use crate::budget::{level_of, Level};
         for g in [
             &self.budget_limit,
             &self.budget_spent,
             &self.budget_remaining,
+            &self.level_budget_limit,
+            &self.level_budget_spent,
+            &self.level_budget_remaining,
         ] {
             g.reset();
         }
-        for (team, s) in budgets {
+        let mut below: Vec<(Level, &str, &crate::period::BudgetStatus)> = Vec::new();
+        let mut counts = [0i64; 4];
+        for (account, s) in budgets {
+            let (level, name) = level_of(account);
+            counts[level as usize] += 1;
+            if level != Level::Team {
+                below.push((level, name, s));
+            }
+        }
+        for level in Level::ALL {
+            self.level_budgets
+                .with_label_values(&[level.as_str()])
+                .set(counts[level as usize]);
+        }
+        // Those nearest their limit first, a bounded number per level.
+        below.sort_by_key(|(level, _, s)| (*level, s.remaining.0));
+        let mut shown = [0usize; 4];
+        for (level, name, s) in below {
+            if shown[level as usize] >= MAX_LEVEL_BUDGET_LABELS {
+                continue;
+            }
+            shown[level as usize] += 1;
+            let labels = [level.as_str(), name];
+            self.level_budget_limit
+                .with_label_values(&labels)
+                .set(s.limit.as_usd_f64());
+            self.level_budget_spent
+                .with_label_values(&labels)
+                .set(s.spent.as_usd_f64());
+            self.level_budget_remaining
+                .with_label_values(&labels)
+                .set(s.remaining.as_usd_f64());
+        }
+        for (team, s) in budgets.iter().filter(|(a, _)| level_of(a).0 == Level::Team) {
             // Born at 0, so the first rejection is an increase alerts can see.
             self.budget_rejections.with_label_values(&[team]).inc_by(0);
             self.budget_limit

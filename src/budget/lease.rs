@@ -49,17 +49,21 @@ pub async fn acquire(
     let mut tx = db.pool().begin().await?;
     // The first replica to budget this period starts from what the
     // usage table already holds for it (a budget set mid-period).
-    sqlx::query(
+    let (rows_of, values) = crate::store::account_filter(team, true, 4);
+    let start = format!(
         "INSERT INTO budget_state (team, period, spent) \
          SELECT $1, $2, COALESCE(SUM(cost_nano_usd), 0)::BIGINT FROM usage \
-         WHERE team = $1 AND ($3::bigint IS NULL OR created_ms >= $3) \
-         ON CONFLICT (team, period) DO NOTHING",
-    )
-    .bind(team)
-    .bind(period)
-    .bind(period_start.map(|t| t.timestamp_millis()))
-    .execute(&mut *tx)
-    .await?;
+         WHERE {rows_of} AND ($3::bigint IS NULL OR created_ms >= $3) \
+         ON CONFLICT (team, period) DO NOTHING"
+    );
+    let mut q = sqlx::query(&start)
+        .bind(team)
+        .bind(period)
+        .bind(period_start.map(|t| t.timestamp_millis()));
+    for v in &values {
+        q = q.bind(v);
+    }
+    q.execute(&mut *tx).await?;
     let spent: i64 = sqlx::query_scalar(
         "SELECT spent FROM budget_state WHERE team = $1 AND period = $2 FOR UPDATE",
     )

@@ -1,4 +1,7 @@
-//! Team budgets: periods, reservations before forwarding, settlement after.
+//! Budgets (SPEC 5 and 14): periods, reservations before forwarding,
+//! settlement after. A budget belongs to an account: a team (its own name),
+//! a key, an end user within a team or a tag (`account`); a request is
+//! reserved from every account that applies to it at once, or from none.
 //!
 //! Owns the in-memory ledger every request checks. The check is a mutex-held
 //! comparison of integers, never a database round trip; the ledger is loaded
@@ -21,6 +24,85 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, Utc};
 
 use crate::pricing::NanoUsd;
+
+/// The level a budget is set at (`error.param` of a refusal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Level {
+    Team,
+    Key,
+    EndUser,
+    Tag,
+}
+
+impl Level {
+    pub const ALL: [Level; 4] = [Level::Team, Level::Key, Level::EndUser, Level::Tag];
+
+    /// The name in errors, metrics and the API: `team`, `key`, `end_user`, `tag`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Team => "team",
+            Level::Key => "key",
+            Level::EndUser => "end_user",
+            Level::Tag => "tag",
+        }
+    }
+
+    fn prefix(self) -> &'static str {
+        match self {
+            Level::Team => "",
+            Level::Key => "key:",
+            Level::EndUser => "user:",
+            Level::Tag => "tag:",
+        }
+    }
+}
+
+/// The account a budget is kept under, in the ledger and the shared tables:
+/// a team's own name (team names have no ':'), `key:ID`, `user:TEAM:USER`
+/// or `tag:TAG`.
+pub fn account(level: Level, name: &str) -> String {
+    let prefix = level.prefix();
+    let mut a = String::with_capacity(prefix.len() + name.len());
+    a.push_str(prefix);
+    a.push_str(name);
+    a
+}
+
+/// An end user's account within `team`.
+pub fn end_user_account(team: &str, user: &str) -> String {
+    format!("user:{team}:{user}")
+}
+
+/// The level of an account and its name there (`TEAM:USER` for an end user).
+pub fn level_of(account: &str) -> (Level, &str) {
+    for level in [Level::Key, Level::EndUser, Level::Tag] {
+        if let Some(name) = account.strip_prefix(level.prefix()) {
+            return (level, name);
+        }
+    }
+    (Level::Team, account)
+}
+
+/// The accounts a request is reserved from: its team's and, where they
+/// may have budgets, its key's, its end user's and its tags'. The ledger
+/// skips those without one.
+pub fn accounts_of(
+    team: &str,
+    key_id: Option<&str>,
+    end_user: Option<&str>,
+    tags: &[String],
+) -> Vec<String> {
+    let mut out = Vec::with_capacity(2 + tags.len());
+    out.push(team.to_string());
+    if let Some(id) = key_id {
+        out.push(account(Level::Key, id));
+    }
+    if let Some(user) = end_user {
+        out.push(end_user_account(team, user));
+    }
+    out.extend(tags.iter().map(|t| account(Level::Tag, t)));
+    out
+}
 
 /// The key of a budget period in the shared tables: `total`, or the
 /// period's start as UTC text.
@@ -130,7 +212,7 @@ pub struct Ledger {
 }
 
 /// Why a shared reservation could not be taken.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
     /// The budget has no room for it.
     Over(OverBudget),
@@ -138,11 +220,19 @@ pub enum Refusal {
     Unavailable,
 }
 
-/// Why a reservation was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Why a reservation was refused: the first account without room.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OverBudget {
     pub needed: NanoUsd,
     pub remaining: NanoUsd,
+    pub account: String,
+}
+
+impl OverBudget {
+    /// The refused budget's level and its name there.
+    pub fn level(&self) -> (Level, &str) {
+        level_of(&self.account)
+    }
 }
 
 impl Ledger {
@@ -226,51 +316,115 @@ impl Ledger {
             .unwrap_or(true)
     }
 
+    /// True when any of `accounts` has a budget.
+    pub fn has_any(&self, accounts: &[String]) -> bool {
+        self.accounts
+            .lock()
+            .map(|a| !a.is_empty() && accounts.iter().any(|n| a.contains_key(n)))
+            .unwrap_or(true)
+    }
+
+    /// The least budget left among `accounts` (`None`: none has a budget).
+    pub fn remaining_of(&self, accounts: &[String]) -> Option<NanoUsd> {
+        let mut all = self.accounts.lock().ok()?;
+        let now = Utc::now();
+        accounts
+            .iter()
+            .filter_map(|n| {
+                let acc = all.get_mut(n)?;
+                acc.roll(now);
+                Some(acc.remaining())
+            })
+            .min()
+            .map(NanoUsd)
+    }
+
+    /// The first of `accounts` with nothing left, as a refusal of 1 nano-USD.
+    pub fn exhausted(&self, accounts: &[String]) -> Option<OverBudget> {
+        let mut all = self.accounts.lock().ok()?;
+        let now = Utc::now();
+        accounts.iter().find_map(|n| {
+            let acc = all.get_mut(n)?;
+            acc.roll(now);
+            (acc.remaining() == 0).then(|| OverBudget {
+                needed: NanoUsd(1),
+                remaining: NanoUsd(0),
+                account: n.clone(),
+            })
+        })
+    }
+
+    /// The accounts with a budget.
+    pub fn names(&self) -> Vec<String> {
+        self.accounts
+            .lock()
+            .map(|a| a.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Period start of a team's budget, when it has one.
     pub fn period_start(&self, team: &str) -> Option<DateTime<Utc>> {
         self.accounts.lock().ok()?.get(team).map(|a| a.period_start)
     }
 
-    /// Reserves `amount` for a request, or refuses when spent + reserved +
-    /// amount would pass the limit. Teams without a budget always pass.
+    /// Reserves `amount` from every one of `accounts` that has a budget,
+    /// or from none when one of them has no room for it (spent + reserved
+    /// + amount would pass its limit). Without any budget: `Ok(None)`.
     pub fn reserve(
         self: &Arc<Self>,
-        team: &str,
+        accounts: &[String],
         amount: NanoUsd,
     ) -> Result<Option<Reservation>, OverBudget> {
-        let Ok(mut accounts) = self.accounts.lock() else {
+        let Ok(mut all) = self.accounts.lock() else {
             return Ok(None);
         };
-        let Some(acc) = accounts.get_mut(team) else {
-            return Ok(None);
-        };
-        acc.roll(Utc::now());
-        self.reserve_in(acc, team, amount)
+        self.reserve_in(&mut all, accounts, amount)
     }
 
-    /// Takes `amount` from an account already rolled to the current period.
+    /// `reserve` with the ledger's lock held.
     fn reserve_in(
         self: &Arc<Self>,
-        acc: &mut Account,
-        team: &str,
+        all: &mut HashMap<String, Account>,
+        accounts: &[String],
         amount: NanoUsd,
     ) -> Result<Option<Reservation>, OverBudget> {
-        if amount.0 > acc.available() {
-            return Err(OverBudget {
-                needed: amount,
-                remaining: NanoUsd(acc.remaining()),
+        let now = Utc::now();
+        let mut parts = Vec::new();
+        for name in accounts {
+            let Some(acc) = all.get_mut(name) else {
+                continue;
+            };
+            acc.roll(now);
+            if amount.0 > acc.available() {
+                return Err(OverBudget {
+                    needed: amount,
+                    remaining: NanoUsd(acc.remaining()),
+                    account: name.clone(),
+                });
+            }
+            parts.push(Part {
+                account: name.clone(),
+                period_start: acc.period_start,
             });
         }
-        acc.reserved += amount.0;
-        if let Some(lease) = &mut acc.lease {
-            lease.active = true;
+        if parts.is_empty() {
+            return Ok(None);
+        }
+        let mut remaining = u64::MAX;
+        for part in &parts {
+            if let Some(acc) = all.get_mut(&part.account) {
+                acc.reserved += amount.0;
+                if let Some(lease) = &mut acc.lease {
+                    lease.active = true;
+                }
+                remaining = remaining.min(acc.remaining());
+            }
         }
         Ok(Some(Reservation {
             ledger: self.clone(),
-            team: team.to_string(),
+            parts,
             amount: amount.0,
-            remaining: NanoUsd(acc.remaining()),
-            period_start: acc.period_start,
+            remaining: NanoUsd(remaining),
         }))
     }
 
@@ -333,15 +487,22 @@ impl Ledger {
     }
 }
 
-/// Money held for one in-flight request. Settling records the actual cost
-/// and frees the rest; dropping it unsettled frees it all.
+/// One budget a reservation holds money in.
+#[derive(Debug)]
+struct Part {
+    account: String,
+    period_start: DateTime<Utc>,
+}
+
+/// Money held for one in-flight request, in every budget that applies.
+/// Settling records the actual cost in each and frees the rest; dropping it
+/// unsettled frees it all.
 #[derive(Debug)]
 pub struct Reservation {
     ledger: Arc<Ledger>,
-    team: String,
+    parts: Vec<Part>,
     amount: u64,
     remaining: NanoUsd,
-    period_start: DateTime<Utc>,
 }
 
 impl Reservation {
@@ -349,41 +510,53 @@ impl Reservation {
         NanoUsd(self.amount)
     }
 
-    /// The budget left right after this reservation was taken.
+    /// The least budget left among those held, right after this
+    /// reservation was taken.
     pub fn remaining(&self) -> NanoUsd {
         self.remaining
     }
 
-    /// The shared period key whose lease holds this reservation (Postgres).
-    pub fn shared_period(&self) -> Option<String> {
-        self.ledger.shared.then(|| period_key(self.period_start))
+    /// The shared (account, period key) pairs whose leases hold this
+    /// reservation (Postgres).
+    pub fn shared_periods(&self) -> Vec<(String, String)> {
+        match self.ledger.shared {
+            true => self
+                .parts
+                .iter()
+                .map(|p| (p.account.clone(), period_key(p.period_start)))
+                .collect(),
+            false => Vec::new(),
+        }
     }
 
-    /// Records the actual cost, frees the rest; returns the budget left.
+    /// Records the actual cost, frees the rest; returns the least budget
+    /// left among those held.
     pub fn settle(mut self, actual: NanoUsd) -> Option<NanoUsd> {
         if actual.0 > self.amount {
             tracing::warn!(
-                team = %self.team,
+                budgets = ?self.parts.iter().map(|p| &p.account).collect::<Vec<_>>(),
                 reserved = self.amount,
                 actual = actual.0,
                 "actual cost exceeded the reservation"
             );
         }
-        let remaining = self
-            .ledger
-            .release(&self.team, self.amount, actual.0, self.period_start);
-        self.amount = 0;
-        self.team.clear();
-        remaining
+        let parts = std::mem::take(&mut self.parts);
+        parts
+            .iter()
+            .filter_map(|p| {
+                self.ledger
+                    .release(&p.account, self.amount, actual.0, p.period_start)
+            })
+            .min()
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        if !self.team.is_empty() {
+        for p in &self.parts {
             let _ = self
                 .ledger
-                .release(&self.team, self.amount, 0, self.period_start);
+                .release(&p.account, self.amount, 0, p.period_start);
         }
     }
 }
@@ -391,6 +564,10 @@ impl Drop for Reservation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn t() -> [String; 1] {
+        ["t".to_string()]
+    }
 
     fn at(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s)
@@ -419,13 +596,14 @@ mod tests {
             period: Period::Total,
         };
         ledger.set_budget("t", Some(budget), |_| 100);
-        let a = ledger.reserve("t", NanoUsd(600)).ok().flatten();
+        let a = ledger.reserve(&t(), NanoUsd(600)).ok().flatten();
         assert!(a.is_some());
         assert_eq!(
-            ledger.reserve("t", NanoUsd(301)).err(),
+            ledger.reserve(&t(), NanoUsd(301)).err(),
             Some(OverBudget {
                 needed: NanoUsd(301),
-                remaining: NanoUsd(300)
+                remaining: NanoUsd(300),
+                account: "t".into(),
             })
         );
         assert_eq!(a.as_ref().map(Reservation::remaining), Some(NanoUsd(300)));
@@ -436,11 +614,11 @@ mod tests {
             Some((NanoUsd(300), NanoUsd(0), NanoUsd(700)))
         );
         // dropped unsettled: released, nothing spent
-        drop(ledger.reserve("t", NanoUsd(700)));
+        drop(ledger.reserve(&t(), NanoUsd(700)));
         assert_eq!(ledger.status("t").map(|s| s.remaining), Some(NanoUsd(700)));
         // no budget: always allowed, no reservation
         assert!(matches!(
-            ledger.reserve("other", NanoUsd(u64::MAX)),
+            ledger.reserve(&["other".to_string()], NanoUsd(u64::MAX)),
             Ok(None)
         ));
     }
@@ -460,5 +638,54 @@ mod tests {
             }
         }
         assert_eq!(ledger.status("t").map(|s| s.spent), Some(NanoUsd(0)));
+    }
+
+    #[test]
+    fn a_request_fits_every_budget_that_applies_or_takes_from_none() {
+        let ledger = Ledger::new();
+        let budget = |limit| Budget {
+            limit: NanoUsd(limit),
+            period: Period::Total,
+        };
+        let accounts = accounts_of("acme", Some("k1"), Some("alice"), &["prod".into()]);
+        assert_eq!(
+            accounts,
+            ["acme", "key:k1", "user:acme:alice", "tag:prod"].map(String::from)
+        );
+        ledger.set_budget("acme", Some(budget(1_000)), |_| 0);
+        ledger.set_budget("key:k1", Some(budget(500)), |_| 0);
+        ledger.set_budget("user:acme:alice", Some(budget(300)), |_| 100);
+        // No budget on the tag: skipped.
+        let a = ledger.reserve(&accounts, NanoUsd(150)).ok().flatten();
+        assert_eq!(a.as_ref().map(Reservation::remaining), Some(NanoUsd(50)));
+        let refused = ledger.reserve(&accounts, NanoUsd(60)).err();
+        assert_eq!(
+            refused.as_ref().map(OverBudget::level),
+            Some((Level::EndUser, "acme:alice"))
+        );
+        // Refused: nothing held anywhere.
+        assert_eq!(
+            ledger.status("acme").map(|s| s.reserved),
+            Some(NanoUsd(150))
+        );
+        assert_eq!(
+            ledger.status("key:k1").map(|s| s.reserved),
+            Some(NanoUsd(150))
+        );
+        assert_eq!(a.and_then(|a| a.settle(NanoUsd(40))), Some(NanoUsd(160)));
+        let spent = |n: &str| ledger.status(n).map(|s| (s.spent, s.reserved));
+        assert_eq!(spent("acme"), Some((NanoUsd(40), NanoUsd(0))));
+        assert_eq!(spent("key:k1"), Some((NanoUsd(40), NanoUsd(0))));
+        assert_eq!(spent("user:acme:alice"), Some((NanoUsd(140), NanoUsd(0))));
+        // Without the end user, the key's budget is the tightest.
+        assert_eq!(
+            ledger
+                .reserve(&accounts_of("acme", Some("k1"), None, &[]), NanoUsd(461))
+                .err()
+                .map(|o| o.account),
+            Some("key:k1".to_string())
+        );
+        assert_eq!(level_of("tag:prod"), (Level::Tag, "prod"));
+        assert_eq!(level_of("acme"), (Level::Team, "acme"));
     }
 }

@@ -25,8 +25,9 @@ const LEASE_FRACTION: u64 = 20;
 pub const STALE_AFTER: Duration = Duration::from_secs(30);
 
 impl Ledger {
-    /// Reserves `amount` for a request, taking more lease from the database
-    /// when what this replica holds does not cover it.
+    /// Reserves `amount` from every one of `accounts` with a budget, taking
+    /// more lease from the database for each whose share held here does not
+    /// cover it.
     ///
     /// Waiting for the database (and for another request's lease request)
     /// is bounded by `timeout`; past it the request is refused with
@@ -34,22 +35,22 @@ impl Ledger {
     pub async fn reserve_shared(
         self: &Arc<Self>,
         store: &PostgresStore,
-        team: &str,
+        accounts: &[String],
         amount: NanoUsd,
         timeout: Duration,
     ) -> Result<Option<Reservation>, Refusal> {
-        let first = self.reserve(team, amount);
+        let first = self.reserve(accounts, amount);
         if first.is_ok() || !self.shared {
             return first.map_err(Refusal::Over);
         }
         let asked_at = std::time::Instant::now();
-        let leased = self.lease_and_reserve(store, team, amount, asked_at);
+        let leased = self.lease_and_reserve(store, accounts, amount, asked_at);
         match tokio::time::timeout(timeout, leased).await {
             Ok(result) => result,
             Err(_) => {
                 self.note_db_failure();
                 tracing::error!(
-                    team,
+                    budgets = ?accounts,
                     timeout_ms = timeout.as_millis() as u64,
                     "the database did not grant a budget lease in time; refusing"
                 );
@@ -62,50 +63,73 @@ impl Ledger {
     /// waited behind others trusts what the database told them since it
     /// asked: no room, or no answer at all. Near a budget's limit, or with
     /// the database gone, a queue of requests is refused at once instead of
-    /// one round trip (or one timeout) each.
+    /// one round trip (or one timeout) each. Each account short of room gets
+    /// its lease in turn (at most one round trip per budget that applies).
     async fn lease_and_reserve(
         self: &Arc<Self>,
         store: &PostgresStore,
-        team: &str,
+        accounts: &[String],
         amount: NanoUsd,
         asked_at: std::time::Instant,
     ) -> Result<Option<Reservation>, Refusal> {
         let _one_at_a_time = self.acquiring.lock().await;
-        // Another request may have brought a lease while this one waited.
-        let over = match self.reserve(team, amount) {
-            Err(over) => over,
-            Ok(done) => return Ok(done),
-        };
-        if self.db_failed_since(asked_at) {
-            return Err(Refusal::Unavailable);
-        }
-        let Some((limit, start, available)) = self.lease_state(team) else {
-            return self.reserve(team, amount).map_err(Refusal::Over);
-        };
-        let need = amount.0.saturating_sub(available);
-        if self
-            .free_seen_since(team, asked_at)
-            .is_some_and(|free| need > free)
-        {
-            return Err(Refusal::Over(over));
-        }
-        let want = need.max(limit / LEASE_FRACTION);
-        let key = period_key(start);
-        let pg_start = (start.timestamp() > 0).then_some(start);
-        match lease::acquire(store, team, &key, pg_start, limit, need, want).await {
-            Ok(grant) if grant.granted == 0 => {
-                self.add_lease(team, &key, 0, grant.view);
-                Err(Refusal::Over(OverBudget {
-                    needed: amount,
-                    remaining: self.status(team).map_or(over.remaining, |s| s.remaining),
-                }))
+        let mut topped_up: Vec<String> = Vec::new();
+        loop {
+            // Another request may have brought a lease while this one waited.
+            let over = match self.reserve(accounts, amount) {
+                Err(over) => over,
+                Ok(done) => return Ok(done),
+            };
+            if self.db_failed_since(asked_at) {
+                return Err(Refusal::Unavailable);
             }
-            Ok(grant) => self.add_lease_and_reserve(team, &key, grant.granted, grant.view, amount),
-            Err(e) => {
-                // Fail closed: without the shared state no spend is safe.
-                self.note_db_failure();
-                tracing::error!(error = %e, team, "could not take a budget lease; refusing");
-                Err(Refusal::Unavailable)
+            if topped_up.contains(&over.account) {
+                // Its fresh lease went to others' requests meanwhile.
+                return Err(Refusal::Over(over));
+            }
+            let account = over.account.clone();
+            let Some((limit, start, available)) = self.lease_state(&account) else {
+                return self.reserve(accounts, amount).map_err(Refusal::Over);
+            };
+            let need = amount.0.saturating_sub(available);
+            if self
+                .free_seen_since(&account, asked_at)
+                .is_some_and(|free| need > free)
+            {
+                return Err(Refusal::Over(over));
+            }
+            let want = need.max(limit / LEASE_FRACTION);
+            let key = period_key(start);
+            let pg_start = (start.timestamp() > 0).then_some(start);
+            match lease::acquire(store, &account, &key, pg_start, limit, need, want).await {
+                Ok(grant) if grant.granted == 0 => {
+                    self.add_lease(&account, &key, 0, grant.view);
+                    let remaining = self
+                        .status(&account)
+                        .map_or(over.remaining, |s| s.remaining);
+                    return Err(Refusal::Over(OverBudget { remaining, ..over }));
+                }
+                Ok(grant) => {
+                    // Added and reserved under one lock, so a sync running in
+                    // between cannot hand the fresh lease back before it is used.
+                    match self.add_lease_and_reserve(
+                        &account,
+                        &key,
+                        grant.granted,
+                        grant.view,
+                        accounts,
+                        amount,
+                    ) {
+                        Err(Refusal::Over(_)) => topped_up.push(account),
+                        done => return done,
+                    }
+                }
+                Err(e) => {
+                    // Fail closed: without the shared state no spend is safe.
+                    self.note_db_failure();
+                    tracing::error!(error = %e, budget = %account, "could not take a budget lease; refusing");
+                    return Err(Refusal::Unavailable);
+                }
             }
         }
     }
@@ -156,25 +180,26 @@ impl Ledger {
         }
     }
 
-    /// Adds the grant and reserves from it under one lock, so a sync running
-    /// in between cannot hand the fresh lease back before it is used.
+    /// Adds the grant to `account` and reserves from all `accounts` under
+    /// one lock.
     fn add_lease_and_reserve(
         self: &Arc<Self>,
-        team: &str,
+        account: &str,
         key: &str,
         granted: u64,
         view: BudgetView,
+        accounts: &[String],
         amount: NanoUsd,
     ) -> Result<Option<Reservation>, Refusal> {
-        let Ok(mut accounts) = self.accounts.lock() else {
+        let Ok(mut all) = self.accounts.lock() else {
             return Err(Refusal::Unavailable);
         };
-        let Some(acc) = accounts.get_mut(team) else {
-            return Ok(None);
-        };
-        acc.roll(chrono::Utc::now());
-        add_to(acc, key, granted, view);
-        self.reserve_in(acc, team, amount).map_err(Refusal::Over)
+        if let Some(acc) = all.get_mut(account) {
+            acc.roll(chrono::Utc::now());
+            add_to(acc, key, granted, view);
+        }
+        self.reserve_in(&mut all, accounts, amount)
+            .map_err(Refusal::Over)
     }
 
     /// The writer recorded `cost` of rows paid from the lease of `key`.

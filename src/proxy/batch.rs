@@ -108,8 +108,9 @@ pub(super) async fn handle(
     let credentials = super::parked::poll_credentials(state, &parts.headers)
         .map(|b| *b)
         .unwrap_or_default();
-    let budgeted = state.ledger.has_budget(&ticket.who.team);
-    ticket.hold.remaining = state.ledger.status(&ticket.who.team).map(|s| s.remaining);
+    let accounts = ticket.budget_accounts();
+    let budgeted = state.ledger.has_any(&accounts);
+    ticket.hold.remaining = state.ledger.remaining_of(&accounts);
     let pre_send = ticket.who.started.elapsed();
     // What goes up: the body read where tollgate must see it first.
     let (body, read) = match (&op, budgeted) {
@@ -202,7 +203,8 @@ async fn hold(
 ) -> Result<(Option<crate::budget::Reservation>, String), ApiError> {
     let team = &ticket.who.team;
     let (bound, endpoint) = created_bound(state, ticket.who.format, team, body).await?;
-    if !state.ledger.has_budget(team) {
+    let accounts = ticket.budget_accounts();
+    if !state.ledger.has_any(&accounts) {
         return Ok((None, endpoint));
     }
     let Some(amount) = bound else {
@@ -211,7 +213,7 @@ async fn hold(
             reason: "its input file was not uploaded through tollgate by this team, or a line names no priced model".into(),
         });
     };
-    match reserve::reserve_amount(state, team, amount).await {
+    match reserve::reserve_amount(state, &accounts, amount).await {
         Ok(hold) => Ok((hold, endpoint)),
         Err(refusal) => Err(reserve::refusal_error(state, team, refusal)),
     }

@@ -38,7 +38,6 @@ use super::{forward, reserve, route};
 use crate::error::ApiError;
 use crate::format::openai::{realtime_event, RealtimeEvent};
 use crate::format::WireFormat;
-use crate::pricing::NanoUsd;
 use crate::usage::{Endpoint, ServiceTier, Usage};
 
 /// Output tokens a response may make when neither it nor the catalog says.
@@ -78,20 +77,14 @@ pub(super) async fn open(
     let model = query_model(req.uri()).unwrap_or_default();
     let resolved = state.catalog.load().resolve(&model);
     let team = ticket.who.team.clone();
-    if state.ledger.has_budget(&team) {
+    let accounts = ticket.budget_accounts();
+    if state.ledger.has_any(&accounts) {
         if resolved.price.is_none() {
             let e = ApiError::UnpricedForBudget { model, team };
             return Err(Refused(ticket, e));
         }
-        if let Some(status) = state.ledger.status(&team) {
-            if status.remaining.0 == 0 {
-                let e = ApiError::BudgetExceeded {
-                    team,
-                    needed: NanoUsd(1),
-                    remaining: status.remaining,
-                };
-                return Err(Refused(ticket, e));
-            }
+        if let Some(over) = state.ledger.exhausted(&accounts) {
+            return Err(Refused(ticket, ApiError::over_budget(&over)));
         }
     }
     ticket.order = Order {
@@ -247,7 +240,13 @@ impl Relay {
             return None;
         };
         let team = self.socket.who.team.clone();
-        if !self.state.ledger.has_budget(&team) {
+        let accounts = crate::budget::accounts_of(
+            &team,
+            self.socket.who.key.as_ref().map(|k| k.id.as_str()),
+            self.socket.order.end_user.as_deref(),
+            &self.socket.order.tags,
+        );
+        if !self.state.ledger.has_any(&accounts) {
             return None;
         }
         let catalog = self.state.catalog.load();
@@ -269,7 +268,7 @@ impl Relay {
             &[],
             catalog.tool_call_fees(),
         );
-        match reserve::reserve_amount(&self.state, &team, worst).await {
+        match reserve::reserve_amount(&self.state, &accounts, worst).await {
             Ok(Some(hold)) => {
                 self.holds.push_back(hold);
                 None

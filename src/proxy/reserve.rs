@@ -36,15 +36,16 @@ pub async fn reserve(
 ) -> Result<Hold, (ApiError, Hold)> {
     let (who, order) = (&ticket.who, &ticket.order);
     let resolved = order.resolved.as_ref();
+    let accounts = ticket.budget_accounts();
     let Some(price) = resolved.and_then(|r| r.price.as_deref()) else {
         // Unpriced: nothing to reserve, but the header still tells what is left.
-        let remaining = state.ledger.status(&who.team).map(|s| s.remaining);
+        let remaining = state.ledger.remaining_of(&accounts);
         return Ok(Hold {
             reservation: None,
             remaining,
         });
     };
-    let bound = Bound::of(state, ticket, price, body, facts, max_output);
+    let bound = Bound::of(state, ticket, &accounts, price, body, facts, max_output);
     let unavailable = || {
         let e = ApiError::BudgetUnavailable {
             team: who.team.clone(),
@@ -58,31 +59,21 @@ pub async fn reserve(
         who.format
             .added_prompt_bound(bound.has_tools, bound.searches),
     );
-    match reserve_amount(state, &who.team, bound.worst(state, price, prompt)).await {
+    match reserve_amount(state, &accounts, bound.worst(state, price, prompt)).await {
         Ok(reservation) => return Ok(held(reservation)),
         Err(Refusal::Unavailable) => return Err(unavailable()),
         Err(Refusal::Over(_)) => {}
     }
     let exact = exact_prompt(ticket, body, prompt).await;
-    match reserve_amount(state, &who.team, bound.worst(state, price, exact)).await {
+    match reserve_amount(state, &accounts, bound.worst(state, price, exact)).await {
         Ok(reservation) => Ok(held(reservation)),
         Err(Refusal::Unavailable) => Err(unavailable()),
         Err(Refusal::Over(over)) => {
-            state
-                .metrics
-                .budget_rejections
-                .with_label_values(&[&who.team])
-                .inc();
-            let e = ApiError::BudgetExceeded {
-                team: who.team.clone(),
-                needed: over.needed,
-                remaining: over.remaining,
-            };
             let hold = Hold {
                 reservation: None,
                 remaining: Some(over.remaining),
             };
-            Err((e, hold))
+            Err((over_budget(state, &who.team, &over), hold))
         }
     }
 }
@@ -111,6 +102,7 @@ impl Bound {
     fn of(
         state: &AppState,
         ticket: &Ticket,
+        accounts: &[String],
         price: &ModelPrice,
         body: &Bytes,
         facts: &RequestFacts,
@@ -137,7 +129,7 @@ impl Bound {
             calls.push(("web_search", u64::from(facts.n.unwrap_or(1))));
         }
         // Counting image parts parses the body: only for teams with a budget.
-        let images = if body::mentions_images(body) && state.ledger.has_budget(&who.team) {
+        let images = if body::mentions_images(body) && state.ledger.has_any(accounts) {
             body::image_token_bound(body)
         } else {
             0
@@ -249,40 +241,48 @@ pub fn batch_line_bound(
     Some(price.worst_case(prompt, completion, &tiers, &calls, catalog.tool_call_fees()))
 }
 
-/// The error a refused reservation answers with (a refusal for the budget
-/// counted in `tollgate_budget_rejections_total`).
+/// The 429 of a budget without room, counted in
+/// `tollgate_budget_rejections_total{team}` (the team whose request it was)
+/// and, for a budget below the team's, `{level}` too.
+fn over_budget(state: &AppState, team: &str, over: &crate::budget::OverBudget) -> ApiError {
+    state
+        .metrics
+        .budget_rejections
+        .with_label_values(&[team])
+        .inc();
+    state.metrics.count_level_rejection(over.level().0);
+    ApiError::over_budget(over)
+}
+
+/// The error a refused reservation answers with.
 pub(super) fn refusal_error(state: &AppState, team: &str, refusal: Refusal) -> ApiError {
     match refusal {
         Refusal::Unavailable => ApiError::BudgetUnavailable {
             team: team.to_string(),
         },
-        Refusal::Over(over) => {
-            state
-                .metrics
-                .budget_rejections
-                .with_label_values(&[team])
-                .inc();
-            ApiError::BudgetExceeded {
-                team: team.to_string(),
-                needed: over.needed,
-                remaining: over.remaining,
-            }
-        }
+        Refusal::Over(over) => over_budget(state, team, &over),
     }
 }
 
-/// Reserves from the local ledger; on Postgres, from this replica's lease,
-/// topped up from the shared budget when it runs short.
+/// Reserves from every budget of `accounts` in the local ledger; on
+/// Postgres, from this replica's leases, topped up from the shared budgets
+/// when they run short.
 pub(super) async fn reserve_amount(
     state: &AppState,
-    team: &str,
+    accounts: &[String],
     amount: NanoUsd,
 ) -> Result<Option<crate::budget::Reservation>, Refusal> {
     match state.store.shared() {
         Some(pg) => {
             let timeout = Duration::from_millis(state.config.database.lease_timeout_ms);
-            state.ledger.reserve_shared(pg, team, amount, timeout).await
+            state
+                .ledger
+                .reserve_shared(pg, accounts, amount, timeout)
+                .await
         }
-        None => state.ledger.reserve(team, amount).map_err(Refusal::Over),
+        None => state
+            .ledger
+            .reserve(accounts, amount)
+            .map_err(Refusal::Over),
     }
 }

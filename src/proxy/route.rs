@@ -18,6 +18,12 @@ use crate::upstream::Upstream;
 
 /// Names the upstream a request must go to (no fallback then).
 pub const UPSTREAM_HEADER: &str = "x-tollgate-upstream";
+/// The end user a request is for, over the body's `user` (SPEC 14).
+pub const END_USER_HEADER: &str = "x-tollgate-end-user";
+/// The request's tags, comma-separated (SPEC 14).
+pub const TAGS_HEADER: &str = "x-tollgate-tags";
+/// Most tags one request may carry.
+const MAX_TAGS: usize = 16;
 
 /// Where a metered request goes, and what it asked for.
 pub struct Routed<'a> {
@@ -64,10 +70,15 @@ pub fn route<'a>(
         resolved: Some(state.catalog.load().resolve(&model)),
         stream: facts.stream,
         choices: facts.n.map_or(1, |n| u16::try_from(n).unwrap_or(u16::MAX)),
-        end_user: facts
-            .end_user
-            .as_ref()
+        end_user: parts
+            .headers
+            .get(END_USER_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .or(facts.end_user.as_deref())
             .map(|u| u.chars().take(256).collect()),
+        tags: tags(&parts.headers)?,
         units: facts.units,
         background: facts.background,
         batch_id: None,
@@ -81,6 +92,39 @@ pub fn route<'a>(
     Ok((routed, order))
 }
 
+/// `x-tollgate-tags: a,b`: sorted, distinct, each a name as a team's is.
+pub fn tags(headers: &HeaderMap) -> Result<Vec<String>, ApiError> {
+    let mut out: Vec<String> = Vec::new();
+    for value in headers.get_all(TAGS_HEADER) {
+        let bad = |reason: String| ApiError::InvalidRequest {
+            code: "invalid_tags",
+            message: format!("{TAGS_HEADER}: {reason}"),
+            param: None,
+        };
+        let text = value
+            .to_str()
+            .map_err(|_| bad("not visible ASCII".into()))?;
+        for tag in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            if !crate::auth::is_valid_team_name(tag) {
+                return Err(bad(format!(
+                    "tag `{tag}`: use 1-64 letters, digits, '-', '_' or '.'"
+                )));
+            }
+            out.push(tag.to_string());
+        }
+    }
+    out.sort();
+    out.dedup();
+    if out.len() > MAX_TAGS {
+        return Err(ApiError::InvalidRequest {
+            code: "invalid_tags",
+            message: format!("{TAGS_HEADER}: at most {MAX_TAGS} tags"),
+            param: None,
+        });
+    }
+    Ok(out)
+}
+
 /// The policies that need the model: `catalog.unpriced = "reject"`, a
 /// budget (a guarantee: nothing it cannot price gets past it), the key's
 /// model list.
@@ -92,7 +136,7 @@ pub fn check_order(state: &AppState, ticket: &Ticket) -> Result<(), ApiError> {
             model: order.model.clone(),
         });
     }
-    if unpriced && state.ledger.has_budget(&who.team) {
+    if unpriced && state.ledger.has_any(&ticket.budget_accounts()) {
         return Err(ApiError::UnpricedForBudget {
             model: order.model.clone(),
             team: who.team.clone(),

@@ -47,6 +47,8 @@ pub struct Order {
     /// Choices asked for (`n`).
     pub choices: u16,
     pub end_user: Option<String>,
+    /// `x-tollgate-tags`, sorted and distinct.
+    pub tags: Vec<String>,
     /// What the request says of its units (images, audio, characters).
     pub units: crate::format::request::Units,
     /// `background: true` (SPEC 12): billed when it finishes (`background`).
@@ -63,6 +65,7 @@ impl Order {
         stream: false,
         choices: 1,
         end_user: None,
+        tags: Vec::new(),
         units: crate::format::request::Units {
             image_spec: None,
             audio_bytes: None,
@@ -155,6 +158,17 @@ pub struct Settled {
 }
 
 impl Ticket {
+    /// The budget accounts this request is reserved from (SPEC 14): its
+    /// team's, key's, end user's and tags' (those without a budget skipped).
+    pub fn budget_accounts(&self) -> Vec<String> {
+        crate::budget::accounts_of(
+            &self.who.team,
+            self.who.key.as_ref().map(|k| k.id.as_str()),
+            self.order.end_user.as_deref(),
+            &self.order.tags,
+        )
+    }
+
     pub fn new(who: Admission, durable_ack: Option<tokio::sync::oneshot::Sender<()>>) -> Ticket {
         Ticket {
             who,
@@ -247,16 +261,16 @@ pub fn settle(
     let usage = billed(&t, status, usage, served);
     let priced = price(state, &t.order, &usage, tier);
     let cost = priced.total;
-    let (remaining, budget_period) = match t.hold.reservation.take() {
+    let (remaining, budget_leases) = match t.hold.reservation.take() {
         Some(reservation) => {
             let over = cost.0.saturating_sub(reservation.amount().0);
             if over > 0 {
                 m.budget_overrun.add(&[series.team()], NanoUsd(over));
             }
-            let period = reservation.shared_period();
-            (reservation.settle(cost), period)
+            let leases = reservation.shared_periods();
+            (reservation.settle(cost), leases)
         }
-        None => (t.hold.remaining, None),
+        None => (t.hold.remaining, Vec::new()),
     };
     count(state, &t, &series, status, &usage, &priced, served);
     let latency = t.who.started.elapsed();
@@ -271,7 +285,7 @@ pub fn settle(
         usage,
         served,
         priced,
-        budget_period,
+        budget_leases,
         latency,
     };
     record(state, t, row);
@@ -433,7 +447,7 @@ struct Row<'a> {
     usage: Usage,
     served: &'a Served,
     priced: Priced,
-    budget_period: Option<String>,
+    budget_leases: Vec<(String, String)>,
     latency: Duration,
 }
 
@@ -471,6 +485,7 @@ fn record(state: &AppState, t: Ticket, row: Row<'_>) {
         Some(_) => served.model.clone().filter(|m| *m != order.model),
         None => None,
     };
+    let tags = tags_json(&order.tags);
     let record = UsageRecord {
         created_at: who.created_at,
         request_id: who.request_id,
@@ -502,7 +517,8 @@ fn record(state: &AppState, t: Ticket, row: Row<'_>) {
         capped: served.capped,
         cost_breakdown: priced.breakdown,
         meters: crate::usage::meter::Meters::of(usage),
-        budget_period: row.budget_period,
+        budget_leases: row.budget_leases,
+        tags,
         lease_node: None,
         batch_id: order.batch_id,
         served_model,
@@ -603,4 +619,9 @@ pub fn token_kinds(u: &Usage) -> [u64; crate::metrics::TOKEN_KINDS.len()] {
     }
     out[out.len() - 1] = clamped.reasoning();
     out
+}
+
+/// The `tags` column: the tags as a JSON array (`None` without tags).
+fn tags_json(tags: &[String]) -> Option<String> {
+    (!tags.is_empty()).then(|| serde_json::Value::from(tags.to_vec()).to_string())
 }

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use crate::app::AppState;
 use crate::auth;
-use crate::budget::Period;
+use crate::budget::{Level, Period};
 use crate::manage::{self, ManageError};
 use crate::store::{ReportBy, StoreError};
 
@@ -24,6 +24,13 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/admin/teams/{name}/budget", put(set_budget))
         .route("/admin/keys", get(list_keys).post(create_key))
         .route("/admin/keys/{id}", delete(revoke_key))
+        .route("/admin/budgets", get(list_level_budgets))
+        .route("/admin/keys/{id}/budget", put(set_key_budget))
+        .route(
+            "/admin/teams/{name}/end-users/{user}/budget",
+            put(set_end_user_budget),
+        )
+        .route("/admin/tags/{tag}/budget", put(set_tag_budget))
         .route("/admin/usage", get(usage))
         // Every admin error is JSON in OpenAI's shape, axum's own included.
         .method_not_allowed_fallback(method_not_allowed)
@@ -230,6 +237,71 @@ async fn set_budget(
         &team,
         state.ledger.status(&team.name),
     )))
+}
+
+/// Every key, end-user and tag budget with its state (SPEC 14).
+async fn list_level_budgets(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, AdminError> {
+    authorize(&state, &headers)?;
+    let budgets = state.store.level_budgets().await?;
+    Ok(Json(Value::Array(
+        budgets
+            .iter()
+            .map(|(a, b)| manage::level_budget_json(a, *b, state.ledger.status(a)))
+            .collect(),
+    )))
+}
+
+async fn set_key_budget(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, AdminError> {
+    set_level_budget(&state, &headers, Level::Key, None, &id, &body).await
+}
+
+async fn set_end_user_budget(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((team, user)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, AdminError> {
+    set_level_budget(&state, &headers, Level::EndUser, Some(&team), &user, &body).await
+}
+
+async fn set_tag_budget(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(tag): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, AdminError> {
+    set_level_budget(&state, &headers, Level::Tag, None, &tag, &body).await
+}
+
+/// Sets (`budget_usd` null or absent: clears) a key's, end user's or tag's
+/// budget; applies before this answers.
+async fn set_level_budget(
+    state: &AppState,
+    headers: &HeaderMap,
+    level: Level,
+    team: Option<&str>,
+    name: &str,
+    body: &[u8],
+) -> Result<Json<Value>, AdminError> {
+    authorize(state, headers)?;
+    let b: BudgetBody = parse_json(body)?;
+    let usd = b.budget_usd.as_ref().and_then(usd_text);
+    let budget = manage::budget_from(usd.as_deref(), b.period)?;
+    let account = manage::level_account(&state.store, level, team, name).await?;
+    state.store.set_level_budget(&account, budget).await?;
+    refreshed(state).await;
+    Ok(Json(match budget {
+        Some(b) => manage::level_budget_json(&account, b, state.ledger.status(&account)),
+        None => json!({"level": level.as_str(), "name": name, "team": team, "budget_usd": null}),
+    }))
 }
 
 async fn list_keys(

@@ -79,6 +79,11 @@ impl Sqlite {
     pub fn day(&self) -> &'static str {
         "substr(created_at, 1, 10)"
     }
+
+    /// Each of a row's tags as `tg.value` (one row with NULL without tags).
+    pub fn tag_entries(&self) -> &'static str {
+        "LEFT JOIN json_each(usage.tags) AS tg"
+    }
 }
 
 impl Postgres {
@@ -128,5 +133,9 @@ impl Postgres {
 
     pub fn day(&self) -> &'static str {
         "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+    }
+
+    pub fn tag_entries(&self) -> &'static str {
+        "LEFT JOIN LATERAL jsonb_array_elements_text(usage.tags::jsonb) AS tg(value) ON true"
     }
 }

@@ -5,6 +5,7 @@
 //! the writer's bounded queue and moves on.
 
 mod batches;
+mod budgets;
 mod dialect;
 mod pending;
 mod postgres;
@@ -22,6 +23,7 @@ use std::borrow::Borrow;
 use crate::period::Budget;
 
 pub use batches::BatchRow;
+pub(crate) use budgets::account_filter;
 pub use pending::{PendingCount, PendingRow};
 pub use postgres::PostgresStore;
 pub use retention::Expired;
@@ -95,9 +97,12 @@ pub struct UsageRecord {
     /// be priced again exactly: 5-minute and 1-hour cache writes, image
     /// input and output, tool calls by kind.
     pub meters: crate::usage::meter::Meters,
-    /// The shared budget period (`budget::period_key`) whose lease paid for
-    /// this request; not a column. Set only on Postgres with a budget.
-    pub budget_period: Option<String>,
+    /// The request's tags as a JSON array of the sorted, distinct tags
+    /// (`x-tollgate-tags`); the `tags` column.
+    pub tags: Option<String>,
+    /// The shared budgets (account, `budget::period_key`) whose leases paid
+    /// for this request; not a column. Set only on Postgres with budgets.
+    pub budget_leases: Vec<(String, String)>,
     /// The replica whose lease paid for it, when not this one (a row of an
     /// earlier process, replayed from the spool); not a column.
     pub lease_node: Option<String>,
@@ -153,7 +158,8 @@ impl UsageRecord {
             capped: false,
             cost_breakdown: crate::pricing::Breakdown::default(),
             meters: crate::usage::meter::Meters::default(),
-            budget_period: None,
+            tags: None,
+            budget_leases: Vec::new(),
             lease_node: None,
             batch_id: None,
             served_model: None,
@@ -218,6 +224,14 @@ pub enum ReportBy {
     Provider,
     /// The service tier served (`standard`, `flex`, `priority`, ...).
     Tier,
+    /// The end user within a team, as `TEAM:USER` (`-`: none). Read from
+    /// the rows (the rollups do not keep end users).
+    #[value(name = "end_user")]
+    #[serde(rename = "end_user")]
+    EndUser,
+    /// Each tag of `x-tollgate-tags` (`-`: none); a request with two tags
+    /// counts in both. Read from the rows.
+    Tag,
 }
 
 /// One line of a usage report; money as exact nano-USD.

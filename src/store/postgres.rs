@@ -91,16 +91,18 @@ impl PostgresStore {
                 continue;
             }
             new.push(*r);
-            if let Some(period) = r.budget_period.as_deref() {
-                let node = r.lease_node.as_deref().unwrap_or(&self.node);
-                *recorded.entry((r.team.as_str(), period, node)).or_default() += r.cost_nano_usd;
+            let node = r.lease_node.as_deref().unwrap_or(&self.node);
+            for (account, period) in &r.budget_leases {
+                *recorded
+                    .entry((account.as_str(), period.as_str(), node))
+                    .or_default() += r.cost_nano_usd;
             }
         }
-        for ((team, period, node), cost) in recorded {
+        for ((account, period, node), cost) in recorded {
             sqlx::query(
                 "UPDATE budget_state SET spent = spent + $3 WHERE team = $1 AND period = $2",
             )
-            .bind(team)
+            .bind(account)
             .bind(period)
             .bind(to_i64(cost))
             .execute(&mut *tx)
@@ -109,7 +111,7 @@ impl PostgresStore {
                 "UPDATE budget_leases SET leased = GREATEST(leased - $4, 0) \
                  WHERE team = $1 AND period = $2 AND node = $3",
             )
-            .bind(team)
+            .bind(account)
             .bind(period)
             .bind(node)
             .bind(to_i64(cost))

@@ -95,7 +95,7 @@ impl Store {
         }
     }
 
-    async fn team(&self, name: &str) -> Result<TeamRow, StoreError> {
+    pub async fn team(&self, name: &str) -> Result<TeamRow, StoreError> {
         let team = on_db!(self, pool, _writer, d => {
             let row = sqlx::query("SELECT * FROM teams WHERE name = $1")
                 .bind(name)
@@ -251,8 +251,9 @@ impl Store {
                         })
                         .collect::<Vec<_>>()
                         .join(", ");
+                    let tags = if by == ReportBy::Tag { d.tag_entries() } else { "" };
                     format!(
-                        "SELECT {} AS grp, COUNT(*) AS requests, {}, {sums} FROM usage \
+                        "SELECT {} AS grp, COUNT(*) AS requests, {}, {sums} FROM usage {tags} \
                          WHERE created_ms >= $1{until_filter} GROUP BY grp ORDER BY grp",
                         group_of(by, d.day()),
                         TOTALS
@@ -355,6 +356,8 @@ fn group_of(by: ReportBy, day: &'static str) -> &'static str {
         ReportBy::Day => day,
         ReportBy::Provider => "provider",
         ReportBy::Tier | ReportBy::Component => "COALESCE(service_tier, 'standard')",
+        ReportBy::EndUser => "COALESCE(team || ':' || end_user, '-')",
+        ReportBy::Tag => "COALESCE(tg.value, '-')",
     }
 }
 

@@ -280,6 +280,8 @@ fn group_of(by: ReportBy) -> &'static str {
         ReportBy::Tier | ReportBy::Component => {
             "CASE WHEN service_tier = '' THEN 'standard' ELSE service_tier END"
         }
+        // Never asked of the rollups (`report` reads the rows for them).
+        ReportBy::EndUser | ReportBy::Tag => "'-'",
     }
 }
 
@@ -322,6 +324,10 @@ impl Store {
         by: ReportBy,
         since: DateTime<Utc>,
     ) -> Result<Vec<ReportRow>, StoreError> {
+        if matches!(by, ReportBy::EndUser | ReportBy::Tag) {
+            // Not kept in the rollups: from the rows.
+            return self.report_rows(by, since, None).await;
+        }
         let hour = hour_at_or_after(since);
         let mut parts = self.rollup_report(by, hour, None).await?;
         if hour > since {

@@ -116,7 +116,7 @@ impl Names {
 }
 
 /// Every name a row needs besides its key's.
-fn names_of(r: &UsageRecord) -> [Option<&str>; 9] {
+fn names_of(r: &UsageRecord) -> [Option<&str>; 10] {
     [
         Some(&r.team),
         r.key_id.as_deref(),
@@ -127,6 +127,7 @@ fn names_of(r: &UsageRecord) -> [Option<&str>; 9] {
         Some(r.provider),
         r.end_user.as_deref(),
         r.service_tier,
+        r.tags.as_deref(),
     ]
 }
 
@@ -203,7 +204,7 @@ pub(crate) enum ColumnType {
 
 /// The `usage_rows` columns tollgate writes, in bind order; `true`: NULL
 /// for a plain row (`Compact::plain`), left out of SQLite's plain inserts.
-pub(crate) const COLUMNS: [(&str, ColumnType, bool); 30] = [
+pub(crate) const COLUMNS: [(&str, ColumnType, bool); 31] = [
     ("id", ColumnType::Int8, false),
     ("created_ms", ColumnType::Int8, false),
     ("cost_nano_usd", ColumnType::Int8, false),
@@ -234,6 +235,7 @@ pub(crate) const COLUMNS: [(&str, ColumnType, bool); 30] = [
     ("choices", ColumnType::Int2, true),
     ("cost_breakdown", ColumnType::Json, true),
     ("meters", ColumnType::Json, true),
+    ("tags", ColumnType::Int4, true),
 ];
 
 /// One value of a compact row: an integer (NULL when `None`) or JSON text.
@@ -327,6 +329,7 @@ impl Compact {
             not(r.choices, 1),
             Value::Json((!plain_lines).then(|| r.cost_breakdown.to_json())),
             Value::Json((!plain_lines).then(|| r.meters.to_json())),
+            Value::Int(name(r.tags.as_deref())),
         ];
         let plain = COLUMNS.iter().zip(&values).all(|((_, _, detail), v)| {
             !detail || matches!(v, Value::Int(None) | Value::Json(None))

@@ -73,7 +73,14 @@ struct SpoolRow {
     /// The `meters` column's JSON (absent in rows spooled before it).
     #[serde(default)]
     meters: Option<String>,
+    /// The team's shared budget period (rows spooled before `leases`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     budget_period: Option<String>,
+    /// The shared budgets (account, period) whose leases paid.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    leases: Vec<(String, String)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tags: Option<String>,
     lease_node: Option<String>,
     /// A batch result line's batch (absent in rows spooled before it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -143,11 +150,14 @@ impl SpoolRow {
             choices: r.choices,
             capped: r.capped,
             meters: Some(r.meters.to_json()),
-            budget_period: r.budget_period.clone(),
-            lease_node: r
-                .lease_node
-                .clone()
-                .or_else(|| r.budget_period.as_ref().and(node.map(str::to_string))),
+            budget_period: None,
+            leases: r.budget_leases.clone(),
+            tags: r.tags.clone(),
+            lease_node: r.lease_node.clone().or_else(|| {
+                (!r.budget_leases.is_empty())
+                    .then(|| node.map(str::to_string))
+                    .flatten()
+            }),
             batch_id: r.batch_id.clone(),
         }
     }
@@ -161,12 +171,17 @@ impl SpoolRow {
         } else {
             "estimated"
         };
+        let team = self.team;
+        let budget_leases = match self.budget_period {
+            Some(period) => vec![(team.clone(), period)],
+            None => self.leases,
+        };
         UsageRecord {
             created_at: DateTime::parse_from_rfc3339(&self.created_at)
                 .map(|t| t.with_timezone(&Utc))
                 .unwrap_or_else(|_| Utc::now()),
             request_id: self.request_id,
-            team: self.team,
+            team,
             key_id: self.key_id,
             model: self.model,
             base_model: self.base_model,
@@ -204,7 +219,8 @@ impl SpoolRow {
                 .as_deref()
                 .and_then(crate::usage::meter::Meters::parse)
                 .unwrap_or_default(),
-            budget_period: self.budget_period,
+            budget_leases,
+            tags: self.tags,
             lease_node: self.lease_node,
             batch_id: self.batch_id,
             served_model: None,
@@ -567,7 +583,11 @@ mod tests {
                 b
             },
             meters: crate::usage::meter::Meters::of(&crate::usage::Usage::tokens(1, 2)),
-            budget_period: Some("total".into()),
+            budget_leases: vec![
+                ("t".into(), "total".into()),
+                ("key:k".into(), "total".into()),
+            ],
+            tags: Some(r#"["a","b"]"#.into()),
             ..UsageRecord::plain(id, "t", "gpt-4o", Utc::now())
         }
     }
@@ -595,6 +615,25 @@ mod tests {
         }
         assert_eq!(b.get(Line::Meter(Meter::CacheWrite1h)), 0);
         assert_eq!(b.total(), 210);
+    }
+
+    #[test]
+    fn a_row_spooled_with_the_team_period_only_pays_the_team_lease() {
+        let mut line: serde_json::Value =
+            serde_json::to_value(SpoolRow::from_record(&row("old"), Some("n")))
+                .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(line["lease_node"], "n");
+        if let Some(fields) = line.as_object_mut() {
+            fields.remove("leases");
+        }
+        line["budget_period"] = "2026-12-01T00:00:00Z".into();
+        let old: SpoolRow = serde_json::from_value(line).unwrap_or_else(|e| panic!("{e}"));
+        let r = old.into_record();
+        assert_eq!(
+            r.budget_leases,
+            [("t".to_string(), "2026-12-01T00:00:00Z".to_string())]
+        );
+        assert_eq!(r.tags.as_deref(), Some(r#"["a","b"]"#));
     }
 
     #[test]
@@ -673,7 +712,7 @@ mod tests {
     #[test]
     fn the_spool_is_capped() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let mut spool = Spool::open(dir.path(), 700, None).unwrap_or_else(|e| panic!("{e}"));
+        let mut spool = Spool::open(dir.path(), 1_000, None).unwrap_or_else(|e| panic!("{e}"));
         let a = row("a");
         assert!(spool.spill(&[&a]).is_ok());
         assert!(matches!(

@@ -534,16 +534,16 @@ impl Writer {
     /// this replica paid for are recorded spend now.
     fn recorded(&self, rows: &[Box<UsageRecord>], skipped: &[String]) {
         for row in rows {
-            let Some(period) = &row.budget_period else {
-                continue;
-            };
             let ours = match (&row.lease_node, &self.node) {
                 (None, _) => true,
                 (Some(n), Some(me)) => n == me,
                 (Some(_), None) => false,
             };
-            if ours && !skipped.contains(&row.request_id) {
-                self.ledger.written(&row.team, period, row.cost_nano_usd);
+            if !ours || skipped.contains(&row.request_id) {
+                continue;
+            }
+            for (account, period) in &row.budget_leases {
+                self.ledger.written(account, period, row.cost_nano_usd);
             }
         }
     }
