@@ -472,3 +472,155 @@ async fn budgets_are_set_listed_and_cleared_by_cli_and_admin_api() {
     let body: Value = resp.json().await.unwrap_or_default();
     assert_eq!(body["error"]["code"], "invalid_tags");
 }
+
+/// The budget_state spend of `account` and what the rows of `filter` cost.
+async fn shared_spend(pool: &sqlx::PgPool, account: &str, filter: &str) -> (i64, i64) {
+    let state: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(SUM(spent), 0)::BIGINT FROM budget_state WHERE team = $1",
+    )
+    .bind(account)
+    .fetch_one(pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let rows: i64 = sqlx::query_scalar(&format!(
+        "SELECT COALESCE(SUM(cost_nano_usd), 0)::BIGINT FROM usage WHERE endpoint = 'chat.completions' AND {filter}"
+    ))
+    .fetch_one(pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    (state, rows)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_on_postgres_never_overspend_any_level() {
+    let Some(db) = support::PgDb::create("levels").await else {
+        return;
+    };
+    let mock = MockUpstream::start().await;
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let config = format!(
+            "{}\n{VIRTUAL}",
+            support::config_with_database(&mock, dir.path(), &db.url)
+                .replace(support::PASSTHROUGH_AUTH, "")
+        );
+        replicas.push(Tollgate::start_with_config(dir, &config).await);
+    }
+    let first = &replicas[0];
+    stdout(&first.cli(&["teams", "create", "pg"]));
+    let (key_id, key) = create_key(
+        first,
+        "pg",
+        &["--budget-usd", "0.002", "--period", "monthly"],
+    );
+    let (_, plain) = create_key(first, "pg", &[]);
+    stdout(&first.cli(&[
+        "end-users",
+        "set-budget",
+        "--team",
+        "pg",
+        "erin",
+        "--budget-usd",
+        "0.002",
+    ]));
+    stdout(&first.cli(&[
+        "tags",
+        "set-budget",
+        "shared",
+        "--budget-usd",
+        "0.002",
+        "--period",
+        "total",
+    ]));
+    for tg in &replicas {
+        wait_for_key(tg, &key).await;
+        wait_for_key(tg, &plain).await;
+        wait_for_budget(tg, "tag", "shared").await;
+        wait_for_budget(tg, "end_user", "pg:erin").await;
+        wait_for_budget(tg, "key", &key_id).await;
+    }
+    let urls: Vec<String> = replicas.iter().map(|tg| tg.url("")).collect();
+    let probes = mock.request_count();
+    let fit = (2_000_000 / PER_REQUEST) as usize;
+    let by_key = race(&urls, &key, None, &[], 200, 200).await;
+    let by_user = race(&urls, &plain, Some("erin"), &[], 200, 200).await;
+    let by_tag = race(
+        &urls,
+        &plain,
+        None,
+        &[("x-tollgate-tags", "shared")],
+        200,
+        200,
+    )
+    .await;
+    for (level, got) in [("key", &by_key), ("end_user", &by_user), ("tag", &by_tag)] {
+        println!(
+            "3 replicas, {level}: admitted {} of {fit} that fit, refused {}",
+            got.admitted,
+            got.refused_by.len()
+        );
+        assert!(got.admitted >= 1 && got.admitted <= fit, "{level}: {got:?}");
+        assert!(
+            got.refused_by.iter().all(|p| p == level),
+            "{level}: {got:?}"
+        );
+    }
+    let admitted = by_key.admitted + by_user.admitted + by_tag.admitted;
+    assert_eq!(
+        mock.request_count() - probes,
+        admitted,
+        "refused requests went up"
+    );
+    for tg in &mut replicas {
+        assert_eq!(tg.terminate(), Some(0));
+    }
+    let pool = db.pool().await;
+    for (account, filter, got) in [
+        (
+            format!("key:{key_id}"),
+            format!("key_id = '{key_id}'"),
+            &by_key,
+        ),
+        (
+            "user:pg:erin".to_string(),
+            "end_user = 'erin'".to_string(),
+            &by_user,
+        ),
+        (
+            "tag:shared".to_string(),
+            "tags = '[\"shared\"]'".to_string(),
+            &by_tag,
+        ),
+    ] {
+        let (state, rows) = shared_spend(&pool, &account, &filter).await;
+        assert_eq!(rows, got.admitted as i64 * PER_REQUEST, "{account}");
+        assert_eq!(
+            state, rows,
+            "{account}: the shared counter matches the rows"
+        );
+        assert!(rows <= 2_000_000, "{account} overspent: {rows}");
+    }
+    let leases: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM budget_leases")
+        .fetch_one(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(leases, 0, "stopped replicas hold no budget");
+    // The reports by tag and end user on Postgres equal the rows.
+    let tags = report(&replicas[0], "tag");
+    let tagged = (
+        "shared".to_string(),
+        200,
+        by_tag.admitted as i64 * PER_REQUEST,
+    );
+    assert!(tags.contains(&tagged), "{tags:?}");
+    let users = report(&replicas[0], "end_user");
+    let erin = (
+        "pg:erin".to_string(),
+        200,
+        by_user.admitted as i64 * PER_REQUEST,
+    );
+    assert!(users.contains(&erin), "{users:?}");
+    pool.close().await;
+    db.drop_db().await;
+}

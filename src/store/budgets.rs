@@ -27,9 +27,15 @@ pub(crate) fn account_filter(account: &str, postgres: bool, first: usize) -> (St
                 vec![team.to_string(), user.to_string()],
             )
         }
-        Level::Tag if postgres => (format!("tags::jsonb ? {a}"), vec![name.to_string()]),
+        // A tag is a name without quotes, so `"tag"` in the array's text is
+        // that tag. (A JSON cast would be applied to every name: Postgres
+        // pushes the condition down to the `names` scan of the view.)
+        Level::Tag if postgres => (
+            format!("strpos(tags, '\"' || {a} || '\"') > 0"),
+            vec![name.to_string()],
+        ),
         Level::Tag => (
-            format!("EXISTS (SELECT 1 FROM json_each(usage.tags) WHERE value = {a})"),
+            format!("instr(tags, '\"' || {a} || '\"') > 0"),
             vec![name.to_string()],
         ),
     }
