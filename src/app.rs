@@ -23,6 +23,8 @@ pub struct AppState {
     pub auth: AuthPolicy,
     pub directory: Directory,
     pub ledger: Arc<Ledger>,
+    /// Requests and tokens per minute of teams and keys.
+    pub limits: Arc<crate::limits::RateLimiter>,
     /// Samples requests for tokens per word (`words`).
     pub words: crate::words::WordSampler,
     /// Trailing windows of the self-hosted models served (`pricing::gpu`).
@@ -79,9 +81,26 @@ impl AppState {
             }
         }
         self.refresh_level_budgets().await?;
+        self.refresh_rate_limits().await?;
         self.directory.replace(key_map, team_map);
         if let Some(pg) = self.store.shared() {
             self.ledger.sync(pg).await?;
+        }
+        Ok(())
+    }
+
+    /// Every team's and key's rate limits into the limiter, those cleared
+    /// out of it.
+    async fn refresh_rate_limits(&self) -> Result<(), crate::store::StoreError> {
+        let limits = self.store.rate_limits().await?;
+        let set: std::collections::HashSet<&str> = limits.iter().map(|(a, _)| a.as_str()).collect();
+        for account in self.limits.names() {
+            if !set.contains(account.as_str()) {
+                self.limits.set(&account, None);
+            }
+        }
+        for (account, l) in &limits {
+            self.limits.set(account, Some(*l));
         }
         Ok(())
     }

@@ -41,6 +41,20 @@ pub enum ApiError {
         "tollgate could not reach the shared budget of team `{team}` in its database; the request was not sent. Try again."
     )]
     BudgetUnavailable { team: String },
+    #[error("Rate limit reached for {limited} on {unit} per min: limit {limit}. Try again in {retry_after_secs}s.")]
+    RateLimited {
+        /// `team` or `key` (`error.param`).
+        level: crate::budget::Level,
+        /// "team `acme`", "key `key_1`".
+        limited: String,
+        unit: crate::limits::Unit,
+        limit: u64,
+        retry_after_secs: u64,
+    },
+    #[error(
+        "tollgate could not reach the shared rate limits of team `{team}` in its database; the request was not sent. Try again."
+    )]
+    RateUnavailable { team: String },
     #[error("Request body is larger than the limit of {limit} bytes.")]
     BodyTooLarge { limit: usize },
     #[error(
@@ -89,6 +103,28 @@ impl ApiError {
         }
     }
 
+    /// The 429 of a limit without room.
+    pub fn rate_limited(l: &crate::limits::Limited) -> ApiError {
+        let (level, name) = crate::budget::level_of(&l.account);
+        ApiError::RateLimited {
+            level,
+            limited: format!("{} `{name}`", level.as_str()),
+            unit: l.unit,
+            limit: l.limit,
+            retry_after_secs: l.retry_after.as_millis().div_ceil(1000).max(1) as u64,
+        }
+    }
+
+    /// Seconds to wait before trying again, for `retry-after`.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            ApiError::RateLimited {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            _ => None,
+        }
+    }
+
     pub fn invalid(message: impl Into<String>, param: Option<&str>) -> ApiError {
         ApiError::InvalidRequest {
             message: message.into(),
@@ -112,14 +148,18 @@ impl ApiError {
             | ApiError::EndpointNotMetered { .. }
             | ApiError::BatchNotBounded { .. } => StatusCode::FORBIDDEN,
             ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
-            ApiError::BudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::BudgetExceeded { .. } | ApiError::RateLimited { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::UpstreamUnreachable { .. } | ApiError::UpstreamBadResponse { .. } => {
                 StatusCode::BAD_GATEWAY
             }
             ApiError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            ApiError::BudgetUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::BudgetUnavailable { .. } | ApiError::RateUnavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -129,7 +169,11 @@ impl ApiError {
             ApiError::UpstreamUnreachable { .. }
             | ApiError::UpstreamBadResponse { .. }
             | ApiError::UpstreamTimeout { .. } => "upstream_error",
-            ApiError::Internal(_) | ApiError::BudgetUnavailable { .. } => "server_error",
+            ApiError::Internal(_)
+            | ApiError::BudgetUnavailable { .. }
+            | ApiError::RateUnavailable { .. } => "server_error",
+            // OpenAI's rate-limit errors name the unit as their type.
+            ApiError::RateLimited { unit, .. } => unit.as_str(),
             ApiError::Unauthorized => "invalid_request_error",
             ApiError::ModelNotAllowed { .. }
             | ApiError::EndpointNotMetered { .. }
@@ -163,6 +207,8 @@ impl ApiError {
             ApiError::BatchNotBounded { .. } => "batch_not_bounded",
             ApiError::Internal(_) => "internal_error",
             ApiError::BudgetUnavailable { .. } => "budget_unavailable",
+            ApiError::RateLimited { .. } => "rate_limit_exceeded",
+            ApiError::RateUnavailable { .. } => "rate_limits_unavailable",
         }
     }
 
@@ -174,7 +220,9 @@ impl ApiError {
             | ApiError::NoUpstream { .. }
             | ApiError::ModelTooLong { .. }
             | ApiError::ModelNotAllowed { .. } => Some("model"),
-            ApiError::BudgetExceeded { level, .. } => Some(level.as_str()),
+            ApiError::BudgetExceeded { level, .. } | ApiError::RateLimited { level, .. } => {
+                Some(level.as_str())
+            }
             _ => None,
         }
     }

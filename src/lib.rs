@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod format;
 pub mod glob;
+pub mod limits;
 pub mod manage;
 pub mod metrics;
 pub mod numbers;

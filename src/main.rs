@@ -131,12 +131,29 @@ enum TeamsCommand {
         #[arg(long, value_enum, default_value = "table")]
         format: OutputFormat,
     },
+    /// Set a team's rate limits (neither: clears them; 0 clears one).
+    SetLimits {
+        name: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
     /// Set (or with no --budget-usd, clear) a team's budget.
     SetBudget {
         name: String,
         #[command(flatten)]
         budget: BudgetArgs,
     },
+}
+
+/// Rate limits, as `teams set-limits` and `keys set-limits` take them.
+#[derive(clap::Args)]
+struct LimitArgs {
+    /// Requests per minute.
+    #[arg(long)]
+    rpm: Option<u64>,
+    /// Tokens per minute (prompt and output; admitted at the request's bound).
+    #[arg(long)]
+    tpm: Option<u64>,
 }
 
 /// A key's, end user's or tag's budget.
@@ -177,6 +194,12 @@ enum KeysCommand {
         id: String,
         #[command(flatten)]
         budget: LevelBudgetArgs,
+    },
+    /// Set a key's rate limits (neither: clears them; 0 clears one).
+    SetLimits {
+        id: String,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// List keys (never their secrets).
     List {
@@ -448,6 +471,10 @@ async fn teams(command: TeamsCommand, config: &Config) -> anyhow::Result<ExitCod
                 }
             }
         }
+        TeamsCommand::SetLimits { name, limits } => {
+            let account = manage::level_account(&store, Level::Team, None, &name).await?;
+            set_limits(&store, &account, limits).await?;
+        }
         TeamsCommand::SetBudget { name, budget: args } => {
             let budget = manage::budget_from(args.budget_usd.as_deref(), args.period)?;
             let cap = args.max_output_tokens.map(|m| (m > 0).then_some(m));
@@ -468,6 +495,25 @@ async fn teams(command: TeamsCommand, config: &Config) -> anyhow::Result<ExitCod
     }
     store.close().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `teams set-limits`, `keys set-limits`: a running server applies them
+/// within its 500 ms refresh.
+async fn set_limits(store: &Store, account: &str, args: LimitArgs) -> anyhow::Result<()> {
+    let limits = tollgate::period::Limits {
+        rpm: args.rpm.filter(|&n| n > 0),
+        tpm: args.tpm.filter(|&n| n > 0),
+    };
+    store.set_rate_limits(account, limits).await?;
+    let (level, name) = tollgate::budget::level_of(account);
+    let text = |n: Option<u64>| n.map_or("none".to_string(), |n| n.to_string());
+    println!(
+        "{} {name}: rpm {}, tpm {}",
+        level.as_str(),
+        text(limits.rpm),
+        text(limits.tpm)
+    );
+    Ok(())
 }
 
 /// `keys set-budget`, `end-users set-budget`, `tags set-budget`.
@@ -549,6 +595,10 @@ async fn keys(command: KeysCommand, config: &Config) -> anyhow::Result<ExitCode>
         KeysCommand::SetBudget { id, budget } => {
             store.close().await;
             return set_level_budget(config, Level::Key, None, &id, budget).await;
+        }
+        KeysCommand::SetLimits { id, limits } => {
+            let account = manage::level_account(&store, Level::Key, None, &id).await?;
+            set_limits(&store, &account, limits).await?;
         }
         KeysCommand::Create {
             team,

@@ -403,6 +403,10 @@ pub struct Metrics {
     pub level_budgets: IntGaugeVec,
     /// Refusals by the level of the budget that refused.
     pub level_rejections: IntCounterVec,
+    /// Requests refused by a rate limit (`unit`: requests, tokens).
+    pub rate_limited: IntCounterVec,
+    /// Teams and keys with rate limits.
+    pub rate_limits: IntGauge,
     pub records_dropped: IntCounter,
     /// Every try of an upstream (SPEC 10 fallbacks). Upstreams keep their
     /// own `ok` handle (`upstream::Upstream::attempts_ok`).
@@ -647,6 +651,19 @@ impl Metrics {
             ),
             &["level"],
         )?;
+        let rate_limited = IntCounterVec::new(
+            Opts::new(
+                "tollgate_rate_limited_total",
+                "Requests refused by a team's or key's rpm or tpm limit.",
+            ),
+            &["team", "unit"],
+        )?;
+        registry.register(Box::new(rate_limited.clone()))?;
+        let rate_limits = IntGauge::new(
+            "tollgate_rate_limits",
+            "Teams and keys with an rpm or tpm limit.",
+        )?;
+        registry.register(Box::new(rate_limits.clone()))?;
         for level in crate::budget::Level::ALL {
             level_rejections
                 .with_label_values(&[level.as_str()])
@@ -774,6 +791,8 @@ impl Metrics {
             level_budget_remaining,
             level_budgets,
             level_rejections,
+            rate_limited,
+            rate_limits,
             records_dropped,
             upstream_attempts,
             shadow_cost,
@@ -880,6 +899,14 @@ impl Metrics {
     }
 
     /// Budget gauges from the ledger, set at scrape time.
+    /// A request of `team` refused by a rate limit.
+    pub fn count_rate_limited(&self, team: &str, unit: crate::limits::Unit) {
+        let team = self.team_label(team);
+        self.rate_limited
+            .with_label_values(&[&team, unit.as_str()])
+            .inc();
+    }
+
     /// A refusal by a budget at `level`.
     pub fn count_level_rejection(&self, level: crate::budget::Level) {
         self.level_rejections

@@ -87,3 +87,12 @@ pub struct BudgetStatus {
     pub reserved: NanoUsd,
     pub remaining: NanoUsd,
 }
+
+/// An account's rate limits as set (`None`: not limited in that unit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Limits {
+    /// Requests per minute.
+    pub rpm: Option<u64>,
+    /// Tokens per minute (prompt and output).
+    pub tpm: Option<u64>,
+}

@@ -56,6 +56,12 @@ pub async fn handle(state: Arc<Proxy>, req: http::Request<Body>) -> Response {
     };
     let format = who.format;
     let metered = who.endpoint.is_metered() && req.method() == Method::POST;
+    let rate_limited = match metered {
+        true => state
+            .limits
+            .applying(&who.team, who.key.as_ref().map(|k| k.id.as_str())),
+        false => Vec::new(),
+    };
     // Durable mode: the response completes only once its row is on disk.
     let (ack, mut durable) = match state.usage.durable() {
         true => {
@@ -82,6 +88,11 @@ pub async fn handle(state: Arc<Proxy>, req: http::Request<Body>) -> Response {
     } else {
         Box::pin(unmetered(&state, ticket, req)).await
     };
+    // What is left of the request's rate limits once it was admitted.
+    let rate_view = match rate_limited.is_empty() {
+        true => None,
+        false => state.limits.view(&rate_limited),
+    };
     let (response, remaining) = match result {
         Ok(Forwarded::Done(response, remaining)) => (response, remaining),
         Ok(Forwarded::Stream(pending)) => {
@@ -90,8 +101,15 @@ pub async fn handle(state: Arc<Proxy>, req: http::Request<Body>) -> Response {
         }
         Err(Refused(ticket, e)) => {
             let overhead = ticket.who.started.elapsed();
+            let retry_after = e.retry_after_secs();
             let settled = settle_without_usage(&state, ticket, e.status().as_u16(), overhead);
-            (format.render(e), settled.remaining)
+            let mut response = format.render(e);
+            if let Some(secs) = retry_after {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            (response, settled.remaining)
         }
     };
     if let Some(rx) = durable {
@@ -100,6 +118,9 @@ pub async fn handle(state: Arc<Proxy>, req: http::Request<Body>) -> Response {
         let _ = rx.await;
     }
     let mut response = with_request_id(response, id_header);
+    if let Some(view) = rate_view {
+        reply::rate_headers(response.headers_mut(), &view);
+    }
     if let Some(remaining) = remaining {
         if let Ok(v) = HeaderValue::from_str(remaining.usd_text(&mut [0; 32])) {
             response.headers_mut().insert(BUDGET_REMAINING, v);
@@ -142,6 +163,10 @@ async fn metered_request(
     let (body, max_output) = stage!(
         ticket,
         body::apply_output_cap(body, routed.facts.output_limit, cap)
+    );
+    ticket.rate = stage!(
+        ticket,
+        reserve::admit_rate(state, &ticket, &body, max_output).await
     );
     match reserve::reserve(state, &ticket, &body, &routed.facts, max_output).await {
         Ok(hold) => ticket.hold = hold,

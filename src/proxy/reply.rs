@@ -9,7 +9,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use http_body_util::BodyExt;
 
 use super::parked::Proxy;
@@ -81,4 +81,29 @@ pub fn build_response(status: StatusCode, headers: HeaderMap, body: Body) -> Res
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     response
+}
+
+/// OpenAI's `x-ratelimit-*` headers: the tightest limit of each unit that
+/// applies, what is left of it this minute and when the minute ends.
+pub fn rate_headers(headers: &mut http::HeaderMap, view: &crate::limits::RateView) {
+    let reset = crate::limits::reset_text(view.reset);
+    for (unit, seen) in [("requests", view.requests), ("tokens", view.tokens)] {
+        let Some((limit, remaining)) = seen else {
+            continue;
+        };
+        let values = [
+            ("limit", limit.to_string()),
+            ("remaining", remaining.to_string()),
+            ("reset", reset.clone()),
+        ];
+        for (what, value) in values {
+            let name = format!("x-ratelimit-{what}-{unit}");
+            if let (Ok(n), Ok(v)) = (
+                http::HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(&value),
+            ) {
+                headers.insert(n, v);
+            }
+        }
+    }
 }

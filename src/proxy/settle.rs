@@ -139,6 +139,8 @@ pub struct Ticket {
     pub who: Admission,
     pub order: Order,
     pub hold: Hold,
+    /// Its place in its team's and key's rate limits (`reserve::admit_rate`).
+    pub rate: Option<crate::limits::RateHold>,
     pub sent: Sent,
     /// Durable mode: answered when the usage row is on local disk; the
     /// response does not complete before.
@@ -174,6 +176,7 @@ impl Ticket {
             who,
             order: Order::NONE,
             hold: Hold::default(),
+            rate: None,
             sent: Sent::NOWHERE,
             durable_ack,
             series: None,
@@ -261,6 +264,9 @@ pub fn settle(
     let usage = billed(&t, status, usage, served);
     let priced = price(state, &t.order, &usage, tier);
     let cost = priced.total;
+    if let Some(rate) = t.rate.take() {
+        rate.settle(usage.prompt_tokens.saturating_add(usage.completion_tokens));
+    }
     let (remaining, budget_leases) = match t.hold.reservation.take() {
         Some(reservation) => {
             let over = cost.0.saturating_sub(reservation.amount().0);

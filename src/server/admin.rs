@@ -31,6 +31,9 @@ pub fn routes() -> Router<Arc<AppState>> {
             put(set_end_user_budget),
         )
         .route("/admin/tags/{tag}/budget", put(set_tag_budget))
+        .route("/admin/limits", get(list_limits))
+        .route("/admin/teams/{name}/limits", put(set_team_limits))
+        .route("/admin/keys/{id}/limits", put(set_key_limits))
         .route("/admin/usage", get(usage))
         // Every admin error is JSON in OpenAI's shape, axum's own included.
         .method_not_allowed_fallback(method_not_allowed)
@@ -302,6 +305,81 @@ async fn set_level_budget(
         Some(b) => manage::level_budget_json(&account, b, state.ledger.status(&account)),
         None => json!({"level": level.as_str(), "name": name, "team": team, "budget_usd": null}),
     }))
+}
+
+#[derive(Deserialize)]
+struct LimitsBody {
+    #[serde(default)]
+    rpm: Option<u64>,
+    #[serde(default)]
+    tpm: Option<u64>,
+}
+
+/// Every team's and key's rate limits, with what is left this minute.
+async fn list_limits(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, AdminError> {
+    authorize(&state, &headers)?;
+    let limits = state.store.rate_limits().await?;
+    Ok(Json(Value::Array(
+        limits
+            .iter()
+            .map(|(a, l)| limits_json(&state, a, *l))
+            .collect(),
+    )))
+}
+
+fn limits_json(state: &AppState, account: &str, l: crate::period::Limits) -> Value {
+    let (level, name) = crate::budget::level_of(account);
+    let view = state.limits.view(&[account.to_string()]);
+    json!({
+        "level": level.as_str(),
+        "name": name,
+        "rpm": l.rpm,
+        "tpm": l.tpm,
+        "remaining_requests": view.and_then(|v| v.requests).map(|r| r.1),
+        "remaining_tokens": view.and_then(|v| v.tokens).map(|r| r.1),
+    })
+}
+
+async fn set_team_limits(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, AdminError> {
+    set_limits(&state, &headers, Level::Team, &name, &body).await
+}
+
+async fn set_key_limits(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, AdminError> {
+    set_limits(&state, &headers, Level::Key, &id, &body).await
+}
+
+/// Sets a team's or key's `rpm` and `tpm` (null, absent or 0: not limited);
+/// applies before this answers.
+async fn set_limits(
+    state: &AppState,
+    headers: &HeaderMap,
+    level: Level,
+    name: &str,
+    body: &[u8],
+) -> Result<Json<Value>, AdminError> {
+    authorize(state, headers)?;
+    let b: LimitsBody = parse_json(body)?;
+    let limits = crate::period::Limits {
+        rpm: b.rpm.filter(|&n| n > 0),
+        tpm: b.tpm.filter(|&n| n > 0),
+    };
+    let account = manage::level_account(&state.store, level, None, name).await?;
+    state.store.set_rate_limits(&account, limits).await?;
+    refreshed(state).await;
+    Ok(Json(limits_json(state, &account, limits)))
 }
 
 async fn list_keys(

@@ -113,6 +113,11 @@ fn not_ready(reason: &str) -> Response {
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     state.metrics.queue_depth.set(state.usage.depth() as i64);
     state.metrics.publish_budgets(&state.ledger.all());
+    let limited = state.limits.names().len();
+    state
+        .metrics
+        .rate_limits
+        .set(i64::try_from(limited).unwrap_or(i64::MAX));
     let catalog = state.catalog.load();
     state
         .metrics
@@ -282,6 +287,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         auth,
         directory: Directory::default(),
         ledger,
+        limits: crate::limits::RateLimiter::new(store.shared().is_some()),
         words,
         gpu: Default::default(),
     });

@@ -2,6 +2,7 @@
 //! on `teams`): the `budgets` table, one row per ledger account
 //! (`budget::account`), and the spend of an account read from the usage
 //! rows (when a budget is set, or its period begins, on a single node).
+//! Also the rate limits of teams and keys (`rate_limits`, same accounts).
 
 use chrono::{DateTime, Utc};
 use sqlx::Row;
@@ -9,7 +10,7 @@ use sqlx::Row;
 use super::queries::on_db;
 use super::{to_i64, to_u64, Store, StoreError};
 use crate::budget::{level_of, Level};
-use crate::period::{Budget, Period};
+use crate::period::{Budget, Limits, Period};
 use crate::pricing::NanoUsd;
 
 /// The condition on `usage` that picks an account's rows, and its values
@@ -120,5 +121,48 @@ impl Store {
             q.fetch_one(pool).await?
         });
         Ok(to_u64(spent))
+    }
+
+    /// Every team's and key's rate limits, by account.
+    pub async fn rate_limits(&self) -> Result<Vec<(String, Limits)>, StoreError> {
+        on_db!(self, pool, _writer, _d => {
+            let rows = sqlx::query("SELECT account, rpm, tpm FROM rate_limits ORDER BY account")
+                .fetch_all(pool)
+                .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                let rpm: Option<i64> = r.try_get("rpm")?;
+                let tpm: Option<i64> = r.try_get("tpm")?;
+                let limits = Limits {
+                    rpm: rpm.map(to_u64),
+                    tpm: tpm.map(to_u64),
+                };
+                out.push((r.try_get("account")?, limits));
+            }
+            Ok(out)
+        })
+    }
+
+    /// Sets an account's rate limits (neither unit: cleared).
+    pub async fn set_rate_limits(&self, account: &str, limits: Limits) -> Result<(), StoreError> {
+        on_db!(self, pool, _writer, _d => {
+            if limits.rpm.is_none() && limits.tpm.is_none() {
+                sqlx::query("DELETE FROM rate_limits WHERE account = $1")
+                    .bind(account)
+                    .execute(pool)
+                    .await?;
+            } else {
+                sqlx::query(
+                    "INSERT INTO rate_limits (account, rpm, tpm) VALUES ($1, $2, $3) \
+                     ON CONFLICT (account) DO UPDATE SET rpm = excluded.rpm, tpm = excluded.tpm",
+                )
+                .bind(account)
+                .bind(limits.rpm.map(to_i64))
+                .bind(limits.tpm.map(to_i64))
+                .execute(pool)
+                .await?;
+            }
+            Ok(())
+        })
     }
 }
