@@ -24,6 +24,27 @@ pub struct Config {
     pub numbers: NumbersConfig,
     pub background: BackgroundConfig,
     pub otel: OtelConfig,
+    /// `[[alerts]]`: webhooks told when a budget crosses a threshold.
+    pub alerts: Vec<AlertConfig>,
+}
+
+/// One `[[alerts]]` webhook (SPEC 14): a JSON POST when any budget's spend
+/// first crosses each threshold in a period, signed with `secret`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertConfig {
+    /// Where to POST (`https://hooks.slack.com/services/...`); never logged.
+    pub url: String,
+    /// Fractions of the limit (1.0: reached, or a request refused).
+    #[serde(default = "default_thresholds")]
+    pub thresholds: Vec<f64>,
+    /// HMAC-SHA256 key of `x-tollgate-signature` (`"${ALERT_SECRET}"`).
+    #[serde(default)]
+    pub secret: Option<String>,
+}
+
+fn default_thresholds() -> Vec<f64> {
+    vec![0.5, 0.8, 1.0]
 }
 
 /// OpenTelemetry (SPEC 15): a span per request over OTLP/HTTP, made from
@@ -589,6 +610,27 @@ impl Config {
                 return Err(bad(
                     "otel.endpoint",
                     format!("`{endpoint}`: use the collector's OTLP/HTTP address, e.g. http://collector:4318"),
+                ));
+            }
+        }
+        for (i, a) in self.alerts.iter().enumerate() {
+            if !(a.url.starts_with("http://") || a.url.starts_with("https://")) {
+                return Err(bad(
+                    &format!("alerts[{i}].url"),
+                    "must be an http:// or https:// URL".into(),
+                ));
+            }
+            if a.thresholds.is_empty()
+                || a.thresholds
+                    .iter()
+                    .any(|t| !(t.is_finite() && *t > 0.0 && *t <= 10.0))
+            {
+                return Err(bad(
+                    &format!("alerts[{i}].thresholds"),
+                    format!(
+                        "{:?}: fractions of the limit, each above 0 and at most 10",
+                        a.thresholds
+                    ),
                 ));
             }
         }

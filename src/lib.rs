@@ -8,6 +8,7 @@
 //! `settle` hands the usage row to `store` (batched writer, one set of
 //! queries over SQLite or Postgres).
 
+pub mod alerts;
 pub mod app;
 pub mod auth;
 pub mod budget;

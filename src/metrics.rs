@@ -407,6 +407,8 @@ pub struct Metrics {
     pub rate_limited: IntCounterVec,
     /// Teams and keys with rate limits.
     pub rate_limits: IntGauge,
+    /// Alert webhook attempts (`outcome`: delivered, failed).
+    pub alerts_sent: IntCounterVec,
     pub records_dropped: IntCounter,
     /// Every try of an upstream (SPEC 10 fallbacks). Upstreams keep their
     /// own `ok` handle (`upstream::Upstream::attempts_ok`).
@@ -664,6 +666,17 @@ impl Metrics {
             "Teams and keys with an rpm or tpm limit.",
         )?;
         registry.register(Box::new(rate_limits.clone()))?;
+        let alerts_sent = IntCounterVec::new(
+            Opts::new(
+                "tollgate_alerts_sent_total",
+                "Budget alert webhook attempts: delivered (answered 2xx) or failed (retried).",
+            ),
+            &["outcome"],
+        )?;
+        for outcome in ["delivered", "failed"] {
+            alerts_sent.with_label_values(&[outcome]).inc_by(0);
+        }
+        registry.register(Box::new(alerts_sent.clone()))?;
         for level in crate::budget::Level::ALL {
             level_rejections
                 .with_label_values(&[level.as_str()])
@@ -793,6 +806,7 @@ impl Metrics {
             level_rejections,
             rate_limited,
             rate_limits,
+            alerts_sent,
             records_dropped,
             upstream_attempts,
             shadow_cost,

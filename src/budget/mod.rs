@@ -125,6 +125,8 @@ struct Account {
     reserved: u64,
     /// Shared mode only.
     lease: Option<Lease>,
+    /// A request was refused for this budget in this period (alerts).
+    refused: bool,
 }
 
 /// This replica's share of a budget kept in Postgres. Invariant kept with
@@ -158,6 +160,7 @@ impl Account {
             self.period_start = self.budget.period.start(now);
             self.period_end = self.budget.period.next(self.period_start);
             self.spent = 0;
+            self.refused = false;
             // The old period's lease stays with the old period's key.
             if let Some(lease) = &mut self.lease {
                 *lease = Lease::default();
@@ -288,6 +291,7 @@ impl Ledger {
                         spent,
                         reserved,
                         lease,
+                        refused: false,
                     },
                 );
             }
@@ -354,6 +358,28 @@ impl Ledger {
         })
     }
 
+    /// Every budget's state for alerts: (account, period, period key,
+    /// limit, recorded spend, refused a request this period).
+    pub fn alert_view(&self) -> Vec<(String, Period, String, u64, u64, bool)> {
+        let Ok(mut all) = self.accounts.lock() else {
+            return Vec::new();
+        };
+        let now = Utc::now();
+        all.iter_mut()
+            .map(|(name, acc)| {
+                acc.roll(now);
+                (
+                    name.clone(),
+                    acc.budget.period,
+                    period_key(acc.period_start),
+                    acc.budget.limit.0,
+                    acc.spent(),
+                    acc.refused,
+                )
+            })
+            .collect()
+    }
+
     /// The accounts with a budget.
     pub fn names(&self) -> Vec<String> {
         self.accounts
@@ -396,6 +422,10 @@ impl Ledger {
             };
             acc.roll(now);
             if amount.0 > acc.available() {
+                // Reached, for alerts: refused with under a tenth left (a
+                // request far bigger than a half-spent budget is not that).
+                let left = acc.remaining();
+                acc.refused |= left < amount.0 && left <= acc.budget.limit.0 / 10;
                 return Err(OverBudget {
                     needed: amount,
                     remaining: NanoUsd(acc.remaining()),

@@ -314,6 +314,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         state.metrics.clone(),
         state.config.database.retention_days,
     );
+    let alerts = crate::alerts::spawn(
+        &state.config.alerts,
+        state.ledger.clone(),
+        state.store.clone(),
+        state.metrics.clone(),
+        reqwest::Client::new(),
+    );
     let proxy = Arc::new(proxy::Proxy::new(state.clone()));
     let sweeper = crate::proxy::spawn_sweeper(
         Arc::downgrade(&proxy),
@@ -342,6 +349,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     refresher.abort();
     reloader.abort();
     retention.abort();
+    if let Some(alerts) = alerts {
+        alerts.abort();
+    }
     sweeper.abort();
     // Every sink is gone once the server and its connections are: the
     // writer drains the queue and ends.

@@ -4,6 +4,7 @@
 //! The request path never awaits the database: it hands a `UsageRecord` to
 //! the writer's bounded queue and moves on.
 
+mod alerts;
 mod batches;
 mod budgets;
 mod dialect;
@@ -22,6 +23,7 @@ use std::borrow::Borrow;
 
 use crate::period::Budget;
 
+pub use alerts::AlertRow;
 pub use batches::BatchRow;
 pub(crate) use budgets::account_filter;
 pub use pending::{PendingCount, PendingRow};
