@@ -10,6 +10,10 @@
 # OLD_EXTRA / NEW_EXTRA: TOML appended to that server's config (one binary
 # against itself with a feature off, e.g. NEW_EXTRA=$'[numbers]\nword_sample_rate = 0').
 #
+# NEW_LEVELS=1: the new server's key also meets every level of SPEC 14 (a
+# key budget, the end user's, the tag's, rpm and tpm on team and key, all
+# too large to bind); both servers get the end-user and tag headers.
+#
 # Build the old binary from a worktree of the commit to compare with, e.g.
 #   git worktree add /tmp/base <commit> && (cd /tmp/base && cargo build --release)
 set -euo pipefail
@@ -48,8 +52,16 @@ TOML
   local pid=$!
   wait_http "http://127.0.0.1:$port/healthz" >&2
   "$1" teams create bench --budget-usd 1000000 --period monthly --config "$dir/tollgate.toml" >/dev/null
-  local key
-  key=$("$1" keys create --team bench --config "$dir/tollgate.toml" 2>/dev/null | head -1)
+  local key id cfg="--config $dir/tollgate.toml"
+  read -r id key < <("$1" keys create --team bench --format json $cfg 2>/dev/null \
+    | python3 -c 'import json,sys; k=json.load(sys.stdin); print(k["id"], k["key"])')
+  if [ "$2" = new ] && [ -n "${NEW_LEVELS:-}" ]; then
+    "$1" keys set-budget "$id" --budget-usd 1000000 --period monthly $cfg >/dev/null
+    "$1" end-users set-budget --team bench bench-user --budget-usd 1000000 $cfg >/dev/null
+    "$1" tags set-budget bench-tag --budget-usd 1000000 $cfg >/dev/null
+    "$1" teams set-limits bench --rpm 1000000000 --tpm 1000000000000 $cfg >/dev/null
+    "$1" keys set-limits "$id" --rpm 1000000000 --tpm 1000000000000 $cfg >/dev/null
+  fi
   echo "$port $pid $key"
 }
 read -r OLD_PORT OLD_PID OLD_KEY < <(start "$OLD" old "${OLD_EXTRA:-}"); PIDS+=("$OLD_PID")
@@ -61,7 +73,8 @@ run() { # name port key pid -> "req/s cpu_us_per_request"
   local t0 t1
   t0=$(ticks "$4")
   oha --no-tui --output-format json -m POST -H "content-type: application/json" \
-      -H "authorization: Bearer $3" -D "$WORK/chat.json" -z "$DUR" -c 64 \
+      -H "authorization: Bearer $3" -H "x-tollgate-end-user: bench-user" \
+      -H "x-tollgate-tags: bench-tag" -D "$WORK/chat.json" -z "$DUR" -c 64 \
       "http://127.0.0.1:$2/v1/chat/completions" > "$WORK/$1.json"
   t1=$(ticks "$4")
   python3 - "$WORK/$1.json" "$((t1 - t0))" "$(getconf CLK_TCK)" <<'PY'

@@ -208,42 +208,27 @@ impl RateLimiter {
             .unwrap_or_default()
     }
 
-    /// The limited accounts of a request of `team` with key `key_id` (no
-    /// allocation when nothing is limited).
-    pub fn applying(&self, team: &str, key_id: Option<&str>) -> Vec<String> {
+    /// The limited accounts of a request of `team` with key `key_id`, and
+    /// whether any limits tokens (no allocation when nothing is limited).
+    pub fn applying(&self, team: &str, key_id: Option<&str>) -> (Vec<String>, bool) {
         let Ok(all) = self.accounts.lock() else {
-            return Vec::new();
+            return (Vec::new(), false);
         };
         if all.is_empty() {
-            return Vec::new();
+            return (Vec::new(), false);
         }
         let key = key_id.map(|id| crate::budget::account(crate::budget::Level::Key, id));
-        [Some(team.to_string()), key]
+        let mut tokens = false;
+        let out = [Some(team.to_string()), key]
             .into_iter()
             .flatten()
-            .filter(|a| all.contains_key(a))
-            .collect()
-    }
-
-    /// Those of `accounts` that have limits, and whether any counts tokens.
-    pub fn limited(&self, accounts: &[String]) -> (Vec<String>, bool) {
-        let Ok(all) = self.accounts.lock() else {
-            return (Vec::new(), false);
-        };
-        if all.is_empty() {
-            return (Vec::new(), false);
-        }
-        let mut tokens = false;
-        let out = accounts
-            .iter()
-            .filter(|a| match all.get(a.as_str()) {
+            .filter(|a| match all.get(a) {
                 Some(acc) => {
                     tokens |= acc.limits.tpm.is_some();
                     true
                 }
                 None => false,
             })
-            .cloned()
             .collect();
         (out, tokens)
     }
@@ -589,7 +574,7 @@ mod tests {
         assert!(limiter.admit(&names(&["t"]), 1).is_ok());
         assert!(limiter.admit(&names(&["t"]), 1).is_err());
         limiter.set("t", None);
-        assert_eq!(limiter.limited(&both), (names(&["key:k"]), false));
+        assert_eq!(limiter.applying("t", Some("k")), (names(&["key:k"]), false));
     }
 
     #[test]

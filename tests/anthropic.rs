@@ -9,7 +9,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{client, MockUpstream, Tollgate};
+use support::{client, messages, MockUpstream, Tollgate};
 
 struct Claude {
     tg: Tollgate,
@@ -41,23 +41,6 @@ fn body(stream: bool) -> Value {
 }
 
 /// A Messages request as the SDK sends it: `x-api-key`, `anthropic-version`.
-fn messages(
-    url: String,
-    key: &str,
-    body: &Value,
-    headers: &[(&str, &str)],
-) -> reqwest::RequestBuilder {
-    let mut req = client()
-        .post(url)
-        .header("x-api-key", key)
-        .header("anthropic-version", "2023-06-01")
-        .json(body);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    req
-}
-
 /// 1,000 uncached input, 2,000 read from the cache, 400 written for 5
 /// minutes and 100 for an hour, 200 output, 2 web searches on
 /// claude-sonnet-4-5 ($3 / $15 per M, reads $0.30, writes $3.75 and $6,

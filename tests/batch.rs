@@ -297,17 +297,19 @@ async fn anthropic_message_batches_are_billed_per_result_at_batch_prices() {
                          "max_tokens": 1024, "messages": [{"role": "user", "content": "Hello"}]}})
         })
         .collect();
-    let r = client()
-        .post(tg.url("/v1/messages/batches"))
-        .header("x-api-key", &key)
-        .header("anthropic-version", "2023-06-01")
-        .header("x-mock-prompt-tokens", "1000")
-        .header("x-mock-completion-tokens", "2000")
-        .header("x-mock-polls-pending", "0")
-        .json(&json!({"requests": requests}))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let r = support::messages(
+        tg.url("/v1/messages/batches"),
+        &key,
+        &json!({"requests": requests}),
+        &[
+            ("x-mock-prompt-tokens", "1000"),
+            ("x-mock-completion-tokens", "2000"),
+            ("x-mock-polls-pending", "0"),
+        ],
+    )
+    .send()
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(r.status(), 200);
     let up = mock.last();
     assert_eq!(

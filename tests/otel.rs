@@ -261,18 +261,20 @@ async fn every_request_is_a_span_with_the_genai_conventions_and_its_exact_cost()
     .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(r.status(), 500);
     // Anthropic's Messages with cache writes of both kinds.
-    let r = client()
-        .post(tg.url("/v1/messages"))
-        .header("x-api-key", &key)
-        .header("anthropic-version", "2023-06-01")
-        .header("x-mock-cache-write-5m", "400")
-        .header("x-mock-cache-write-1h", "100")
-        .header("x-mock-cached-tokens", "2000")
-        .json(&json!({"model": "claude-sonnet-4-5", "max_tokens": 64,
-                      "messages": [{"role": "user", "content": "Hello, Claude"}]}))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let r = support::messages(
+        tg.url("/v1/messages"),
+        &key,
+        &json!({"model": "claude-sonnet-4-5", "max_tokens": 64,
+                "messages": [{"role": "user", "content": "Hello, Claude"}]}),
+        &[
+            ("x-mock-cache-write-5m", "400"),
+            ("x-mock-cache-write-1h", "100"),
+            ("x-mock-cached-tokens", "2000"),
+        ],
+    )
+    .send()
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(r.status(), 200);
 
     // Four requests, and the key's first `GET /v1/models`.

@@ -494,26 +494,29 @@ impl Ledger {
         out
     }
 
-    /// Returns what remains of the budget afterwards. A cost reserved in a
-    /// period that has since ended does not count against the new one.
-    fn release(
-        &self,
-        team: &str,
-        reserved: u64,
-        actual: u64,
-        period_start: DateTime<Utc>,
-    ) -> Option<NanoUsd> {
+    /// Frees `reserved` in every part's budget and records `actual` there;
+    /// returns the least budget left afterwards. A cost reserved in a period
+    /// that has since ended does not count against the new one.
+    fn release(&self, parts: &[Part], reserved: u64, actual: u64) -> Option<NanoUsd> {
         let mut accounts = self.accounts.lock().ok()?;
-        let acc = accounts.get_mut(team)?;
-        acc.reserved = acc.reserved.saturating_sub(reserved);
-        acc.roll(Utc::now());
-        if acc.period_start == period_start {
-            match &mut acc.lease {
-                None => acc.spent = acc.spent.saturating_add(actual),
-                Some(lease) => lease.unwritten = lease.unwritten.saturating_add(actual),
+        let now = Utc::now();
+        let mut least = None;
+        for part in parts {
+            let Some(acc) = accounts.get_mut(&part.account) else {
+                continue;
+            };
+            acc.reserved = acc.reserved.saturating_sub(reserved);
+            acc.roll(now);
+            if acc.period_start == part.period_start {
+                match &mut acc.lease {
+                    None => acc.spent = acc.spent.saturating_add(actual),
+                    Some(lease) => lease.unwritten = lease.unwritten.saturating_add(actual),
+                }
             }
+            let left = acc.remaining();
+            least = Some(least.map_or(left, |l: u64| l.min(left)));
         }
-        Some(NanoUsd(acc.remaining()))
+        least.map(NanoUsd)
     }
 }
 
@@ -571,22 +574,14 @@ impl Reservation {
             );
         }
         let parts = std::mem::take(&mut self.parts);
-        parts
-            .iter()
-            .filter_map(|p| {
-                self.ledger
-                    .release(&p.account, self.amount, actual.0, p.period_start)
-            })
-            .min()
+        self.ledger.release(&parts, self.amount, actual.0)
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        for p in &self.parts {
-            let _ = self
-                .ledger
-                .release(&p.account, self.amount, 0, p.period_start);
+        if !self.parts.is_empty() {
+            let _ = self.ledger.release(&self.parts, self.amount, 0);
         }
     }
 }

@@ -60,7 +60,7 @@ pub async fn handle(state: Arc<Proxy>, req: http::Request<Body>) -> Response {
         true => state
             .limits
             .applying(&who.team, who.key.as_ref().map(|k| k.id.as_str())),
-        false => Vec::new(),
+        false => (Vec::new(), false),
     };
     // Durable mode: the response completes only once its row is on disk.
     let (ack, mut durable) = match state.usage.durable() {
@@ -84,14 +84,14 @@ pub async fn handle(state: Arc<Proxy>, req: http::Request<Body>) -> Response {
     } else if let Some(op) = batch_op {
         Box::pin(batch::handle(&state, ticket, req, op)).await
     } else if metered {
-        Box::pin(metered_request(&state, ticket, req)).await
+        Box::pin(metered_request(&state, ticket, req, &rate_limited)).await
     } else {
         Box::pin(unmetered(&state, ticket, req)).await
     };
     // What is left of the request's rate limits once it was admitted.
-    let rate_view = match rate_limited.is_empty() {
+    let rate_view = match rate_limited.0.is_empty() {
         true => None,
-        false => state.limits.view(&rate_limited),
+        false => state.limits.view(&rate_limited.0),
     };
     let (response, remaining) = match result {
         Ok(Forwarded::Done(response, remaining)) => (response, remaining),
@@ -145,6 +145,7 @@ async fn metered_request(
     state: &Arc<Proxy>,
     mut ticket: Ticket,
     req: http::Request<Body>,
+    rate_limited: &(Vec<String>, bool),
 ) -> Result<Forwarded, Refused> {
     let (mut parts, body) = req.into_parts();
     let body = stage!(ticket, admit::read_body(state, body, &parts.headers).await);
@@ -166,7 +167,7 @@ async fn metered_request(
     );
     ticket.rate = stage!(
         ticket,
-        reserve::admit_rate(state, &ticket, &body, max_output).await
+        reserve::admit_rate(state, &ticket, rate_limited, &body, max_output).await
     );
     match reserve::reserve(state, &ticket, &body, &routed.facts, max_output).await {
         Ok(hold) => ticket.hold = hold,

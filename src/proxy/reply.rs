@@ -86,24 +86,27 @@ pub fn build_response(status: StatusCode, headers: HeaderMap, body: Body) -> Res
 /// OpenAI's `x-ratelimit-*` headers: the tightest limit of each unit that
 /// applies, what is left of it this minute and when the minute ends.
 pub fn rate_headers(headers: &mut http::HeaderMap, view: &crate::limits::RateView) {
+    const NAMES: [[HeaderName; 3]; 2] = [
+        [
+            HeaderName::from_static("x-ratelimit-limit-requests"),
+            HeaderName::from_static("x-ratelimit-remaining-requests"),
+            HeaderName::from_static("x-ratelimit-reset-requests"),
+        ],
+        [
+            HeaderName::from_static("x-ratelimit-limit-tokens"),
+            HeaderName::from_static("x-ratelimit-remaining-tokens"),
+            HeaderName::from_static("x-ratelimit-reset-tokens"),
+        ],
+    ];
     let reset = crate::limits::reset_text(view.reset);
-    for (unit, seen) in [("requests", view.requests), ("tokens", view.tokens)] {
+    for (names, seen) in NAMES.iter().zip([view.requests, view.tokens]) {
         let Some((limit, remaining)) = seen else {
             continue;
         };
-        let values = [
-            ("limit", limit.to_string()),
-            ("remaining", remaining.to_string()),
-            ("reset", reset.clone()),
-        ];
-        for (what, value) in values {
-            let name = format!("x-ratelimit-{what}-{unit}");
-            if let (Ok(n), Ok(v)) = (
-                http::HeaderName::from_bytes(name.as_bytes()),
-                HeaderValue::from_str(&value),
-            ) {
-                headers.insert(n, v);
-            }
+        headers.insert(names[0].clone(), HeaderValue::from(limit));
+        headers.insert(names[1].clone(), HeaderValue::from(remaining));
+        if let Ok(v) = HeaderValue::from_str(&reset) {
+            headers.insert(names[2].clone(), v);
         }
     }
 }

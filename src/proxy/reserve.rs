@@ -25,22 +25,24 @@ use crate::usage::Endpoint;
 /// Max output assumed for a model the catalog gives no limit for.
 const DEFAULT_MAX_OUTPUT: u64 = 4096;
 
-/// The request's place in its team's and key's rate limits (SPEC 14): one
+/// The request's place in the rate limits of `limited` (its team's and
+/// key's, as `RateLimiter::applying` found them; SPEC 14): one
 /// request and, where tokens are limited, its token bound (the prompt
 /// counted, its most output), or 429 `rate_limit_exceeded`.
 pub async fn admit_rate(
     state: &AppState,
     ticket: &Ticket,
+    (limited, counts_tokens): &(Vec<String>, bool),
     body: &Bytes,
     max_output: Option<u64>,
 ) -> Result<Option<crate::limits::RateHold>, ApiError> {
-    let key = ticket.who.key.as_ref().map(|k| k.id.as_str());
-    let accounts = crate::budget::accounts_of(&ticket.who.team, key, None, &[]);
-    let (limited, counts_tokens) = state.limits.limited(&accounts);
     if limited.is_empty() {
         return Ok(None);
     }
-    let tokens = match counts_tokens {
+    let counts_tokens = *counts_tokens;
+    // A cheap bound first (every token at least a byte of the body); the
+    // exact count only when that does not fit. Settling corrects either.
+    let completion = match counts_tokens {
         false => 0,
         true => {
             let price = ticket
@@ -48,32 +50,29 @@ pub async fn admit_rate(
                 .resolved
                 .as_ref()
                 .and_then(|r| r.price.as_deref());
-            let completion = match ticket.who.endpoint {
+            match ticket.who.endpoint {
                 Endpoint::Embeddings => 0,
                 _ => max_output
                     .or(price.and_then(|p| p.max_output_tokens))
                     .unwrap_or(DEFAULT_MAX_OUTPUT)
                     .saturating_mul(u64::from(ticket.order.choices)),
-            };
-            let bound = body.len() as u64 + 16;
-            exact_prompt(ticket, body, bound)
-                .await
-                .saturating_add(completion)
+            }
         }
     };
-    let admitted = match state.store.shared() {
-        Some(pg) => {
-            let timeout = Duration::from_millis(state.config.database.lease_timeout_ms);
-            state
-                .limits
-                .admit_shared(pg, &limited, tokens, timeout)
-                .await
-        }
-        None => state
-            .limits
-            .admit(&limited, tokens)
-            .map_err(crate::limits::RateRefusal::Limited),
+    let bound = body.len() as u64 + 16;
+    let tokens = |prompt: u64| match counts_tokens {
+        false => 0,
+        true => prompt.saturating_add(completion),
     };
+    let mut admitted = rate_admit(state, limited, tokens(bound)).await;
+    if let Err(crate::limits::RateRefusal::Limited(l)) = &admitted {
+        if l.unit == crate::limits::Unit::Tokens {
+            let exact = exact_prompt(ticket, body, bound).await;
+            if exact < bound {
+                admitted = rate_admit(state, limited, tokens(exact)).await;
+            }
+        }
+    }
     match admitted {
         Ok(hold) => Ok(Some(hold)),
         Err(crate::limits::RateRefusal::Unavailable) => Err(ApiError::RateUnavailable {
@@ -83,6 +82,26 @@ pub async fn admit_rate(
             state.metrics.count_rate_limited(&ticket.who.team, l.unit);
             Err(ApiError::rate_limited(&l))
         }
+    }
+}
+
+async fn rate_admit(
+    state: &AppState,
+    limited: &[String],
+    tokens: u64,
+) -> Result<crate::limits::RateHold, crate::limits::RateRefusal> {
+    match state.store.shared() {
+        Some(pg) => {
+            let timeout = Duration::from_millis(state.config.database.lease_timeout_ms);
+            state
+                .limits
+                .admit_shared(pg, limited, tokens, timeout)
+                .await
+        }
+        None => state
+            .limits
+            .admit(limited, tokens)
+            .map_err(crate::limits::RateRefusal::Limited),
     }
 }
 

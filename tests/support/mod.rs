@@ -446,6 +446,25 @@ pub async fn post_chat(
     req.send().await.unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// A request in Anthropic's shape (`x-api-key`, `anthropic-version`) to
+/// `url`, with `headers` (the mock's `x-mock-*` among them).
+pub fn messages(
+    url: String,
+    key: &str,
+    body: &serde_json::Value,
+    headers: &[(&str, &str)],
+) -> reqwest::RequestBuilder {
+    let mut req = client()
+        .post(url)
+        .header("x-api-key", key)
+        .header("anthropic-version", "2023-06-01")
+        .json(body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req
+}
+
 pub fn chat_body(model: &str) -> serde_json::Value {
     serde_json::json!({
         "model": model,
