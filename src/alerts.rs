@@ -236,16 +236,16 @@ impl Alerts {
 
     /// Sends `row` until its receiver answers 2xx, off this task.
     fn deliver(&self, row: AlertRow) {
+        let Some(hook) = self.hooks.iter().position(|h| h.target == row.target) else {
+            // A webhook no longer configured: left undelivered.
+            return;
+        };
         let k = key_of(&row);
         if let Ok(mut sending) = self.sending.lock() {
             if !sending.insert(k.clone()) {
                 return;
             }
         }
-        let Some(hook) = self.hooks.iter().position(|h| h.target == row.target) else {
-            // A webhook no longer configured: left undelivered.
-            return;
-        };
         let (hooks, store, metrics, client) = (
             self.hooks.clone(),
             self.store.clone(),

@@ -24,29 +24,7 @@ pub const WINDOW_MS: i64 = 60_000;
 /// A replica asks for at least 1/SLICES of a limit at a time.
 const SLICES: u64 = 50;
 
-pub use crate::period::Limits;
-
-/// Requests or tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Unit {
-    Requests,
-    Tokens,
-}
-
-impl Unit {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Unit::Requests => "requests",
-            Unit::Tokens => "tokens",
-        }
-    }
-}
-
-impl std::fmt::Display for Unit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::period::{Limits, Unit};
 
 /// One unit's count in the current window.
 #[derive(Debug, Default, Clone, Copy)]

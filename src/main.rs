@@ -527,7 +527,7 @@ async fn set_level_budget(
     let store = open_store(config, false).await?;
     let budget = manage::budget_from(args.budget_usd.as_deref(), args.period)?;
     let account = manage::level_account(&store, level, team, name).await?;
-    let cleared = !store.set_level_budget(&account, budget).await? && budget.is_none();
+    let had_none = !store.set_level_budget(&account, budget).await? && budget.is_none();
     store.close().await;
     let who = match team {
         Some(t) => format!("{} {name} of team {t}", level.as_str()),
@@ -541,7 +541,7 @@ async fn set_level_budget(
         (OutputFormat::Table, Some(b)) => {
             println!("{who}: budget ${} {}", b.limit, b.period.as_str())
         }
-        (OutputFormat::Table, None) if cleared => println!("{who}: had no budget"),
+        (OutputFormat::Table, None) if had_none => println!("{who}: had no budget"),
         (OutputFormat::Table, None) => println!("{who}: budget cleared"),
     }
     Ok(ExitCode::SUCCESS)

@@ -677,7 +677,7 @@ impl Metrics {
             alerts_sent.with_label_values(&[outcome]).inc_by(0);
         }
         registry.register(Box::new(alerts_sent.clone()))?;
-        for level in crate::budget::Level::ALL {
+        for level in crate::period::Level::ALL {
             level_rejections
                 .with_label_values(&[level.as_str()])
                 .inc_by(0);
@@ -914,7 +914,7 @@ impl Metrics {
 
     /// Budget gauges from the ledger, set at scrape time.
     /// A request of `team` refused by a rate limit.
-    pub fn count_rate_limited(&self, team: &str, unit: crate::limits::Unit) {
+    pub fn count_rate_limited(&self, team: &str, unit: crate::period::Unit) {
         let team = self.team_label(team);
         self.rate_limited
             .with_label_values(&[&team, unit.as_str()])
@@ -922,14 +922,14 @@ impl Metrics {
     }
 
     /// A refusal by a budget at `level`.
-    pub fn count_level_rejection(&self, level: crate::budget::Level) {
+    pub fn count_level_rejection(&self, level: crate::period::Level) {
         self.level_rejections
             .with_label_values(&[level.as_str()])
             .inc();
     }
 
     pub fn publish_budgets(&self, budgets: &[(String, crate::period::BudgetStatus)]) {
-        use crate::budget::{level_of, Level};
+        use crate::period::{level_of, Level};
         for g in [
             &self.budget_limit,
             &self.budget_spent,

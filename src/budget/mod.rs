@@ -16,7 +16,9 @@
 pub mod lease;
 pub mod shared;
 
-pub use crate::period::{Budget, BudgetStatus, Period};
+pub use crate::period::{
+    account, accounts_of, end_user_account, level_of, Budget, BudgetStatus, Level, Period,
+};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -24,85 +26,6 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, Utc};
 
 use crate::pricing::NanoUsd;
-
-/// The level a budget is set at (`error.param` of a refusal).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Level {
-    Team,
-    Key,
-    EndUser,
-    Tag,
-}
-
-impl Level {
-    pub const ALL: [Level; 4] = [Level::Team, Level::Key, Level::EndUser, Level::Tag];
-
-    /// The name in errors, metrics and the API: `team`, `key`, `end_user`, `tag`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Level::Team => "team",
-            Level::Key => "key",
-            Level::EndUser => "end_user",
-            Level::Tag => "tag",
-        }
-    }
-
-    fn prefix(self) -> &'static str {
-        match self {
-            Level::Team => "",
-            Level::Key => "key:",
-            Level::EndUser => "user:",
-            Level::Tag => "tag:",
-        }
-    }
-}
-
-/// The account a budget is kept under, in the ledger and the shared tables:
-/// a team's own name (team names have no ':'), `key:ID`, `user:TEAM:USER`
-/// or `tag:TAG`.
-pub fn account(level: Level, name: &str) -> String {
-    let prefix = level.prefix();
-    let mut a = String::with_capacity(prefix.len() + name.len());
-    a.push_str(prefix);
-    a.push_str(name);
-    a
-}
-
-/// An end user's account within `team`.
-pub fn end_user_account(team: &str, user: &str) -> String {
-    format!("user:{team}:{user}")
-}
-
-/// The level of an account and its name there (`TEAM:USER` for an end user).
-pub fn level_of(account: &str) -> (Level, &str) {
-    for level in [Level::Key, Level::EndUser, Level::Tag] {
-        if let Some(name) = account.strip_prefix(level.prefix()) {
-            return (level, name);
-        }
-    }
-    (Level::Team, account)
-}
-
-/// The accounts a request is reserved from: its team's and, where they
-/// may have budgets, its key's, its end user's and its tags'. The ledger
-/// skips those without one.
-pub fn accounts_of(
-    team: &str,
-    key_id: Option<&str>,
-    end_user: Option<&str>,
-    tags: &[String],
-) -> Vec<String> {
-    let mut out = Vec::with_capacity(2 + tags.len());
-    out.push(team.to_string());
-    if let Some(id) = key_id {
-        out.push(account(Level::Key, id));
-    }
-    if let Some(user) = end_user {
-        out.push(end_user_account(team, user));
-    }
-    out.extend(tags.iter().map(|t| account(Level::Tag, t)));
-    out
-}
 
 /// The key of a budget period in the shared tables: `total`, or the
 /// period's start as UTC text.

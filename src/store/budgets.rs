@@ -9,7 +9,7 @@ use sqlx::Row;
 
 use super::queries::on_db;
 use super::{to_i64, to_u64, Store, StoreError};
-use crate::budget::{level_of, Level};
+use crate::period::{level_of, Level};
 use crate::period::{Budget, Limits, Period};
 use crate::pricing::NanoUsd;
 
