@@ -175,17 +175,8 @@ async fn two_replicas_on_postgres_send_each_alert_once() {
     };
     let mock = MockUpstream::start().await;
     let receiver = Receiver::start(0).await;
-    let mut replicas = Vec::new();
-    for _ in 0..2 {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let config = format!(
-            "{}\n[auth]\nmode = \"virtual-keys\"\n{}",
-            support::config_with_database(&mock, dir.path(), &db.url)
-                .replace(support::PASSTHROUGH_AUTH, ""),
-            alerts_config(&receiver, "[0.25, 0.5]")
-        );
-        replicas.push(Tollgate::start_with_config(dir, &config).await);
-    }
+    let extra = alerts_config(&receiver, "[0.25, 0.5]");
+    let mut replicas = support::replicas(&mock, &db, 2, &extra).await;
     stdout(&replicas[0].cli(&[
         "teams",
         "create",

@@ -497,16 +497,7 @@ async fn three_replicas_on_postgres_never_overspend_any_level() {
         return;
     };
     let mock = MockUpstream::start().await;
-    let mut replicas = Vec::new();
-    for _ in 0..3 {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let config = format!(
-            "{}\n{VIRTUAL}",
-            support::config_with_database(&mock, dir.path(), &db.url)
-                .replace(support::PASSTHROUGH_AUTH, "")
-        );
-        replicas.push(Tollgate::start_with_config(dir, &config).await);
-    }
+    let mut replicas = support::replicas(&mock, &db, 3, "").await;
     let first = &replicas[0];
     stdout(&first.cli(&["teams", "create", "pg"]));
     let (key_id, key) = create_key(

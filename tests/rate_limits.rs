@@ -196,16 +196,7 @@ async fn three_replicas_on_postgres_admit_at_most_the_rpm_in_a_minute() {
         return;
     };
     let mock = MockUpstream::start().await;
-    let mut replicas = Vec::new();
-    for _ in 0..3 {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let config = format!(
-            "{}\n{VIRTUAL}",
-            support::config_with_database(&mock, dir.path(), &db.url)
-                .replace(support::PASSTHROUGH_AUTH, "")
-        );
-        replicas.push(Tollgate::start_with_config(dir, &config).await);
-    }
+    let mut replicas = support::replicas(&mock, &db, 3, "").await;
     stdout(&replicas[0].cli(&["teams", "create", "busy"]));
     let key = replicas[0].new_key("busy");
     stdout(&replicas[0].cli(&["teams", "set-limits", "busy", "--rpm", "600"]));

@@ -627,6 +627,21 @@ pub async fn wait_for_key(tg: &Tollgate, key: &str) {
     }
 }
 
+/// `n` tollgates sharing `db` (replicas) in virtual-keys mode, each with
+/// `extra` TOML appended to its config.
+pub async fn replicas(mock: &MockUpstream, db: &PgDb, n: usize, extra: &str) -> Vec<Tollgate> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let config = format!(
+            "{}\n[auth]\nmode = \"virtual-keys\"\n{extra}",
+            config_with_database(mock, dir.path(), &db.url).replace(PASSTHROUGH_AUTH, "")
+        );
+        out.push(Tollgate::start_with_config(dir, &config).await);
+    }
+    out
+}
+
 /// A fresh Postgres database for one test, dropped again by `drop_db`.
 /// None (with a notice) when TOLLGATE_TEST_POSTGRES_URL is not set; in CI it
 /// is set and these tests must run.
